@@ -1,0 +1,36 @@
+# One command to set up and serve, one to test.  See README.md.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup serve test lint proto clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## setup: create the virtual environment, install, build and verify the models
+setup: $(STAMP)
+	$(BIN)/faceverify models build
+
+## serve: set everything up, then run the server on the embedded defaults (port 50051)
+serve: setup
+	$(BIN)/faceverify serve
+
+## test: set everything up, then run the test suite (what CI runs)
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check server index tests benchmarks proto
+	$(BIN)/mypy server index
+
+## proto: regenerate server/gen from proto/
+proto: $(STAMP)
+	$(BIN)/python proto/generate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

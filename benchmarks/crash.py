@@ -1,0 +1,191 @@
+"""Crash safety: SIGKILL the server mid-stream of concurrent enrolments, restart, check.
+
+    python -m benchmarks.crash --model-dir ~/.cache/faceverify/models --rounds 20
+
+Each round starts ``faceverify serve`` on a persistent data directory, sends
+enrolments from several threads (every identity under a main NIK and again
+under a second NIK, so de-duplication is exercised too), kills the server with
+SIGKILL at a random moment, restarts it and checks that:
+
+* every enrolment acknowledged as enrolled is present (GetEnrollment);
+* no face is enrolled under two NIKs;
+* the index agrees with the registry: the server reports SERVING (it does only
+  when they agree) and its gallery size equals the number of enrolled NIKs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.lfw import default_lfw_dir
+from server.client import CallError, FaceVerifyClient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(model_dir: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "FACEVERIFY_MODEL_DIR": str(model_dir),
+           "FACEVERIFY_DATA_DIR": str(data_dir), "FACEVERIFY_PROVIDER": "cpu",
+           "FACEVERIFY_SNAPSHOT_EVERY": "7", "FACEVERIFY_LOG_LEVEL": "WARNING"}
+    return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env)
+
+
+def wait_serving(target: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while True:
+        out = subprocess.run([sys.executable, "-m", "server.cli", "health", "--target", target,
+                              "--timeout", "2"], capture_output=True, text=True)
+        if out.returncode == 0:
+            return
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"server did not become SERVING: {out.stdout} {out.stderr}")
+        time.sleep(0.3)
+
+
+def nik_for(person: int, copy: int) -> str:
+    """A valid NIK unique to (person < 9999, copy): the district and serial carry them."""
+    return f"3174{copy:02d}150590{person + 1:04d}"
+
+
+@dataclass
+class RoundResult:
+    sent: int = 0
+    acknowledged: list[str] = field(default_factory=list)
+    refused: int = 0
+    errors: int = 0
+
+
+def run_round(target: str, jobs: list[tuple[str, int, bytes]], kill_after: float,
+              proc: subprocess.Popen[bytes]) -> RoundResult:
+    result = RoundResult()
+    lock = threading.Lock()
+
+    def enrol(job: tuple[str, int, bytes]) -> None:
+        nik, _, image = job
+        try:
+            with FaceVerifyClient(target, timeout=30) as client:
+                r = client.enroll(nik, image)
+        except CallError:
+            with lock:
+                result.errors += 1
+            return
+        with lock:
+            result.sent += 1
+            if r.enrolled:
+                result.acknowledged.append(nik)
+            else:
+                result.refused += 1
+
+    killer = threading.Timer(kill_after, lambda: proc.send_signal(signal.SIGKILL))
+    killer.start()
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(enrol, jobs))
+    killer.cancel()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return result
+
+
+def check(target: str, jobs: list[tuple[str, int, bytes]], acknowledged: set[str]
+          ) -> dict[str, object]:
+    with FaceVerifyClient(target, timeout=30) as client:
+        present = set()
+        for nik, _, _ in jobs:
+            try:
+                client.get_enrollment(nik)
+                present.add(nik)
+            except CallError as exc:
+                if exc.reason != "NOT_ENROLLED":
+                    raise
+        gallery_size = client.server_info().gallery_size
+    per_person: dict[int, int] = {}
+    for nik, person, _ in jobs:
+        per_person[person] = per_person.get(person, 0) + (nik in present)
+    return {
+        "lost": sorted(acknowledged - present),
+        "faces_under_two_niks": sum(1 for n in per_person.values() if n > 1),
+        "gallery_size": gallery_size,
+        "enrolled": len(present),
+    }
+
+
+def crash_test(model_dir: Path, lfw: Path, data_dir: Path, rounds: int, people_per_round: int,
+               seed: int = 0) -> dict[str, object]:
+    rng = random.Random(seed)
+    identities = sorted(d for d in (lfw / "images").iterdir() if d.is_dir())
+    rng.shuffle(identities)
+    acknowledged: set[str] = set()
+    all_jobs: list[tuple[str, int, bytes]] = []
+    report: dict[str, object] = {"rounds": []}
+    failures = 0
+    for rnd in range(rounds):
+        port = free_port()
+        target = f"127.0.0.1:{port}"
+        proc = start_server(model_dir, data_dir, port)
+        wait_serving(target, proc)
+        people = range(rnd * people_per_round, (rnd + 1) * people_per_round)
+        jobs = []
+        for p in people:
+            image = sorted(identities[p].glob("*.jpg"))[0].read_bytes()
+            jobs += [(nik_for(p, 1), p, image), (nik_for(p, 2), p, image)]
+        rng.shuffle(jobs)
+        result = run_round(target, jobs, kill_after=rng.uniform(1.0, 4.0), proc=proc)
+        acknowledged |= set(result.acknowledged)
+        all_jobs += jobs
+        proc = start_server(model_dir, data_dir, port)
+        try:
+            wait_serving(target, proc)
+            state = check(target, all_jobs, acknowledged)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        ok = (not state["lost"] and state["faces_under_two_niks"] == 0
+              and state["gallery_size"] == state["enrolled"])
+        failures += not ok
+        rounds_list = report["rounds"]
+        assert isinstance(rounds_list, list)
+        rounds_list.append({"round": rnd, "answered": result.sent, "acknowledged":
+                            len(result.acknowledged), "refused_duplicates": result.refused,
+                            "unanswered_at_kill": len(jobs) - result.sent, **state, "ok": ok})
+    report["failures"] = failures
+    report["acknowledged_total"] = len(acknowledged)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--lfw", type=Path, default=default_lfw_dir())
+    p.add_argument("--data-dir", type=Path, help="default: a new temporary directory")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--people", type=int, default=40, help="identities per round")
+    args = p.parse_args(argv)
+    import tempfile
+
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="faceverify-crash-"))
+    report = crash_test(args.model_dir, args.lfw, data_dir, args.rounds, args.people)
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

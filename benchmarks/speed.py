@@ -1,0 +1,115 @@
+"""Latency on this machine: per pipeline stage, and Verify over gRPC for one client.
+
+    python -m benchmarks.speed --model-dir ~/.cache/faceverify/models
+
+Stages (decode, detect, align, embed) are timed in-process on LFW images.
+Verify is timed end to end against a real ``faceverify serve`` subprocess on a
+free local port, one call at a time (one client, no concurrency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.lfw import default_lfw_dir, image_path, read_pairs
+from server.client import FaceVerifyClient
+from server.pipeline.faces import STAGES, FacePolicy, Timings
+from server.pipeline.image import ImageLimits
+from server.pipeline.loader import load_models
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ms = np.asarray(values) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "mean_ms": round(float(ms.mean()), 2)}
+
+
+def stage_latency(model_dir: Path, images: list[bytes], threads: int) -> dict[str, object]:
+    models = load_models(model_dir, "cpu", threads, ImageLimits(), FacePolicy(min_face_px=0))
+    for data in images[:5]:
+        models.pipeline.analyse(data, "image", False)
+    per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
+    total = []
+    for data in images:
+        t = Timings()
+        start = time.perf_counter()
+        models.pipeline.analyse(data, "image", False, t)
+        total.append(time.perf_counter() - start)
+        for s in STAGES:
+            per_stage[s].append(t.seconds.get(s, 0.0))
+    return {"model_version": models.model_version, "images": len(images),
+            "intra_op_threads": threads,
+            "stages": {s: percentiles(v) for s, v in per_stage.items()},
+            "image_total": percentiles(total)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def verify_latency(model_dir: Path, pairs: list[tuple[bytes, bytes]]) -> dict[str, object]:
+    port = free_port()
+    env = {**os.environ, "FACEVERIFY_MODEL_DIR": str(model_dir), "FACEVERIFY_PROVIDER": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stderr=subprocess.DEVNULL)
+    try:
+        target = f"127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while subprocess.run([sys.executable, "-m", "server.cli", "health", "--target", target,
+                              "--timeout", "2"], capture_output=True).returncode != 0:
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError("server did not become SERVING")
+            time.sleep(0.5)
+        with FaceVerifyClient(target) as client:
+            for a, b in pairs[:5]:
+                client.verify(a, b)
+            lat = []
+            for a, b in pairs:
+                start = time.perf_counter()
+                client.verify(a, b)
+                lat.append(time.perf_counter() - start)
+        return {"calls": len(lat), **percentiles(lat),
+                "verifications_per_s": round(len(lat) / sum(lat), 2)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--lfw", type=Path, default=default_lfw_dir())
+    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--calls", type=int, default=200)
+    args = p.parse_args(argv)
+    pairs = [pair for fold in read_pairs(args.lfw) for pair in fold]
+    step = max(1, len(pairs) // args.calls)
+    chosen = pairs[::step][: args.calls]
+    data = [(image_path(args.lfw, q.a).read_bytes(), image_path(args.lfw, q.b).read_bytes())
+            for q in chosen]
+    images = [img for a_b in data for img in a_b][: args.images]
+    report = {
+        "machine": f"{os.cpu_count()} CPUs",
+        "stages_1_thread": stage_latency(args.model_dir, images, 1),
+        "stages_all_threads": stage_latency(args.model_dir, images, 0),
+        "verify_grpc_one_client": verify_latency(args.model_dir, data),
+    }
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

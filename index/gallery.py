@@ -1,0 +1,138 @@
+"""The gallery: the SQLite registry (truth) plus the FAISS index derived from it.
+
+Writes go to the registry first (a durable commit), then to the index.  The
+index is snapshotted atomically with the sequence number of the last change
+it contains; at start the snapshot is loaded and newer registry changes are
+replayed, or, when there is no usable snapshot, the index is rebuilt from the
+registry.  A crash between the two writes therefore loses nothing: the
+registry has the change and the next start replays it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from index.registry import Enrollment, Registry
+from index.vectors import IndexSpec, VectorIndex
+
+log = logging.getLogger(__name__)
+
+REGISTRY_FILE = "registry.sqlite3"
+SNAPSHOT_DIR = "index"
+
+
+@dataclass(frozen=True)
+class Match:
+    """A gallery entry similar to a probe."""
+
+    nik: str
+    score: float
+    enrollment_id: int
+
+
+class Gallery:
+    """Enrolled faces: add, remove, search, snapshot.
+
+    Writers (add, remove, snapshot) are serialised by ``write_lock``; searches
+    run concurrently with each other.  Callers that must check and then insert
+    atomically (de-duplication) hold ``write_lock`` across both.
+    """
+
+    def __init__(self, data_dir: Path, model_version: str, dim: int, spec: IndexSpec,
+                 snapshot_every: int = 1000) -> None:
+        self.data_dir = data_dir
+        self.model_version = model_version
+        self.dim = dim
+        self.spec = spec
+        self.snapshot_every = snapshot_every
+        self.write_lock = threading.RLock()
+        self.registry = Registry(data_dir / REGISTRY_FILE, model_version, dim)
+        self.index = self._load_index()
+        self._changes_since_snapshot = 0
+
+    def _load_index(self) -> VectorIndex:
+        last = self.registry.last_seq()
+        loaded = VectorIndex.load(self.data_dir / SNAPSHOT_DIR, self.model_version, self.dim,
+                                  self.spec)
+        if loaded is not None and loaded[1]["last_seq"] <= last:
+            index, manifest = loaded
+            changes = self.registry.changes_since(int(manifest["last_seq"]))
+            for c in changes:
+                if c.op == "add" and c.embedding is not None:
+                    index.add(np.array([c.id]), c.embedding[None])
+                elif c.op == "remove":
+                    index.remove(np.array([c.id]))
+            log.info("index snapshot loaded (%d vectors), %d newer changes replayed",
+                     manifest["count"], len(changes))
+        else:
+            if loaded is not None:
+                log.warning("index snapshot is newer than the registry; rebuilding")
+            index = VectorIndex(self.dim, self.spec)
+            for ids, vectors in self.registry.iter_embeddings():
+                index.add(ids, vectors)
+            log.info("index rebuilt from the registry (%d vectors)", len(index))
+        index.maybe_train(self.registry.iter_embeddings())
+        return index
+
+    def in_sync(self) -> bool:
+        """True when the index holds exactly the registry's enrolments."""
+        with self.write_lock:
+            return len(self.index) == self.registry.count()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def search(self, embedding: np.ndarray, k: int) -> list[Match]:
+        """The ``k`` most similar enrolments, best first."""
+        scores, ids = self.index.search(embedding[None], k)
+        found = [int(i) for i in ids[0] if i >= 0]
+        by_id = self.registry.get_by_ids(found)
+        return [Match(by_id[int(i)].nik, float(s), int(i))
+                for s, i in zip(scores[0], ids[0], strict=True) if int(i) in by_id]
+
+    def get(self, nik: str) -> Enrollment | None:
+        return self.registry.get(nik)
+
+    def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
+            candidates: list[tuple[str, float]] | None = None,
+            metadata: dict[str, str] | None = None) -> Enrollment:
+        """Enrol durably, then index; may snapshot."""
+        with self.write_lock:
+            e = self.registry.add(nik, embedding, flagged, candidates, metadata)
+            self.index.add(np.array([e.id]), e.embedding[None])
+            self._after_change()
+            return e
+
+    def remove(self, nik: str) -> Enrollment | None:
+        """Erase from the registry and the index; later snapshots no longer hold it."""
+        with self.write_lock:
+            e = self.registry.remove(nik)
+            if e is not None:
+                self.index.remove(np.array([e.id]))
+                self._after_change()
+            return e
+
+    def _after_change(self) -> None:
+        self._changes_since_snapshot += 1
+        if self.index.maybe_train(self.registry.iter_embeddings()):
+            log.info("gallery reached %d vectors: switched to an IVF index", len(self.index))
+        if self._changes_since_snapshot >= self.snapshot_every:
+            self.snapshot()
+
+    def snapshot(self) -> None:
+        """Save the index with the sequence number of the last change it holds."""
+        with self.write_lock:
+            manifest = self.index.save(self.data_dir / SNAPSHOT_DIR, self.model_version,
+                                       self.registry.last_seq())
+            self._changes_since_snapshot = 0
+        log.info("index snapshot saved: %d vectors up to change %d", manifest["count"],
+                 manifest["last_seq"])
+
+    def close(self) -> None:
+        self.snapshot()
+        self.registry.close()

@@ -1,0 +1,223 @@
+"""The enrolment registry: SQLite, the source of truth for who is enrolled.
+
+One row per enrolled NIK with its embedding (never the image), plus an
+append-only change log whose sequence numbers let the FAISS index, a derived
+structure, catch up from a snapshot.  WAL journal with ``synchronous=FULL``: a
+commit that returned is on disk, so every enrolment acknowledged to a caller
+survives a crash.  ``secure_delete`` overwrites erased rows' bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.errors import StartupError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS enrollments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    nik TEXT NOT NULL UNIQUE,
+    embedding BLOB NOT NULL,
+    flagged INTEGER NOT NULL DEFAULT 0,
+    candidates TEXT NOT NULL DEFAULT '[]',
+    metadata TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL CHECK (op IN ('add', 'remove')),
+    id INTEGER NOT NULL
+);
+"""
+
+
+class RegistryMismatch(StartupError):
+    """The registry was written with another model version or embedding size."""
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """One enrolled NIK.
+
+    Attributes:
+        id: our own int64 id (also the FAISS id); never the NIK.
+        flagged: enrolled although suspected to duplicate ``candidates``.
+        candidates: [(nik, score)] suspected duplicates found at enrolment.
+    """
+
+    id: int
+    nik: str
+    embedding: np.ndarray
+    flagged: bool
+    candidates: list[tuple[str, float]]
+    metadata: dict[str, str]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Change:
+    seq: int
+    op: str
+    id: int
+    embedding: np.ndarray | None  # None for removals, or an add later erased
+
+
+class Registry:
+    """Thread-safe access to the SQLite registry (one connection, one lock).
+
+    Raises:
+        RegistryMismatch: at open, when the file belongs to another model.
+    """
+
+    def __init__(self, path: Path, model_version: str, dim: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.dim = dim
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._db.executescript(SCHEMA)
+        self._check_meta(model_version, dim)
+
+    def _check_meta(self, model_version: str, dim: int) -> None:
+        with self._tx():
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            if not meta:
+                self._db.executemany("INSERT INTO meta VALUES (?, ?)",
+                                     [("model_version", model_version), ("dim", str(dim))])
+                return
+        if meta.get("model_version") != model_version or meta.get("dim") != str(dim):
+            raise RegistryMismatch(
+                f"registry {self.path} holds embeddings of model {meta.get('model_version')!r} "
+                f"(dimension {meta.get('dim')}), but the server runs {model_version!r} "
+                f"(dimension {dim}); point FACEVERIFY_DATA_DIR elsewhere or re-enrol")
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db, self._lock)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @staticmethod
+    def _row(row: tuple[Any, ...]) -> Enrollment:
+        return Enrollment(id=row[0], nik=row[1],
+                          embedding=np.frombuffer(row[2], dtype=np.float32).copy(),
+                          flagged=bool(row[3]),
+                          candidates=[(n, float(s)) for n, s in json.loads(row[4])],
+                          metadata=json.loads(row[5]), created_at=row[6])
+
+    def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
+            candidates: list[tuple[str, float]] | None = None,
+            metadata: dict[str, str] | None = None) -> Enrollment:
+        """Insert an enrolment and log it; durable when this returns.
+
+        Raises:
+            sqlite3.IntegrityError: the NIK is already enrolled.
+        """
+        vec = np.ascontiguousarray(embedding, dtype=np.float32)
+        if vec.shape != (self.dim,):
+            raise ValueError(f"embedding shape {vec.shape} != ({self.dim},)")
+        now = time.time()
+        cands = candidates or []
+        with self._tx():
+            cur = self._db.execute(
+                "INSERT INTO enrollments (nik, embedding, flagged, candidates, metadata, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (nik, vec.tobytes(), int(flagged), json.dumps(cands), json.dumps(metadata or {}),
+                 now))
+            new_id = int(cur.lastrowid or 0)
+            self._db.execute("INSERT INTO changes (op, id) VALUES ('add', ?)", (new_id,))
+        return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}), now)
+
+    def remove(self, nik: str) -> Enrollment | None:
+        """Erase an enrolment (and log the removal); None if the NIK is not enrolled."""
+        with self._tx():
+            row = self._db.execute("SELECT * FROM enrollments WHERE nik = ?", (nik,)).fetchone()
+            if row is None:
+                return None
+            self._db.execute("DELETE FROM enrollments WHERE id = ?", (row[0],))
+            self._db.execute("INSERT INTO changes (op, id) VALUES ('remove', ?)", (row[0],))
+        return self._row(row)
+
+    def get(self, nik: str) -> Enrollment | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM enrollments WHERE nik = ?", (nik,)).fetchone()
+        return self._row(row) if row else None
+
+    def get_by_ids(self, ids: list[int]) -> dict[int, Enrollment]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM enrollments WHERE id IN ({marks})",
+                                    ids).fetchall()
+        return {r[0]: self._row(r) for r in rows}
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM enrollments").fetchone()[0])
+
+    def last_seq(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(seq) FROM changes").fetchone()
+        return int(row[0] or 0)
+
+    def changes_since(self, seq: int) -> list[Change]:
+        """Changes after ``seq`` in order, with the current embedding of added ids."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT c.seq, c.op, c.id, e.embedding FROM changes c "
+                "LEFT JOIN enrollments e ON e.id = c.id AND c.op = 'add' "
+                "WHERE c.seq > ? ORDER BY c.seq", (seq,)).fetchall()
+        return [Change(s, op, i, None if emb is None else np.frombuffer(emb, np.float32).copy())
+                for s, op, i, emb in rows]
+
+    def iter_embeddings(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (ids, embeddings) in id order, in batches (for rebuilding the index)."""
+        last = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT id, embedding FROM enrollments WHERE id > ? ORDER BY id LIMIT ?",
+                    (last, batch)).fetchall()
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            embs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+            yield ids, embs.reshape(len(rows), self.dim)
+            last = int(ids[-1])
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or ``ROLLBACK``) under the registry lock."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
+        self.db = db
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        try:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.lock.release()

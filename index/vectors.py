@@ -1,0 +1,200 @@
+"""The FAISS embedding index: our int64 ids, inner product on unit vectors.
+
+``flat`` is exact search (``IndexFlatIP`` in an ``IndexIDMap2``).  ``ivf`` is
+an inverted-file index with 8-bit scalar quantisation
+(``IndexIVFScalarQuantizer``) for galleries where exact search is too slow; it
+is trained on the gallery itself and stays exact (flat) until the gallery has
+enough vectors to train on.  Searches run concurrently (FAISS releases the
+GIL); adds, removals and saves are exclusive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from server.durable import write_bytes_atomically
+from server.errors import ConfigurationError
+
+SNAPSHOT = "index.faiss"
+SNAPSHOT_MANIFEST = "index.json"
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Which index to build.
+
+    Attributes:
+        kind: ``flat`` (exact) or ``ivf`` (approximate, IVF + SQ8).
+        nlist: IVF cells; trained once the gallery holds ``39 * nlist`` vectors.
+        nprobe: IVF cells visited per search (recall versus speed).
+    """
+
+    kind: str = "flat"
+    nlist: int = 1024
+    nprobe: int = 32
+
+    def validate(self) -> None:
+        if self.kind not in ("flat", "ivf"):
+            raise ConfigurationError(f"index kind {self.kind!r}: choose flat or ivf")
+        if self.nlist < 1 or self.nprobe < 1:
+            raise ConfigurationError("index nlist and nprobe must be >= 1")
+
+    @property
+    def min_train(self) -> int:
+        return 39 * self.nlist
+
+
+def _flat(dim: int) -> faiss.Index:
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+class VectorIndex:
+    """A thread-safe id-mapped FAISS index."""
+
+    def __init__(self, dim: int, spec: IndexSpec, index: faiss.Index | None = None) -> None:
+        spec.validate()
+        self.dim = dim
+        self.spec = spec
+        self.index = index if index is not None else _flat(dim)
+        self.lock = ReadWriteLock()
+        if isinstance(self.index, faiss.IndexIVF):
+            self.index.nprobe = spec.nprobe
+
+    @property
+    def trained_ivf(self) -> bool:
+        return isinstance(self.index, faiss.IndexIVF)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        with self.lock.write():
+            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                                    np.ascontiguousarray(ids, dtype=np.int64))
+
+    def remove(self, ids: np.ndarray) -> int:
+        with self.lock.write():
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
+            return int(self.index.remove_ids(selector))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (scores, ids) per query; missing neighbours have id -1."""
+        with self.lock.read():
+            if self.index.ntotal == 0:
+                n = len(queries)
+                return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+            scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return scores, ids
+
+    def maybe_train(self, vectors: Iterator[tuple[np.ndarray, np.ndarray]]) -> bool:
+        """Switch a flat index to IVF once the gallery is large enough; True if it did.
+
+        ``vectors`` yields every (ids, embeddings) of the gallery (the registry).
+        """
+        if self.spec.kind != "ivf" or self.trained_ivf or len(self) < self.spec.min_train:
+            return False
+        batches = list(vectors)
+        all_ids = np.concatenate([b[0] for b in batches])
+        all_vecs = np.concatenate([b[1] for b in batches])
+        quantizer = faiss.IndexFlatIP(self.dim)
+        ivf = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, self.spec.nlist,
+                                            faiss.ScalarQuantizer.QT_8bit,
+                                            faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        sample = all_vecs[rng.choice(len(all_vecs), min(len(all_vecs), 256 * self.spec.nlist),
+                                     replace=False)]
+        ivf.train(sample)
+        ivf.add_with_ids(all_vecs, all_ids)
+        ivf.nprobe = self.spec.nprobe
+        with self.lock.write():
+            self.index = ivf
+        return True
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def save(self, directory: Path, model_version: str, last_seq: int) -> dict[str, Any]:
+        """Write the snapshot atomically (temp file, fsync, rename, fsync dir), manifest last."""
+        directory.mkdir(parents=True, exist_ok=True)
+        with self.lock.read():
+            data = faiss.serialize_index(self.index)
+            count = int(self.index.ntotal)
+        blob = np.asarray(data).tobytes()
+        write_bytes_atomically(directory / SNAPSHOT, blob)
+        manifest = {"model_version": model_version, "dim": self.dim, "count": count,
+                    "last_seq": last_seq, "kind": "ivf" if self.trained_ivf else "flat",
+                    "sha256": hashlib.sha256(blob).hexdigest()}
+        write_bytes_atomically(directory / SNAPSHOT_MANIFEST,
+                      (json.dumps(manifest, indent=2) + "\n").encode())
+        return manifest
+
+    @classmethod
+    def load(cls, directory: Path, model_version: str, dim: int, spec: IndexSpec
+             ) -> tuple[VectorIndex, dict[str, Any]] | None:
+        """The snapshot in ``directory``, or None when absent, corrupt or of another model.
+
+        A snapshot is only a cache of the registry: any doubt means rebuild.
+        """
+        try:
+            manifest = json.loads((directory / SNAPSHOT_MANIFEST).read_text())
+            blob = (directory / SNAPSHOT).read_bytes()
+        except (OSError, ValueError):
+            return None
+        if (manifest.get("model_version") != model_version or manifest.get("dim") != dim
+                or hashlib.sha256(blob).hexdigest() != manifest.get("sha256")):
+            return None
+        if manifest.get("kind") == "ivf" and spec.kind != "ivf":
+            return None
+        index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+        if index.ntotal != manifest["count"] or index.d != dim:
+            return None
+        return cls(dim, spec, index), manifest
+

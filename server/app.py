@@ -1,0 +1,154 @@
+"""Server assembly and lifecycle.
+
+Order at start: verify and load the models, warm them up, then bind the port
+with health ``SERVING``.  On SIGTERM or SIGINT: health ``NOT_SERVING``, stop
+accepting calls, let in-flight calls finish within the grace period, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health
+from grpc_reflection.v1alpha import reflection
+
+from index.gallery import Gallery
+from server.calibrate import operating_point
+from server.config import Settings
+from server.enrolment import DuplicatePolicy, EnrolmentService
+from server.errors import ConfigurationError
+from server.gen import faceverify_pb2 as pb
+from server.gen import faceverify_pb2_grpc as pb_grpc
+from server.models.manifest import read_calibration
+from server.pipeline.loader import load_models, warm_up
+from server.requests import ErrorInterceptor
+from server.service import OperatingPoint, VerificationService
+from server.servicer import FaceVerificationServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FaceVerification"].full_name
+
+
+@dataclass
+class Services:
+    """The cores behind the RPCs, built and warmed before the port opens."""
+
+    verification: VerificationService
+    enrolment: EnrolmentService
+    gallery: Gallery
+
+
+@dataclass
+class RunningServer:
+    """A started server and the handles needed to stop it."""
+
+    server: grpc.aio.Server
+    health: health.HealthServicer
+    executors: tuple[ThreadPoolExecutor, ...]
+    port: int
+    services: Services
+
+    @property
+    def service(self) -> VerificationService:
+        return self.services.verification
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls, drain in-flight ones for up to ``grace`` seconds, persist."""
+        await self.set_serving(False)
+        await self.server.stop(grace)
+        for pool in self.executors:
+            pool.shutdown(wait=True)
+        self.services.gallery.close()
+
+
+def build_services(settings: Settings, executor: ThreadPoolExecutor,
+                   index_executor: ThreadPoolExecutor) -> Services:
+    """Load, verify and warm the models, open the gallery; raises StartupError naming
+    any problem."""
+    models = load_models(settings.model_dir, settings.provider, settings.intra_op_threads,
+                         settings.limits, settings.policy, settings.detector_max_side,
+                         settings.flip)
+    calibration = read_calibration(settings.model_dir, models.model_version)
+    point = OperatingPoint.from_calibration(calibration,
+                                            operating_point(calibration, settings.decision_fmr))
+    dedup = operating_point(calibration, settings.dedup_fmr)
+    warm_up(models)
+    log.info("decision threshold %.4f for FMR %g, duplicate threshold %.4f for FMR %g "
+             "(calibrated on %s)", point.threshold, point.fmr, dedup["threshold"],
+             settings.dedup_fmr, point.dataset)
+    gallery = Gallery(settings.data_dir, models.model_version, models.pipeline.dim,
+                      settings.index, settings.snapshot_every)
+    enrolment = EnrolmentService(models, gallery, executor, index_executor, point.threshold,
+                                 float(dedup["threshold"]),
+                                 DuplicatePolicy(settings.duplicate_policy))
+    return Services(VerificationService(models, point, executor), enrolment, gallery)
+
+
+async def start(settings: Settings) -> RunningServer:
+    """Build everything, bind the port and report SERVING once the index agrees
+    with the registry."""
+    executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="infer")
+    index_executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="index")
+    try:
+        services = build_services(settings, executor, index_executor)
+    except BaseException:
+        executor.shutdown(wait=False)
+        index_executor.shutdown(wait=False)
+        raise
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor()],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", 2 * settings.limits.max_bytes + 65536),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_FaceVerificationServicer_to_server(  # type: ignore[no-untyped-call]
+        FaceVerificationServicer(services.verification, services.enrolment), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    running = RunningServer(server, health_servicer, (executor, index_executor), 0, services)
+    try:
+        running.port = server.add_insecure_port(settings.address)
+    except RuntimeError as exc:
+        await running.stop(0)
+        raise ConfigurationError(f"cannot listen on {settings.address}: {exc}") from exc
+    await running.set_serving(False)
+    await server.start()
+    # Serve only once the derived index holds exactly what the registry holds.
+    in_sync = services.gallery.in_sync()
+    if not in_sync:
+        log.error("the index does not agree with the registry: health stays NOT_SERVING")
+    await running.set_serving(in_sync)
+    log.info("serving %s on port %d with %s; gallery of %d", SERVICE_NAME, running.port,
+             services.verification.models.provider, len(services.gallery))
+    return running
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain and exit."""
+    running = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.0f s", settings.grace_seconds)
+    await running.stop(settings.grace_seconds)
+    log.info("stopped")

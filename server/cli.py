@@ -1,0 +1,279 @@
+"""The ``faceverify`` command: the server, model tooling and client subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from server.calibrate import DEFAULT_FMRS
+from server.config import ENV, Settings, build_settings
+from server.errors import FaceVerifyError, StartupError
+
+log = logging.getLogger("faceverify")
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+def setup_logging(level: str) -> None:
+    from server.requests import RequestIdFilter
+
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "model_dir": getattr(args, "model_dir", None),
+        "provider": getattr(args, "provider", None),
+        "workers": getattr(args, "workers", None),
+        "intra_op_threads": getattr(args, "intra_op_threads", None),
+        "decision_fmr": getattr(args, "decision_fmr", None),
+        "data_dir": getattr(args, "data_dir", None),
+        "duplicate_policy": getattr(args, "duplicate_policy", None),
+        "log_level": getattr(args, "log_level", None),
+    }
+    return build_settings(os.environ, overrides)
+
+
+def _print(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import serve
+
+    settings = _settings(args)
+    setup_logging(settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def cmd_models_build(args: argparse.Namespace) -> int:
+    from server.models.build import build_dlib, import_onnx_models
+
+    settings = _settings(args)
+    setup_logging(settings.log_level)
+    if args.detector or args.recognizer:
+        if not (args.detector and args.recognizer):
+            raise StartupError("--detector and --recognizer go together")
+        manifest = import_onnx_models(settings.model_dir, args.detector, args.recognizer,
+                                      force=args.force)
+    else:
+        manifest = build_dlib(settings.model_dir, force=args.force)
+    _print({"model_dir": str(settings.model_dir), "model_version": manifest["model_version"],
+            "files": manifest["files"], "sources": manifest["sources"]})
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from server.calibrate import calibrate, embed_labelled, labelled_images
+    from server.models.manifest import CALIBRATION, write_json_atomic
+    from server.pipeline.loader import load_models
+
+    settings = _settings(args)
+    setup_logging(settings.log_level)
+    dataset = Path(args.dataset)
+    if not dataset.is_dir():
+        raise StartupError(f"dataset folder {dataset} does not exist")
+    models = load_models(settings.model_dir, settings.provider, 0, settings.limits,
+                         settings.policy, settings.detector_max_side, settings.flip)
+    items = labelled_images(dataset, args.max_per_identity, args.max_identities)
+    log.info("embedding %d images from %s", len(items), dataset)
+    emb = embed_labelled(models.pipeline, items)
+    record = calibrate(emb, args.fmr, args.name or dataset.name, models.model_version)
+    write_json_atomic(settings.model_dir / CALIBRATION, record)
+    _print(record)
+    return 0
+
+
+def _client_error(exc: Exception) -> int:
+    from server.client import CallError
+
+    if isinstance(exc, CallError):
+        _print({"error": {"code": exc.code, "reason": exc.reason, "message": exc.message,
+                          "metadata": exc.metadata}})
+        return 1
+    raise exc
+
+
+def _client_call(args: argparse.Namespace, call: Callable[[Any], Any]) -> int:
+    """Run one client call and print its response as JSON (all fields, defaults too)."""
+    from server.client import CallError, FaceVerifyClient
+
+    with FaceVerifyClient(args.target, timeout=args.timeout) as client:
+        try:
+            response = call(client)
+        except CallError as exc:
+            return _client_error(exc)
+    _print(MessageToDict(response, preserving_proto_field_name=True,
+                         always_print_fields_with_no_presence=True))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    selfie, reference = Path(args.selfie).read_bytes(), Path(args.reference).read_bytes()
+    return _client_call(args, lambda c: c.verify(selfie, reference))
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    selfie = Path(args.selfie).read_bytes()
+    reference = Path(args.reference).read_bytes() if args.reference else b""
+    return _client_call(args, lambda c: c.enroll(args.nik, selfie, reference))
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    image = Path(args.image).read_bytes()
+    return _client_call(args, lambda c: c.search(image, args.top_k))
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    return _client_call(args, lambda c: c.get_enrollment(args.nik))
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    return _client_call(args, lambda c: c.delete_enrollment(args.nik))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    return _client_call(args, lambda c: c.server_info())
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"faceverify: health check failed: {exc.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(status)
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", type=Path, help="built model directory (FACEVERIFY_MODEL_DIR)")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"],
+                   help="onnxruntime execution provider (FACEVERIFY_PROVIDER; default auto)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING... (FACEVERIFY_LOG_LEVEL)")
+
+
+def _client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=os.environ.get("FACEVERIFY_TARGET", DEFAULT_TARGET),
+                   help=f"server HOST:PORT (FACEVERIFY_TARGET; default {DEFAULT_TARGET})")
+    p.add_argument("--timeout", type=float, default=30.0, help="call deadline in seconds")
+
+
+def parser() -> argparse.ArgumentParser:
+    env_help = "environment: " + ", ".join(sorted(ENV))
+    p = argparse.ArgumentParser(prog="faceverify", description="Face verification for KYC.",
+                                epilog=env_help)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC server")
+    _server_flags(s)
+    s.add_argument("--host", help="listen address (FACEVERIFY_HOST; default [::])")
+    s.add_argument("--port", type=int, help="gRPC port (FACEVERIFY_PORT; default 50051)")
+    s.add_argument("--workers", type=int, help="inference threads (FACEVERIFY_WORKERS)")
+    s.add_argument("--intra-op-threads", type=int,
+                   help="onnxruntime threads per call (FACEVERIFY_INTRA_OP_THREADS)")
+    s.add_argument("--decision-fmr", type=float,
+                   help="calibrated false-match rate to decide at (FACEVERIFY_DECISION_FMR)")
+    s.add_argument("--data-dir", type=Path,
+                   help="enrolment registry and index snapshots (FACEVERIFY_DATA_DIR)")
+    s.add_argument("--duplicate-policy", choices=["refuse", "flag"],
+                   help="a face enrolled under another NIK is refused or enrolled flagged "
+                   "(FACEVERIFY_DUPLICATE_POLICY; default refuse)")
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("models", help="model cache tooling")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    b = msub.add_parser("build", help="convert the default models (or register ONNX models)")
+    _server_flags(b)
+    b.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    b.add_argument("--detector", type=Path, help="an SCRFD ONNX detector to register instead")
+    b.add_argument("--recognizer", type=Path, help="an ArcFace-style ONNX recognizer")
+    b.set_defaults(func=cmd_models_build)
+
+    c = sub.add_parser("calibrate", help="compute decision thresholds from labelled images")
+    _server_flags(c)
+    c.add_argument("--dataset", required=True, help="folder with one sub-folder per identity")
+    c.add_argument("--name", help="dataset name to record (default: folder name)")
+    c.add_argument("--fmr", type=float, nargs="+", default=list(DEFAULT_FMRS),
+                   help="target false-match rates (default 1e-2 ... 1e-6); each needs at "
+                   "least 10/FMR impostor pairs, so 1e-6 needs about 4,500+ images")
+    c.add_argument("--max-per-identity", type=int, help="use at most N images per identity")
+    c.add_argument("--max-identities", type=int, help="use at most N identities")
+    c.set_defaults(func=cmd_calibrate)
+
+    v = sub.add_parser("verify", help="verify a selfie against a reference photo (prints JSON)")
+    v.add_argument("selfie")
+    v.add_argument("reference")
+    _client_flags(v)
+    v.set_defaults(func=cmd_verify)
+
+    e = sub.add_parser("enroll", help="enrol a NIK with a selfie, de-duplicated (prints JSON)")
+    e.add_argument("nik")
+    e.add_argument("selfie")
+    e.add_argument("--reference", help="ID-card or registry photo the selfie must match")
+    _client_flags(e)
+    e.set_defaults(func=cmd_enroll)
+
+    se = sub.add_parser("search", help="find enrolments with the image's face (prints JSON)")
+    se.add_argument("image")
+    se.add_argument("--top-k", type=int, default=5)
+    _client_flags(se)
+    se.set_defaults(func=cmd_search)
+
+    g = sub.add_parser("get", help="show a NIK's enrolment (prints JSON)")
+    g.add_argument("nik")
+    _client_flags(g)
+    g.set_defaults(func=cmd_get)
+
+    d = sub.add_parser("delete", help="erase a NIK's enrolment (prints JSON)")
+    d.add_argument("nik")
+    _client_flags(d)
+    d.set_defaults(func=cmd_delete)
+
+    i = sub.add_parser("info", help="show the server's models, provider and operating point")
+    _client_flags(i)
+    i.set_defaults(func=cmd_info)
+
+    h = sub.add_parser("health", help="exit 0 if the server reports SERVING (for probes)")
+    _client_flags(h)
+    h.add_argument("--service", default="", help="service name to check (default: overall)")
+    h.set_defaults(func=cmd_health)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FaceVerifyError as exc:
+        print(f"faceverify: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""A small synchronous Python client for faceverify, used by the CLI and tests.
+
+Example::
+
+    with FaceVerifyClient("localhost:50051") as client:
+        result = client.verify(Path("selfie.jpg").read_bytes(), Path("id.jpg").read_bytes())
+        print(result.match, result.score)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from server.gen import faceverify_pb2 as pb
+from server.gen import faceverify_pb2_grpc as pb_grpc
+
+
+@dataclass
+class CallError(Exception):
+    """A failed call: gRPC code name, faceverify reason and message, and ErrorInfo metadata."""
+
+    code: str
+    reason: str
+    message: str
+    metadata: dict[str, str]
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+def call_error(exc: grpc.RpcError) -> CallError:
+    """Decode a faceverify error (or any gRPC error) into a :class:`CallError`."""
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    status = rpc_status.from_call(exc) if isinstance(exc, grpc.Call) else None
+    reason, metadata = code.name, {}
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    return CallError(code.name, reason, details or "", metadata)
+
+
+class FaceVerifyClient:
+    """Blocking client for ``faceverify.v1.FaceVerification``.
+
+    Raises:
+        CallError: from every method when the server returns an error status.
+    """
+
+    def __init__(self, target: str, timeout: float = 30.0) -> None:
+        self.channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+        self.stub = pb_grpc.FaceVerificationStub(self.channel)  # type: ignore[no-untyped-call]
+        self.timeout = timeout
+
+    def _call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self.stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise call_error(exc) from None
+
+    def verify(self, selfie: bytes, reference: bytes, request_id: str = "") -> pb.VerifyResponse:
+        response: pb.VerifyResponse = self._call("Verify", pb.VerifyRequest(
+            selfie=selfie, reference=reference, request_id=request_id))
+        return response
+
+    def enroll(self, nik: str, selfie: bytes, reference: bytes = b"",
+               metadata: dict[str, str] | None = None, request_id: str = ""
+               ) -> pb.EnrollResponse:
+        response: pb.EnrollResponse = self._call("Enroll", pb.EnrollRequest(
+            nik=nik, selfie=selfie, reference=reference, metadata=metadata or {},
+            request_id=request_id))
+        return response
+
+    def search(self, image: bytes, top_k: int = 5) -> pb.SearchResponse:
+        response: pb.SearchResponse = self._call("Search", pb.SearchRequest(image=image,
+                                                                            top_k=top_k))
+        return response
+
+    def get_enrollment(self, nik: str) -> pb.Enrollment:
+        response: pb.Enrollment = self._call("GetEnrollment", pb.GetEnrollmentRequest(nik=nik))
+        return response
+
+    def delete_enrollment(self, nik: str) -> pb.DeleteEnrollmentResponse:
+        response: pb.DeleteEnrollmentResponse = self._call(
+            "DeleteEnrollment", pb.DeleteEnrollmentRequest(nik=nik))
+        return response
+
+    def server_info(self) -> pb.ServerInfo:
+        info: pb.ServerInfo = self._call("GetServerInfo", pb.GetServerInfoRequest())
+        return info
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> FaceVerifyClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,166 @@
+"""Typed settings, built once in ``main`` from flags and environment, then passed down.
+
+Every setting has a ``FACEVERIFY_*`` environment variable; a command-line flag
+overrides it.  Nothing here reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from index.vectors import IndexSpec
+from server.errors import ConfigurationError
+from server.pipeline.faces import FacePolicy
+from server.pipeline.image import ImageLimits
+
+
+def _boolean(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def default_model_dir(env: Mapping[str, str]) -> Path:
+    cache = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "faceverify" / "models"
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    data = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "faceverify"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to start.
+
+    Attributes:
+        host, port: where the gRPC server listens.
+        model_dir: a directory built by ``faceverify models build``.
+        provider: ``auto``, ``cpu``, ``cuda`` or ``tensorrt`` (see runtime.PROVIDERS).
+        intra_op_threads: onnxruntime threads per model call (0 = onnxruntime default).
+        workers: threads running decode and inference, i.e. images analysed at once.
+        decision_fmr: the calibrated false-match rate whose threshold decides a match.
+        flip: average each face's embedding with its mirror image's (more accurate,
+            twice the recognizer work; calibrations are tied to this choice).
+        detector_max_side: longer image side the detector scans at (larger images
+            are scanned downscaled).
+        data_dir: where the enrolment registry (SQLite) and index snapshots live.
+        index: FAISS index choice (flat = exact; ivf = approximate, for large galleries).
+        dedup_fmr: calibrated false-match rate whose threshold flags a duplicate.
+        duplicate_policy: ``refuse`` or ``flag`` a face already enrolled under another NIK.
+        snapshot_every: index snapshot after this many enrolments or erasures.
+        grace_seconds: how long SIGTERM waits for in-flight calls.
+        max_concurrent_rpcs: calls beyond this are refused with RESOURCE_EXHAUSTED.
+    """
+
+    host: str = "[::]"
+    port: int = 50051
+    model_dir: Path = field(default_factory=lambda: default_model_dir(os.environ))
+    provider: str = "auto"
+    intra_op_threads: int = 1
+    workers: int = 2
+    decision_fmr: float = 1e-3
+    flip: bool = True
+    detector_max_side: int = 800
+    data_dir: Path = field(default_factory=lambda: default_data_dir(os.environ))
+    index: IndexSpec = field(default_factory=IndexSpec)
+    dedup_fmr: float = 1e-5
+    duplicate_policy: str = "refuse"
+    snapshot_every: int = 1000
+    grace_seconds: float = 10.0
+    max_concurrent_rpcs: int = 256
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    policy: FacePolicy = field(default_factory=FacePolicy)
+    log_level: str = "INFO"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+# Environment variable -> (settings path, type).  Nested paths use a dot.
+ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "FACEVERIFY_HOST": ("host", str),
+    "FACEVERIFY_PORT": ("port", int),
+    "FACEVERIFY_MODEL_DIR": ("model_dir", Path),
+    "FACEVERIFY_PROVIDER": ("provider", str),
+    "FACEVERIFY_INTRA_OP_THREADS": ("intra_op_threads", int),
+    "FACEVERIFY_WORKERS": ("workers", int),
+    "FACEVERIFY_DECISION_FMR": ("decision_fmr", float),
+    "FACEVERIFY_FLIP": ("flip", _boolean),
+    "FACEVERIFY_DETECTOR_MAX_SIDE": ("detector_max_side", int),
+    "FACEVERIFY_DATA_DIR": ("data_dir", Path),
+    "FACEVERIFY_INDEX_KIND": ("index.kind", str),
+    "FACEVERIFY_INDEX_NLIST": ("index.nlist", int),
+    "FACEVERIFY_INDEX_NPROBE": ("index.nprobe", int),
+    "FACEVERIFY_DEDUP_FMR": ("dedup_fmr", float),
+    "FACEVERIFY_DUPLICATE_POLICY": ("duplicate_policy", str),
+    "FACEVERIFY_SNAPSHOT_EVERY": ("snapshot_every", int),
+    "FACEVERIFY_GRACE_SECONDS": ("grace_seconds", float),
+    "FACEVERIFY_MAX_CONCURRENT_RPCS": ("max_concurrent_rpcs", int),
+    "FACEVERIFY_MAX_IMAGE_BYTES": ("limits.max_bytes", int),
+    "FACEVERIFY_MAX_IMAGE_PIXELS": ("limits.max_pixels", int),
+    "FACEVERIFY_MIN_FACE_PX": ("policy.min_face_px", float),
+    "FACEVERIFY_AMBIGUITY_RATIO": ("policy.ambiguity_ratio", float),
+    "FACEVERIFY_LOG_LEVEL": ("log_level", str),
+}
+
+
+def _set(settings: Settings, path: str, value: Any) -> Settings:
+    if "." in path:
+        outer, inner = path.split(".", 1)
+        return replace(settings, **{outer: replace(getattr(settings, outer), **{inner: value})})
+    return replace(settings, **{path: value})
+
+
+def build_settings(env: Mapping[str, str], overrides: Mapping[str, Any]) -> Settings:
+    """Settings from environment variables, then explicit overrides (flags).
+
+    Args:
+        env: usually ``os.environ``.
+        overrides: settings paths (as in :data:`ENV`) to values; ``None`` is skipped.
+
+    Raises:
+        ConfigurationError: a value does not parse or is out of range.
+    """
+    s = Settings(model_dir=default_model_dir(env), data_dir=default_data_dir(env))
+    for var, (path, typ) in ENV.items():
+        if var in env:
+            try:
+                s = _set(s, path, typ(env[var]))
+            except ValueError as exc:
+                raise ConfigurationError(f"{var}={env[var]!r} is not a valid value") from exc
+    for path, value in overrides.items():
+        if value is not None:
+            s = _set(s, path, value)
+    _validate(s)
+    return s
+
+
+def _validate(s: Settings) -> None:
+    if not 0 <= s.port < 65536:  # 0: any free port (tests)
+        raise ConfigurationError(f"port {s.port} is out of range")
+    if s.workers < 1 or s.intra_op_threads < 0:
+        raise ConfigurationError("workers must be >= 1 and intra_op_threads >= 0")
+    if not 0 < s.decision_fmr < 1:
+        raise ConfigurationError(f"decision_fmr {s.decision_fmr} must be between 0 and 1")
+    if s.limits.max_bytes <= 0 or s.limits.max_pixels <= 0:
+        raise ConfigurationError("image limits must be positive")
+    if not 0 < s.policy.ambiguity_ratio <= 1:
+        raise ConfigurationError("ambiguity_ratio must be in (0, 1]")
+    if not 0 < s.dedup_fmr < 1:
+        raise ConfigurationError(f"dedup_fmr {s.dedup_fmr} must be between 0 and 1")
+    if s.duplicate_policy not in ("refuse", "flag"):
+        raise ConfigurationError(f"duplicate_policy {s.duplicate_policy!r}: choose refuse or flag")
+    if s.snapshot_every < 1:
+        raise ConfigurationError("snapshot_every must be >= 1")
+    s.index.validate()
+    if s.provider not in ("auto", "cpu", "cuda", "tensorrt"):
+        raise ConfigurationError(f"provider {s.provider!r}: choose auto, cpu, cuda or tensorrt")

@@ -1,0 +1,162 @@
+"""Enrolment with 1:N de-duplication, search and erasure (transport-independent core).
+
+The check (search the gallery for the face) and the insert happen under the
+gallery's write lock in one step, so two concurrent enrolments of one face
+under two NIKs cannot both succeed: the second sees the first.  Searches
+that do not insert run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from index.gallery import Gallery, Match
+from index.registry import Enrollment
+from server.errors import EnrollmentConflict, InvalidRequest, NotEnrolled
+from server.nik import validate_nik
+from server.pipeline.faces import AnalysedFace
+from server.pipeline.loader import LoadedModels
+
+T = TypeVar("T")
+
+MAX_TOP_K = 100
+MAX_METADATA_ITEMS = 16
+MAX_METADATA_CHARS = 256
+
+
+class DuplicatePolicy(enum.Enum):
+    """What to do when a new NIK's face matches another NIK's."""
+
+    REFUSE = "refuse"  # do not enrol; report the candidates
+    FLAG = "flag"  # enrol, flagged for human review, with the candidates
+
+
+class Outcome(enum.Enum):
+    ENROLLED = 1
+    ENROLLED_FLAGGED = 2
+    DUPLICATE_REFUSED = 3
+    ALREADY_ENROLLED = 4
+    REFERENCE_MISMATCH = 5
+
+
+@dataclass(frozen=True)
+class EnrolResult:
+    outcome: Outcome
+    enrollment: Enrollment | None
+    candidates: list[Match]
+    selfie: AnalysedFace
+    reference_score: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _validate_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    if len(metadata) > MAX_METADATA_ITEMS:
+        raise InvalidRequest(f"metadata has {len(metadata)} entries; at most "
+                             f"{MAX_METADATA_ITEMS} are allowed", field="metadata")
+    for k, v in metadata.items():
+        if not k or len(k) > 64 or len(v) > MAX_METADATA_CHARS:
+            raise InvalidRequest("metadata keys must be 1-64 characters and values at most "
+                                 f"{MAX_METADATA_CHARS}", field="metadata")
+    return dict(metadata)
+
+
+class EnrolmentService:
+    """Enrol, search, get and erase, over a :class:`Gallery`.
+
+    Args:
+        verify_threshold: score at or above which two faces are the same person
+            (re-enrolment of the same NIK, and reference-photo checks).
+        dedup_threshold: score at or above which a gallery face under another NIK
+            is a suspected duplicate.
+        candidates_k: how many gallery neighbours to examine.
+    """
+
+    def __init__(self, models: LoadedModels, gallery: Gallery, executor: ThreadPoolExecutor,
+                 index_executor: ThreadPoolExecutor, verify_threshold: float,
+                 dedup_threshold: float, policy: DuplicatePolicy, candidates_k: int = 10) -> None:
+        self.models = models
+        self.gallery = gallery
+        self.executor = executor
+        self.index_executor = index_executor
+        self.verify_threshold = verify_threshold
+        self.dedup_threshold = dedup_threshold
+        self.policy = policy
+        self.candidates_k = candidates_k
+
+    async def _in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    async def _analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool) -> AnalysedFace:
+        if not data:
+            raise InvalidRequest(f"{field_name} is required", field=field_name)
+        return await self._in(self.executor, self.models.pipeline.analyse, data, field_name,
+                              refuse_ambiguous)
+
+    async def enroll(self, nik: str, selfie: bytes, reference: bytes | None,
+                     metadata: dict[str, str]) -> EnrolResult:
+        """Enrol ``nik`` with the selfie's face unless it duplicates another NIK's.
+
+        Raises:
+            InvalidNik, InvalidRequest, image errors: bad input (nothing stored).
+            EnrollmentConflict: ``nik`` is enrolled with a different face.
+        """
+        validate_nik(nik)
+        meta = _validate_metadata(metadata)
+        face = await self._analyse(selfie, "selfie", True)
+        ref_score = None
+        if reference:
+            ref = await self._analyse(reference, "reference", False)
+            ref_score = float(face.embedding @ ref.embedding)
+            if ref_score < self.verify_threshold:
+                return EnrolResult(Outcome.REFERENCE_MISMATCH, None, [], face, ref_score)
+        result = await self._in(self.index_executor, self._check_and_insert, nik,
+                                face.embedding, meta)
+        outcome, enrollment, candidates = result
+        return EnrolResult(outcome, enrollment, candidates, face, ref_score)
+
+    def _check_and_insert(self, nik: str, embedding: np.ndarray, meta: dict[str, str]
+                          ) -> tuple[Outcome, Enrollment | None, list[Match]]:
+        with self.gallery.write_lock:
+            existing = self.gallery.get(nik)
+            if existing is not None:
+                if float(existing.embedding @ embedding) >= self.verify_threshold:
+                    return Outcome.ALREADY_ENROLLED, existing, []
+                raise EnrollmentConflict("this NIK is already enrolled with a different face; "
+                                         "delete the enrolment first if it was wrong")
+            matches = [m for m in self.gallery.search(embedding, self.candidates_k)
+                       if m.score >= self.dedup_threshold and m.nik != nik]
+            if matches and self.policy is DuplicatePolicy.REFUSE:
+                return Outcome.DUPLICATE_REFUSED, None, matches
+            enrollment = self.gallery.add(nik, embedding, flagged=bool(matches),
+                                          candidates=[(m.nik, m.score) for m in matches],
+                                          metadata=meta)
+            return (Outcome.ENROLLED_FLAGGED if matches else Outcome.ENROLLED), enrollment, matches
+
+    async def search(self, image: bytes, top_k: int) -> tuple[AnalysedFace, list[Match]]:
+        """The ``top_k`` most similar enrolments to the image's face (nothing stored)."""
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidRequest(f"top_k must be between 1 and {MAX_TOP_K}", field="top_k")
+        face = await self._analyse(image, "image", True)
+        matches = await self._in(self.index_executor, self.gallery.search, face.embedding, top_k)
+        return face, matches
+
+    async def get(self, nik: str) -> Enrollment:
+        validate_nik(nik)
+        e = await self._in(self.index_executor, self.gallery.get, nik)
+        if e is None:
+            raise NotEnrolled("no enrolment for this NIK")
+        return e
+
+    async def delete(self, nik: str) -> Enrollment:
+        validate_nik(nik)
+        e = await self._in(self.index_executor, self.gallery.remove, nik)
+        if e is None:
+            raise NotEnrolled("no enrolment for this NIK")
+        return e

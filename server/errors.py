@@ -1,0 +1,123 @@
+"""Every error faceverify raises, each with its gRPC status code and reason.
+
+Request errors (:class:`RequestError` and subclasses) reach the caller: one
+interceptor turns them into a gRPC status whose message starts with the
+machine-readable reason and whose details carry a ``google.rpc.ErrorInfo``
+(domain ``faceverify.v1``, the reason, and metadata such as which image).
+Anything else is a bug and becomes ``INTERNAL`` with a generic message; its
+stack goes to the log, never to the caller.
+
+Start-up errors (:class:`StartupError`) stop the server with a message that
+names the problem; they are never sent over the wire.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+DOMAIN = "faceverify.v1"
+
+
+class FaceVerifyError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class StartupError(FaceVerifyError):
+    """The server cannot start: bad configuration, missing or corrupt models."""
+
+
+class ConfigurationError(StartupError):
+    """A setting is invalid or asks for something this machine does not have."""
+
+
+class ModelError(StartupError):
+    """A model file is missing, corrupt, or does not match its manifest."""
+
+
+class RequestError(FaceVerifyError):
+    """An error reported to the caller of an RPC.
+
+    Attributes:
+        code: the gRPC status code.
+        reason: a stable UPPER_SNAKE_CASE identifier callers can switch on.
+        metadata: extra machine-readable context (e.g. ``{"image": "selfie"}``);
+            never a NIK, a path or a stack trace.
+    """
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = metadata
+
+
+class InvalidImage(RequestError):
+    """The bytes are not a decodable JPEG, PNG or WebP image (or are truncated)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_IMAGE"
+
+
+class ImageTooLarge(RequestError):
+    """The image exceeds the configured byte or pixel limit (e.g. a decompression bomb)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "IMAGE_TOO_LARGE"
+
+
+class InvalidNik(RequestError):
+    """The NIK is not a well-formed 16-digit Indonesian identity number."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_NIK"
+
+
+class NoFaceDetected(RequestError):
+    """No face was found in the image."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "NO_FACE_DETECTED"
+
+
+class MultipleFaces(RequestError):
+    """Several faces of comparable size were found, so the subject is ambiguous."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "MULTIPLE_FACES"
+
+
+class FaceTooSmall(RequestError):
+    """The face is smaller than the configured minimum size."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "FACE_TOO_SMALL"
+
+
+class NotEnrolled(RequestError):
+    """No enrolment exists for the NIK."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_ENROLLED"
+
+
+class EnrollmentConflict(RequestError):
+    """The NIK is already enrolled with a different face."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "NIK_CONFLICT"
+
+
+class InvalidRequest(RequestError):
+    """A request field is missing or malformed."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_REQUEST"
+
+
+class InternalError(RequestError):
+    """An unexpected failure; details are in the server log under the request id."""
+
+    code = grpc.StatusCode.INTERNAL
+    reason = "INTERNAL"

@@ -1,0 +1,270 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("nik", "selfie", "reference", "metadata", "request_id")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NIK_FIELD_NUMBER: _ClassVar[int]
+    SELFIE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    nik: str
+    selfie: bytes
+    reference: bytes
+    metadata: _containers.ScalarMap[str, str]
+    request_id: str
+    def __init__(self, nik: _Optional[str] = ..., selfie: _Optional[bytes] = ..., reference: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("nik", "score")
+    NIK_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    nik: str
+    score: float
+    def __init__(self, nik: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("outcome", "enrolled", "candidates", "duplicate_threshold", "reference_score", "selfie_face", "enrollment", "model_version", "request_id")
+    class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OUTCOME_UNSPECIFIED: _ClassVar[EnrollResponse.Outcome]
+        ENROLLED: _ClassVar[EnrollResponse.Outcome]
+        ENROLLED_FLAGGED: _ClassVar[EnrollResponse.Outcome]
+        DUPLICATE_REFUSED: _ClassVar[EnrollResponse.Outcome]
+        ALREADY_ENROLLED: _ClassVar[EnrollResponse.Outcome]
+        REFERENCE_MISMATCH: _ClassVar[EnrollResponse.Outcome]
+    OUTCOME_UNSPECIFIED: EnrollResponse.Outcome
+    ENROLLED: EnrollResponse.Outcome
+    ENROLLED_FLAGGED: EnrollResponse.Outcome
+    DUPLICATE_REFUSED: EnrollResponse.Outcome
+    ALREADY_ENROLLED: EnrollResponse.Outcome
+    REFERENCE_MISMATCH: EnrollResponse.Outcome
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    SELFIE_FACE_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    outcome: EnrollResponse.Outcome
+    enrolled: bool
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    duplicate_threshold: float
+    reference_score: float
+    selfie_face: Face
+    enrollment: Enrollment
+    model_version: str
+    request_id: str
+    def __init__(self, outcome: _Optional[_Union[EnrollResponse.Outcome, str]] = ..., enrolled: _Optional[bool] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., duplicate_threshold: _Optional[float] = ..., reference_score: _Optional[float] = ..., selfie_face: _Optional[_Union[Face, _Mapping]] = ..., enrollment: _Optional[_Union[Enrollment, _Mapping]] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("image", "top_k", "request_id")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    top_k: int
+    request_id: str
+    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("candidates", "duplicate_threshold", "face", "gallery_size", "model_version", "request_id")
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FACE_FIELD_NUMBER: _ClassVar[int]
+    GALLERY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    duplicate_threshold: float
+    face: Face
+    gallery_size: int
+    model_version: str
+    request_id: str
+    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., duplicate_threshold: _Optional[float] = ..., face: _Optional[_Union[Face, _Mapping]] = ..., gallery_size: _Optional[int] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class GetEnrollmentRequest(_message.Message):
+    __slots__ = ("nik", "request_id")
+    NIK_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    nik: str
+    request_id: str
+    def __init__(self, nik: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class Enrollment(_message.Message):
+    __slots__ = ("nik", "flagged", "candidates", "metadata", "enrolled_at", "model_version")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NIK_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_AT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    nik: str
+    flagged: bool
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    metadata: _containers.ScalarMap[str, str]
+    enrolled_at: float
+    model_version: str
+    def __init__(self, nik: _Optional[str] = ..., flagged: _Optional[bool] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., enrolled_at: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class DeleteEnrollmentRequest(_message.Message):
+    __slots__ = ("nik", "request_id")
+    NIK_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    nik: str
+    request_id: str
+    def __init__(self, nik: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class DeleteEnrollmentResponse(_message.Message):
+    __slots__ = ("deleted", "request_id")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    request_id: str
+    def __init__(self, deleted: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class VerifyRequest(_message.Message):
+    __slots__ = ("selfie", "reference", "request_id")
+    SELFIE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    selfie: bytes
+    reference: bytes
+    request_id: str
+    def __init__(self, selfie: _Optional[bytes] = ..., reference: _Optional[bytes] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class VerifyResponse(_message.Message):
+    __slots__ = ("match", "score", "operating_point", "selfie_face", "reference_face", "model_version", "request_id")
+    MATCH_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    OPERATING_POINT_FIELD_NUMBER: _ClassVar[int]
+    SELFIE_FACE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FACE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    match: bool
+    score: float
+    operating_point: OperatingPoint
+    selfie_face: Face
+    reference_face: Face
+    model_version: str
+    request_id: str
+    def __init__(self, match: _Optional[bool] = ..., score: _Optional[float] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., selfie_face: _Optional[_Union[Face, _Mapping]] = ..., reference_face: _Optional[_Union[Face, _Mapping]] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class OperatingPoint(_message.Message):
+    __slots__ = ("threshold", "target_false_match_rate", "calibration_dataset", "calibration_impostor_pairs")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FALSE_MATCH_RATE_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_DATASET_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_IMPOSTOR_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    target_false_match_rate: float
+    calibration_dataset: str
+    calibration_impostor_pairs: int
+    def __init__(self, threshold: _Optional[float] = ..., target_false_match_rate: _Optional[float] = ..., calibration_dataset: _Optional[str] = ..., calibration_impostor_pairs: _Optional[int] = ...) -> None: ...
+
+class Point(_message.Message):
+    __slots__ = ("x", "y")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    x: float
+    y: float
+    def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ...) -> None: ...
+
+class Box(_message.Message):
+    __slots__ = ("x_min", "y_min", "x_max", "y_max")
+    X_MIN_FIELD_NUMBER: _ClassVar[int]
+    Y_MIN_FIELD_NUMBER: _ClassVar[int]
+    X_MAX_FIELD_NUMBER: _ClassVar[int]
+    Y_MAX_FIELD_NUMBER: _ClassVar[int]
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+    def __init__(self, x_min: _Optional[float] = ..., y_min: _Optional[float] = ..., x_max: _Optional[float] = ..., y_max: _Optional[float] = ...) -> None: ...
+
+class Face(_message.Message):
+    __slots__ = ("box", "landmarks", "landmark_scheme", "detector_score", "quality", "faces_found", "image_width", "image_height")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    LANDMARKS_FIELD_NUMBER: _ClassVar[int]
+    LANDMARK_SCHEME_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_SCORE_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    FACES_FOUND_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    box: Box
+    landmarks: _containers.RepeatedCompositeFieldContainer[Point]
+    landmark_scheme: str
+    detector_score: float
+    quality: FaceQuality
+    faces_found: int
+    image_width: int
+    image_height: int
+    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., landmark_scheme: _Optional[str] = ..., detector_score: _Optional[float] = ..., quality: _Optional[_Union[FaceQuality, _Mapping]] = ..., faces_found: _Optional[int] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ...) -> None: ...
+
+class FaceQuality(_message.Message):
+    __slots__ = ("face_width", "face_height", "sharpness", "brightness")
+    FACE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    FACE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SHARPNESS_FIELD_NUMBER: _ClassVar[int]
+    BRIGHTNESS_FIELD_NUMBER: _ClassVar[int]
+    face_width: float
+    face_height: float
+    sharpness: float
+    brightness: float
+    def __init__(self, face_width: _Optional[float] = ..., face_height: _Optional[float] = ..., sharpness: _Optional[float] = ..., brightness: _Optional[float] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerInfo(_message.Message):
+    __slots__ = ("model_version", "model_set", "detector", "recognizer", "embedding_dim", "execution_provider", "operating_point", "server_version", "gallery_size", "index_kind", "duplicate_policy", "duplicate_threshold")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SET_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    RECOGNIZER_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    OPERATING_POINT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GALLERY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    model_version: str
+    model_set: str
+    detector: str
+    recognizer: str
+    embedding_dim: int
+    execution_provider: str
+    operating_point: OperatingPoint
+    server_version: str
+    gallery_size: int
+    index_kind: str
+    duplicate_policy: str
+    duplicate_threshold: float
+    def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ...) -> None: ...

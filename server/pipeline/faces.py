@@ -1,0 +1,152 @@
+"""The face pipeline: decode, detect, choose the subject, align, measure, embed.
+
+Per-image errors (undecodable image, no face, ambiguous faces, face too small)
+are raised here, before any batching, so one bad image never fails another.
+Every stage's wall time is recorded for metrics and benchmarks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.errors import ConfigurationError, FaceTooSmall, MultipleFaces, NoFaceDetected
+from server.pipeline.image import ImageLimits, decode_image
+from server.pipeline.quality import Quality, measure
+from server.pipeline.types import DetectedFace, Detector, Recognizer
+
+STAGES = ("decode", "detect", "align", "embed")
+
+
+@dataclass(frozen=True)
+class FacePolicy:
+    """How the subject face is chosen and gated.
+
+    Attributes:
+        min_face_px: a subject face narrower than this is refused (FACE_TOO_SMALL).
+        ambiguity_ratio: another face whose prominence is at least this fraction
+            of the subject's makes the image ambiguous (MULTIPLE_FACES) where
+            ambiguity is refused.
+    """
+
+    min_face_px: float = 40.0
+    ambiguity_ratio: float = 0.5
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage for one image."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class AnalysedFace:
+    """The subject face of one image, ready to compare."""
+
+    face: DetectedFace
+    quality: Quality
+    embedding: np.ndarray
+    faces_found: int
+    ambiguous: bool  # another face is comparably prominent (refused for selfies)
+    image_size: tuple[int, int]  # (width, height)
+
+
+def prominence(face: DetectedFace, width: int, height: int) -> float:
+    """How much a face looks like the photo's subject: visible area, favouring the centre.
+
+    A face cut by the border (a neighbour at the edge of a group photo) counts
+    only its visible part; the weight falls linearly to 0.5 at the corners.
+    """
+    x0, y0, x1, y1 = face.box
+    visible = max(0.0, min(x1, width) - max(x0, 0.0)) * max(0.0, min(y1, height) - max(y0, 0.0))
+    cx, cy = (x0 + x1) / 2 - width / 2, (y0 + y1) / 2 - height / 2
+    d = min(1.0, float(np.hypot(cx, cy) / np.hypot(width / 2, height / 2)))
+    return float(visible * (1.0 - 0.5 * d))
+
+
+def choose_subject(faces: list[DetectedFace], width: int, height: int, policy: FacePolicy,
+                   refuse_ambiguous: bool, field_name: str) -> tuple[DetectedFace, bool]:
+    """The subject face among those detected, and whether another is comparably prominent.
+
+    Raises:
+        NoFaceDetected: ``faces`` is empty.
+        MultipleFaces: ``refuse_ambiguous`` and a second face is comparably prominent.
+        FaceTooSmall: the subject is narrower than ``policy.min_face_px``.
+    """
+    if not faces:
+        raise NoFaceDetected(f"{field_name}: no face found; retake the photo facing the camera "
+                             "in good light", image=field_name)
+    ranked = sorted(faces, key=lambda f: prominence(f, width, height), reverse=True)
+    subject = ranked[0]
+    ambiguous = len(ranked) > 1 and (prominence(ranked[1], width, height)
+                                     >= policy.ambiguity_ratio * prominence(subject, width, height))
+    if refuse_ambiguous and ambiguous:
+        raise MultipleFaces(f"{field_name}: {len(faces)} faces of similar size found; retake "
+                                "the photo with only the applicant in frame", image=field_name,
+                                faces=str(len(faces)))
+    if subject.width < policy.min_face_px:
+        raise FaceTooSmall(f"{field_name}: the face is {subject.width:.0f} px wide, under the "
+                           f"minimum of {policy.min_face_px:.0f} px; move closer to the camera",
+                           image=field_name)
+    return subject, ambiguous
+
+
+class FacePipeline:
+    """Detector + recognizer + policies: bytes in, subject embedding out.
+
+    Raises:
+        ConfigurationError: the detector's landmarks are not what the
+            recognizer's alignment needs.
+    """
+
+    def __init__(self, detector: Detector, recognizer: Recognizer, limits: ImageLimits,
+                 policy: FacePolicy) -> None:
+        if detector.landmark_scheme != recognizer.landmark_scheme:
+            raise ConfigurationError(
+                f"detector {detector.name} gives {detector.landmark_scheme} landmarks but "
+                f"recognizer {recognizer.name} aligns with {recognizer.landmark_scheme}")
+        self.detector = detector
+        self.recognizer = recognizer
+        self.limits = limits
+        self.policy = policy
+
+    @property
+    def dim(self) -> int:
+        return self.recognizer.dim
+
+    def analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool,
+                timings: Timings | None = None) -> AnalysedFace:
+        """Run the whole pipeline on one encoded image (see :func:`choose_subject`)."""
+        t = timings or Timings()
+        with t.stage("decode"):
+            image = decode_image(data, self.limits, field_name)
+        return self.analyse_array(image, field_name, refuse_ambiguous, t)
+
+    def analyse_array(self, image: np.ndarray, field_name: str, refuse_ambiguous: bool,
+                      timings: Timings | None = None) -> AnalysedFace:
+        """As :meth:`analyse`, from a decoded (H, W, 3) uint8 RGB image."""
+        t = timings or Timings()
+        h, w = image.shape[:2]
+        with t.stage("detect"):
+            faces = self.detector.detect(image)
+        subject, ambiguous = choose_subject(faces, w, h, self.policy, refuse_ambiguous,
+                                            field_name)
+        with t.stage("align"):
+            chip = self.recognizer.align(image, subject)
+            quality = measure(subject, chip)
+        with t.stage("embed"):
+            embedding = self.recognizer.embed(chip[None])[0]
+        return AnalysedFace(subject, quality, embedding, len(faces), ambiguous, (w, h))

@@ -1,0 +1,165 @@
+"""dlib's MMOD CNN face detector: image pyramid + ONNX scorer + NMS, then 5 landmarks.
+
+The scorer is fully convolutional.  As in dlib, the pyramid levels (scale 5/6
+each) are tiled into one canvas with zero gaps so that a single forward pass
+scores every scale; each positive cell is an 80x80 window at its level,
+mapped back to image coordinates.  Landmarks come from dlib's 5-point shape
+predictor run on the detection box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from server.pipeline.geometry import nms
+from server.pipeline.landmarks import ShapePredictor
+from server.pipeline.types import DLIB5, DetectedFace
+
+MEAN_RGB = np.array([122.782, 117.001, 104.298], dtype=np.float32)
+WINDOW = 80
+PADDING = 10
+OUTER_PADDING = 11
+NMS_IOU = 0.3382761351109955
+
+
+def _resize_corner_aligned(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Bilinear resize of a (C, H, W) float array with corners aligned."""
+    _, h, w = img.shape
+    ys = np.arange(out_h) * ((h - 1) / max(out_h - 1, 1))
+    xs = np.arange(out_w) * ((w - 1) / max(out_w - 1, 1))
+    y0 = np.minimum(ys.astype(np.int64), h - 2)
+    x0 = np.minimum(xs.astype(np.int64), w - 2)
+    fy = (ys - y0).astype(np.float32)[None, :, None]
+    fx = (xs - x0).astype(np.float32)[None, None, :]
+    rows = img[:, y0, :] * (1 - fy) + img[:, y0 + 1, :] * fy
+    out: np.ndarray = rows[:, :, x0] * (1 - fx) + rows[:, :, x0 + 1] * fx
+    return out
+
+
+@dataclass(frozen=True)
+class _Tile:
+    level: int
+    x: int
+    y: int
+    h: int
+    w: int
+
+
+def _layout(h: int, w: int, min_side: int) -> tuple[list[_Tile], int, int]:
+    """Place pyramid levels on a canvas: level 0 and 1 side by side, the rest on shelves below."""
+    sizes = [(h, w)]
+    while True:
+        nh, nw = sizes[-1][0] * 5 // 6, sizes[-1][1] * 5 // 6
+        if min(nh, nw) < min_side:
+            break
+        sizes.append((nh, nw))
+    width = sizes[0][1] + (sizes[1][1] + PADDING if len(sizes) > 1 else 0)
+    tiles = [_Tile(0, OUTER_PADDING, OUTER_PADDING, *sizes[0])]
+    x = OUTER_PADDING + sizes[0][1] + PADDING
+    shelf_y, shelf_h = OUTER_PADDING, sizes[0][0]
+    for level, (lh, lw) in enumerate(sizes[1:], start=1):
+        if x + lw > OUTER_PADDING + width:
+            shelf_y += shelf_h + PADDING
+            shelf_h = lh
+            x = OUTER_PADDING
+        tiles.append(_Tile(level, x, shelf_y, lh, lw))
+        x += lw + PADDING
+    canvas_h = shelf_y + shelf_h + OUTER_PADDING
+    return tiles, canvas_h, width + 2 * OUTER_PADDING
+
+
+class MmodDetector:
+    """The default detector: dlib MMOD scorer (ONNX) + dlib 5-point landmarks.
+
+    Args:
+        session: onnxruntime session of the converted scorer.
+        shape_predictor: the 5-point landmark predictor.
+        threshold: minimum raw detection score (dlib's default is 0).
+        max_side: images whose longer side exceeds this are scanned downscaled
+            (faces stay findable down to about ``80 * long_side / max_side`` px).
+        upsample_small: when nothing is found in an image whose longer side is at
+            most half ``max_side``, scan it once more at twice the size, which
+            finds faces down to about 40 px.
+    """
+
+    landmark_scheme = DLIB5
+    name = "dlib-mmod"
+
+    def __init__(self, session: ort.InferenceSession, shape_predictor: ShapePredictor,
+                 threshold: float = 0.0, max_side: int = 800, upsample_small: bool = True) -> None:
+        self.session = session
+        self.shape_predictor = shape_predictor
+        self.threshold = threshold
+        self.max_side = max_side
+        self.upsample_small = upsample_small
+
+    def _scan(self, image: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (in ``image`` coordinates) and scores of windows above threshold."""
+        h, w = image.shape[:2]
+        th, tw = max(int(round(h * scale)), 2), max(int(round(w * scale)), 2)
+        level0 = (image.astype(np.float32) - MEAN_RGB) / 256.0
+        level0 = np.ascontiguousarray(level0.transpose(2, 0, 1))
+        if (th, tw) != (h, w):
+            level0 = _resize_corner_aligned(level0, th, tw)
+        tiles, ch, cw = _layout(th, tw, WINDOW // 2)
+        canvas = np.zeros((1, 3, ch, cw), dtype=np.float32)
+        prev = level0
+        for tile in tiles:
+            if tile.level:
+                prev = _resize_corner_aligned(prev, tile.h, tile.w)
+            canvas[0, :, tile.y:tile.y + tile.h, tile.x:tile.x + tile.w] = prev
+        scores = self.session.run(None, {"canvas": canvas})[0][0, 0]
+        rows, cols = np.nonzero(scores > self.threshold)
+        if rows.size == 0:
+            return np.zeros((0, 4)), np.zeros(0)
+        values = scores[rows, cols].astype(np.float64)
+        cx = 8.0 * cols + 14.0
+        cy = 8.0 * rows + 14.0
+        # The tile containing each window centre (else the nearest one).
+        tx = np.array([t.x for t in tiles], dtype=np.float64)
+        ty = np.array([t.y for t in tiles], dtype=np.float64)
+        tw_ = np.array([t.w for t in tiles], dtype=np.float64)
+        th_ = np.array([t.h for t in tiles], dtype=np.float64)
+        dx = np.maximum(np.maximum(tx[None] - cx[:, None], cx[:, None] - (tx + tw_ - 1)[None]), 0)
+        dy = np.maximum(np.maximum(ty[None] - cy[:, None], cy[:, None] - (ty + th_ - 1)[None]), 0)
+        which = np.argmin(dx + dy, axis=1)
+        level = np.array([t.level for t in tiles])[which]
+        factor = (6.0 / 5.0) ** level
+        # Window corners in tile coordinates, scaled up to level 0 then to the image.
+        half = (WINDOW - 1) / 2.0
+        x0 = (cx - half - tx[which]) * factor / scale
+        y0 = (cy - half - ty[which]) * factor / scale
+        x1 = (cx + half - tx[which]) * factor / scale
+        y1 = (cy + half - ty[which]) * factor / scale
+        boxes = np.stack([x0, y0, x1, y1], axis=1)
+        keep = nms(boxes, values, NMS_IOU)
+        return boxes[keep], values[keep]
+
+    def detect(self, image: np.ndarray) -> list[DetectedFace]:
+        h, w = image.shape[:2]
+        long_side = max(h, w)
+        scale = min(1.0, self.max_side / long_side)
+        boxes, scores = self._scan(image, scale)
+        if len(scores) == 0 and self.upsample_small and long_side * 2 <= self.max_side:
+            boxes, scores = self._scan(image, 2.0)
+        if len(scores) == 0:
+            return []
+        gray = (image.astype(np.uint16).sum(axis=2) // 3).astype(np.float32)
+        faces = []
+        for box, score in zip(boxes, scores, strict=True):
+            rect = np.round(box)
+            # Sub-pixel landmarks (dlib rounds them to whole pixels): a steadier
+            # alignment, +0.1 point of LFW accuracy with the same models.
+            landmarks = self.shape_predictor.predict(gray, rect, rounded=False)
+            faces.append(DetectedFace(box=box, score=float(score), landmarks=landmarks))
+        return faces
+
+
+def load_mmod(model_dir: Path, session: ort.InferenceSession, **options: object) -> MmodDetector:
+    """Build the default detector from the model cache directory."""
+    sp = ShapePredictor(model_dir / "shape_predictor_5.npz")
+    return MmodDetector(session, sp, **options)  # type: ignore[arg-type]

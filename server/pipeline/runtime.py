@@ -1,0 +1,58 @@
+"""onnxruntime sessions on the execution provider the configuration asks for."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnxruntime as ort
+
+from server.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+# Configuration name -> onnxruntime provider chain, most preferred first.  The
+# CPU provider always ends a chain: onnxruntime places nodes a GPU provider
+# cannot run there.  The chosen *primary* provider must be available.
+PROVIDERS: dict[str, list[str]] = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def resolve_provider(requested: str) -> str:
+    """Map ``auto`` to the best available provider; check any other name exists.
+
+    Raises:
+        ConfigurationError: an unknown name, or a GPU provider that this
+            onnxruntime build or machine does not have (never a silent fallback).
+    """
+    available = set(ort.get_available_providers())
+    if requested == "auto":
+        return "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    if requested not in PROVIDERS:
+        raise ConfigurationError(f"unknown execution provider {requested!r}; "
+                                 f"choose one of auto, {', '.join(PROVIDERS)}")
+    primary = PROVIDERS[requested][0]
+    if primary not in available:
+        raise ConfigurationError(
+            f"execution provider {requested!r} requested but {primary} is not available "
+            f"(available: {', '.join(sorted(available))}); install onnxruntime-gpu and the "
+            "CUDA libraries, or set the provider to cpu")
+    return requested
+
+
+def make_session(path: Path, provider: str, intra_op_threads: int) -> ort.InferenceSession:
+    """An inference session for ``path`` on ``provider`` (already resolved)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads > 0:
+        opts.intra_op_num_threads = intra_op_threads
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=PROVIDERS[provider])
+    used = session.get_providers()[0]
+    if used != PROVIDERS[provider][0]:
+        raise ConfigurationError(f"{path.name}: onnxruntime fell back to {used} "
+                                 f"although {provider} was requested")
+    log.debug("loaded %s on %s", path.name, used)
+    return session

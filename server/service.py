@@ -1,0 +1,93 @@
+"""The transport-independent core: verification decisions over the face pipeline.
+
+gRPC lives in :mod:`server.servicer`; this module knows nothing of it, so it
+can be tested and benchmarked directly.  Blocking work (decoding, inference)
+runs in a dedicated thread pool; the event loop only awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from server.errors import InvalidRequest, RequestError
+from server.pipeline.faces import AnalysedFace, Timings
+from server.pipeline.loader import LoadedModels
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The decision threshold and what it was calibrated for."""
+
+    threshold: float
+    fmr: float
+    dataset: str
+    impostor_pairs: int
+
+    @classmethod
+    def from_calibration(cls, calibration: dict[str, Any], point: dict[str, Any]) -> OperatingPoint:
+        return cls(float(point["threshold"]), float(point["fmr"]), str(calibration["dataset"]),
+                   int(calibration["impostor_pairs"]))
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of one 1:1 comparison."""
+
+    match: bool
+    score: float
+    selfie: AnalysedFace
+    reference: AnalysedFace
+    timings: tuple[Timings, Timings]
+
+
+class VerificationService:
+    """1:1 verification of a selfie against a reference photo."""
+
+    def __init__(self, models: LoadedModels, point: OperatingPoint,
+                 executor: ThreadPoolExecutor) -> None:
+        self.models = models
+        self.point = point
+        self.executor = executor
+
+    @property
+    def model_version(self) -> str:
+        return self.models.model_version
+
+    async def _analyse(self, data: bytes, field: str, refuse_ambiguous: bool,
+                       timings: Timings) -> AnalysedFace:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.models.pipeline.analyse, data,
+                                          field, refuse_ambiguous, timings)
+
+    async def verify(self, selfie: bytes, reference: bytes) -> Verification:
+        """Compare the selfie's face with the reference photo's.
+
+        Raises:
+            InvalidRequest: an image is missing.
+            RequestError: the selfie's image or face problem if it has one,
+                else the reference's (see :mod:`server.errors`).
+        """
+        if not selfie:
+            raise InvalidRequest("selfie is required", field="selfie")
+        if not reference:
+            raise InvalidRequest("reference is required", field="reference")
+        t_selfie, t_ref = Timings(), Timings()
+        results = await asyncio.gather(
+            self._analyse(selfie, "selfie", True, t_selfie),
+            self._analyse(reference, "reference", False, t_ref),
+            return_exceptions=True,
+        )
+        # Report the selfie's problem first: that is what the applicant can fix.
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        a, b = results
+        assert isinstance(a, AnalysedFace) and isinstance(b, AnalysedFace)
+        score = float(a.embedding @ b.embedding)
+        return Verification(score >= self.point.threshold, score, a, b, (t_selfie, t_ref))
+
+
+__all__ = ["OperatingPoint", "RequestError", "Verification", "VerificationService"]

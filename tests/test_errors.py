@@ -1,0 +1,56 @@
+"""The error hierarchy and the interceptor that turns it into gRPC statuses."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from server import errors
+from server.requests import status_for
+
+
+def _subclasses(cls: type) -> Iterator[type]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+REQUEST_ERRORS = sorted(_subclasses(errors.RequestError), key=lambda c: c.__name__)
+
+
+def test_every_request_error_declares_a_code_and_a_unique_reason() -> None:
+    reasons = [cls.reason for cls in REQUEST_ERRORS]
+    assert len(reasons) == len(set(reasons))
+    for cls in REQUEST_ERRORS:
+        assert isinstance(cls.code, grpc.StatusCode)
+        assert cls.code is not grpc.StatusCode.OK
+        assert re.fullmatch(r"[A-Z][A-Z_]+", cls.reason)
+        assert cls.__doc__, f"{cls.__name__} must document when it is raised"
+
+
+@pytest.mark.parametrize("cls", REQUEST_ERRORS, ids=lambda c: c.__name__)
+def test_status_carries_reason_message_and_error_info(cls: type[errors.RequestError]) -> None:
+    status = status_for(cls("selfie: something is wrong", image="selfie"), "rid-1")
+    assert status.code == cls.code
+    assert status.details == f"{cls.reason}: selfie: something is wrong"
+    # Rebuild the google.rpc.Status from the trailing metadata as a client would.
+    md = dict(status.trailing_metadata)
+    from google.rpc import status_pb2
+
+    decoded = status_pb2.Status.FromString(md["grpc-status-details-bin"])
+    info = error_details_pb2.ErrorInfo()
+    decoded.details[0].Unpack(info)
+    assert info.reason == cls.reason and info.domain == "faceverify.v1"
+    assert dict(info.metadata) == {"image": "selfie", "request_id": "rid-1"}
+
+
+def test_startup_errors_are_not_request_errors() -> None:
+    for cls in (errors.ConfigurationError, errors.ModelError):
+        assert issubclass(cls, errors.StartupError)
+        assert not issubclass(cls, errors.RequestError)
+
+

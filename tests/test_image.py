@@ -1,0 +1,116 @@
+"""Decoding uploads: formats, colour modes, orientation, limits, corrupt data."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.errors import ImageTooLarge, InvalidImage
+from server.pipeline.image import ImageLimits, decode_image
+from tests.imaging import encode
+
+LIMITS = ImageLimits()
+
+
+def _gradient(w: int = 64, h: int = 48) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.uint8)
+    arr = np.stack([np.tile(x, (h, 1)), np.full((h, w), 100, np.uint8),
+                    np.tile(np.linspace(0, 255, h, dtype=np.uint8)[:, None], (1, w))], axis=2)
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_supported_formats_decode_to_rgb(fmt: str) -> None:
+    out = decode_image(encode(_gradient(), fmt), LIMITS, "selfie")
+    assert out.shape == (48, 64, 3) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "LA", "I;16"])
+def test_colour_modes_become_rgb(mode: str) -> None:
+    img = _gradient().convert(mode) if mode != "I;16" else _gradient().convert("L").convert("I;16")
+    fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
+    out = decode_image(encode(img, fmt), LIMITS, "selfie")
+    assert out.shape == (48, 64, 3)
+
+
+def test_alpha_is_composited_on_white() -> None:
+    img = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    out = decode_image(encode(img, "PNG"), LIMITS, "selfie")
+    assert (out == 255).all()
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = _gradient(64, 48)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = decode_image(encode(img, "JPEG", exif=exif.tobytes()), LIMITS, "selfie")
+    assert out.shape == (64, 48, 3)
+
+
+def test_empty_bytes() -> None:
+    with pytest.raises(InvalidImage, match="selfie: image is empty"):
+        decode_image(b"", LIMITS, "selfie")
+
+
+def test_not_an_image() -> None:
+    with pytest.raises(InvalidImage) as info:
+        decode_image(b"GIF89a but not really", LIMITS, "reference")
+    assert info.value.metadata == {"image": "reference"}
+
+
+def test_unsupported_format_is_refused() -> None:
+    with pytest.raises(InvalidImage):
+        decode_image(encode(_gradient(), "GIF"), LIMITS, "selfie")
+
+
+def test_truncated_jpeg_is_refused_not_padded() -> None:
+    data = encode(_gradient(256, 256), "JPEG", quality=95)
+    with pytest.raises(InvalidImage):
+        decode_image(data[: len(data) * 2 // 3], LIMITS, "selfie")
+
+
+def test_byte_limit() -> None:
+    data = encode(_gradient(), "PNG")
+    with pytest.raises(ImageTooLarge, match="bytes"):
+        decode_image(data, ImageLimits(max_bytes=len(data) - 1), "selfie")
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A valid PNG header claiming huge dimensions, with a tiny compressed body."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    raw = zlib.compress(b"\x00" * (width + 1) * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [8_000, 30_000])
+def test_decompression_bomb_is_refused_before_decoding(side: int) -> None:
+    data = _png_bomb(side, side)
+    assert len(data) < 100_000
+    with pytest.raises(ImageTooLarge, match="pixels"):
+        decode_image(data, LIMITS, "selfie")
+
+
+def test_tiny_image_is_refused() -> None:
+    with pytest.raises(InvalidImage, match="smaller than"):
+        decode_image(encode(_gradient(16, 16), "PNG"), LIMITS, "selfie")
+
+
+def test_garbage_after_valid_header() -> None:
+    data = encode(_gradient(), "PNG")
+    with pytest.raises(InvalidImage):
+        decode_image(data[:40] + bytes(200), LIMITS, "selfie")
+
+
+def test_pillow_global_state_is_untouched() -> None:
+    from PIL import ImageFile
+
+    decode_image(encode(_gradient(), "JPEG"), LIMITS, "selfie")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    assert Image.MAX_IMAGE_PIXELS is not None

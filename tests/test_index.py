@@ -1,0 +1,173 @@
+"""Registry, FAISS index, snapshots and recovery: nothing acknowledged is lost."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.gallery import SNAPSHOT_DIR, Gallery
+from index.registry import Registry, RegistryMismatch
+from index.vectors import SNAPSHOT, IndexSpec, ReadWriteLock, VectorIndex
+
+DIM = 16
+MODEL = "test-model"
+
+
+def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def nik(i: int) -> str:
+    """A valid NIK, distinct for each i < 10,000."""
+    return f"317401150590{i + 1:04d}"
+
+
+def test_registry_round_trip_and_change_log(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.sqlite3", MODEL, DIM)
+    v = unit(np.random.default_rng(0), 2)
+    a = reg.add(nik(1), v[0], metadata={"channel": "web"})
+    b = reg.add(nik(2), v[1], flagged=True, candidates=[(nik(1), 0.97)])
+    assert reg.get(nik(2)).candidates == [(nik(1), pytest.approx(0.97))]
+    assert reg.get(nik(1)).metadata == {"channel": "web"}
+    np.testing.assert_array_equal(reg.get(nik(1)).embedding, v[0])
+    with pytest.raises(sqlite3.IntegrityError):
+        reg.add(nik(1), v[1])
+    assert reg.remove(nik(1)).id == a.id and reg.get(nik(1)) is None
+    assert reg.remove(nik(1)) is None
+    ops = [(c.op, c.id, c.embedding is not None) for c in reg.changes_since(0)]
+    assert ops == [("add", a.id, False), ("add", b.id, True), ("remove", a.id, False)]
+    assert reg.count() == 1 and reg.last_seq() == 3
+
+
+def test_registry_refuses_another_model(tmp_path: Path) -> None:
+    Registry(tmp_path / "r.sqlite3", MODEL, DIM).close()
+    with pytest.raises(RegistryMismatch, match="other-model"):
+        Registry(tmp_path / "r.sqlite3", "other-model", DIM)
+    with pytest.raises(RegistryMismatch):
+        Registry(tmp_path / "r.sqlite3", MODEL, DIM + 1)
+
+
+def test_registry_is_durable_and_uses_wal(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.sqlite3", MODEL, DIM)
+    assert reg._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert reg._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_flat_index_exact_search_and_removal() -> None:
+    rng = np.random.default_rng(1)
+    v = unit(rng, 200)
+    idx = VectorIndex(DIM, IndexSpec("flat"))
+    idx.add(np.arange(100, 300), v)
+    scores, ids = idx.search(v[:5], 3)
+    assert ids[:, 0].tolist() == [100, 101, 102, 103, 104]
+    assert scores[:, 0] == pytest.approx(1.0, abs=1e-5)
+    assert idx.remove(np.array([100])) == 1
+    assert idx.search(v[:1], 1)[1][0, 0] != 100
+    empty = VectorIndex(DIM, IndexSpec("flat"))
+    assert empty.search(v[:1], 2)[1].tolist() == [[-1, -1]]
+
+
+def test_ivf_trains_when_large_enough_and_keeps_recall() -> None:
+    rng = np.random.default_rng(2)
+    v = unit(rng, 2000)
+    spec = IndexSpec("ivf", nlist=16, nprobe=8)
+    idx = VectorIndex(DIM, spec)
+    idx.add(np.arange(2000), v)
+    assert idx.maybe_train(iter([(np.arange(2000), v)]))
+    assert idx.trained_ivf and len(idx) == 2000
+    queries = v[:200] + 0.05 * unit(rng, 200)
+    _, got = idx.search(queries, 1)
+    assert (got[:, 0] == np.arange(200)).mean() >= 0.95
+    assert idx.remove(np.arange(10)) == 10 and len(idx) == 1990
+
+
+def test_snapshot_round_trip_and_corruption(tmp_path: Path) -> None:
+    v = unit(np.random.default_rng(3), 10)
+    idx = VectorIndex(DIM, IndexSpec())
+    idx.add(np.arange(10), v)
+    manifest = idx.save(tmp_path, MODEL, last_seq=10)
+    assert manifest["count"] == 10 and manifest["last_seq"] == 10
+    loaded = VectorIndex.load(tmp_path, MODEL, DIM, IndexSpec())
+    assert loaded is not None and len(loaded[0]) == 10
+    assert VectorIndex.load(tmp_path, "other-model", DIM, IndexSpec()) is None
+    data = bytearray((tmp_path / SNAPSHOT).read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / SNAPSHOT).write_bytes(bytes(data))
+    assert VectorIndex.load(tmp_path, MODEL, DIM, IndexSpec()) is None
+
+
+def test_gallery_replays_changes_after_its_snapshot(tmp_path: Path) -> None:
+    v = unit(np.random.default_rng(4), 30)
+    g = Gallery(tmp_path, MODEL, DIM, IndexSpec(), snapshot_every=10_000)
+    for i in range(20):
+        g.add(nik(i), v[i])
+    g.snapshot()
+    for i in range(20, 30):
+        g.add(nik(i), v[i])
+    g.remove(nik(3))
+    # Simulate a crash after a durable registry commit but before indexing.
+    g.registry.add(nik(99), unit(np.random.default_rng(9), 1)[0])
+    g.registry.close()  # no snapshot at exit: a crash
+
+    g2 = Gallery(tmp_path, MODEL, DIM, IndexSpec())
+    assert g2.in_sync() and len(g2) == 30
+    assert g2.search(v[25], 1)[0].nik == nik(25)
+    assert all(m.nik != nik(3) for m in g2.search(v[3], 5))
+    assert g2.get(nik(99)) is not None and g2.search(g2.get(nik(99)).embedding, 1)[0].nik == nik(99)
+
+
+def test_gallery_rebuilds_without_a_usable_snapshot(tmp_path: Path) -> None:
+    v = unit(np.random.default_rng(5), 5)
+    g = Gallery(tmp_path, MODEL, DIM, IndexSpec())
+    for i in range(5):
+        g.add(nik(i), v[i])
+    g.close()
+    (tmp_path / SNAPSHOT_DIR / SNAPSHOT).write_bytes(b"garbage")
+    g2 = Gallery(tmp_path, MODEL, DIM, IndexSpec())
+    assert g2.in_sync() and len(g2) == 5
+
+
+def test_erased_face_is_absent_from_the_next_snapshot(tmp_path: Path) -> None:
+    v = unit(np.random.default_rng(6), 3)
+    g = Gallery(tmp_path, MODEL, DIM, IndexSpec())
+    for i in range(3):
+        g.add(nik(i), v[i])
+    g.snapshot()
+    g.remove(nik(1))
+    g.snapshot()
+    loaded = VectorIndex.load(tmp_path / SNAPSHOT_DIR, MODEL, DIM, IndexSpec())
+    assert loaded is not None and len(loaded[0]) == 2
+    erased_id = 2  # the second enrolment's id
+    assert erased_id not in loaded[0].search(v[1:2], 3)[1][0].tolist()
+
+
+def test_read_write_lock_excludes_writers_from_readers() -> None:
+    lock = ReadWriteLock()
+    inside = threading.Event()
+    release = threading.Event()
+    wrote = threading.Event()
+
+    def reader() -> None:
+        with lock.read():
+            inside.set()
+            release.wait(5)
+
+    def writer() -> None:
+        with lock.write():
+            wrote.set()
+
+    t1 = threading.Thread(target=reader)
+    t1.start()
+    inside.wait(5)
+    t2 = threading.Thread(target=writer)
+    t2.start()
+    assert not wrote.wait(0.2)  # blocked while the reader holds the lock
+    release.set()
+    assert wrote.wait(5)
+    t1.join()
+    t2.join()

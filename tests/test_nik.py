@@ -1,0 +1,41 @@
+"""NIK validation: one case per rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.errors import InvalidNik
+from server.nik import validate_nik
+
+VALID_MAN = "3174011505900001"     # DKI Jakarta, born 15-05-90
+VALID_WOMAN = "3273015505900002"   # Jawa Barat, day 15 + 40
+LEAP_DAY = "3578012902000003"      # 29-02-(20)00
+
+
+@pytest.mark.parametrize("nik", [VALID_MAN, VALID_WOMAN, LEAP_DAY, "9471017112990001"])
+def test_valid(nik: str) -> None:
+    assert validate_nik(nik) == nik
+
+
+@pytest.mark.parametrize(("nik", "message"), [
+    ("317401150590000", "16 digits"),
+    ("31740115059000011", "16 digits"),
+    ("317401150590000a", "ASCII digits"),
+    ("31740115059000\u0661\u0662", "ASCII digits"),   # Arabic-Indic digits
+    ("3174011505900\uff10\uff11\uff12", "ASCII digits"),  # full-width digits
+    ("0074011505900001", "province code 00"),
+    ("2074011505900001", "province code 20"),
+    ("3100011505900001", "regency/city code is 00"),
+    ("3174001505900001", "district code is 00"),
+    ("3174010005900001", "birth date"),
+    ("3174013205900001", "birth date"),   # day 32
+    ("3174017205900001", "birth date"),   # day 72 (32 + 40)
+    ("3174011513900001", "birth date"),   # month 13
+    ("3174013002900001", "birth date"),   # 30 Feb
+    ("3174012902990001", "birth date"),   # 29 Feb 1999/2099
+    ("3174011505900000", "serial"),
+])
+def test_invalid_names_the_rule(nik: str, message: str) -> None:
+    with pytest.raises(InvalidNik, match=message) as info:
+        validate_nik(nik)
+    assert nik not in str(info.value)  # never echo the number
