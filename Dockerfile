@@ -19,6 +19,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
+COPY index ./index
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install . \
  && if [ "$VARIANT" = "gpu" ]; then \
@@ -33,10 +34,14 @@ RUN /opt/venv/bin/faceverify models build --model-dir /opt/models \
 FROM base-${VARIANT}
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/models /opt/models
-RUN useradd --system --uid 10001 --no-create-home faceverify
+RUN useradd --system --uid 10001 --no-create-home faceverify \
+ && mkdir -p /var/lib/faceverify && chown 10001 /var/lib/faceverify
+# The enrolment registry and index snapshots: mount durable storage here.
+VOLUME ["/var/lib/faceverify"]
 USER 10001
 ENV PATH=/opt/venv/bin:$PATH \
     FACEVERIFY_MODEL_DIR=/opt/models \
+    FACEVERIFY_DATA_DIR=/var/lib/faceverify \
     FACEVERIFY_HOST=[::] \
     FACEVERIFY_PORT=50051
 EXPOSE 50051

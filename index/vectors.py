@@ -76,17 +76,22 @@ class IndexSpec:
         kind: ``flat`` (exact) or ``ivf`` (approximate, IVF + SQ8).
         nlist: IVF cells; trained once the gallery holds ``39 * nlist`` vectors.
         nprobe: IVF cells visited per search (recall versus speed).
+        retrain_growth: retrain the IVF cells when the gallery has grown this many
+            times beyond the size they were trained on (their centroids go stale).
     """
 
     kind: str = "flat"
     nlist: int = 1024
     nprobe: int = 32
+    retrain_growth: float = 4.0
 
     def validate(self) -> None:
         if self.kind not in ("flat", "ivf"):
             raise ConfigurationError(f"index kind {self.kind!r}: choose flat or ivf")
         if self.nlist < 1 or self.nprobe < 1:
             raise ConfigurationError("index nlist and nprobe must be >= 1")
+        if self.retrain_growth <= 1:
+            raise ConfigurationError("index retrain_growth must be > 1")
 
     @property
     def min_train(self) -> int:
@@ -106,8 +111,10 @@ class VectorIndex:
         self.spec = spec
         self.index = index if index is not None else _flat(dim)
         self.lock = ReadWriteLock()
+        self.trained_on = 0
         if isinstance(self.index, faiss.IndexIVF):
             self.index.nprobe = spec.nprobe
+            self.trained_on = int(self.index.ntotal)
 
     @property
     def trained_ivf(self) -> bool:
@@ -135,12 +142,19 @@ class VectorIndex:
             scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores, ids
 
-    def maybe_train(self, vectors: Iterator[tuple[np.ndarray, np.ndarray]]) -> bool:
-        """Switch a flat index to IVF once the gallery is large enough; True if it did.
+    def needs_training(self) -> bool:
+        if self.spec.kind != "ivf" or len(self) < self.spec.min_train:
+            return False
+        return not self.trained_ivf or len(self) >= self.spec.retrain_growth * self.trained_on
 
+    def maybe_train(self, vectors: Iterator[tuple[np.ndarray, np.ndarray]]) -> bool:
+        """Build a (re)trained IVF index from the whole gallery when due; True if it did.
+
+        Due when an ``ivf`` gallery first reaches ``min_train`` vectors, and again
+        each time it grows ``retrain_growth`` times past its last training.
         ``vectors`` yields every (ids, embeddings) of the gallery (the registry).
         """
-        if self.spec.kind != "ivf" or self.trained_ivf or len(self) < self.spec.min_train:
+        if not self.needs_training():
             return False
         batches = list(vectors)
         all_ids = np.concatenate([b[0] for b in batches])
@@ -157,6 +171,7 @@ class VectorIndex:
         ivf.nprobe = self.spec.nprobe
         with self.lock.write():
             self.index = ivf
+            self.trained_on = len(all_ids)
         return True
 
     # -- persistence ----------------------------------------------------------------------
@@ -165,9 +180,9 @@ class VectorIndex:
         """Write the snapshot atomically (temp file, fsync, rename, fsync dir), manifest last."""
         directory.mkdir(parents=True, exist_ok=True)
         with self.lock.read():
-            data = faiss.serialize_index(self.index)
+            data = faiss.serialize_index(self.index)  # uint8 array; no further copies
             count = int(self.index.ntotal)
-        blob = np.asarray(data).tobytes()
+        blob = data.data
         write_bytes_atomically(directory / SNAPSHOT, blob)
         manifest = {"model_version": model_version, "dim": self.dim, "count": count,
                     "last_seq": last_seq, "kind": "ivf" if self.trained_ivf else "flat",

@@ -33,7 +33,7 @@ def replace_atomically(path: Path, write: Callable[[str], None], mode: int = 0o6
         os.close(dir_fd)
 
 
-def write_bytes_atomically(path: Path, data: bytes) -> None:
+def write_bytes_atomically(path: Path, data: bytes | memoryview) -> None:
     def write(tmp: str) -> None:
         Path(tmp).write_bytes(data)
 

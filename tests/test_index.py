@@ -171,3 +171,18 @@ def test_read_write_lock_excludes_writers_from_readers() -> None:
     assert wrote.wait(5)
     t1.join()
     t2.join()
+
+
+def test_ivf_retrains_after_the_gallery_grows() -> None:
+    rng = np.random.default_rng(7)
+    v = unit(rng, 3000)
+    spec = IndexSpec("ivf", nlist=8, nprobe=8, retrain_growth=4.0)
+    idx = VectorIndex(DIM, spec)
+    idx.add(np.arange(400), v[:400])
+    assert idx.maybe_train(iter([(np.arange(400), v[:400])])) and idx.trained_on == 400
+    idx.add(np.arange(400, 1500), v[400:1500])
+    assert not idx.needs_training()
+    idx.add(np.arange(1500, 1600), v[1500:1600])
+    assert idx.needs_training()
+    assert idx.maybe_train(iter([(np.arange(1600), v[:1600])])) and idx.trained_on == 1600
+    assert len(idx) == 1600 and idx.search(v[1599:1600], 1)[1][0, 0] == 1599

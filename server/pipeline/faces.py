@@ -68,13 +68,16 @@ def prominence(face: DetectedFace, width: int, height: int) -> float:
     """How much a face looks like the photo's subject: visible area, favouring the centre.
 
     A face cut by the border (a neighbour at the edge of a group photo) counts
-    only its visible part; the weight falls linearly to 0.5 at the corners.
+    only its visible part, weighted by ``(1 - d)**2`` where ``d`` is its centre's
+    distance from the image centre as a fraction of the half-diagonal.  (With a
+    weaker, linear weight, 5 LFW images picked a bigger neighbour at the edge
+    over the centred subject: -0.1 point of accuracy.)
     """
     x0, y0, x1, y1 = face.box
     visible = max(0.0, min(x1, width) - max(x0, 0.0)) * max(0.0, min(y1, height) - max(y0, 0.0))
     cx, cy = (x0 + x1) / 2 - width / 2, (y0 + y1) / 2 - height / 2
     d = min(1.0, float(np.hypot(cx, cy) / np.hypot(width / 2, height / 2)))
-    return float(visible * (1.0 - 0.5 * d))
+    return float(visible * (1.0 - d) ** 2)
 
 
 def choose_subject(faces: list[DetectedFace], width: int, height: int, policy: FacePolicy,
@@ -89,14 +92,14 @@ def choose_subject(faces: list[DetectedFace], width: int, height: int, policy: F
     if not faces:
         raise NoFaceDetected(f"{field_name}: no face found; retake the photo facing the camera "
                              "in good light", image=field_name)
-    ranked = sorted(faces, key=lambda f: prominence(f, width, height), reverse=True)
-    subject = ranked[0]
-    ambiguous = len(ranked) > 1 and (prominence(ranked[1], width, height)
-                                     >= policy.ambiguity_ratio * prominence(subject, width, height))
+    scored = sorted(((prominence(f, width, height), i) for i, f in enumerate(faces)),
+                    reverse=True)
+    subject = faces[scored[0][1]]
+    ambiguous = len(scored) > 1 and scored[1][0] >= policy.ambiguity_ratio * scored[0][0]
     if refuse_ambiguous and ambiguous:
         raise MultipleFaces(f"{field_name}: {len(faces)} faces of similar size found; retake "
-                                "the photo with only the applicant in frame", image=field_name,
-                                faces=str(len(faces)))
+                            "the photo with only the applicant in frame", image=field_name,
+                            faces=str(len(faces)))
     if subject.width < policy.min_face_px:
         raise FaceTooSmall(f"{field_name}: the face is {subject.width:.0f} px wide, under the "
                            f"minimum of {policy.min_face_px:.0f} px; move closer to the camera",

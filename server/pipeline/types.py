@@ -16,7 +16,7 @@ DLIB5 = "dlib5"
 ARCFACE5 = "arcface5"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: fields are arrays
 class DetectedFace:
     """One face found in an image, in that image's pixel coordinates."""
 
