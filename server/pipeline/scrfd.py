@@ -1,9 +1,9 @@
 """An InsightFace-layout SCRFD detector with 5 keypoints (operator-supplied model).
 
-The image is scaled so its longer side is ``input_size`` and padded to a
-multiple of 32.  The model emits, per stride (8, 16, 32), scores [N, 1],
-box distances [N, 4] and keypoint offsets [N, 10] for two anchors per cell,
-all in units of the stride.
+The image is scaled so its longer side is ``input_size`` and padded to an
+``input_size`` square (the shape such models are exported with).  The model
+emits, per stride (8, 16, 32), scores [N, 1], box distances [N, 4] and
+keypoint offsets [N, 10] for two anchors per cell, all in units of the stride.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class ScrfdDetector:
         scale = self.input_size / max(h, w)
         nh, nw = max(int(round(h * scale)), 1), max(int(round(w * scale)), 1)
         resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
-        ph, pw = -(-nh // 32) * 32, -(-nw // 32) * 32
+        ph = pw = -(-self.input_size // 32) * 32
         blob = np.zeros((1, 3, ph, pw), dtype=np.float32)
         blob[0, :, :nh, :nw] = (resized.transpose(2, 0, 1).astype(np.float32) - 127.5) / 128.0
         outputs = self.session.run(None, {self.input_name: blob})
