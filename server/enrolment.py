@@ -23,6 +23,7 @@ from server.errors import EnrollmentConflict, InvalidRequest, NotEnrolled
 from server.nik import validate_nik
 from server.pipeline.faces import AnalysedFace
 from server.pipeline.loader import LoadedModels
+from server.service import analyse_both
 
 T = TypeVar("T")
 
@@ -109,10 +110,12 @@ class EnrolmentService:
         """
         validate_nik(nik)
         meta = _validate_metadata(metadata)
-        face = await self._analyse(selfie, "selfie", True)
-        ref_score = None
-        if reference:
-            ref = await self._analyse(reference, "reference", False)
+        if not reference:
+            face = await self._analyse(selfie, "selfie", True)
+            ref_score = None
+        else:
+            face, ref = await analyse_both(self._analyse(selfie, "selfie", True),
+                                           self._analyse(reference, "reference", False))
             ref_score = float(face.embedding @ ref.embedding)
             if ref_score < self.verify_threshold:
                 return EnrolResult(Outcome.REFERENCE_MISMATCH, None, [], face, ref_score)

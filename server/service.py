@@ -8,13 +8,26 @@ runs in a dedicated thread pool; the event loop only awaits.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from server.errors import InvalidRequest, RequestError
+from server.errors import InvalidRequest
 from server.pipeline.faces import AnalysedFace, Timings
 from server.pipeline.loader import LoadedModels
+
+
+async def analyse_both(selfie: Awaitable[AnalysedFace], other: Awaitable[AnalysedFace]
+                       ) -> tuple[AnalysedFace, AnalysedFace]:
+    """Analyse two images concurrently; on failure raise the selfie's error first
+    (that is the photo the applicant can retake)."""
+    a, b = await asyncio.gather(selfie, other, return_exceptions=True)
+    for r in (a, b):
+        if isinstance(r, BaseException):
+            raise r
+    assert isinstance(a, AnalysedFace) and isinstance(b, AnalysedFace)
+    return a, b
 
 
 @dataclass(frozen=True)
@@ -75,19 +88,8 @@ class VerificationService:
         if not reference:
             raise InvalidRequest("reference is required", field="reference")
         t_selfie, t_ref = Timings(), Timings()
-        results = await asyncio.gather(
-            self._analyse(selfie, "selfie", True, t_selfie),
-            self._analyse(reference, "reference", False, t_ref),
-            return_exceptions=True,
-        )
-        # Report the selfie's problem first: that is what the applicant can fix.
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        a, b = results
-        assert isinstance(a, AnalysedFace) and isinstance(b, AnalysedFace)
+        a, b = await analyse_both(self._analyse(selfie, "selfie", True, t_selfie),
+                                  self._analyse(reference, "reference", False, t_ref))
         score = float(a.embedding @ b.embedding)
         return Verification(score >= self.point.threshold, score, a, b, (t_selfie, t_ref))
 
-
-__all__ = ["OperatingPoint", "RequestError", "Verification", "VerificationService"]

@@ -16,7 +16,7 @@ from server.pipeline.faces import FacePipeline, FacePolicy
 from server.pipeline.image import ImageLimits
 from server.pipeline.mmod import load_mmod
 from server.pipeline.recognizers import ArcFace, DlibResnet
-from server.pipeline.runtime import PROVIDERS, make_session, resolve_provider
+from server.pipeline.runtime import make_session, resolve_provider
 from server.pipeline.scrfd import ScrfdDetector
 from server.pipeline.types import Detector, Recognizer
 
@@ -83,5 +83,3 @@ def warm_up(models: LoadedModels) -> None:
     size = getattr(pipe.recognizer, "chip_size", 112)
     pipe.recognizer.embed(np.zeros((1, size, size, 3), dtype=np.uint8))
 
-
-__all__ = ["PROVIDERS", "LoadedModels", "load_models", "warm_up"]
