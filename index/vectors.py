@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,8 @@ import numpy as np
 
 from server.durable import write_bytes_atomically
 from server.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT = "index.faiss"
 SNAPSHOT_MANIFEST = "index.json"
@@ -203,8 +206,14 @@ class VectorIndex:
             blob = (directory / SNAPSHOT).read_bytes()
         except (OSError, ValueError):
             return None
-        if (manifest.get("model_version") != model_version or manifest.get("dim") != dim
-                or hashlib.sha256(blob).hexdigest() != manifest.get("sha256")):
+        if manifest.get("model_version") != model_version or manifest.get("dim") != dim:
+            log.warning("index snapshot in %s was built with model %r (dimension %s), not %r "
+                        "(dimension %d): ignoring it", directory, manifest.get("model_version"),
+                        manifest.get("dim"), model_version, dim)
+            return None
+        if hashlib.sha256(blob).hexdigest() != manifest.get("sha256"):
+            log.warning("index snapshot in %s is corrupt (checksum mismatch): ignoring it",
+                        directory)
             return None
         if manifest.get("kind") == "ivf" and spec.kind != "ivf":
             return None
