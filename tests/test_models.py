@@ -99,3 +99,11 @@ def test_gpu_requested_but_unavailable_is_an_error() -> None:
     with pytest.raises(ConfigurationError, match="CUDAExecutionProvider is not available"):
         resolve_provider("cuda")
     assert resolve_provider("auto") == "cpu"
+
+
+def test_build_installs_the_shipped_calibration(dlib_model_dir: Path) -> None:
+    manifest = read_manifest(dlib_model_dir)
+    cal = json.loads((dlib_model_dir / CALIBRATION).read_text())
+    assert cal["model_version"] == manifest["model_version"] + "+flip"
+    assert cal["dataset"] == "lfw-dev" and cal["impostor_pairs"] > 10_000_000
+    assert [p["fmr"] for p in cal["points"]] == [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]
