@@ -17,46 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.lfw import default_lfw_dir
+from benchmarks.serverproc import free_port, start_server, wait_serving
 from server.client import CallError, FaceVerifyClient
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(model_dir: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "FACEVERIFY_MODEL_DIR": str(model_dir),
-           "FACEVERIFY_DATA_DIR": str(data_dir), "FACEVERIFY_PROVIDER": "cpu",
-           "FACEVERIFY_SNAPSHOT_EVERY": "7", "FACEVERIFY_LOG_LEVEL": "WARNING"}
-    return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env)
-
-
-def wait_serving(target: str, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while True:
-        out = subprocess.run([sys.executable, "-m", "server.cli", "health", "--target", target,
-                              "--timeout", "2"], capture_output=True, text=True)
-        if out.returncode == 0:
-            return
-        if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"server did not become SERVING: {out.stdout} {out.stderr}")
-        time.sleep(0.3)
+# Frequent snapshots, so kills also land between snapshot and replay.
+SERVER_ENV = {"FACEVERIFY_SNAPSHOT_EVERY": "7", "FACEVERIFY_LOG_LEVEL": "WARNING"}
 
 
 def nik_for(person: int, copy: int) -> str:
@@ -139,7 +114,7 @@ def crash_test(model_dir: Path, lfw: Path, data_dir: Path, rounds: int, people_p
     for rnd in range(rounds):
         port = free_port()
         target = f"127.0.0.1:{port}"
-        proc = start_server(model_dir, data_dir, port)
+        proc = start_server(model_dir, data_dir, port, **SERVER_ENV)
         wait_serving(target, proc)
         people = range(rnd * people_per_round, (rnd + 1) * people_per_round)
         jobs = []
@@ -150,7 +125,7 @@ def crash_test(model_dir: Path, lfw: Path, data_dir: Path, rounds: int, people_p
         result = run_round(target, jobs, kill_after=rng.uniform(1.0, 4.0), proc=proc)
         acknowledged |= set(result.acknowledged)
         all_jobs += jobs
-        proc = start_server(model_dir, data_dir, port)
+        proc = start_server(model_dir, data_dir, port, **SERVER_ENV)
         try:
             wait_serving(target, proc)
             state = check(target, all_jobs, acknowledged)

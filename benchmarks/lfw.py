@@ -31,7 +31,7 @@ import numpy as np
 from server.errors import FaceVerifyError
 from server.pipeline.faces import FacePolicy
 from server.pipeline.image import ImageLimits
-from server.pipeline.loader import load_models
+from server.pipeline.loader import LoadedModels, load_models
 
 Key = tuple[str, int]
 
@@ -102,8 +102,10 @@ class Embedder:
     """
 
     def __init__(self, model_dir: Path, lfw: Path,
-                 transform: Callable[[bytes, Key], bytes] | None = None) -> None:
-        self.models = load_models(model_dir, "cpu", 0, ImageLimits(), FacePolicy(min_face_px=0))
+                 transform: Callable[[bytes, Key], bytes] | None = None,
+                 models: LoadedModels | None = None) -> None:
+        self.models = models or load_models(model_dir, "cpu", 0, ImageLimits(),
+                                            FacePolicy(min_face_px=0))
         self.lfw = lfw
         self.transform = transform
         self.cache: dict[Key, np.ndarray | None] = {}
@@ -211,8 +213,7 @@ def evaluate(model_dir: Path, lfw: Path, max_pairs: int | None, idcard: bool) ->
     if idcard:
         from benchmarks.idcard import id_card_like
 
-        ids = Embedder(model_dir, lfw, transform=id_card_like)
-        ids.models = clean.models
+        ids = Embedder(model_dir, lfw, transform=id_card_like, models=clean.models)
         gs = np.concatenate([scores_for([p for p in f if p.same], clean, ids) for f in folds])
         tmr_id, t_id = tmr_at_fmr(gs, impostor_scores(clean, ids), 1e-3)
         report["selfie_vs_id_like"] = {

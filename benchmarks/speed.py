@@ -12,15 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.lfw import default_lfw_dir, image_path, read_pairs
+from benchmarks.serverproc import free_port, start_server, wait_serving
 from server.client import FaceVerifyClient
 from server.pipeline.faces import STAGES, FacePolicy, Timings
 from server.pipeline.image import ImageLimits
@@ -53,38 +53,30 @@ def stage_latency(model_dir: Path, images: list[bytes], threads: int) -> dict[st
             "image_total": percentiles(total)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def verify_latency(model_dir: Path, pairs: list[tuple[bytes, bytes]]) -> dict[str, object]:
     port = free_port()
-    env = {**os.environ, "FACEVERIFY_MODEL_DIR": str(model_dir), "FACEVERIFY_PROVIDER": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stderr=subprocess.DEVNULL)
-    try:
-        target = f"127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while subprocess.run([sys.executable, "-m", "server.cli", "health", "--target", target,
-                              "--timeout", "2"], capture_output=True).returncode != 0:
-            if time.time() > deadline or proc.poll() is not None:
-                raise RuntimeError("server did not become SERVING")
-            time.sleep(0.5)
-        with FaceVerifyClient(target) as client:
-            for a, b in pairs[:5]:
-                client.verify(a, b)
-            lat = []
-            for a, b in pairs:
-                start = time.perf_counter()
-                client.verify(a, b)
-                lat.append(time.perf_counter() - start)
-        return {"calls": len(lat), **percentiles(lat),
-                "verifications_per_s": round(len(lat) / sum(lat), 2)}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    target = f"127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as data_dir:
+        proc = start_server(model_dir, Path(data_dir), port, FACEVERIFY_LOG_LEVEL="WARNING")
+        try:
+            wait_serving(target, proc)
+            return _time_verify(target, pairs)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _time_verify(target: str, pairs: list[tuple[bytes, bytes]]) -> dict[str, object]:
+    with FaceVerifyClient(target) as client:
+        for a, b in pairs[:5]:
+            client.verify(a, b)
+        lat = []
+        for a, b in pairs:
+            start = time.perf_counter()
+            client.verify(a, b)
+            lat.append(time.perf_counter() - start)
+    return {"calls": len(lat), **percentiles(lat),
+            "verifications_per_s": round(len(lat) / sum(lat), 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
