@@ -271,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     except FaceVerifyError as exc:
         print(f"faceverify: {exc}", file=sys.stderr)
         return 2
+    except FileNotFoundError as exc:
+        print(f"faceverify: no such file: {exc.filename}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into e.g. `head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         return 130
 

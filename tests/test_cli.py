@@ -87,3 +87,9 @@ def test_cli_enroll_search_get_delete(server: ServerThread, lfw_dir: Path) -> No
     assert json.loads(_faceverify("delete", "3174011505900901", *t).stdout)["deleted"] is True
     gone = _faceverify("get", "3174011505900901", *t)
     assert gone.returncode == 1 and json.loads(gone.stdout)["error"]["reason"] == "NOT_ENROLLED"
+
+
+def test_cli_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    out = _faceverify("verify", str(tmp_path / "nope.jpg"), str(tmp_path / "also.jpg"))
+    assert out.returncode == 2
+    assert "no such file" in out.stderr and "Traceback" not in out.stderr
