@@ -19,12 +19,15 @@ from grpc_health.v1.health import aio as health
 from grpc_reflection.v1alpha import reflection
 
 from index.gallery import Gallery
+from server import __version__
 from server.calibrate import operating_point
 from server.config import Settings
 from server.enrolment import DuplicatePolicy, EnrolmentService
 from server.errors import ConfigurationError
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
+from server.inference import InferenceEngine
+from server.metrics import Metrics, MetricsServer
 from server.models.manifest import read_calibration
 from server.pipeline.loader import load_models, warm_up
 from server.requests import ErrorInterceptor
@@ -43,6 +46,8 @@ class Services:
     verification: VerificationService
     enrolment: EnrolmentService
     gallery: Gallery
+    engine: InferenceEngine
+    metrics: Metrics
 
 
 @dataclass
@@ -54,6 +59,7 @@ class RunningServer:
     executors: tuple[ThreadPoolExecutor, ...]
     port: int
     services: Services
+    metrics_server: MetricsServer | None = None
 
     @property
     def service(self) -> VerificationService:
@@ -64,20 +70,32 @@ class RunningServer:
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+        self.services.metrics.serving.set(1 if serving else 0)
 
     async def stop(self, grace: float) -> None:
         """Refuse new calls, drain in-flight ones for up to ``grace`` seconds, persist."""
         await self.set_serving(False)
         await self.server.stop(grace)
+        await self.services.engine.close()
         for pool in self.executors:
             pool.shutdown(wait=True)
         self.services.gallery.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
 
 
-def build_services(settings: Settings, executor: ThreadPoolExecutor,
-                   index_executor: ThreadPoolExecutor) -> Services:
+def make_pools(settings: Settings) -> tuple[ThreadPoolExecutor, ...]:
+    """The thread pools: per-image work, model calls, index operations."""
+    return (ThreadPoolExecutor(settings.workers, thread_name_prefix="image"),
+            ThreadPoolExecutor(2 * settings.batch_concurrency, thread_name_prefix="model"),
+            ThreadPoolExecutor(settings.index_threads, thread_name_prefix="index"))
+
+
+def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
+                   metrics: Metrics) -> Services:
     """Load, verify and warm the models, open the gallery; raises StartupError naming
     any problem."""
+    image_pool, model_pool, index_pool = pools
     models = load_models(settings.model_dir, settings.provider, settings.intra_op_threads,
                          settings.limits, settings.policy, settings.detector_max_side,
                          settings.flip)
@@ -85,35 +103,44 @@ def build_services(settings: Settings, executor: ThreadPoolExecutor,
     point = OperatingPoint.from_calibration(calibration,
                                             operating_point(calibration, settings.decision_fmr))
     dedup = operating_point(calibration, settings.dedup_fmr)
-    warm_up(models)
+    warm_up(models, settings.detect_max_batch, settings.embed_max_batch)
     log.info("decision threshold %.4f for FMR %g, duplicate threshold %.4f for FMR %g "
              "(calibrated on %s)", point.threshold, point.fmr, dedup["threshold"],
              settings.dedup_fmr, point.dataset)
     gallery = Gallery(settings.data_dir, models.model_version, models.pipeline.dim,
                       settings.index, settings.snapshot_every)
-    enrolment = EnrolmentService(models, gallery, executor, index_executor, point.threshold,
+    engine = InferenceEngine(models.pipeline, image_pool, model_pool, settings.engine_limits,
+                             metrics)
+    enrolment = EnrolmentService(models, gallery, engine, index_pool, point.threshold,
                                  float(dedup["threshold"]),
-                                 DuplicatePolicy(settings.duplicate_policy))
-    return Services(VerificationService(models, point, executor), enrolment, gallery)
+                                 DuplicatePolicy(settings.duplicate_policy), metrics)
+    metrics.build.info({"version": __version__, "model_version": models.model_version,
+                        "provider": models.provider,
+                        "detector": models.pipeline.detector.name,
+                        "recognizer": models.pipeline.recognizer.name})
+    metrics.track_index(lambda: len(gallery), lambda: 1.0 if gallery.in_sync() else 0.0)
+    return Services(VerificationService(models, point, engine, metrics), enrolment, gallery,
+                    engine, metrics)
 
 
 async def start(settings: Settings) -> RunningServer:
     """Build everything, bind the port and report SERVING once the index agrees
     with the registry."""
-    executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="infer")
-    index_executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="index")
+    pools = make_pools(settings)
+    metrics = Metrics()
     try:
-        services = build_services(settings, executor, index_executor)
+        services = build_services(settings, pools, metrics)
     except BaseException:
-        executor.shutdown(wait=False)
-        index_executor.shutdown(wait=False)
+        for pool in pools:
+            pool.shutdown(wait=False)
         raise
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        interceptors=[ErrorInterceptor(metrics)],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", 2 * settings.limits.max_bytes + 65536),
-            ("grpc.so_reuseport", 0),
+            # Several processes may share the port only when asked to.
+            ("grpc.so_reuseport", 1 if settings.processes > 1 else 0),
         ],
     )
     pb_grpc.add_FaceVerificationServicer_to_server(  # type: ignore[no-untyped-call]
@@ -123,12 +150,15 @@ async def start(settings: Settings) -> RunningServer:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    running = RunningServer(server, health_servicer, (executor, index_executor), 0, services)
+    running = RunningServer(server, health_servicer, pools, 0, services)
     try:
         running.port = server.add_insecure_port(settings.address)
-    except RuntimeError as exc:
+        if settings.metrics_port is not None:
+            running.metrics_server = MetricsServer(metrics, settings.metrics_port)
+    except (RuntimeError, OSError) as exc:
         await running.stop(0)
-        raise ConfigurationError(f"cannot listen on {settings.address}: {exc}") from exc
+        raise ConfigurationError(f"cannot listen on {settings.address} (metrics port "
+                                 f"{settings.metrics_port}): {exc}") from exc
     await running.set_serving(False)
     await server.start()
     # Serve only once the derived index holds exactly what the registry holds.
@@ -136,8 +166,10 @@ async def start(settings: Settings) -> RunningServer:
     if not in_sync:
         log.error("the index does not agree with the registry: health stays NOT_SERVING")
     await running.set_serving(in_sync)
-    log.info("serving %s on port %d with %s; gallery of %d", SERVICE_NAME, running.port,
-             services.verification.models.provider, len(services.gallery))
+    log.info("serving %s on port %d with %s; gallery of %d%s", SERVICE_NAME, running.port,
+             services.verification.models.provider, len(services.gallery),
+             "" if running.metrics_server is None
+             else f"; metrics on port {running.metrics_server.port}")
     return running
 
 

@@ -40,6 +40,13 @@ def _settings(args: argparse.Namespace) -> Settings:
         "model_dir": getattr(args, "model_dir", None),
         "provider": getattr(args, "provider", None),
         "workers": getattr(args, "workers", None),
+        "batch_concurrency": getattr(args, "batch_concurrency", None),
+        "detect_max_batch": getattr(args, "detect_max_batch", None),
+        "embed_max_batch": getattr(args, "embed_max_batch", None),
+        "batch_wait_ms": getattr(args, "batch_wait_ms", None),
+        "max_queue": getattr(args, "max_queue", None),
+        "metrics_port": getattr(args, "metrics_port", None),
+        "processes": getattr(args, "processes", None),
         "intra_op_threads": getattr(args, "intra_op_threads", None),
         "decision_fmr": getattr(args, "decision_fmr", None),
         "data_dir": getattr(args, "data_dir", None),
@@ -192,7 +199,25 @@ def parser() -> argparse.ArgumentParser:
     _server_flags(s)
     s.add_argument("--host", help="listen address (FACEVERIFY_HOST; default [::])")
     s.add_argument("--port", type=int, help="gRPC port (FACEVERIFY_PORT; default 50051)")
-    s.add_argument("--workers", type=int, help="inference threads (FACEVERIFY_WORKERS)")
+    s.add_argument("--workers", type=int,
+                   help="threads for per-image work: decoding, landmarks, alignment "
+                   "(FACEVERIFY_WORKERS; default 2)")
+    s.add_argument("--batch-concurrency", type=int,
+                   help="model calls running at once, per model (FACEVERIFY_BATCH_CONCURRENCY)")
+    s.add_argument("--detect-max-batch", type=int,
+                   help="most images per detector call (FACEVERIFY_DETECT_MAX_BATCH; default 8)")
+    s.add_argument("--embed-max-batch", type=int,
+                   help="most faces per recognizer call (FACEVERIFY_EMBED_MAX_BATCH; default 32)")
+    s.add_argument("--batch-wait-ms", type=float,
+                   help="wait for a batch to fill (FACEVERIFY_BATCH_WAIT_MS; default 2)")
+    s.add_argument("--max-queue", type=int,
+                   help="inputs waiting per model before RESOURCE_EXHAUSTED "
+                   "(FACEVERIFY_MAX_QUEUE; default 128)")
+    s.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on this HTTP port (FACEVERIFY_METRICS_PORT)")
+    s.add_argument("--processes", type=int,
+                   help="server processes sharing the port with SO_REUSEPORT "
+                   "(FACEVERIFY_PROCESSES; default 1)")
     s.add_argument("--intra-op-threads", type=int,
                    help="onnxruntime threads per call (FACEVERIFY_INTRA_OP_THREADS)")
     s.add_argument("--decision-fmr", type=float,

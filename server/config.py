@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from index.vectors import IndexSpec
+from server.batching import BatchLimits
 from server.errors import ConfigurationError
+from server.inference import EngineLimits
 from server.pipeline.faces import FacePolicy
 from server.pipeline.image import ImageLimits
 
@@ -45,7 +47,19 @@ class Settings:
         model_dir: a directory built by ``faceverify models build``.
         provider: ``auto``, ``cpu``, ``cuda`` or ``tensorrt`` (see runtime.PROVIDERS).
         intra_op_threads: onnxruntime threads per model call (0 = onnxruntime default).
-        workers: threads running decode and inference, i.e. images analysed at once.
+        workers: threads for per-image work (decoding, detector input, landmarks,
+            alignment).
+        batch_concurrency: model calls (batches) running at once, per model.
+        detect_max_batch, embed_max_batch: most images (faces) in one detector
+            (recognizer) call.
+        batch_wait_ms: how long a model waits, after its first queued input, for
+            more to fill a batch.
+        max_queue: inputs allowed to wait per model; beyond it calls are refused
+            with RESOURCE_EXHAUSTED (load shedding).
+        index_threads: threads for FAISS searches and registry writes.
+        metrics_port: serve Prometheus metrics over HTTP on this port (None: off).
+        processes: server processes sharing the port (SO_REUSEPORT); each gets
+            ``metrics_port + i``.
         decision_fmr: the calibrated false-match rate whose threshold decides a match.
         flip: average each face's embedding with its mirror image's (more accurate,
             twice the recognizer work; calibrations are tied to this choice).
@@ -66,6 +80,14 @@ class Settings:
     provider: str = "auto"
     intra_op_threads: int = 1
     workers: int = 2
+    batch_concurrency: int = 2
+    detect_max_batch: int = 8
+    embed_max_batch: int = 32
+    batch_wait_ms: float = 2.0
+    max_queue: int = 128
+    index_threads: int = 2
+    metrics_port: int | None = None
+    processes: int = 1
     decision_fmr: float = 1e-3
     flip: bool = True
     detector_max_side: int = 800
@@ -84,6 +106,15 @@ class Settings:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def engine_limits(self) -> EngineLimits:
+        wait = self.batch_wait_ms / 1000.0
+        return EngineLimits(
+            detect=BatchLimits(self.detect_max_batch, wait, self.max_queue,
+                               self.batch_concurrency),
+            embed=BatchLimits(self.embed_max_batch, wait, self.max_queue,
+                              self.batch_concurrency))
+
 
 # Environment variable -> (settings path, type).  Nested paths use a dot.
 ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -93,6 +124,14 @@ ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "FACEVERIFY_PROVIDER": ("provider", str),
     "FACEVERIFY_INTRA_OP_THREADS": ("intra_op_threads", int),
     "FACEVERIFY_WORKERS": ("workers", int),
+    "FACEVERIFY_BATCH_CONCURRENCY": ("batch_concurrency", int),
+    "FACEVERIFY_DETECT_MAX_BATCH": ("detect_max_batch", int),
+    "FACEVERIFY_EMBED_MAX_BATCH": ("embed_max_batch", int),
+    "FACEVERIFY_BATCH_WAIT_MS": ("batch_wait_ms", float),
+    "FACEVERIFY_MAX_QUEUE": ("max_queue", int),
+    "FACEVERIFY_INDEX_THREADS": ("index_threads", int),
+    "FACEVERIFY_METRICS_PORT": ("metrics_port", int),
+    "FACEVERIFY_PROCESSES": ("processes", int),
     "FACEVERIFY_DECISION_FMR": ("decision_fmr", float),
     "FACEVERIFY_FLIP": ("flip", _boolean),
     "FACEVERIFY_DETECTOR_MAX_SIDE": ("detector_max_side", int),
@@ -149,6 +188,16 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError(f"port {s.port} is out of range")
     if s.workers < 1 or s.intra_op_threads < 0:
         raise ConfigurationError("workers must be >= 1 and intra_op_threads >= 0")
+    for name in ("batch_concurrency", "detect_max_batch", "embed_max_batch", "max_queue",
+                 "index_threads", "processes"):
+        if getattr(s, name) < 1:
+            raise ConfigurationError(f"{name} must be >= 1")
+    if s.batch_wait_ms < 0:
+        raise ConfigurationError("batch_wait_ms must be >= 0")
+    if s.metrics_port is not None and not 0 <= s.metrics_port < 65536:
+        raise ConfigurationError(f"metrics port {s.metrics_port} is out of range")
+    if s.processes > 1 and s.port == 0:
+        raise ConfigurationError("several processes need a fixed port to share")
     if not 0 < s.decision_fmr < 1:
         raise ConfigurationError(f"decision_fmr {s.decision_fmr} must be between 0 and 1")
     if s.limits.max_bytes <= 0 or s.limits.max_pixels <= 0:

@@ -20,8 +20,10 @@ import numpy as np
 from index.gallery import Gallery, Match
 from index.registry import Enrollment
 from server.errors import EnrollmentConflict, InvalidRequest, NotEnrolled
+from server.inference import InferenceEngine
+from server.metrics import Metrics
 from server.nik import validate_nik
-from server.pipeline.faces import AnalysedFace
+from server.pipeline.faces import AnalysedFace, Timings
 from server.pipeline.loader import LoadedModels
 from server.service import analyse_both
 
@@ -79,26 +81,30 @@ class EnrolmentService:
         candidates_k: how many gallery neighbours to examine.
     """
 
-    def __init__(self, models: LoadedModels, gallery: Gallery, executor: ThreadPoolExecutor,
+    def __init__(self, models: LoadedModels, gallery: Gallery, engine: InferenceEngine,
                  index_executor: ThreadPoolExecutor, verify_threshold: float,
-                 dedup_threshold: float, policy: DuplicatePolicy, candidates_k: int = 10) -> None:
+                 dedup_threshold: float, policy: DuplicatePolicy, metrics: Metrics,
+                 candidates_k: int = 10) -> None:
         self.models = models
+        self.metrics = metrics
         self.gallery = gallery
-        self.executor = executor
+        self.engine = engine
         self.index_executor = index_executor
         self.verify_threshold = verify_threshold
         self.dedup_threshold = dedup_threshold
         self.policy = policy
         self.candidates_k = candidates_k
 
-    async def _in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+    async def _index(self, stage: str, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn`` in the index pool, timed as ``stage``."""
+        with self.metrics.stage.labels(stage).time():
+            return await asyncio.get_running_loop().run_in_executor(self.index_executor, fn,
+                                                                    *args)
 
     async def _analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool) -> AnalysedFace:
         if not data:
             raise InvalidRequest(f"{field_name} is required", field=field_name)
-        return await self._in(self.executor, self.models.pipeline.analyse, data, field_name,
-                              refuse_ambiguous)
+        return await self.engine.analyse(data, field_name, refuse_ambiguous, Timings())
 
     async def enroll(self, nik: str, selfie: bytes, reference: bytes | None,
                      metadata: dict[str, str]) -> EnrolResult:
@@ -118,10 +124,11 @@ class EnrolmentService:
                                            self._analyse(reference, "reference", False))
             ref_score = float(face.embedding @ ref.embedding)
             if ref_score < self.verify_threshold:
+                self.metrics.outcomes.labels("Enroll", "reference_mismatch").inc()
                 return EnrolResult(Outcome.REFERENCE_MISMATCH, None, [], face, ref_score)
-        result = await self._in(self.index_executor, self._check_and_insert, nik,
-                                face.embedding, meta)
-        outcome, enrollment, candidates = result
+        outcome, enrollment, candidates = await self._index(
+            "index_write", self._check_and_insert, nik, face.embedding, meta)
+        self.metrics.outcomes.labels("Enroll", outcome.name.lower()).inc()
         return EnrolResult(outcome, enrollment, candidates, face, ref_score)
 
     def _check_and_insert(self, nik: str, embedding: np.ndarray, meta: dict[str, str]
@@ -147,19 +154,19 @@ class EnrolmentService:
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidRequest(f"top_k must be between 1 and {MAX_TOP_K}", field="top_k")
         face = await self._analyse(image, "image", True)
-        matches = await self._in(self.index_executor, self.gallery.search, face.embedding, top_k)
+        matches = await self._index("index_search", self.gallery.search, face.embedding, top_k)
         return face, matches
 
     async def get(self, nik: str) -> Enrollment:
         validate_nik(nik)
-        e = await self._in(self.index_executor, self.gallery.get, nik)
+        e = await self._index("index_search", self.gallery.get, nik)
         if e is None:
             raise NotEnrolled("no enrolment for this NIK")
         return e
 
     async def delete(self, nik: str) -> Enrollment:
         validate_nik(nik)
-        e = await self._in(self.index_executor, self.gallery.remove, nik)
+        e = await self._index("index_write", self.gallery.remove, nik)
         if e is None:
             raise NotEnrolled("no enrolment for this NIK")
         return e

@@ -116,6 +116,20 @@ class InvalidRequest(RequestError):
     reason = "INVALID_REQUEST"
 
 
+class Overloaded(RequestError):
+    """The server's inference queue is full: retry with backoff, or elsewhere."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "OVERLOADED"
+
+
+class QueueTimeout(RequestError):
+    """The call's deadline passed while it waited for inference."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXPIRED_IN_QUEUE"
+
+
 class InternalError(RequestError):
     """An unexpected failure; details are in the server log under the request id."""
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,7 +17,9 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from server.batching import deadline_var
 from server.errors import DOMAIN, InternalError, InvalidRequest, RequestError
+from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +61,17 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Assigns request ids and maps exceptions to statuses for unary RPCs.
+    """Assigns request ids, maps exceptions to statuses and counts unary RPCs.
 
     ``RequestError`` -> its code and reason.  Anything else -> ``INTERNAL``
     with a generic message; the stack trace is logged under the request id.
+    Every call of this service is counted by method and status code and timed;
+    its deadline, if any, is published in :data:`server.batching.deadline_var`
+    so that work queued for it is dropped once nobody waits for the answer.
     """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
 
     async def intercept_service(
         self,
@@ -74,28 +84,53 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         inner: Handler = handler.unary_unary
         method = handler_call_details.method
+        name = method.rsplit("/", 1)[-1]
+        latency = self.metrics.latency.labels(name)
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             token = request_id_var.set("-")
+            remaining = context.time_remaining()
+            deadline = deadline_var.set(None if remaining is None
+                                        else time.monotonic() + remaining)
+            start = time.perf_counter()
+            self.metrics.in_flight.inc()
+
+            def answered(code: grpc.StatusCode) -> None:
+                # Counted before the status is sent, so a caller that then
+                # scrapes the metrics sees its own call.
+                self.metrics.in_flight.dec()
+                self.metrics.requests.labels(name, code.name).inc()
+                latency.observe(time.perf_counter() - start)
+
             try:
                 try:
                     rid = _request_id(request, context)
                 except InvalidRequest as exc:
                     status = status_for(exc, "-")
+                    answered(exc.code)
                     await context.abort(status.code, status.details, status.trailing_metadata)
                 request_id_var.set(rid)
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
                 try:
-                    return await inner(request, context)
+                    response = await inner(request, context)
                 except RequestError as exc:
-                    status = status_for(exc, rid)
+                    status, code = status_for(exc, rid), exc.code
+                except asyncio.CancelledError:
+                    answered(grpc.StatusCode.CANCELLED)
+                    raise
                 except Exception:
                     log.exception("unhandled error in %s", method)
                     status = status_for(InternalError("internal error; quote the request id "
                                                       "to the operator"), rid)
+                    code = grpc.StatusCode.INTERNAL
+                else:
+                    answered(grpc.StatusCode.OK)
+                    return response
+                answered(code)
                 await context.abort(status.code, status.details,
                                     (*status.trailing_metadata, (REQUEST_ID_HEADER, rid)))
             finally:
+                deadline_var.reset(deadline)
                 request_id_var.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(

@@ -1,19 +1,20 @@
 """The transport-independent core: verification decisions over the face pipeline.
 
 gRPC lives in :mod:`server.servicer`; this module knows nothing of it, so it
-can be tested and benchmarked directly.  Blocking work (decoding, inference)
-runs in a dedicated thread pool; the event loop only awaits.
+can be tested and benchmarked directly.  Blocking work runs in the
+:class:`~server.inference.InferenceEngine`'s thread pools; the event loop only awaits.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from server.errors import InvalidRequest
+from server.inference import InferenceEngine
+from server.metrics import Metrics
 from server.pipeline.faces import AnalysedFace, Timings
 from server.pipeline.loader import LoadedModels
 
@@ -60,20 +61,15 @@ class VerificationService:
     """1:1 verification of a selfie against a reference photo."""
 
     def __init__(self, models: LoadedModels, point: OperatingPoint,
-                 executor: ThreadPoolExecutor) -> None:
+                 engine: InferenceEngine, metrics: Metrics) -> None:
         self.models = models
+        self.metrics = metrics
         self.point = point
-        self.executor = executor
+        self.engine = engine
 
     @property
     def model_version(self) -> str:
         return self.models.model_version
-
-    async def _analyse(self, data: bytes, field: str, refuse_ambiguous: bool,
-                       timings: Timings) -> AnalysedFace:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.models.pipeline.analyse, data,
-                                          field, refuse_ambiguous, timings)
 
     async def verify(self, selfie: bytes, reference: bytes) -> Verification:
         """Compare the selfie's face with the reference photo's.
@@ -88,8 +84,10 @@ class VerificationService:
         if not reference:
             raise InvalidRequest("reference is required", field="reference")
         t_selfie, t_ref = Timings(), Timings()
-        a, b = await analyse_both(self._analyse(selfie, "selfie", True, t_selfie),
-                                  self._analyse(reference, "reference", False, t_ref))
+        a, b = await analyse_both(self.engine.analyse(selfie, "selfie", True, t_selfie),
+                                  self.engine.analyse(reference, "reference", False, t_ref))
         score = float(a.embedding @ b.embedding)
-        return Verification(score >= self.point.threshold, score, a, b, (t_selfie, t_ref))
+        match = score >= self.point.threshold
+        self.metrics.outcomes.labels("Verify", "match" if match else "no_match").inc()
+        return Verification(match, score, a, b, (t_selfie, t_ref))
 

@@ -17,7 +17,7 @@ import numpy as np
 from server.errors import ConfigurationError, FaceTooSmall, MultipleFaces, NoFaceDetected
 from server.pipeline.image import ImageLimits, decode_image
 from server.pipeline.quality import Quality, measure
-from server.pipeline.types import DetectedFace, Detector, Recognizer
+from server.pipeline.types import DetectedFace, Detector, Recognizer, detect
 
 STAGES = ("decode", "detect", "align", "embed")
 
@@ -130,26 +130,42 @@ class FacePipeline:
     def dim(self) -> int:
         return self.recognizer.dim
 
+    def decode(self, data: bytes, field_name: str) -> np.ndarray:
+        """The image as (H, W, 3) uint8 RGB (see :func:`decode_image`)."""
+        return decode_image(data, self.limits, field_name)
+
+    def subject_chip(self, image: np.ndarray, faces: list[DetectedFace], field_name: str,
+                     refuse_ambiguous: bool) -> tuple[DetectedFace, bool, np.ndarray, Quality]:
+        """Choose the subject (raising its per-image errors), align it, measure it.
+
+        Returns:
+            The subject, whether it is ambiguous, its aligned chip and its quality.
+        """
+        h, w = image.shape[:2]
+        subject, ambiguous = choose_subject(faces, w, h, self.policy, refuse_ambiguous,
+                                            field_name)
+        chip = self.recognizer.align(image, subject)
+        return subject, ambiguous, chip, measure(subject, chip)
+
     def analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool,
                 timings: Timings | None = None) -> AnalysedFace:
-        """Run the whole pipeline on one encoded image (see :func:`choose_subject`)."""
+        """Run the whole pipeline, unbatched, on one encoded image (see
+        :func:`choose_subject` for the per-image errors)."""
         t = timings or Timings()
         with t.stage("decode"):
-            image = decode_image(data, self.limits, field_name)
+            image = self.decode(data, field_name)
         return self.analyse_array(image, field_name, refuse_ambiguous, t)
 
     def analyse_array(self, image: np.ndarray, field_name: str, refuse_ambiguous: bool,
                       timings: Timings | None = None) -> AnalysedFace:
         """As :meth:`analyse`, from a decoded (H, W, 3) uint8 RGB image."""
         t = timings or Timings()
-        h, w = image.shape[:2]
         with t.stage("detect"):
-            faces = self.detector.detect(image)
-        subject, ambiguous = choose_subject(faces, w, h, self.policy, refuse_ambiguous,
-                                            field_name)
+            faces = detect(self.detector, image)
         with t.stage("align"):
-            chip = self.recognizer.align(image, subject)
-            quality = measure(subject, chip)
+            subject, ambiguous, chip, quality = self.subject_chip(image, faces, field_name,
+                                                                  refuse_ambiguous)
         with t.stage("embed"):
             embedding = self.recognizer.embed(chip[None])[0]
+        h, w = image.shape[:2]
         return AnalysedFace(subject, quality, embedding, len(faces), ambiguous, (w, h))

@@ -18,7 +18,7 @@ from server.pipeline.mmod import load_mmod
 from server.pipeline.recognizers import ArcFace, DlibResnet
 from server.pipeline.runtime import make_session, resolve_provider
 from server.pipeline.scrfd import ScrfdDetector
-from server.pipeline.types import Detector, Recognizer
+from server.pipeline.types import Detector, Recognizer, detect
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,23 @@ def load_models(model_dir: Path, provider: str, intra_op_threads: int, limits: I
     return LoadedModels(pipeline, manifest, used, flip)
 
 
-def warm_up(models: LoadedModels) -> None:
-    """Run every model once so the first request pays no initialisation cost."""
+def warm_up(models: LoadedModels, detect_batch: int = 1, embed_batch: int = 1) -> None:
+    """Run every model once; on a GPU provider, at every power-of-two batch size up to
+    the maxima too, since those plan (and TensorRT builds engines) per input shape.
+    No request then pays for initialisation."""
     pipe = models.pipeline
-    pipe.detector.detect(np.full((256, 256, 3), 128, dtype=np.uint8))
+    image = np.full((256, 256, 3), 128, dtype=np.uint8)
+    detect(pipe.detector, image)
     size = getattr(pipe.recognizer, "chip_size", 112)
     pipe.recognizer.embed(np.zeros((1, size, size, 3), dtype=np.uint8))
-
+    if models.provider == "CPUExecutionProvider":
+        return
+    prepared = pipe.detector.prepare(image, 0)
+    assert prepared is not None  # every detector has a first scan
+    n = 2
+    while n <= max(detect_batch, embed_batch):
+        if n <= detect_batch:
+            pipe.detector.infer([prepared.tensor] * n)
+        if n <= embed_batch:
+            pipe.recognizer.embed(np.zeros((n, size, size, 3), dtype=np.uint8))
+        n *= 2

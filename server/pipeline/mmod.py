@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from server.pipeline.geometry import nms
 from server.pipeline.landmarks import ShapePredictor
-from server.pipeline.types import DLIB5, DetectedFace
+from server.pipeline.types import DLIB5, DetectedFace, DetectorInput
 
 MEAN_RGB = np.array([122.782, 117.001, 104.298], dtype=np.float32)
 WINDOW = 80
@@ -97,22 +97,53 @@ class MmodDetector:
         self.max_side = max_side
         self.upsample_small = upsample_small
 
-    def _scan(self, image: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes (in ``image`` coordinates) and scores of windows above threshold."""
+    def prepare(self, image: np.ndarray, attempt: int) -> DetectorInput | None:
+        """Scan 0 at ``max_side``; scan 1, only for small images, at twice the size."""
         h, w = image.shape[:2]
+        long_side = max(h, w)
+        if attempt == 0:
+            scale = min(1.0, self.max_side / long_side)
+        elif attempt == 1 and self.upsample_small and long_side * 2 <= self.max_side:
+            scale = 2.0
+        else:
+            return None
         th, tw = max(int(round(h * scale)), 2), max(int(round(w * scale)), 2)
         level0 = (image.astype(np.float32) - MEAN_RGB) / 256.0
         level0 = np.ascontiguousarray(level0.transpose(2, 0, 1))
         if (th, tw) != (h, w):
             level0 = _resize_corner_aligned(level0, th, tw)
         tiles, ch, cw = _layout(th, tw, WINDOW // 2)
-        canvas = np.zeros((1, 3, ch, cw), dtype=np.float32)
+        canvas = np.zeros((3, ch, cw), dtype=np.float32)
         prev = level0
         for tile in tiles:
             if tile.level:
                 prev = _resize_corner_aligned(prev, tile.h, tile.w)
-            canvas[0, :, tile.y:tile.y + tile.h, tile.x:tile.x + tile.w] = prev
-        scores = self.session.run(None, {"canvas": canvas})[0][0, 0]
+            canvas[:, tile.y:tile.y + tile.h, tile.x:tile.x + tile.w] = prev
+        return DetectorInput(canvas, (tiles, scale))
+
+    def infer(self, tensors: list[np.ndarray]) -> list[np.ndarray]:
+        scores = self.session.run(None, {"canvas": np.stack(tensors)})[0]
+        return list(scores[:, 0])
+
+    def finish(self, image: np.ndarray, prepared: DetectorInput, output: np.ndarray
+               ) -> list[DetectedFace]:
+        tiles, scale = prepared.context
+        boxes, scores = self._windows(output, tiles, scale)
+        if len(scores) == 0:
+            return []
+        gray = (image.astype(np.uint16).sum(axis=2) // 3).astype(np.float32)
+        faces = []
+        for box, score in zip(boxes, scores, strict=True):
+            rect = np.round(box)
+            # Sub-pixel landmarks (dlib rounds them to whole pixels): a steadier
+            # alignment, +0.1 point of LFW accuracy with the same models.
+            landmarks = self.shape_predictor.predict(gray, rect, rounded=False)
+            faces.append(DetectedFace(box=box, score=float(score), landmarks=landmarks))
+        return faces
+
+    def _windows(self, scores: np.ndarray, tiles: list[_Tile], scale: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (in image coordinates) and scores of windows above threshold, after NMS."""
         rows, cols = np.nonzero(scores > self.threshold)
         if rows.size == 0:
             return np.zeros((0, 4)), np.zeros(0)
@@ -138,25 +169,6 @@ class MmodDetector:
         boxes = np.stack([x0, y0, x1, y1], axis=1)
         keep = nms(boxes, values, NMS_IOU)
         return boxes[keep], values[keep]
-
-    def detect(self, image: np.ndarray) -> list[DetectedFace]:
-        h, w = image.shape[:2]
-        long_side = max(h, w)
-        scale = min(1.0, self.max_side / long_side)
-        boxes, scores = self._scan(image, scale)
-        if len(scores) == 0 and self.upsample_small and long_side * 2 <= self.max_side:
-            boxes, scores = self._scan(image, 2.0)
-        if len(scores) == 0:
-            return []
-        gray = (image.astype(np.uint16).sum(axis=2) // 3).astype(np.float32)
-        faces = []
-        for box, score in zip(boxes, scores, strict=True):
-            rect = np.round(box)
-            # Sub-pixel landmarks (dlib rounds them to whole pixels): a steadier
-            # alignment, +0.1 point of LFW accuracy with the same models.
-            landmarks = self.shape_predictor.predict(gray, rect, rounded=False)
-            faces.append(DetectedFace(box=box, score=float(score), landmarks=landmarks))
-        return faces
 
 
 def load_mmod(model_dir: Path, session: ort.InferenceSession, **options: object) -> MmodDetector:

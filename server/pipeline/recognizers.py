@@ -15,6 +15,7 @@ import onnxruntime as ort
 
 from server.errors import ModelError
 from server.pipeline.geometry import umeyama, warp_bilinear
+from server.pipeline.runtime import fixed_batch, run_batched
 from server.pipeline.types import ARCFACE5, DLIB5, DetectedFace
 
 # dlib's mean 5-point face shape in the unit square (get_face_chip_details).
@@ -125,12 +126,13 @@ class _OnnxRecognizer:
         if len(out.shape) != 2 or not isinstance(out.shape[1], int):
             raise ModelError(f"recognizer output must be [N, D], got {out.shape}")
         self.dim = int(out.shape[1])
+        self.batch = fixed_batch(session)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         if not self.flip:
-            return _l2_normalise(self.session.run(None, {self.input_name: x})[0])
+            return _l2_normalise(run_batched(self.session, self.input_name, x, self.batch)[0])
         both = np.concatenate([x, x[..., ::-1]])
-        out = _l2_normalise(self.session.run(None, {self.input_name: both})[0])
+        out = _l2_normalise(run_batched(self.session, self.input_name, both, self.batch)[0])
         return _l2_normalise(out[: len(x)] + out[len(x):])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from server.errors import ConfigurationError
@@ -41,6 +42,21 @@ def resolve_provider(requested: str) -> str:
             f"(available: {', '.join(sorted(available))}); install onnxruntime-gpu and the "
             "CUDA libraries, or set the provider to cpu")
     return requested
+
+
+def fixed_batch(session: ort.InferenceSession) -> int | None:
+    """The batch size a model was exported with, or None if its batch axis is dynamic."""
+    first = session.get_inputs()[0].shape[0]
+    return first if isinstance(first, int) else None
+
+
+def run_batched(session: ort.InferenceSession, name: str, x: np.ndarray,
+                limit: int | None) -> list[np.ndarray]:
+    """``session.run`` on ``x``, in slices of ``limit`` for a fixed-batch model."""
+    if limit is None or len(x) == limit:
+        return list(session.run(None, {name: x}))
+    parts = [session.run(None, {name: x[i:i + limit]}) for i in range(0, len(x), limit)]
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
 def make_session(path: Path, provider: str, intra_op_threads: int) -> ort.InferenceSession:

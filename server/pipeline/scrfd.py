@@ -14,7 +14,8 @@ from PIL import Image
 
 from server.errors import ModelError
 from server.pipeline.geometry import nms
-from server.pipeline.types import ARCFACE5, DetectedFace
+from server.pipeline.runtime import fixed_batch, run_batched
+from server.pipeline.types import ARCFACE5, DetectedFace, DetectorInput
 
 STRIDES = (8, 16, 32)
 ANCHORS = 2
@@ -30,6 +31,7 @@ class ScrfdDetector:
                  nms_iou: float = 0.4, input_size: int = 640) -> None:
         self.session = session
         self.input_name = session.get_inputs()[0].name
+        self.batch = fixed_batch(session)
         if len(session.get_outputs()) != 9:
             raise ModelError("SCRFD model must have 9 outputs: scores, boxes and keypoints "
                              "for each of 3 strides")
@@ -37,18 +39,32 @@ class ScrfdDetector:
         self.nms_iou = nms_iou
         self.input_size = input_size
 
-    def detect(self, image: np.ndarray) -> list[DetectedFace]:
+    def prepare(self, image: np.ndarray, attempt: int) -> DetectorInput | None:
+        """One scan: the image scaled to ``input_size`` and padded to that square."""
+        if attempt > 0:
+            return None
         h, w = image.shape[:2]
         scale = self.input_size / max(h, w)
         nh, nw = max(int(round(h * scale)), 1), max(int(round(w * scale)), 1)
         resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
-        ph = pw = -(-self.input_size // 32) * 32
-        blob = np.zeros((1, 3, ph, pw), dtype=np.float32)
-        blob[0, :, :nh, :nw] = (resized.transpose(2, 0, 1).astype(np.float32) - 127.5) / 128.0
-        outputs = self.session.run(None, {self.input_name: blob})
+        side = -(-self.input_size // 32) * 32
+        blob = np.zeros((3, side, side), dtype=np.float32)
+        blob[:, :nh, :nw] = (resized.transpose(2, 0, 1).astype(np.float32) - 127.5) / 128.0
+        return DetectorInput(blob, scale)
+
+    def infer(self, tensors: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Per image, the model's nine outputs (an exported batch axis may be flattened
+        into the anchor axis, so outputs are split evenly)."""
+        outputs = run_batched(self.session, self.input_name, np.stack(tensors), self.batch)
+        n = len(tensors)
+        return [[out.reshape(n, -1, out.shape[-1])[i] for out in outputs] for i in range(n)]
+
+    def finish(self, image: np.ndarray, prepared: DetectorInput, output: list[np.ndarray]
+               ) -> list[DetectedFace]:
+        scale = float(prepared.context)
+        ph = pw = prepared.tensor.shape[1]
         by_kind: dict[int, dict[int, np.ndarray]] = {1: {}, 4: {}, 10: {}}
-        for out in outputs:
-            out = out.reshape(-1, out.shape[-1])
+        for out in output:
             cells = out.shape[0] // ANCHORS
             stride = next(s for s in STRIDES if (ph // s) * (pw // s) == cells)
             by_kind[out.shape[-1]][stride] = out

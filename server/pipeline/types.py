@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -33,15 +33,50 @@ class DetectedFace:
         return float(self.box[3] - self.box[1])
 
 
+@dataclass(frozen=True)
+class DetectorInput:
+    """One scan's model input (no batch axis) and what decoding its output needs."""
+
+    tensor: np.ndarray
+    context: Any
+
+
 class Detector(Protocol):
-    """Finds faces and their five landmarks in an RGB uint8 image."""
+    """Finds faces and their five landmarks in an RGB uint8 image.
+
+    Split in three so that the model call can be batched across images:
+    ``prepare`` (per image) -> ``infer`` (a batch of same-shape tensors) ->
+    ``finish`` (per image).  A detector may scan an image more than once
+    (``attempt`` 0, 1, ...) when a scan finds nothing; :func:`detect` runs the
+    whole sequence for one image.
+    """
 
     landmark_scheme: str
     name: str
 
-    def detect(self, image: np.ndarray) -> list[DetectedFace]:
-        """All faces above the detector's threshold, highest score first."""
+    def prepare(self, image: np.ndarray, attempt: int) -> DetectorInput | None:
+        """The model input of scan number ``attempt``, or None when there is none."""
         ...
+
+    def infer(self, tensors: list[np.ndarray]) -> list[Any]:
+        """The model's raw output for each tensor (all of one shape)."""
+        ...
+
+    def finish(self, image: np.ndarray, prepared: DetectorInput, output: Any
+               ) -> list[DetectedFace]:
+        """Faces above the threshold, highest score first, in image coordinates."""
+        ...
+
+
+def detect(detector: Detector, image: np.ndarray) -> list[DetectedFace]:
+    """Every scan of ``image``, unbatched, until one finds a face."""
+    attempt = 0
+    while (prepared := detector.prepare(image, attempt)) is not None:
+        faces = detector.finish(image, prepared, detector.infer([prepared.tensor])[0])
+        if faces:
+            return faces
+        attempt += 1
+    return []
 
 
 class Recognizer(Protocol):

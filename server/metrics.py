@@ -1,0 +1,122 @@
+"""Every Prometheus metric faceverify exports, declared once.
+
+Labels are low-cardinality by construction: RPC method, status code, stage,
+model, reason.  Never a NIK, a request id or a path.  Each server owns a
+:class:`Metrics` with its own registry (tests run several servers in one
+process); ``faceverify serve --metrics-port`` exposes it over HTTP.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
+
+# Latency buckets from 2.5 ms to 10 s: an image on a GPU takes a few ms, a
+# verification on a busy CPU a few hundred.
+LATENCY_BUCKETS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
+                   1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+# Pipeline stages (per image) and index operations, the values of ``stage``.
+STAGES = ("decode", "detect", "align", "embed", "index_search", "index_write")
+
+
+class Metrics:
+    """The server's metrics; also the batchers' :class:`~server.batching.BatchObserver`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("faceverify_requests", "RPCs answered, by method and status code",
+                                ("method", "code"), registry=r)
+        self.latency = Histogram("faceverify_request_duration_seconds",
+                                 "RPC latency from the handler's start to its answer",
+                                 ("method",), buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("faceverify_requests_in_flight", "RPCs being handled now",
+                               registry=r)
+        self.stage = Histogram("faceverify_stage_duration_seconds",
+                               "Time per pipeline stage and image (detect and embed include "
+                               "the wait for a batch), and per index operation",
+                               ("stage",), buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("faceverify_batch_size", "Inputs per model call",
+                                    ("model",), buckets=BATCH_BUCKETS, registry=r)
+        self.queue_wait = Histogram("faceverify_queue_wait_seconds",
+                                    "Time an input waited for its batch", ("model",),
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("faceverify_queue_depth", "Inputs waiting for a batch",
+                                 ("model",), registry=r)
+        self.dropped = Counter("faceverify_queue_dropped",
+                               "Inputs not run: queue_full (load shed), expired, cancelled",
+                               ("model", "reason"), registry=r)
+        self.outcomes = Counter("faceverify_outcomes",
+                                "Business outcomes: match / no_match for Verify; enrolled, "
+                                "enrolled_flagged, duplicate_refused, already_enrolled, "
+                                "reference_mismatch for Enroll",
+                                ("method", "outcome"), registry=r)
+        self.index_size = Gauge("faceverify_index_size", "Faces in the search index",
+                                registry=r)
+        self.index_in_sync = Gauge("faceverify_index_in_sync",
+                                   "1 when the index holds exactly the registry's enrolments",
+                                   registry=r)
+        self.serving = Gauge("faceverify_serving", "1 while health reports SERVING",
+                             registry=r)
+        self.build = Info("faceverify_build", "Server version, models and execution provider",
+                          registry=r)
+        for model in ("detect", "embed"):
+            self.queue_depth.labels(model)
+            self.batch_size.labels(model)
+            self.queue_wait.labels(model)
+            for reason in ("queue_full", "expired", "cancelled"):
+                self.dropped.labels(model, reason)
+        for stage in STAGES:
+            self.stage.labels(stage)
+
+    def observe_stages(self, seconds: dict[str, float]) -> None:
+        for stage, s in seconds.items():
+            self.stage.labels(stage).observe(s)
+
+    def track_index(self, size: Callable[[], float], in_sync: Callable[[], float]) -> None:
+        """Read the index size and agreement at each scrape."""
+        self.index_size.set_function(size)
+        self.index_in_sync.set_function(in_sync)
+
+    # BatchObserver
+    def queued(self, name: str, depth: int) -> None:
+        self.queue_depth.labels(name).set(depth)
+
+    def batch(self, name: str, size: int, waits: Sequence[float]) -> None:
+        self.batch_size.labels(name).observe(size)
+        hist = self.queue_wait.labels(name)
+        for w in waits:
+            hist.observe(w)
+
+    def dropped_input(self, name: str, why: str) -> None:
+        self.dropped.labels(name, why).inc()
+
+
+class MetricsServer:
+    """The registry served over HTTP on ``port`` (``/metrics``), in a daemon thread."""
+
+    def __init__(self, metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
+        self._server: WSGIServer
+        self._thread: threading.Thread
+        self._server, self._thread = start_http_server(port, host, registry=metrics.registry)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -1,0 +1,102 @@
+"""Prometheus metrics over HTTP from a real server, and load shedding end to end."""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.client import CallError, FaceVerifyClient
+from tests.conftest import ServerThread, lfw_image, server_settings
+from tests.imaging import blank
+
+SELFIE, REFERENCE = ("Abel_Pacheco", 1), ("Abel_Pacheco", 4)
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample on /metrics, keyed by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+           **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+@pytest.fixture(scope="module")
+def metered(calibrated_dlib_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    settings = server_settings(calibrated_dlib_model_dir, tmp_path_factory.mktemp("data"),
+                               metrics_port=0)
+    with ServerThread(settings) as s:
+        yield s
+
+
+def test_rpcs_stages_batches_and_build_are_exported(metered: ServerThread,
+                                                     lfw_dir: Path) -> None:
+    selfie, reference = lfw_image(lfw_dir, *SELFIE), lfw_image(lfw_dir, *REFERENCE)
+    with FaceVerifyClient(metered.target) as client:
+        assert client.verify(selfie, reference).match
+        with pytest.raises(CallError):
+            client.verify(blank(), reference)
+    assert metered.running is not None and metered.running.metrics_server is not None
+    m = scrape(metered.running.metrics_server.port)
+    assert sample(m, "faceverify_requests_total", method="Verify", code="OK") == 1
+    assert sample(m, "faceverify_requests_total", method="Verify", code="INVALID_ARGUMENT") == 1
+    assert sample(m, "faceverify_request_duration_seconds_count", method="Verify") == 2
+    assert sample(m, "faceverify_outcomes_total", method="Verify", outcome="match") == 1
+    # Two images analysed per call; the blank one stops when no face is found.
+    assert sample(m, "faceverify_stage_duration_seconds_count", stage="decode") == 4
+    assert sample(m, "faceverify_stage_duration_seconds_count", stage="embed") == 3
+    # Every image went through the batched detector, every face through the recognizer.
+    assert sample(m, "faceverify_batch_size_sum", model="detect") >= 4
+    assert sample(m, "faceverify_batch_size_sum", model="embed") == 3
+    assert sample(m, "faceverify_queue_depth", model="detect") == 0
+    assert sample(m, "faceverify_serving") == 1
+    assert sample(m, "faceverify_index_in_sync") == 1
+    assert sample(m, "faceverify_index_size") == 0
+    build = next(dict(labels) for (name, labels) in m if name == "faceverify_build_info")
+    assert build["provider"] == "CPUExecutionProvider"
+    assert build["detector"] == "dlib-mmod" and build["model_version"]
+
+
+def test_a_full_queue_sheds_load_with_resource_exhausted(calibrated_dlib_model_dir: Path,
+                                                         tmp_path: Path, lfw_dir: Path) -> None:
+    settings = server_settings(calibrated_dlib_model_dir, tmp_path, metrics_port=0,
+                               max_queue=1, batch_concurrency=1, detect_max_batch=1)
+    selfie, reference = lfw_image(lfw_dir, *SELFIE), lfw_image(lfw_dir, *REFERENCE)
+    with ServerThread(settings) as s:
+        assert s.running is not None and s.running.metrics_server is not None
+        batcher = s.running.services.engine.detect_batcher
+        real, started, release = batcher.run, threading.Event(), threading.Event()
+
+        def held(inputs: list[Any]) -> list[Any]:  # the detector, held until released
+            started.set()
+            release.wait(timeout=60)
+            return real(inputs)
+
+        batcher.run = held
+        with FaceVerifyClient(s.target) as client, ThreadPoolExecutor(4) as pool:
+            calls = [pool.submit(client.verify, selfie, reference) for _ in range(4)]
+            assert started.wait(timeout=60)
+            # 8 images: one is held in the detector and at most one waits, so at
+            # least two calls have both images refused, at once, while it is held.
+            early, _ = wait(calls, timeout=60, return_when=FIRST_COMPLETED)
+            assert early and all(isinstance(c.exception(), CallError) for c in early)
+            release.set()
+            outcomes = [c.exception(timeout=60) for c in calls]
+        errors = [e for e in outcomes if e is not None]
+        assert all(isinstance(e, CallError) and (e.code, e.reason)
+                   == ("RESOURCE_EXHAUSTED", "OVERLOADED") for e in errors)
+        m = scrape(s.running.metrics_server.port)
+        assert sample(m, "faceverify_queue_dropped_total", model="detect",
+                      reason="queue_full") >= 1
+        assert sample(m, "faceverify_requests_total", method="Verify",
+                      code="RESOURCE_EXHAUSTED") == len(errors)
