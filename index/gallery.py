@@ -6,12 +6,19 @@ it contains; at start the snapshot is loaded and newer registry changes are
 replayed, or, when there is no usable snapshot, the index is rebuilt from the
 registry.  A crash between the two writes therefore loses nothing: the
 registry has the change and the next start replays it.
+
+Several server processes may share one data directory (``--processes``):
+SQLite serialises their writes, a file lock makes each check-and-insert
+atomic across them, and each process's index catches up with the change log
+before every search and write.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +31,7 @@ log = logging.getLogger(__name__)
 
 REGISTRY_FILE = "registry.sqlite3"
 SNAPSHOT_DIR = "index"
+LOCK_FILE = "gallery.lock"
 
 
 @dataclass(frozen=True)
@@ -35,12 +43,52 @@ class Match:
     enrollment_id: int
 
 
+class GalleryLock:
+    """Exclusive across threads *and* processes: a re-entrant thread lock, then an
+    ``flock`` on a file in the data directory (several server processes may
+    share one gallery).  ``on_acquire`` runs each time the outermost holder
+    gets the lock (the gallery catches up with other processes' writes).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._thread_lock = threading.RLock()
+        self._file = open(path, "a+b")  # noqa: SIM115 - held for the gallery's life
+        self._depth = 0
+        self.on_acquire: Callable[[], None] = lambda: None
+
+    def __enter__(self) -> GalleryLock:
+        self._thread_lock.acquire()
+        if self._depth == 0:
+            try:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+                self.on_acquire()
+            except BaseException:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+                self._thread_lock.release()
+                raise
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+        self._thread_lock.release()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class Gallery:
     """Enrolled faces: add, remove, search, snapshot.
 
-    Writers (add, remove, snapshot) are serialised by ``write_lock``; searches
-    run concurrently with each other.  Callers that must check and then insert
-    atomically (de-duplication) hold ``write_lock`` across both.
+    The index changes only by applying the registry's change log in order
+    (:meth:`refresh`), so every process sharing the data directory converges
+    on the registry, and each change is applied exactly once.  Writers (add,
+    remove, snapshot) hold ``write_lock``, which also excludes other
+    processes; searches run concurrently and first catch up with the log.
+    Callers that must check and then insert atomically (de-duplication) hold
+    ``write_lock`` across both.
     """
 
     def __init__(self, data_dir: Path, model_version: str, dim: int, spec: IndexSpec,
@@ -50,10 +98,14 @@ class Gallery:
         self.dim = dim
         self.spec = spec
         self.snapshot_every = snapshot_every
-        self.write_lock = threading.RLock()
         self.registry = Registry(data_dir / REGISTRY_FILE, model_version, dim)
-        self.index = self._load_index()
+        self._apply_lock = threading.Lock()
+        self._applied = 0  # the last registry change the index holds
         self._changes_since_snapshot = 0
+        self.write_lock = GalleryLock(data_dir / LOCK_FILE)
+        with self.write_lock:  # no other process writes while the index is built
+            self.index = self._load_index()
+        self.write_lock.on_acquire = self.refresh
 
     def _load_index(self) -> VectorIndex:
         last = self.registry.last_seq()
@@ -61,23 +113,36 @@ class Gallery:
                                   self.spec)
         if loaded is not None and loaded[1]["last_seq"] <= last:
             index, manifest = loaded
-            changes = self.registry.changes_since(int(manifest["last_seq"]))
-            for c in changes:
-                if c.op == "add" and c.embedding is not None:
-                    index.add(np.array([c.id]), c.embedding[None])
-                elif c.op == "remove":
-                    index.remove(np.array([c.id]))
+            self._applied = int(manifest["last_seq"])
+            replayed = self._apply(index)
             log.info("index snapshot loaded (%d vectors), %d newer changes replayed",
-                     manifest["count"], len(changes))
+                     manifest["count"], replayed)
         else:
             if loaded is not None:
                 log.warning("index snapshot is newer than the registry; rebuilding")
             index = VectorIndex(self.dim, self.spec)
             for ids, vectors in self.registry.iter_embeddings():
                 index.add(ids, vectors)
+            self._applied = last
             log.info("index rebuilt from the registry (%d vectors)", len(index))
         index.maybe_train(self.registry.iter_embeddings())
         return index
+
+    def _apply(self, index: VectorIndex) -> int:
+        """Apply the registry changes after ``_applied`` to ``index``; how many."""
+        with self._apply_lock:
+            changes = self.registry.changes_since(self._applied)
+            for c in changes:
+                if c.op == "add" and c.embedding is not None:
+                    index.add(np.array([c.id]), c.embedding[None])
+                elif c.op == "remove":
+                    index.remove(np.array([c.id]))
+                self._applied = c.seq
+            return len(changes)
+
+    def refresh(self) -> None:
+        """Catch up with changes written since (by this or another process)."""
+        self._apply(self.index)
 
     def in_sync(self) -> bool:
         """True when the index holds exactly the registry's enrolments."""
@@ -89,6 +154,7 @@ class Gallery:
 
     def search(self, embedding: np.ndarray, k: int) -> list[Match]:
         """The ``k`` most similar enrolments, best first."""
+        self.refresh()
         scores, ids = self.index.search(embedding[None], k)
         found = [int(i) for i in ids[0] if i >= 0]
         by_id = self.registry.get_by_ids(found)
@@ -104,7 +170,6 @@ class Gallery:
         """Enrol durably, then index; may snapshot."""
         with self.write_lock:
             e = self.registry.add(nik, embedding, flagged, candidates, metadata)
-            self.index.add(np.array([e.id]), e.embedding[None])
             self._after_change()
             return e
 
@@ -113,11 +178,11 @@ class Gallery:
         with self.write_lock:
             e = self.registry.remove(nik)
             if e is not None:
-                self.index.remove(np.array([e.id]))
                 self._after_change()
             return e
 
     def _after_change(self) -> None:
+        self.refresh()
         self._changes_since_snapshot += 1
         if self.index.maybe_train(self.registry.iter_embeddings()):
             log.info("gallery reached %d vectors: switched to an IVF index", len(self.index))
@@ -128,7 +193,7 @@ class Gallery:
         """Save the index with the sequence number of the last change it holds."""
         with self.write_lock:
             manifest = self.index.save(self.data_dir / SNAPSHOT_DIR, self.model_version,
-                                       self.registry.last_seq())
+                                       self._applied)
             self._changes_since_snapshot = 0
         log.info("index snapshot saved: %d vectors up to change %d", manifest["count"],
                  manifest["last_seq"])
@@ -136,3 +201,4 @@ class Gallery:
     def close(self) -> None:
         self.snapshot()
         self.registry.close()
+        self.write_lock.close()

@@ -84,7 +84,9 @@ class Registry:
         self.path = path
         self.dim = dim
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Other processes sharing the file may hold the write lock briefly.
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                   timeout=30.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA secure_delete=ON")

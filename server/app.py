@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,7 +26,7 @@ from server import __version__
 from server.calibrate import operating_point
 from server.config import Settings
 from server.enrolment import DuplicatePolicy, EnrolmentService
-from server.errors import ConfigurationError
+from server.errors import ConfigurationError, StartupError
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
 from server.inference import InferenceEngine
@@ -184,3 +187,56 @@ async def serve(settings: Settings) -> None:
     log.info("shutting down: draining for up to %.0f s", settings.grace_seconds)
     await running.stop(settings.grace_seconds)
     log.info("stopped")
+
+
+def _serve_child(settings: Settings, log_level: str) -> None:
+    from server.cli import setup_logging
+
+    setup_logging(log_level)
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(2) from exc
+
+
+def serve_processes(settings: Settings) -> int:
+    """Run ``settings.processes`` servers on one port (SO_REUSEPORT) and supervise them.
+
+    The kernel spreads new connections over the processes; each loads its own
+    models and shares the gallery through the data directory.  Process ``i``
+    serves metrics on ``metrics_port + i``.  SIGTERM/SIGINT is passed on to
+    every child, which drains and persists; if one child dies, the others are
+    stopped too and the exit status is non-zero, so that the supervisor
+    (systemd, Kubernetes) restarts the whole set.
+
+    Returns:
+        The exit status: 0 when every child stopped cleanly.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    children = []
+    for i in range(settings.processes):
+        child_settings = replace(settings, metrics_port=None if settings.metrics_port is None
+                                 else settings.metrics_port + i)
+        proc = ctx.Process(target=_serve_child, args=(child_settings, settings.log_level),
+                           name=f"faceverify-{i}")
+        proc.start()
+        children.append(proc)
+    stopping = threading.Event()
+
+    def forward(signum: int, _frame: object) -> None:
+        stopping.set()
+        for c in children:
+            if c.pid is not None and c.exitcode is None:
+                os.kill(c.pid, signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    log.info("supervising %d server processes on port %d", len(children), settings.port)
+    while any(c.exitcode is None for c in children):
+        for c in children:
+            c.join(timeout=0.5)
+            if c.exitcode is not None and c.exitcode != 0 and not stopping.is_set():
+                log.error("%s exited with status %s: stopping the others", c.name, c.exitcode)
+                forward(signal.SIGTERM, None)
+    return 0 if all(c.exitcode == 0 for c in children) else 1

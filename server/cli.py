@@ -62,10 +62,12 @@ def _print(data: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.app import serve
+    from server.app import serve, serve_processes
 
     settings = _settings(args)
     setup_logging(settings.log_level)
+    if settings.processes > 1:
+        return serve_processes(settings)
     asyncio.run(serve(settings))
     return 0
 
@@ -84,6 +86,23 @@ def cmd_models_build(args: argparse.Namespace) -> int:
         manifest = build_dlib(settings.model_dir, force=args.force)
     _print({"model_dir": str(settings.model_dir), "model_version": manifest["model_version"],
             "files": manifest["files"], "sources": manifest["sources"]})
+    return 0
+
+
+def cmd_models_quantize(args: argparse.Namespace) -> int:
+    from server.models.quantize import calibration_chips, quantize_model_set
+    from server.pipeline.loader import load_models
+
+    settings = _settings(args)
+    setup_logging(settings.log_level)
+    models = load_models(settings.model_dir, "cpu", 0, settings.limits, settings.policy,
+                         settings.detector_max_side, settings.flip)
+    chips = calibration_chips(models.pipeline, args.dataset, args.faces)
+    manifest = quantize_model_set(settings.model_dir, args.to,
+                                  models.pipeline.recognizer.input_name, chips)
+    _print({"model_dir": str(args.to), "model_version": manifest["model_version"],
+            "quantized": manifest["quantized"],
+            "next": f"faceverify calibrate --model-dir {args.to} --dataset DIR"})
     return 0
 
 
@@ -237,6 +256,16 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--detector", type=Path, help="an SCRFD ONNX detector to register instead")
     b.add_argument("--recognizer", type=Path, help="an ArcFace-style ONNX recognizer")
     b.set_defaults(func=cmd_models_build)
+
+    q = msub.add_parser("quantize", help="write an INT8 variant of a model set (for CPUs "
+                        "with VNNI/AMX); calibrate it afterwards")
+    _server_flags(q)
+    q.add_argument("--to", type=Path, required=True, help="directory for the INT8 model set")
+    q.add_argument("--dataset", type=Path, required=True,
+                   help="folder of face images (one sub-folder per identity) to calibrate "
+                   "activation ranges on")
+    q.add_argument("--faces", type=int, default=200, help="faces to calibrate on")
+    q.set_defaults(func=cmd_models_quantize)
 
     c = sub.add_parser("calibrate", help="compute decision thresholds from labelled images")
     _server_flags(c)

@@ -128,7 +128,12 @@ class _OnnxRecognizer:
         self.dim = int(out.shape[1])
         self.batch = fixed_batch(session)
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def preprocess(self, chips: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) uint8 chips -> the model's input tensor."""
+        raise NotImplementedError
+
+    def embed(self, chips: np.ndarray) -> np.ndarray:
+        x = self.preprocess(chips)
         if not self.flip:
             return _l2_normalise(run_batched(self.session, self.input_name, x, self.batch)[0])
         both = np.concatenate([x, x[..., ::-1]])
@@ -145,9 +150,8 @@ class DlibResnet(_OnnxRecognizer):
     def align(self, image: np.ndarray, face: DetectedFace) -> np.ndarray:
         return dlib_chip(image, face.landmarks, size=self.chip_size)
 
-    def embed(self, chips: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(chips.transpose(0, 3, 1, 2), dtype=np.float32)
-        return self._run(x)
+    def preprocess(self, chips: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(chips.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
 class ArcFace(_OnnxRecognizer):
@@ -159,6 +163,6 @@ class ArcFace(_OnnxRecognizer):
     def align(self, image: np.ndarray, face: DetectedFace) -> np.ndarray:
         return arcface_chip(image, face.landmarks, size=self.chip_size)
 
-    def embed(self, chips: np.ndarray) -> np.ndarray:
+    def preprocess(self, chips: np.ndarray) -> np.ndarray:
         x = (chips.transpose(0, 3, 1, 2).astype(np.float32) - 127.5) / 128.0
-        return self._run(np.ascontiguousarray(x))
+        return np.ascontiguousarray(x)

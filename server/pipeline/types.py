@@ -85,9 +85,14 @@ class Recognizer(Protocol):
     landmark_scheme: str
     name: str
     dim: int
+    input_name: str
 
     def align(self, image: np.ndarray, face: DetectedFace) -> np.ndarray:
         """The aligned face chip the model expects, (S, S, 3) uint8 RGB."""
+        ...
+
+    def preprocess(self, chips: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) uint8 chips -> the model's input tensor."""
         ...
 
     def embed(self, chips: np.ndarray) -> np.ndarray:

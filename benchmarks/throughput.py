@@ -1,0 +1,295 @@
+"""Throughput side by side: faceverify's Verify over gRPC vs the face_recognition library.
+
+    python -m benchmarks.throughput --model-dir ~/.cache/faceverify/models
+
+One run, one machine, the same LFW pairs for both:
+
+1. **Limit**: the detector's and the recognizer's raw batched throughput in
+   onnxruntime alone (every core busy, no Python pipeline, no gRPC), and the
+   verifications/s they allow together.
+2. **faceverify**: a real ``faceverify serve`` subprocess (the settings given;
+   defaults otherwise) driven by an asyncio gRPC client keeping ``c`` calls in
+   flight, for each concurrency ``c``.
+3. **face_recognition** 1.3.0 (dlib compiled from source, no BLAS, as ``pip``
+   builds it): the same work in a process pool with one worker per core
+   (``benchmarks.library_worker``), in its own cached environment,
+   created on first use (compiling dlib takes several minutes).  Never the
+   project's environment, never in CI.
+
+Accuracy of both is measured on the same pairs: at each one's own default
+decision (faceverify's calibrated FMR 1e-3 threshold; the library's distance
+tolerance 0.6) and at the best threshold for those pairs.  An image where no
+face is found makes its pair a non-match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from benchmarks.lfw import Pair, best_threshold, default_lfw_dir, image_path, read_pairs
+from benchmarks.serverproc import free_port, start_server, wait_serving
+from server.gen import faceverify_pb2 as pb
+from server.gen import faceverify_pb2_grpc as pb_grpc
+from server.pipeline.faces import FacePolicy
+from server.pipeline.image import ImageLimits
+from server.pipeline.loader import load_models
+
+LIBRARY = "face_recognition==1.3.0"
+LIBRARY_ENV = Path.home() / ".cache" / "faceverify" / "bench-face_recognition"
+
+
+def calls(requests: int, concurrency: int) -> int:
+    """Calls made at one concurrency: at least two per client in flight."""
+    return max(requests, 2 * concurrency)
+
+
+def summary(latencies: list[float], seconds: float) -> dict[str, float]:
+    ms = np.asarray(latencies) * 1000
+    return {"per_s": round(len(latencies) / seconds, 2),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+
+
+def accuracy(scores: np.ndarray, decisions: np.ndarray, same: np.ndarray) -> dict[str, float]:
+    t = best_threshold(scores, same)
+    return {"default_decision_pct": round(100 * float((decisions == same).mean()), 2),
+            "best_threshold_pct": round(100 * float(((scores >= t) == same).mean()), 2)}
+
+
+# -- 1. the limit ---------------------------------------------------------------------
+
+
+def _rate(fn: Any, items_per_call: int, threads: int, seconds: float) -> float:
+    """Items/s with ``threads`` threads calling ``fn`` for ``seconds``."""
+    done = [0] * threads
+    stop = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop:
+            fn()
+            done[i] += items_per_call
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(done) / (time.perf_counter() - start)
+
+
+def model_limit(model_dir: Path, images: list[Path], detect_batch: int, embed_batch: int,
+                seconds: float) -> dict[str, float]:
+    """Raw onnxruntime throughput: one thread per core, one intra-op thread each."""
+    from server.pipeline.types import detect
+
+    models = load_models(model_dir, "cpu", 1, ImageLimits(), FacePolicy(min_face_px=0))
+    pipe, threads = models.pipeline, os.cpu_count() or 1
+    decoded = [pipe.decode(p.read_bytes(), "image") for p in images[:detect_batch]]
+    prepared = [pipe.detector.prepare(img, 0) for img in decoded]
+    tensors = [p.tensor for p in prepared if p is not None]
+    chips = np.stack([pipe.subject_chip(img, detect(pipe.detector, img), "image", False)[2]
+                      for img in decoded])
+    chips = np.concatenate([chips] * (embed_batch // len(chips) + 1))[:embed_batch]
+    det = _rate(lambda: pipe.detector.infer(tensors), len(tensors), threads, seconds)
+    rec = _rate(lambda: pipe.recognizer.embed(chips), len(chips), threads, seconds)
+    per_image = 1 / det + 1 / rec  # the two models share the cores
+    return {"detector_images_per_s": round(det, 1), "recognizer_faces_per_s": round(rec, 1),
+            "images_per_s": round(1 / per_image, 1),
+            "verifications_per_s": round(1 / per_image / 2, 1)}
+
+
+# -- 2. faceverify ----------------------------------------------------------------------
+
+
+async def _drive(target: str, pairs: list[tuple[bytes, bytes]], concurrency: int,
+                 requests: int) -> tuple[list[float], float, list[pb.VerifyResponse | None]]:
+    """``requests`` Verify calls, ``concurrency`` in flight; latencies and responses."""
+    async with grpc.aio.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", 64 << 20)]) as channel:
+        stub = pb_grpc.FaceVerificationStub(channel)
+        latencies: list[float] = []
+        responses: list[pb.VerifyResponse | None] = [None] * requests
+        next_index = 0
+
+        async def client() -> None:
+            nonlocal next_index
+            while next_index < requests:
+                i = next_index
+                next_index += 1
+                a, b = pairs[i % len(pairs)]
+                start = time.perf_counter()
+                try:
+                    responses[i] = await stub.Verify(pb.VerifyRequest(selfie=a, reference=b),
+                                                     timeout=120)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:  # no face: a non-match
+                        raise
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return latencies, time.perf_counter() - start, responses
+
+
+def run_faceverify(model_dir: Path, env: dict[str, str], pairs: list[tuple[bytes, bytes]],
+                   accuracy_pairs: list[tuple[bytes, bytes]], levels: list[int],
+                   requests: int) -> dict[str, Any]:
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as data_dir:
+        proc = start_server(model_dir, Path(data_dir), port, FACEVERIFY_LOG_LEVEL="WARNING",
+                            **env)
+        try:
+            wait_serving(target, proc)
+            asyncio.run(_drive(target, pairs, 4, 8))  # warm the connection and the pools
+            start = time.perf_counter()
+            _, _, responses = asyncio.run(_drive(target, accuracy_pairs, 32,
+                                                 len(accuracy_pairs)))
+            accuracy_seconds = time.perf_counter() - start
+            results = []
+            for c in levels:
+                lat, seconds, _ = asyncio.run(_drive(target, pairs, c, calls(requests, c)))
+                results.append({"concurrency": c, **summary(lat, seconds)})
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    scores = np.array([r.score if r is not None else -1.0 for r in responses])
+    decisions = np.array([r is not None and r.match for r in responses])
+    return {"levels": results, "scores": scores, "decisions": decisions,
+            "accuracy_seconds": accuracy_seconds}
+
+
+# -- 3. the library ----------------------------------------------------------------------
+
+
+def library_python(env_dir: Path) -> Path:
+    """The library environment's python, creating the environment on first use."""
+    python = env_dir / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", "import face_recognition"],
+                                          capture_output=True).returncode == 0:
+        return python
+    print(f"creating {env_dir} with {LIBRARY} (compiles dlib: several minutes)",
+          file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", LIBRARY], check=True)
+    return python
+
+
+def run_library(python: Path, pairs: list[list[str]], accuracy_pairs: list[list[str]],
+                levels: list[int], requests: int) -> dict[str, Any]:
+    job = {"pairs": pairs, "accuracy_pairs": accuracy_pairs, "levels": levels,
+           "requests": requests, "processes": os.cpu_count() or 1}
+    worker = Path(__file__).with_name("library_worker.py")
+    out = subprocess.run([str(python), str(worker)], input=json.dumps(job), text=True,
+                         capture_output=True, check=True)
+    raw = json.loads(out.stdout)
+    distances = raw["distances"]
+    # Higher is more similar, as for faceverify: the negated distance.
+    scores = np.array([-d if d is not None else -10.0 for d in distances])
+    decisions = np.array([d is not None and d <= 0.6 for d in distances])
+    results = [{"concurrency": r["concurrency"], **summary(r["latencies"], r["seconds"])}
+               for r in raw["levels"]]
+    return {"levels": results, "scores": scores, "decisions": decisions,
+            "accuracy_seconds": raw["accuracy_seconds"]}
+
+
+# -- the report ---------------------------------------------------------------------------
+
+
+def choose_pairs(lfw: Path, count: int) -> list[Pair]:
+    """``count`` pairs spread evenly over the folds, half matched."""
+    folds = read_pairs(lfw)
+    per_fold = count // len(folds)
+    chosen = []
+    for fold in folds:
+        half = len(fold) // 2
+        chosen += fold[:per_fold // 2] + fold[half:half + per_fold - per_fold // 2]
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--lfw", type=Path, default=default_lfw_dir())
+    p.add_argument("--pairs", type=int, default=300, help="pairs scored for accuracy")
+    p.add_argument("--requests", type=int, default=150, help="calls per concurrency level")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--set", action="append", default=[], metavar="FACEVERIFY_X=V",
+                   help="server setting for this run (repeatable)")
+    p.add_argument("--library-env", type=Path, default=LIBRARY_ENV)
+    p.add_argument("--skip-library", action="store_true")
+    p.add_argument("--limit-seconds", type=float, default=8.0)
+    args = p.parse_args(argv)
+    if not (args.lfw / "pairs.txt").exists():
+        print(f"LFW not found at {args.lfw}: set FACEVERIFY_LFW_DIR", file=sys.stderr)
+        return 2
+    env = dict(kv.split("=", 1) for kv in args.set)
+    chosen = choose_pairs(args.lfw, args.pairs)
+    same = np.array([q.same for q in chosen])
+    paths = [(image_path(args.lfw, q.a), image_path(args.lfw, q.b)) for q in chosen]
+    data = [(a.read_bytes(), b.read_bytes()) for a, b in paths]
+    # The load levels cycle through the pairs in an order that mixes folds.
+    order = np.random.default_rng(0).permutation(len(data))
+    report: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs", "pairs": len(chosen),
+                              "requests_per_level": args.requests, "server_settings": env}
+    report["limit"] = model_limit(args.model_dir, [a for a, _ in paths], 8, 32,
+                                  args.limit_seconds)
+    fv = run_faceverify(args.model_dir, env, [data[i] for i in order], data, args.levels,
+                        args.requests)
+    report["faceverify"] = {"levels": fv["levels"],
+                            "accuracy": accuracy(fv["scores"], fv["decisions"], same)}
+    if not args.skip_library:
+        python = library_python(args.library_env)
+        lib = run_library(python, [[str(paths[i][0]), str(paths[i][1])] for i in order],
+                          [[str(a), str(b)] for a, b in paths], args.levels, args.requests)
+        report["face_recognition"] = {"levels": lib["levels"],
+                                      "accuracy": accuracy(lib["scores"], lib["decisions"],
+                                                           same)}
+    print_table(report)
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+def print_table(report: dict[str, Any]) -> None:
+    lim = report["limit"]
+    print(f"limit (onnxruntime alone): detector {lim['detector_images_per_s']} images/s, "
+          f"recognizer {lim['recognizer_faces_per_s']} faces/s -> "
+          f"{lim['verifications_per_s']} verifications/s", file=sys.stderr)
+    fv = report["faceverify"]
+    lib = report.get("face_recognition")
+    head = f"{'concurrency':>11} | {'faceverify /s':>13} {'p50 ms':>8} {'p99 ms':>8}"
+    if lib:
+        head += f" | {'library /s':>10} {'p50 ms':>8} {'p99 ms':>8} | {'ratio':>5}"
+    print(head, file=sys.stderr)
+    for i, f in enumerate(fv["levels"]):
+        row = f"{f['concurrency']:>11} | {f['per_s']:>13} {f['p50_ms']:>8} {f['p99_ms']:>8}"
+        if lib:
+            g = lib["levels"][i]
+            row += (f" | {g['per_s']:>10} {g['p50_ms']:>8} {g['p99_ms']:>8} | "
+                    f"{f['per_s'] / g['per_s']:>5.1f}")
+        print(row, file=sys.stderr)
+    best = max(f["per_s"] for f in fv["levels"])
+    print(f"faceverify best: {best} verifications/s = "
+          f"{100 * best / lim['verifications_per_s']:.0f}% of the onnxruntime limit",
+          file=sys.stderr)
+    print(f"accuracy on {report['pairs']} pairs: faceverify {fv['accuracy']}"
+          + (f", face_recognition {lib['accuracy']}" if lib else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
