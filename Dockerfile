@@ -8,11 +8,15 @@ ARG VARIANT=gpu
 FROM python:3.11-slim-bookworm AS base-cpu
 
 FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 AS base-gpu
+# Versions come with the pinned base image (rebuild it for security updates).
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
 
 # ---- build: install the package and convert the models once, at image build time ----
+# (base-${VARIANT} is one of the pinned stages above.)
+# hadolint ignore=DL3006
 FROM base-${VARIANT} AS build
 ARG VARIANT
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -31,6 +35,7 @@ RUN /opt/venv/bin/faceverify models build --model-dir /opt/models \
  && /opt/venv/bin/pip uninstall -y face_recognition_models
 
 # ---- runtime: same base (same interpreter), no build tools, non-root ----
+# hadolint ignore=DL3006
 FROM base-${VARIANT}
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/models /opt/models
@@ -43,8 +48,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     FACEVERIFY_MODEL_DIR=/opt/models \
     FACEVERIFY_DATA_DIR=/var/lib/faceverify \
     FACEVERIFY_HOST=[::] \
-    FACEVERIFY_PORT=50051
-EXPOSE 50051
+    FACEVERIFY_PORT=50051 \
+    FACEVERIFY_METRICS_PORT=9464
+# gRPC, and Prometheus metrics over HTTP.
+EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
   CMD ["faceverify", "health", "--target", "localhost:50051"]
 STOPSIGNAL SIGTERM

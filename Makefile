@@ -25,7 +25,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check server index tests benchmarks proto
+	$(BIN)/ruff check server index tests benchmarks loadtest proto
 	$(BIN)/mypy server index
 
 ## proto: regenerate server/gen from proto/

@@ -48,6 +48,7 @@ from server.pipeline.image import ImageLimits
 from server.pipeline.loader import load_models
 
 LIBRARY = "face_recognition==1.3.0"
+CONNECTIONS = 4
 LIBRARY_ENV = Path.home() / ".cache" / "faceverify" / "bench-face_recognition"
 
 
@@ -117,15 +118,22 @@ def model_limit(model_dir: Path, images: list[Path], detect_batch: int, embed_ba
 
 async def _drive(target: str, pairs: list[tuple[bytes, bytes]], concurrency: int,
                  requests: int) -> tuple[list[float], float, list[pb.VerifyResponse | None]]:
-    """``requests`` Verify calls, ``concurrency`` in flight; latencies and responses."""
-    async with grpc.aio.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", 64 << 20)]) as channel:
-        stub = pb_grpc.FaceVerificationStub(channel)
+    """``requests`` Verify calls, ``concurrency`` in flight; latencies and responses.
+
+    Clients spread over ``CONNECTIONS`` connections (a distinct channel argument
+    keeps gRPC from sharing one), so that several server processes on one port
+    (``FACEVERIFY_PROCESSES``) all get work.
+    """
+    channels = [grpc.aio.insecure_channel(target, options=[
+        ("grpc.max_send_message_length", 64 << 20), ("faceverify.connection", i)])
+        for i in range(CONNECTIONS)]
+    try:
+        stubs = [pb_grpc.FaceVerificationStub(ch) for ch in channels]
         latencies: list[float] = []
         responses: list[pb.VerifyResponse | None] = [None] * requests
         next_index = 0
 
-        async def client() -> None:
+        async def client(stub: pb_grpc.FaceVerificationStub) -> None:
             nonlocal next_index
             while next_index < requests:
                 i = next_index
@@ -141,8 +149,11 @@ async def _drive(target: str, pairs: list[tuple[bytes, bytes]], concurrency: int
                 latencies.append(time.perf_counter() - start)
 
         start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await asyncio.gather(*(client(stubs[i % CONNECTIONS]) for i in range(concurrency)))
         return latencies, time.perf_counter() - start, responses
+    finally:
+        for ch in channels:
+            await ch.close()
 
 
 def run_faceverify(model_dir: Path, env: dict[str, str], pairs: list[tuple[bytes, bytes]],

@@ -4,8 +4,8 @@ A :class:`Batcher` owns one model call (detector or recognizer).  Requests
 ``submit`` one input each and await its output.  A collector task waits for the
 first queued input, then for more until ``max_batch`` inputs of the same shape
 are queued or ``max_wait`` has passed, and hands the batch to a thread pool.
-Up to ``concurrency`` batches run at once; while they run, new inputs queue,
-so the next batch grows with the load.
+Up to ``concurrency`` batches run at once; what is queued is spread over the
+idle ones, and while all run, new inputs queue, so batches grow with the load.
 
 Bounded, not elastic: a submit that finds ``max_queue`` inputs waiting is
 refused at once with :class:`~server.errors.Overloaded` (RESOURCE_EXHAUSTED),
@@ -113,6 +113,7 @@ class Batcher(Generic[T, R]):
         self._pending: deque[_Entry[T, R]] = deque()
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(limits.concurrency)
+        self._busy = 0  # batches running
         self._running: set[asyncio.Task[None]] = set()
         self._collector: asyncio.Task[None] | None = None
 
@@ -191,10 +192,15 @@ class Batcher(Generic[T, R]):
             except TimeoutError:
                 break
         self._drop_dead()
+        # Spread what is queued over the idle slots (this one included) rather than
+        # piling it into one call while other slots idle: on a CPU, two calls of
+        # one image each use two cores, one call of two images only one.
+        idle = self.limits.concurrency - self._busy
+        size = min(self.limits.max_batch, -(-self._same_key(key) // max(idle, 1)))
         batch: list[_Entry[T, R]] = []
         rest: deque[_Entry[T, R]] = deque()
         for e in self._pending:
-            if e.key == key and len(batch) < self.limits.max_batch:
+            if e.key == key and len(batch) < size:
                 batch.append(e)
             else:
                 rest.append(e)
@@ -213,6 +219,7 @@ class Batcher(Generic[T, R]):
             if not batch:  # everything that was queued expired or was cancelled
                 self._slots.release()
                 continue
+            self._busy += 1
             task = asyncio.get_running_loop().create_task(self._run_batch(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -238,4 +245,5 @@ class Batcher(Generic[T, R]):
                 if not e.future.done():
                     e.future.set_result(out)
         finally:
+            self._busy -= 1
             self._slots.release()

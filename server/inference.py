@@ -55,6 +55,8 @@ class InferenceEngine:
             key=lambda p: p.tensor.shape, observer=metrics)
         self.embed_batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
             "embed", self._embed, model_pool, limits.embed, observer=metrics)
+        metrics.queue_capacity.labels("detect").set(limits.detect.max_queue)
+        metrics.queue_capacity.labels("embed").set(limits.embed.max_queue)
 
     def _infer_detector(self, prepared: list[DetectorInput]) -> list[Any]:
         return self.pipeline.detector.infer([p.tensor for p in prepared])

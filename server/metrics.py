@@ -29,6 +29,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 # Pipeline stages (per image) and index operations, the values of ``stage``.
 STAGES = ("decode", "detect", "align", "embed", "index_search", "index_write")
+OUTCOMES = {"Verify": ("match", "no_match"),
+            "Enroll": ("enrolled", "enrolled_flagged", "duplicate_refused", "already_enrolled",
+                       "reference_mismatch")}
 
 
 class Metrics:
@@ -55,6 +58,9 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("faceverify_queue_depth", "Inputs waiting for a batch",
                                  ("model",), registry=r)
+        self.queue_capacity = Gauge("faceverify_queue_capacity",
+                                    "Inputs allowed to wait per model (max_queue)", ("model",),
+                                    registry=r)
         self.dropped = Counter("faceverify_queue_dropped",
                                "Inputs not run: queue_full (load shed), expired, cancelled",
                                ("model", "reason"), registry=r)
@@ -80,6 +86,9 @@ class Metrics:
                 self.dropped.labels(model, reason)
         for stage in STAGES:
             self.stage.labels(stage)
+        for method, outcomes in OUTCOMES.items():
+            for outcome in outcomes:
+                self.outcomes.labels(method, outcome)
 
     def observe_stages(self, seconds: dict[str, float]) -> None:
         for stage, s in seconds.items():

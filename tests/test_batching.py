@@ -226,3 +226,21 @@ def test_close_fails_what_is_still_queued(pool: Any) -> None:
         assert await first == 200
 
     asyncio.run(main())
+
+
+def test_queued_inputs_are_spread_over_idle_slots(pool: Any) -> None:
+    both_running = threading.Barrier(2, timeout=10)  # passes only if two batches run at once
+    batches: list[list[int]] = []
+
+    def model(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        both_running.wait()
+        return items
+
+    async def main() -> list[int]:
+        b: Batcher[int, int] = Batcher("detect", model, pool,
+                                       BatchLimits(max_batch=8, max_wait=0, concurrency=2))
+        return await asyncio.gather(*(b.submit(i) for i in range(4)))
+
+    assert asyncio.run(main()) == [0, 1, 2, 3]
+    assert sorted(batches) == [[0, 1], [2, 3]]

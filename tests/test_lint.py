@@ -20,7 +20,7 @@ def _tool(name: str) -> str:
 
 
 def test_ruff() -> None:
-    paths = ["server", "index", "tests", "benchmarks", "proto"]
+    paths = ["server", "index", "tests", "benchmarks", "loadtest", "proto"]
     out = subprocess.run([_tool("ruff"), "check", *paths], cwd=REPO, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -30,3 +30,18 @@ def test_mypy_strict() -> None:
     out = subprocess.run([_tool("mypy"), "server", "index"], cwd=REPO, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_hadolint_dockerfile() -> None:
+    """The image cannot be built here (no Docker engine): lint it instead."""
+    out = subprocess.run([_tool("hadolint"), "Dockerfile"], cwd=REPO, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dockerfile_builds_like_the_readme() -> None:
+    """The image runs the set-up steps CI runs: install the package, build the models."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    assert "faceverify models build" in dockerfile and "faceverify models build" in makefile
+    assert "pip install ." in dockerfile and "pip install --quiet -e '.[dev]'" in makefile

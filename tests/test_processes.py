@@ -11,12 +11,20 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from benchmarks.serverproc import free_port, wait_serving
 from server.client import FaceVerifyClient
 from tests.conftest import lfw_image
 from tests.test_metrics import sample, scrape
+
+def serving(metrics_port: int) -> bool:
+    try:
+        return sample(scrape(metrics_port), "faceverify_serving") == 1
+    except OSError:  # not listening yet
+        return False
+
 
 PERSON = [("Abel_Pacheco", 1), ("Abel_Pacheco", 4)]
 FIRST_NIK = "3174011505900001"
@@ -34,6 +42,11 @@ def test_processes_share_the_port_and_the_gallery(calibrated_dlib_model_dir: Pat
     target = f"127.0.0.1:{port}"
     try:
         wait_serving(target, proc)
+        for i in range(2):  # each process binds the port only once it is ready
+            deadline = time.monotonic() + 120
+            while not serving(metrics_port + i):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
         with FaceVerifyClient(target) as first:
             assert first.enroll(FIRST_NIK, lfw_image(lfw_dir, *PERSON[0])).enrolled
         # Each client is a new connection, which the kernel gives to either process.

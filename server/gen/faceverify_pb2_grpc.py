@@ -73,7 +73,7 @@ class FaceVerificationServicer:
         """Verify compares the face in a selfie with the face in a reference photo
         (the applicant's ID card, or the registry photo for the NIK): 1:1.
         Statuses: OK, INVALID_ARGUMENT (INVALID_REQUEST or any image reason
-        above), UNAVAILABLE, INTERNAL.
+        above), RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, INTERNAL.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,7 +85,8 @@ class FaceVerificationServicer:
         insert). The outcome says what happened; see EnrollResponse.Outcome.
         Statuses: OK (every outcome), INVALID_ARGUMENT (INVALID_NIK,
         INVALID_REQUEST, image reasons), ALREADY_EXISTS (NIK_CONFLICT: the NIK is
-        enrolled with a different face), UNAVAILABLE, INTERNAL.
+        enrolled with a different face), RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED,
+        UNAVAILABLE, INTERNAL.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,7 +94,8 @@ class FaceVerificationServicer:
 
     def Search(self, request, context):
         """Search returns the enrolments most similar to the image's face, without
-        enrolling anything. Statuses: OK, INVALID_ARGUMENT, UNAVAILABLE, INTERNAL.
+        enrolling anything. Statuses: OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED,
+        DEADLINE_EXCEEDED, UNAVAILABLE, INTERNAL.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
