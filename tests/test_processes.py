@@ -19,6 +19,7 @@ from server.client import FaceVerifyClient
 from tests.conftest import lfw_image
 from tests.test_metrics import sample, scrape
 
+
 def serving(metrics_port: int) -> bool:
     try:
         return sample(scrape(metrics_port), "faceverify_serving") == 1
