@@ -53,11 +53,11 @@ def warp_bilinear(image: np.ndarray, a: np.ndarray, t: np.ndarray, out_h: int, o
     y0c = np.clip(y0, 0, h - 2)
     fx = (x - x0)[..., None]
     fy = (y - y0)[..., None]
-    img = image.astype(np.float64, copy=False)
-    tl = img[y0c, x0c]
-    tr = img[y0c, x0c + 1]
-    bl = img[y0c + 1, x0c]
-    br = img[y0c + 1, x0c + 1]
+    # Gather first, convert after: only the sampled pixels become float64.
+    tl = image[y0c, x0c].astype(np.float64)
+    tr = image[y0c, x0c + 1].astype(np.float64)
+    bl = image[y0c + 1, x0c].astype(np.float64)
+    br = image[y0c + 1, x0c + 1].astype(np.float64)
     out = (1 - fy) * ((1 - fx) * tl + fx * tr) + fy * ((1 - fx) * bl + fx * br)
     out[~inside] = 0
     pixels: np.ndarray = np.clip(out if truncate else np.rint(out), 0, 255).astype(np.uint8)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnx import TensorProto, helper
 
 from server.pipeline.geometry import nms
 from server.pipeline.landmarks import ShapePredictor
@@ -26,18 +27,32 @@ OUTER_PADDING = 11
 NMS_IOU = 0.3382761351109955
 
 
-def _resize_corner_aligned(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Bilinear resize of a (C, H, W) float array with corners aligned."""
-    _, h, w = img.shape
-    ys = np.arange(out_h) * ((h - 1) / max(out_h - 1, 1))
-    xs = np.arange(out_w) * ((w - 1) / max(out_w - 1, 1))
-    y0 = np.minimum(ys.astype(np.int64), h - 2)
-    x0 = np.minimum(xs.astype(np.int64), w - 2)
-    fy = (ys - y0).astype(np.float32)[None, :, None]
-    fx = (xs - x0).astype(np.float32)[None, None, :]
-    rows = img[:, y0, :] * (1 - fy) + img[:, y0 + 1, :] * fy
-    out: np.ndarray = rows[:, :, x0] * (1 - fx) + rows[:, :, x0 + 1] * fx
-    return out
+class _Resizer:
+    """Corner-aligned bilinear resizing of (C, H, W) float32 arrays.
+
+    An onnxruntime ``Resize`` (``align_corners``), which is what the image
+    pyramid needs, several times faster than the same arithmetic in numpy.
+    The graph is built here, from no weights.
+    """
+
+    def __init__(self) -> None:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "C", "H", "W"])
+        sizes = helper.make_tensor_value_info("sizes", TensorProto.INT64, [4])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "C", "h", "w"])
+        node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear",
+                                coordinate_transformation_mode="align_corners")
+        graph = helper.make_graph([node], "resize", [x, sizes], [y])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(model.SerializeToString(), opts,
+                                            providers=["CPUExecutionProvider"])
+
+    def __call__(self, img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+        c = img.shape[0]
+        out: np.ndarray = self.session.run(None, {
+            "x": img[None], "sizes": np.array([1, c, out_h, out_w], dtype=np.int64)})[0][0]
+        return out
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,7 @@ class MmodDetector:
         self.threshold = threshold
         self.max_side = max_side
         self.upsample_small = upsample_small
+        self.resize = _Resizer()
 
     def prepare(self, image: np.ndarray, attempt: int) -> DetectorInput | None:
         """Scan 0 at ``max_side``; scan 1, only for small images, at twice the size."""
@@ -111,13 +127,13 @@ class MmodDetector:
         level0 = (image.astype(np.float32) - MEAN_RGB) / 256.0
         level0 = np.ascontiguousarray(level0.transpose(2, 0, 1))
         if (th, tw) != (h, w):
-            level0 = _resize_corner_aligned(level0, th, tw)
+            level0 = self.resize(level0, th, tw)
         tiles, ch, cw = _layout(th, tw, WINDOW // 2)
         canvas = np.zeros((3, ch, cw), dtype=np.float32)
         prev = level0
         for tile in tiles:
             if tile.level:
-                prev = _resize_corner_aligned(prev, tile.h, tile.w)
+                prev = self.resize(prev, tile.h, tile.w)
             canvas[:, tile.y:tile.y + tile.h, tile.x:tile.x + tile.w] = prev
         return DetectorInput(canvas, (tiles, scale))
 
