@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 	$(BIN)/faceverify models build
 
-## serve: set everything up, then run the server on the embedded defaults (port 50051)
+## serve: set everything up, then run the server on the embedded defaults
+##        (gRPC on 50051, Prometheus metrics on 9464)
+FACEVERIFY_METRICS_PORT ?= 9464
 serve: setup
-	$(BIN)/faceverify serve
+	FACEVERIFY_METRICS_PORT=$(FACEVERIFY_METRICS_PORT) $(BIN)/faceverify serve
 
 ## test: set everything up, then run the test suite (what CI runs)
 test: setup

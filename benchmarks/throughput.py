@@ -92,12 +92,12 @@ def _rate(fn: Any, items_per_call: int, threads: int, seconds: float) -> float:
     return sum(done) / (time.perf_counter() - start)
 
 
-def model_limit(model_dir: Path, images: list[Path], detect_batch: int, embed_batch: int,
-                seconds: float) -> dict[str, float]:
+def model_limit(model_dir: Path, provider: str, images: list[Path], detect_batch: int,
+                embed_batch: int, seconds: float) -> dict[str, float]:
     """Raw onnxruntime throughput: one thread per core, one intra-op thread each."""
     from server.pipeline.types import detect
 
-    models = load_models(model_dir, "cpu", 1, ImageLimits(), FacePolicy(min_face_px=0))
+    models = load_models(model_dir, provider, 1, ImageLimits(), FacePolicy(min_face_px=0))
     pipe, threads = models.pipeline, os.cpu_count() or 1
     decoded = [pipe.decode(p.read_bytes(), "image") for p in images[:detect_batch]]
     prepared = [pipe.detector.prepare(img, 0) for img in decoded]
@@ -117,8 +117,9 @@ def model_limit(model_dir: Path, images: list[Path], detect_batch: int, embed_ba
 
 
 async def _drive(target: str, pairs: list[tuple[bytes, bytes]], concurrency: int,
-                 requests: int) -> tuple[list[float], float, list[pb.VerifyResponse | None]]:
-    """``requests`` Verify calls, ``concurrency`` in flight; latencies and responses.
+                 requests: int) -> tuple[list[float], float, list[pb.VerifyResponse | None], int]:
+    """``requests`` Verify calls, ``concurrency`` in flight: latencies of the answered
+    calls, seconds, responses, and how many calls were shed (RESOURCE_EXHAUSTED).
 
     Clients spread over ``CONNECTIONS`` connections (a distinct channel argument
     keeps gRPC from sharing one), so that several server processes on one port
@@ -132,9 +133,10 @@ async def _drive(target: str, pairs: list[tuple[bytes, bytes]], concurrency: int
         latencies: list[float] = []
         responses: list[pb.VerifyResponse | None] = [None] * requests
         next_index = 0
+        shed = 0
 
         async def client(stub: pb_grpc.FaceVerificationStub) -> None:
-            nonlocal next_index
+            nonlocal next_index, shed
             while next_index < requests:
                 i = next_index
                 next_index += 1
@@ -144,13 +146,16 @@ async def _drive(target: str, pairs: list[tuple[bytes, bytes]], concurrency: int
                     responses[i] = await stub.Verify(pb.VerifyRequest(selfie=a, reference=b),
                                                      timeout=120)
                 except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # load shed
+                        shed += 1
+                        continue
                     if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:  # no face: a non-match
                         raise
                 latencies.append(time.perf_counter() - start)
 
         start = time.perf_counter()
         await asyncio.gather(*(client(stubs[i % CONNECTIONS]) for i in range(concurrency)))
-        return latencies, time.perf_counter() - start, responses
+        return latencies, time.perf_counter() - start, responses, shed
     finally:
         for ch in channels:
             await ch.close()
@@ -168,13 +173,14 @@ def run_faceverify(model_dir: Path, env: dict[str, str], pairs: list[tuple[bytes
             wait_serving(target, proc)
             asyncio.run(_drive(target, pairs, 4, 8))  # warm the connection and the pools
             start = time.perf_counter()
-            _, _, responses = asyncio.run(_drive(target, accuracy_pairs, 32,
-                                                 len(accuracy_pairs)))
+            _, _, responses, _ = asyncio.run(_drive(target, accuracy_pairs, 32,
+                                                    len(accuracy_pairs)))
             accuracy_seconds = time.perf_counter() - start
             results = []
             for c in levels:
-                lat, seconds, _ = asyncio.run(_drive(target, pairs, c, calls(requests, c)))
-                results.append({"concurrency": c, **summary(lat, seconds)})
+                lat, seconds, _, shed = asyncio.run(_drive(target, pairs, c,
+                                                           calls(requests, c)))
+                results.append({"concurrency": c, **summary(lat, seconds), "shed": shed})
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -239,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=300, help="pairs scored for accuracy")
     p.add_argument("--requests", type=int, default=150, help="calls per concurrency level")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--provider", default="cpu", help="cpu, cuda or tensorrt")
     p.add_argument("--set", action="append", default=[], metavar="FACEVERIFY_X=V",
                    help="server setting for this run (repeatable)")
     p.add_argument("--library-env", type=Path, default=LIBRARY_ENV)
@@ -257,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     order = np.random.default_rng(0).permutation(len(data))
     report: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs", "pairs": len(chosen),
                               "requests_per_level": args.requests, "server_settings": env}
-    report["limit"] = model_limit(args.model_dir, [a for a, _ in paths], 8, 32,
+    report["limit"] = model_limit(args.model_dir, args.provider, [a for a, _ in paths], 8, 32,
                                   args.limit_seconds)
-    fv = run_faceverify(args.model_dir, env, [data[i] for i in order], data, args.levels,
+    server_env = {"FACEVERIFY_PROVIDER": args.provider, **env}
+    fv = run_faceverify(args.model_dir, server_env, [data[i] for i in order], data, args.levels,
                         args.requests)
     report["faceverify"] = {"levels": fv["levels"],
                             "accuracy": accuracy(fv["scores"], fv["decisions"], same)}
@@ -283,12 +291,13 @@ def print_table(report: dict[str, Any]) -> None:
           f"{lim['verifications_per_s']} verifications/s", file=sys.stderr)
     fv = report["faceverify"]
     lib = report.get("face_recognition")
-    head = f"{'concurrency':>11} | {'faceverify /s':>13} {'p50 ms':>8} {'p99 ms':>8}"
+    head = f"{'concurrency':>11} | {'faceverify /s':>13} {'p50 ms':>8} {'p99 ms':>8} {'shed':>5}"
     if lib:
         head += f" | {'library /s':>10} {'p50 ms':>8} {'p99 ms':>8} | {'ratio':>5}"
     print(head, file=sys.stderr)
     for i, f in enumerate(fv["levels"]):
         row = f"{f['concurrency']:>11} | {f['per_s']:>13} {f['p50_ms']:>8} {f['p99_ms']:>8}"
+        row += f" {f['shed']:>5}"
         if lib:
             g = lib["levels"][i]
             row += (f" | {g['per_s']:>10} {g['p50_ms']:>8} {g['p99_ms']:>8} | "

@@ -24,6 +24,7 @@ several faces, face too small) are expected outcomes, not failures; overload
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -34,9 +35,12 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import User, between, events, task
 from locust.env import Environment
 
-from loadtest.faces import FaceSet, NikSource, default_images_dir
-from server.gen import faceverify_pb2 as pb
-from server.gen import faceverify_pb2_grpc as pb_grpc
+# locust imports this file by path: make the repository's packages importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtest.faces import FaceSet, NikSource, default_images_dir  # noqa: E402
+from server.gen import faceverify_pb2 as pb  # noqa: E402
+from server.gen import faceverify_pb2_grpc as pb_grpc  # noqa: E402
 
 # grpcio must cooperate with gevent, on which locust runs its users.
 grpc_gevent.init_gevent()

@@ -22,6 +22,15 @@ def test_environment_then_flags() -> None:
     assert s.provider == "auto"
 
 
+def test_batching_settings_become_engine_limits() -> None:
+    s = build_settings({"FACEVERIFY_EMBED_MAX_BATCH": "64", "FACEVERIFY_BATCH_WAIT_MS": "5",
+                        "FACEVERIFY_METRICS_PORT": "9464"}, {"max_queue": 16})
+    limits = s.engine_limits
+    assert (limits.embed.max_batch, limits.embed.max_wait, limits.embed.max_queue) == (64, 0.005,
+                                                                                       16)
+    assert limits.detect.max_batch == 8 and s.metrics_port == 9464
+
+
 def test_default_model_dir_follows_xdg() -> None:
     assert build_settings({"XDG_CACHE_HOME": "/c"}, {}).model_dir == Path("/c/faceverify/models")
 
@@ -32,6 +41,11 @@ def test_default_model_dir_follows_xdg() -> None:
     ({"FACEVERIFY_PROVIDER": "tpu"}, "provider"),
     ({"FACEVERIFY_DECISION_FMR": "2"}, "decision_fmr"),
     ({"FACEVERIFY_AMBIGUITY_RATIO": "0"}, "ambiguity_ratio"),
+    ({"FACEVERIFY_MAX_QUEUE": "0"}, "max_queue"),
+    ({"FACEVERIFY_DETECT_MAX_BATCH": "0"}, "detect_max_batch"),
+    ({"FACEVERIFY_BATCH_WAIT_MS": "-1"}, "batch_wait_ms"),
+    ({"FACEVERIFY_METRICS_PORT": "70000"}, "metrics port"),
+    ({"FACEVERIFY_PROCESSES": "2", "FACEVERIFY_PORT": "0"}, "fixed port"),
 ])
 def test_invalid_settings_name_the_problem(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
