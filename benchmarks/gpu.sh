@@ -15,5 +15,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 .venv-gpu/bin/python -m benchmarks.throughput --model-dir "${OUT:-/tmp}/models" --provider cuda \
     --skip-library --levels 32 128 512 --requests 2000 \
     --set FACEVERIFY_DETECT_MAX_BATCH=32 --set FACEVERIFY_EMBED_MAX_BATCH=128 \
+    --set FACEVERIFY_BATCH_WAIT_MS=3 \
     --set FACEVERIFY_WORKERS=12 --set FACEVERIFY_PROCESSES=4 --set FACEVERIFY_MAX_QUEUE=1024 \
     | tee "${OUT:-/tmp}/gpu-throughput.json"

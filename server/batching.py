@@ -3,7 +3,8 @@
 A :class:`Batcher` owns one model call (detector or recognizer).  Requests
 ``submit`` one input each and await its output.  A collector task waits for the
 first queued input, then for more until ``max_batch`` inputs of the same shape
-are queued or ``max_wait`` has passed, and hands the batch to a thread pool.
+are queued or that input has waited ``max_wait``, and hands the batch to a
+thread pool.
 Up to ``concurrency`` batches run at once; what is queued is spread over the
 idle ones, and while all run, new inputs queue, so batches grow with the load.
 
@@ -75,7 +76,7 @@ class BatchLimits:
     """
 
     max_batch: int = 8
-    max_wait: float = 0.002
+    max_wait: float = 0.0
     max_queue: int = 256
     concurrency: int = 2
 
@@ -181,7 +182,9 @@ class Batcher(Generic[T, R]):
             self._arrived.clear()
             await self._arrived.wait()
         key = self._pending[0].key
-        give_up = time.monotonic() + self.limits.max_wait
+        # The wait counts from the oldest input's arrival: inputs left queued when
+        # the previous batch was split over idle slots have waited already.
+        give_up = self._pending[0].queued_at + self.limits.max_wait
         while self._same_key(key) < self.limits.max_batch:
             left = give_up - time.monotonic()
             if left <= 0:

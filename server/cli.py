@@ -228,7 +228,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--embed-max-batch", type=int,
                    help="most faces per recognizer call (FACEVERIFY_EMBED_MAX_BATCH; default 32)")
     s.add_argument("--batch-wait-ms", type=float,
-                   help="wait for a batch to fill (FACEVERIFY_BATCH_WAIT_MS; default 2)")
+                   help="wait for a batch to fill (FACEVERIFY_BATCH_WAIT_MS; default 0)")
     s.add_argument("--max-queue", type=int,
                    help="inputs waiting per model before RESOURCE_EXHAUSTED "
                    "(FACEVERIFY_MAX_QUEUE; default 128)")

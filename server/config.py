@@ -83,7 +83,7 @@ class Settings:
     batch_concurrency: int = 2
     detect_max_batch: int = 8
     embed_max_batch: int = 32
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 0.0
     max_queue: int = 128
     index_threads: int = 2
     metrics_port: int | None = None

@@ -21,6 +21,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from server.pipeline.faces import STAGES as PIPELINE_STAGES
+
 # Latency buckets from 2.5 ms to 10 s: an image on a GPU takes a few ms, a
 # verification on a busy CPU a few hundred.
 LATENCY_BUCKETS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
@@ -28,7 +30,7 @@ LATENCY_BUCKETS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 # Pipeline stages (per image) and index operations, the values of ``stage``.
-STAGES = ("decode", "detect", "align", "embed", "index_search", "index_write")
+STAGES = (*PIPELINE_STAGES, "index_search", "index_write")
 OUTCOMES = {"Verify": ("match", "no_match"),
             "Enroll": ("enrolled", "enrolled_flagged", "duplicate_refused", "already_enrolled",
                        "reference_mismatch")}
