@@ -41,6 +41,7 @@ import numpy as np
 
 from benchmarks.lfw import Pair, best_threshold, default_lfw_dir, image_path, read_pairs
 from benchmarks.serverproc import free_port, start_server, wait_serving
+from benchmarks.speed import percentiles
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
 from server.pipeline.faces import FacePolicy
@@ -58,10 +59,7 @@ def calls(requests: int, concurrency: int) -> int:
 
 
 def summary(latencies: list[float], seconds: float) -> dict[str, float]:
-    ms = np.asarray(latencies) * 1000
-    return {"per_s": round(len(latencies) / seconds, 2),
-            "p50_ms": round(float(np.percentile(ms, 50)), 1),
-            "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+    return {"per_s": round(len(latencies) / seconds, 2), **percentiles(latencies)}
 
 
 def accuracy(scores: np.ndarray, decisions: np.ndarray, same: np.ndarray) -> dict[str, float]:

@@ -114,7 +114,7 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
                       settings.index, settings.snapshot_every)
     engine = InferenceEngine(models.pipeline, image_pool, model_pool, settings.engine_limits,
                              metrics)
-    enrolment = EnrolmentService(models, gallery, engine, index_pool, point.threshold,
+    enrolment = EnrolmentService(gallery, engine, index_pool, point.threshold,
                                  float(dedup["threshold"]),
                                  DuplicatePolicy(settings.duplicate_policy), metrics)
     metrics.build.info({"version": __version__, "model_version": models.model_version,

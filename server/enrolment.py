@@ -23,8 +23,7 @@ from server.errors import EnrollmentConflict, InvalidRequest, NotEnrolled
 from server.inference import InferenceEngine
 from server.metrics import Metrics
 from server.nik import validate_nik
-from server.pipeline.faces import AnalysedFace, Timings
-from server.pipeline.loader import LoadedModels
+from server.pipeline.faces import AnalysedFace
 from server.service import analyse_both
 
 T = TypeVar("T")
@@ -81,11 +80,10 @@ class EnrolmentService:
         candidates_k: how many gallery neighbours to examine.
     """
 
-    def __init__(self, models: LoadedModels, gallery: Gallery, engine: InferenceEngine,
+    def __init__(self, gallery: Gallery, engine: InferenceEngine,
                  index_executor: ThreadPoolExecutor, verify_threshold: float,
                  dedup_threshold: float, policy: DuplicatePolicy, metrics: Metrics,
                  candidates_k: int = 10) -> None:
-        self.models = models
         self.metrics = metrics
         self.gallery = gallery
         self.engine = engine
@@ -104,7 +102,7 @@ class EnrolmentService:
     async def _analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool) -> AnalysedFace:
         if not data:
             raise InvalidRequest(f"{field_name} is required", field=field_name)
-        return await self.engine.analyse(data, field_name, refuse_ambiguous, Timings())
+        return await self.engine.analyse(data, field_name, refuse_ambiguous)
 
     async def enroll(self, nik: str, selfie: bytes, reference: bytes | None,
                      metadata: dict[str, str]) -> EnrolResult:

@@ -79,15 +79,16 @@ class InferenceEngine:
             attempt += 1
         return []
 
-    async def analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool,
-                      timings: Timings) -> AnalysedFace:
-        """The subject face of one encoded image; stage times go to ``timings``
+    async def analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool
+                      ) -> AnalysedFace:
+        """The subject face of one encoded image; stage times go to the metrics
         (``detect`` and ``embed`` include the wait for a batch).
 
         Raises:
             RequestError: the image's own problem (see :mod:`server.pipeline.faces`),
                 or Overloaded / QueueTimeout from a batcher.
         """
+        timings = Timings()
         try:
             with timings.stage("decode"):
                 image = await self._cpu(self.pipeline.decode, data, field_name)

@@ -15,7 +15,7 @@ from typing import Any
 from server.errors import InvalidRequest
 from server.inference import InferenceEngine
 from server.metrics import Metrics
-from server.pipeline.faces import AnalysedFace, Timings
+from server.pipeline.faces import AnalysedFace
 from server.pipeline.loader import LoadedModels
 
 
@@ -54,7 +54,6 @@ class Verification:
     score: float
     selfie: AnalysedFace
     reference: AnalysedFace
-    timings: tuple[Timings, Timings]
 
 
 class VerificationService:
@@ -83,11 +82,10 @@ class VerificationService:
             raise InvalidRequest("selfie is required", field="selfie")
         if not reference:
             raise InvalidRequest("reference is required", field="reference")
-        t_selfie, t_ref = Timings(), Timings()
-        a, b = await analyse_both(self.engine.analyse(selfie, "selfie", True, t_selfie),
-                                  self.engine.analyse(reference, "reference", False, t_ref))
+        a, b = await analyse_both(self.engine.analyse(selfie, "selfie", True),
+                                  self.engine.analyse(reference, "reference", False))
         score = float(a.embedding @ b.embedding)
         match = score >= self.point.threshold
         self.metrics.outcomes.labels("Verify", "match" if match else "no_match").inc()
-        return Verification(match, score, a, b, (t_selfie, t_ref))
+        return Verification(match, score, a, b)
 
