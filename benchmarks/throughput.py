@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +42,7 @@ import grpc
 import numpy as np
 
 from benchmarks.lfw import Pair, best_threshold, default_lfw_dir, image_path, read_pairs
+from benchmarks.phone import phone_selfie
 from benchmarks.serverproc import free_port, start_server, wait_serving
 from benchmarks.speed import percentiles
 from server.gen import faceverify_pb2 as pb
@@ -93,15 +96,12 @@ def _rate(fn: Any, items_per_call: int, threads: int, seconds: float) -> float:
 def model_limit(model_dir: Path, provider: str, images: list[Path], detect_batch: int,
                 embed_batch: int, seconds: float) -> dict[str, float]:
     """Raw onnxruntime throughput: one thread per core, one intra-op thread each."""
-    from server.pipeline.types import detect
-
     models = load_models(model_dir, provider, 1, ImageLimits(), FacePolicy(min_face_px=0))
     pipe, threads = models.pipeline, os.cpu_count() or 1
-    decoded = [pipe.decode(p.read_bytes(), "image") for p in images[:detect_batch]]
+    decoded = [pipe.decode(p.read_bytes(), "image").pixels for p in images[:detect_batch]]
     prepared = [pipe.detector.prepare(img, 0) for img in decoded]
     tensors = [p.tensor for p in prepared if p is not None]
-    chips = np.stack([pipe.subject_chip(img, detect(pipe.detector, img), "image", False)[2]
-                      for img in decoded])
+    chips = np.stack([pipe.analyse(img, "image", False).chip for img in decoded])
     chips = np.concatenate([chips] * (embed_batch // len(chips) + 1))[:embed_batch]
     det = _rate(lambda: pipe.detector.infer(tensors), len(tensors), threads, seconds)
     rec = _rate(lambda: pipe.recognizer.embed(chips), len(chips), threads, seconds)
@@ -159,6 +159,31 @@ async def _drive(target: str, pairs: list[tuple[bytes, bytes]], concurrency: int
             await ch.close()
 
 
+class GpuUtilisation:
+    """Samples ``nvidia-smi``'s GPU utilisation every 200 ms while in the block
+    (nothing where there is no nvidia-smi)."""
+
+    def __enter__(self) -> GpuUtilisation:
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+             "-lms", "200"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        ) if shutil.which("nvidia-smi") else None
+        self.samples: list[float] = []
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate(timeout=10)
+            self.samples = [float(v) for v in out.split() if v.strip().isdigit()]
+
+    def summary(self) -> dict[str, float]:
+        if not self.samples:
+            return {}
+        return {"gpu_util_median_pct": float(np.median(self.samples)),
+                "gpu_util_max_pct": float(max(self.samples))}
+
+
 def run_faceverify(model_dir: Path, env: dict[str, str], pairs: list[tuple[bytes, bytes]],
                    accuracy_pairs: list[tuple[bytes, bytes]], levels: list[int],
                    requests: int) -> dict[str, Any]:
@@ -176,9 +201,11 @@ def run_faceverify(model_dir: Path, env: dict[str, str], pairs: list[tuple[bytes
             accuracy_seconds = time.perf_counter() - start
             results = []
             for c in levels:
-                lat, seconds, _, shed = asyncio.run(_drive(target, pairs, c,
-                                                           calls(requests, c)))
-                results.append({"concurrency": c, **summary(lat, seconds), "shed": shed})
+                with GpuUtilisation() as gpu:
+                    lat, seconds, _, shed = asyncio.run(_drive(target, pairs, c,
+                                                               calls(requests, c)))
+                results.append({"concurrency": c, **summary(lat, seconds), "shed": shed,
+                                **gpu.summary()})
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -236,6 +263,37 @@ def choose_pairs(lfw: Path, count: int) -> list[Pair]:
     return chosen
 
 
+def phone_copies(paths: list[tuple[Path, Path]], folder: Path) -> list[tuple[Path, Path]]:
+    """Phone-sized copies of the pairs' images (for both contenders), in ``folder``."""
+    out = []
+    for pair in paths:
+        copies = []
+        for src in pair:
+            dst = folder / src.name
+            if not dst.exists():
+                dst.write_bytes(phone_selfie(src.read_bytes()))
+            copies.append(dst)
+        out.append((copies[0], copies[1]))
+    return out
+
+
+def machine() -> str:
+    """The CPU model and core count, and the GPU where one is visible."""
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    text = f"{cpu}, {os.cpu_count()} CPUs"
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                         capture_output=True, text=True, check=False) \
+        if shutil.which("nvidia-smi") else None
+    if gpu is not None and gpu.returncode == 0:
+        text += ", GPU " + ", ".join(gpu.stdout.split("\n")).strip(", ")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model-dir", type=Path, required=True)
@@ -249,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--library-env", type=Path, default=LIBRARY_ENV)
     p.add_argument("--skip-library", action="store_true")
     p.add_argument("--limit-seconds", type=float, default=8.0)
+    p.add_argument("--phone", action="store_true",
+                   help="phone-sized selfies: each face in a 1280x960 JPEG (benchmarks.phone)")
     args = p.parse_args(argv)
     if not (args.lfw / "pairs.txt").exists():
         print(f"LFW not found at {args.lfw}: set FACEVERIFY_LFW_DIR", file=sys.stderr)
@@ -257,10 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     chosen = choose_pairs(args.lfw, args.pairs)
     same = np.array([q.same for q in chosen])
     paths = [(image_path(args.lfw, q.a), image_path(args.lfw, q.b)) for q in chosen]
+    if args.phone:
+        paths = phone_copies(paths, Path(tempfile.mkdtemp(prefix="faceverify-phone-")))
     data = [(a.read_bytes(), b.read_bytes()) for a, b in paths]
     # The load levels cycle through the pairs in an order that mixes folds.
     order = np.random.default_rng(0).permutation(len(data))
-    report: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs", "pairs": len(chosen),
+    report: dict[str, Any] = {"machine": machine(), "pairs": len(chosen),
+                              "images": "1280x960 JPEG q90" if args.phone else "LFW 250x250",
                               "requests_per_level": args.requests, "server_settings": env}
     report["limit"] = model_limit(args.model_dir, args.provider, [a for a, _ in paths], 8, 32,
                                   args.limit_seconds)
@@ -284,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(report: dict[str, Any]) -> None:
     lim = report["limit"]
+    print(f"{report['machine']}; {report['images']}", file=sys.stderr)
     print(f"limit (onnxruntime alone): detector {lim['detector_images_per_s']} images/s, "
           f"recognizer {lim['recognizer_faces_per_s']} faces/s -> "
           f"{lim['verifications_per_s']} verifications/s", file=sys.stderr)
@@ -296,6 +360,8 @@ def print_table(report: dict[str, Any]) -> None:
     for i, f in enumerate(fv["levels"]):
         row = f"{f['concurrency']:>11} | {f['per_s']:>13} {f['p50_ms']:>8} {f['p99_ms']:>8}"
         row += f" {f['shed']:>5}"
+        if "gpu_util_median_pct" in f:
+            row += f" gpu {f['gpu_util_median_pct']:.0f}%"
         if lib:
             g = lib["levels"][i]
             row += (f" | {g['per_s']:>10} {g['p50_ms']:>8} {g['p99_ms']:>8} | "

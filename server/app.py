@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from index.gallery import Gallery
 from server import __version__
 from server.calibrate import operating_point
-from server.config import Settings
+from server.config import Settings, serving_summary
 from server.enrolment import DuplicatePolicy, EnrolmentService
 from server.errors import ConfigurationError, StartupError
 from server.gen import faceverify_pb2 as pb
@@ -101,7 +101,7 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
     image_pool, model_pool, index_pool = pools
     models = load_models(settings.model_dir, settings.provider, settings.intra_op_threads,
                          settings.limits, settings.policy, settings.detector_max_side,
-                         settings.flip)
+                         settings.flip, settings.cudnn_conv_algo_search)
     calibration = read_calibration(settings.model_dir, models.model_version)
     point = OperatingPoint.from_calibration(calibration,
                                             operating_point(calibration, settings.decision_fmr))
@@ -147,7 +147,8 @@ async def start(settings: Settings) -> RunningServer:
         ],
     )
     pb_grpc.add_FaceVerificationServicer_to_server(  # type: ignore[no-untyped-call]
-        FaceVerificationServicer(services.verification, services.enrolment), server)
+        FaceVerificationServicer(services.verification, services.enrolment,
+                                 serving_summary(settings)), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

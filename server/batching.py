@@ -64,6 +64,24 @@ class _NoObserver:
         pass
 
 
+def buckets(max_batch: int) -> list[int]:
+    """The batch sizes a padded model call uses: powers of two below ``max_batch``,
+    then ``max_batch`` itself."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+def padded(items: list[T], max_batch: int) -> list[T]:
+    """``items`` padded (with copies of the last) to the next size of :func:`buckets`."""
+    size = next(b for b in buckets(max_batch) if b >= len(items)) \
+        if len(items) <= max_batch else len(items)
+    return items + [items[-1]] * (size - len(items))
+
+
 @dataclass(frozen=True)
 class BatchLimits:
     """How a batcher groups inputs.

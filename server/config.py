@@ -72,6 +72,14 @@ class Settings:
         snapshot_every: index snapshot after this many enrolments or erasures.
         grace_seconds: how long SIGTERM waits for in-flight calls.
         max_concurrent_rpcs: calls beyond this are refused with RESOURCE_EXHAUSTED.
+        batch_buckets: pad every model batch to the next power of two (up to the
+            maximum), so that a GPU provider sees a few shapes, each planned and
+            warmed at start-up, instead of planning anew for every batch size.
+        cudnn_conv_algo_search: cuDNN convolution algorithm search of the CUDA
+            provider: ``HEURISTIC`` (no per-shape benchmarking), ``EXHAUSTIVE``
+            or ``DEFAULT``.
+        explicit: the settings given by flags or environment (the others may be
+            tuned for the execution provider, see :func:`for_provider`).
     """
 
     host: str = "[::]"
@@ -101,6 +109,9 @@ class Settings:
     limits: ImageLimits = field(default_factory=ImageLimits)
     policy: FacePolicy = field(default_factory=FacePolicy)
     log_level: str = "INFO"
+    batch_buckets: bool = False
+    cudnn_conv_algo_search: str = "HEURISTIC"
+    explicit: frozenset[str] = frozenset()
 
     @property
     def address(self) -> str:
@@ -113,7 +124,8 @@ class Settings:
             detect=BatchLimits(self.detect_max_batch, wait, self.max_queue,
                                self.batch_concurrency),
             embed=BatchLimits(self.embed_max_batch, wait, self.max_queue,
-                              self.batch_concurrency))
+                              self.batch_concurrency),
+            pad_to_buckets=self.batch_buckets)
 
 
 # Environment variable -> (settings path, type).  Nested paths use a dot.
@@ -146,10 +158,48 @@ ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "FACEVERIFY_MAX_CONCURRENT_RPCS": ("max_concurrent_rpcs", int),
     "FACEVERIFY_MAX_IMAGE_BYTES": ("limits.max_bytes", int),
     "FACEVERIFY_MAX_IMAGE_PIXELS": ("limits.max_pixels", int),
+    "FACEVERIFY_DECODE_SIDE": ("limits.decode_side", int),
     "FACEVERIFY_MIN_FACE_PX": ("policy.min_face_px", float),
     "FACEVERIFY_AMBIGUITY_RATIO": ("policy.ambiguity_ratio", float),
     "FACEVERIFY_LOG_LEVEL": ("log_level", str),
+    "FACEVERIFY_BATCH_BUCKETS": ("batch_buckets", _boolean),
+    "FACEVERIFY_CUDNN_CONV_ALGO_SEARCH": ("cudnn_conv_algo_search", str),
 }
+
+# Serving settings that suit a GPU provider, used where the operator set none:
+# batches large enough to fill the GPU, gathered for a couple of milliseconds,
+# padded to a few warmed shapes; several processes for the per-image CPU work
+# (decoding, landmarks, alignment), each with its own threads.
+GPU_PROFILE: dict[str, Any] = {
+    "workers": 6,
+    "batch_concurrency": 2,
+    "detect_max_batch": 64,
+    "embed_max_batch": 128,
+    "batch_wait_ms": 2.0,
+    "max_queue": 2048,
+    "max_concurrent_rpcs": 4096,
+    "batch_buckets": True,
+}
+
+
+def for_provider(settings: Settings, provider: str, cpus: int) -> Settings:
+    """``settings`` with the GPU defaults (:data:`GPU_PROFILE`, and one server
+    process per two cores, at most 8) wherever the operator set nothing, when
+    ``provider`` (already resolved) is a GPU one; unchanged otherwise."""
+    if provider not in ("cuda", "tensorrt"):
+        return settings
+    profile = {**GPU_PROFILE, "processes": max(1, min(8, cpus // 2))}
+    return replace(settings, **{k: v for k, v in profile.items()
+                                if k not in settings.explicit})
+
+
+def serving_summary(s: Settings) -> dict[str, Any]:
+    """The settings that shape throughput, as logged and reported by GetServerInfo."""
+    return {"processes": s.processes, "workers": s.workers,
+            "intra_op_threads": s.intra_op_threads, "batch_concurrency": s.batch_concurrency,
+            "detect_max_batch": s.detect_max_batch, "embed_max_batch": s.embed_max_batch,
+            "batch_wait_ms": s.batch_wait_ms, "batch_buckets": s.batch_buckets,
+            "max_queue": s.max_queue, "cudnn_conv_algo_search": s.cudnn_conv_algo_search}
 
 
 def _set(settings: Settings, path: str, value: Any) -> Settings:
@@ -170,15 +220,19 @@ def build_settings(env: Mapping[str, str], overrides: Mapping[str, Any]) -> Sett
         ConfigurationError: a value does not parse or is out of range.
     """
     s = Settings(model_dir=default_model_dir(env), data_dir=default_data_dir(env))
+    explicit = set()
     for var, (path, typ) in ENV.items():
         if var in env:
             try:
                 s = _set(s, path, typ(env[var]))
             except ValueError as exc:
                 raise ConfigurationError(f"{var}={env[var]!r} is not a valid value") from exc
+            explicit.add(path)
     for path, value in overrides.items():
         if value is not None:
             s = _set(s, path, value)
+            explicit.add(path)
+    s = replace(s, explicit=frozenset(explicit))
     _validate(s)
     return s
 
@@ -202,6 +256,8 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError(f"decision_fmr {s.decision_fmr} must be between 0 and 1")
     if s.limits.max_bytes <= 0 or s.limits.max_pixels <= 0:
         raise ConfigurationError("image limits must be positive")
+    if s.limits.decode_side < 0:
+        raise ConfigurationError("decode_side must be >= 0 (0: decode at full size)")
     if not 0 < s.policy.ambiguity_ratio <= 1:
         raise ConfigurationError("ambiguity_ratio must be in (0, 1]")
     if not 0 < s.dedup_fmr < 1:
@@ -211,5 +267,8 @@ def _validate(s: Settings) -> None:
     if s.snapshot_every < 1:
         raise ConfigurationError("snapshot_every must be >= 1")
     s.index.validate()
+    if s.cudnn_conv_algo_search not in ("HEURISTIC", "EXHAUSTIVE", "DEFAULT"):
+        raise ConfigurationError(f"cudnn_conv_algo_search {s.cudnn_conv_algo_search!r}: "
+                                 "choose HEURISTIC, EXHAUSTIVE or DEFAULT")
     if s.provider not in ("auto", "cpu", "cuda", "tensorrt"):
         raise ConfigurationError(f"provider {s.provider!r}: choose auto, cpu, cuda or tensorrt")

@@ -10,19 +10,16 @@ raised by the per-image steps, before an image joins a batch.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from server.batching import Batcher, BatchLimits
+from server.batching import Batcher, BatchLimits, padded
 from server.metrics import Metrics
 from server.pipeline.faces import AnalysedFace, FacePipeline, Timings
-from server.pipeline.types import DetectedFace, DetectorInput
-
-T = TypeVar("T")
+from server.pipeline.types import CpuStep, DetectCall, DetectorInput
 
 
 @dataclass(frozen=True)
@@ -31,6 +28,7 @@ class EngineLimits:
 
     detect: BatchLimits = BatchLimits()
     embed: BatchLimits = BatchLimits()
+    pad_to_buckets: bool = False  # see Settings.batch_buckets
 
 
 class InferenceEngine:
@@ -50,6 +48,7 @@ class InferenceEngine:
         self.pipeline = pipeline
         self.cpu_pool = cpu_pool
         self.metrics = metrics
+        self.limits = limits
         self.detect_batcher: Batcher[DetectorInput, Any] = Batcher(
             "detect", self._infer_detector, model_pool, limits.detect,
             key=lambda p: p.tensor.shape, observer=metrics)
@@ -59,50 +58,51 @@ class InferenceEngine:
         metrics.queue_capacity.labels("embed").set(limits.embed.max_queue)
 
     def _infer_detector(self, prepared: list[DetectorInput]) -> list[Any]:
-        return self.pipeline.detector.infer([p.tensor for p in prepared])
+        tensors = [p.tensor for p in prepared]
+        if self.limits.pad_to_buckets:
+            tensors = padded(tensors, self.limits.detect.max_batch)
+        return self.pipeline.detector.infer(tensors)[:len(prepared)]
 
     def _embed(self, chips: list[np.ndarray]) -> list[np.ndarray]:
-        return list(self.pipeline.recognizer.embed(np.stack(chips)))
-
-    async def _cpu(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, fn, *args)
-
-    async def detect(self, image: np.ndarray) -> list[DetectedFace]:
-        """Every scan the detector wants, each batched with other requests' scans."""
-        detector = self.pipeline.detector
-        attempt = 0
-        while (prepared := await self._cpu(detector.prepare, image, attempt)) is not None:
-            output = await self.detect_batcher.submit(prepared)
-            faces = await self._cpu(detector.finish, image, prepared, output)
-            if faces:
-                return faces
-            attempt += 1
-        return []
+        batch = padded(chips, self.limits.embed.max_batch) if self.limits.pad_to_buckets \
+            else chips
+        return list(self.pipeline.recognizer.embed(np.stack(batch))[:len(chips)])
 
     async def analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool
                       ) -> AnalysedFace:
-        """The subject face of one encoded image; stage times go to the metrics
-        (``detect`` and ``embed`` include the wait for a batch).
+        """The subject face of one encoded image: :meth:`FacePipeline.steps`, with
+        per-image steps in the CPU pool and model calls batched across requests.
+        Stage times go to the metrics (``detect`` and ``embed`` include the wait
+        for a batch).
 
         Raises:
             RequestError: the image's own problem (see :mod:`server.pipeline.faces`),
                 or Overloaded / QueueTimeout from a batcher.
         """
         timings = Timings()
+        steps = self.pipeline.steps(data, field_name, refuse_ambiguous, timings)
+        loop = asyncio.get_running_loop()
+        value: Any = None
+        error: BaseException | None = None
         try:
-            with timings.stage("decode"):
-                image = await self._cpu(self.pipeline.decode, data, field_name)
-            with timings.stage("detect"):
-                faces = await self.detect(image)
-            with timings.stage("align"):
-                subject, ambiguous, chip, quality = await self._cpu(
-                    self.pipeline.subject_chip, image, faces, field_name, refuse_ambiguous)
-            with timings.stage("embed"):
-                embedding = await self.embed_batcher.submit(chip)
+            while True:
+                try:
+                    step = steps.throw(error) if error is not None else steps.send(value)
+                except StopIteration as done:
+                    face: AnalysedFace = done.value
+                    return face
+                value, error = None, None
+                try:
+                    if isinstance(step, CpuStep):
+                        value = await loop.run_in_executor(self.cpu_pool, step.fn, *step.args)
+                    elif isinstance(step, DetectCall):
+                        value = await self.detect_batcher.submit(step.prepared)
+                    else:
+                        value = await self.embed_batcher.submit(step.chip)
+                except Exception as exc:  # thrown into the steps, which re-raise it
+                    error = exc
         finally:
             self.metrics.observe_stages(timings.seconds)
-        h, w = image.shape[:2]
-        return AnalysedFace(subject, quality, embedding, len(faces), ambiguous, (w, h))
 
     async def close(self) -> None:
         """Fail whatever is still queued and wait for running batches."""

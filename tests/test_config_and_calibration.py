@@ -81,3 +81,21 @@ def test_calibrate_record_and_operating_point() -> None:
 def test_calibrate_refuses_rates_the_data_cannot_support() -> None:
     with pytest.raises(ModelError, match="too few"):
         calibrate(_embedded(np.random.default_rng(1), identities=10), [1e-4], "s", "m")
+
+
+def test_a_gpu_gets_gpu_serving_defaults_where_the_operator_set_none() -> None:
+    from server.config import GPU_PROFILE, for_provider
+
+    s = build_settings({"FACEVERIFY_WORKERS": "3"}, {"detect_max_batch": 16})
+    assert for_provider(s, "cpu", 16) == s
+    gpu = for_provider(s, "cuda", 16)
+    assert (gpu.workers, gpu.detect_max_batch) == (3, 16)  # the operator's
+    assert gpu.embed_max_batch == GPU_PROFILE["embed_max_batch"] and gpu.batch_buckets
+    assert gpu.processes == 8 and for_provider(s, "cuda", 2).processes == 1
+    assert for_provider(build_settings({"FACEVERIFY_PROCESSES": "1"}, {}), "cuda",
+                        16).processes == 1
+
+
+def test_cudnn_search_mode_is_validated() -> None:
+    with pytest.raises(ConfigurationError, match="cudnn_conv_algo_search"):
+        build_settings({"FACEVERIFY_CUDNN_CONV_ALGO_SEARCH": "fast"}, {})

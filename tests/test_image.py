@@ -25,7 +25,7 @@ def _gradient(w: int = 64, h: int = 48) -> Image.Image:
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
 def test_supported_formats_decode_to_rgb(fmt: str) -> None:
-    out = decode_image(encode(_gradient(), fmt), LIMITS, "selfie")
+    out = decode_image(encode(_gradient(), fmt), LIMITS, "selfie").pixels
     assert out.shape == (48, 64, 3) and out.dtype == np.uint8
 
 
@@ -33,13 +33,13 @@ def test_supported_formats_decode_to_rgb(fmt: str) -> None:
 def test_colour_modes_become_rgb(mode: str) -> None:
     img = _gradient().convert(mode) if mode != "I;16" else _gradient().convert("L").convert("I;16")
     fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
-    out = decode_image(encode(img, fmt), LIMITS, "selfie")
+    out = decode_image(encode(img, fmt), LIMITS, "selfie").pixels
     assert out.shape == (48, 64, 3)
 
 
 def test_alpha_is_composited_on_white() -> None:
     img = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
-    out = decode_image(encode(img, "PNG"), LIMITS, "selfie")
+    out = decode_image(encode(img, "PNG"), LIMITS, "selfie").pixels
     assert (out == 255).all()
 
 
@@ -47,8 +47,21 @@ def test_exif_orientation_is_applied() -> None:
     img = _gradient(64, 48)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    out = decode_image(encode(img, "JPEG", exif=exif.tobytes()), LIMITS, "selfie")
+    out = decode_image(encode(img, "JPEG", exif=exif.tobytes()), LIMITS, "selfie").pixels
     assert out.shape == (64, 48, 3)
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_says_so() -> None:
+    img = _gradient(1280, 960)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated: 960 x 1280
+    out = decode_image(encode(img, "JPEG", exif=exif.tobytes()), LIMITS, "selfie")
+    assert out.pixels.shape == (640, 480, 3) and out.scale == 2.0
+    assert out.size == (960, 1280)
+    full = decode_image(encode(img, "JPEG"), ImageLimits(decode_side=0), "selfie")
+    assert full.pixels.shape == (960, 1280, 3) and full.scale == 1.0
+    png = decode_image(encode(img, "PNG"), LIMITS, "selfie")  # only JPEG scales in decoding
+    assert png.pixels.shape == (960, 1280, 3)
 
 
 def test_empty_bytes() -> None:

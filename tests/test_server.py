@@ -132,6 +132,11 @@ def test_server_info_reports_provider_and_model(client: FaceVerifyClient,
     assert info.embedding_dim == 128
     assert info.model_version == server.running.service.model_version  # type: ignore[union-attr]
     assert 0 < info.operating_point.threshold < 1
+    settings = server.settings
+    assert (info.serving.workers, info.serving.detect_max_batch) == (
+        settings.workers, settings.detect_max_batch)
+    assert info.serving.processes == 1 and not info.serving.batch_buckets
+    assert info.serving.cudnn_conv_algo_search == "HEURISTIC"
 
 
 def test_health_is_serving(server: ServerThread) -> None:

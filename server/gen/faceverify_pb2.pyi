@@ -242,7 +242,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_version", "model_set", "detector", "recognizer", "embedding_dim", "execution_provider", "operating_point", "server_version", "gallery_size", "index_kind", "duplicate_policy", "duplicate_threshold")
+    __slots__ = ("model_version", "model_set", "detector", "recognizer", "embedding_dim", "execution_provider", "operating_point", "server_version", "gallery_size", "index_kind", "duplicate_policy", "duplicate_threshold", "serving")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_SET_FIELD_NUMBER: _ClassVar[int]
     DETECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +255,7 @@ class ServerInfo(_message.Message):
     INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_POLICY_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     model_set: str
     detector: str
@@ -267,4 +268,29 @@ class ServerInfo(_message.Message):
     index_kind: str
     duplicate_policy: str
     duplicate_threshold: float
-    def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ...) -> None: ...
+    serving: ServingSettings
+    def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ..., serving: _Optional[_Union[ServingSettings, _Mapping]] = ...) -> None: ...
+
+class ServingSettings(_message.Message):
+    __slots__ = ("processes", "workers", "intra_op_threads", "batch_concurrency", "detect_max_batch", "embed_max_batch", "batch_wait_ms", "batch_buckets", "max_queue", "cudnn_conv_algo_search")
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    INTRA_OP_THREADS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    DETECT_MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    EMBED_MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    BATCH_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    CUDNN_CONV_ALGO_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    processes: int
+    workers: int
+    intra_op_threads: int
+    batch_concurrency: int
+    detect_max_batch: int
+    embed_max_batch: int
+    batch_wait_ms: float
+    batch_buckets: bool
+    max_queue: int
+    cudnn_conv_algo_search: str
+    def __init__(self, processes: _Optional[int] = ..., workers: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., batch_concurrency: _Optional[int] = ..., detect_max_batch: _Optional[int] = ..., embed_max_batch: _Optional[int] = ..., batch_wait_ms: _Optional[float] = ..., batch_buckets: _Optional[bool] = ..., max_queue: _Optional[int] = ..., cudnn_conv_algo_search: _Optional[str] = ...) -> None: ...

@@ -21,7 +21,19 @@ from server.models.dlib_format import DlibFormatError, DlibNet, Layer
 OPSET = 17
 
 
-class _Graph:
+def portable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give the model the lowest IR version its opsets need, and return it.
+
+    onnx writes its own newest IR version by default, which older onnxruntime
+    builds refuse ("Unsupported model IR version") even when they run every op
+    in the model: the IR version an opset needs is what they can check against.
+    """
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import),
+                                                      ignore_unknown=True)
+    return model
+
+
+class Graph:
     """A small ONNX graph builder with unique names and initialisers."""
 
     def __init__(self) -> None:
@@ -63,16 +75,18 @@ class _Graph:
     def model(self, inputs: list[onnx.ValueInfoProto], output: str,
               out_shape: list[str | int | None],
               doc: str) -> onnx.ModelProto:
-        graph = helper.make_graph(
-            self.nodes,
-            "graph",
-            inputs,
-            [helper.make_tensor_value_info(output, TensorProto.FLOAT, out_shape)],
-            self.inits,
-        )
+        return self.finish("graph", inputs,
+                           [helper.make_tensor_value_info(output, TensorProto.FLOAT, out_shape)],
+                           doc)
+
+    def finish(self, name: str, inputs: list[onnx.ValueInfoProto],
+               outputs: list[onnx.ValueInfoProto], doc: str) -> onnx.ModelProto:
+        """The checked model of this graph, with the IR version its opset needs."""
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.inits)
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="faceverify")
         m.doc_string = doc
+        portable(m)
         onnx.checker.check_model(m)
         return m
 
@@ -110,7 +124,7 @@ def resnet_to_onnx(net: DlibNet) -> onnx.ModelProto:
     if net.input["kind"] != "input_rgb_image_sized":
         raise DlibFormatError("not a face-descriptor network: wrong input layer")
     size = net.input["size"][0]
-    g = _Graph()
+    g = Graph()
     recs = _Records(net.layers)
     mean = np.asarray(net.input["mean_rgb"], dtype=np.float32).reshape(1, 3, 1, 1)
     x = g.op("Sub", ["chips", g.const("mean", mean)])
@@ -182,7 +196,7 @@ def mmod_to_onnx(net: DlibNet) -> onnx.ModelProto:
     """
     if net.input["kind"] != "input_rgb_image_pyramid" or net.loss["kind"] != "loss_mmod_":
         raise DlibFormatError("not an MMOD detector network")
-    g = _Graph()
+    g = Graph()
     recs = _Records(net.layers)
     x = "canvas"
     for _ in range(6):
@@ -193,3 +207,4 @@ def mmod_to_onnx(net: DlibNet) -> onnx.ModelProto:
     inp = helper.make_tensor_value_info("canvas", TensorProto.FLOAT, ["N", 3, "H", "W"])
     return g.model([inp], "scores", ["N", 1, "h", "w"],
                    "dlib MMOD CNN face detector (face_recognition_models), converted by faceverify")
+

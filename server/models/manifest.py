@@ -23,6 +23,10 @@ from server.errors import ModelError
 MANIFEST = "manifest.json"
 CALIBRATION = "calibration.json"
 FORMAT = 1
+# The default model set's detectors; the default was chosen by measurement
+# (README, "Detectors").
+DETECTORS = ("blazeface", "mmod")
+DEFAULT_DETECTOR = "blazeface"
 
 
 def sha256_file(path: Path) -> str:

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from server.calibrate import labelled_images
+from server.durable import replace_atomically
 from server.errors import FaceVerifyError, ModelError
+from server.models.convert import portable
 from server.models.manifest import MANIFEST, read_manifest, sha256_file, write_json_atomic
 from server.pipeline.faces import FacePipeline
-from server.pipeline.types import detect
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +40,9 @@ def calibration_chips(pipeline: FacePipeline, dataset: Path, count: int) -> np.n
     chips = []
     for path in paths[::step][:count]:
         try:
-            image = pipeline.decode(path.read_bytes(), "image")
-            _, _, chip, _ = pipeline.subject_chip(image, detect(pipeline.detector, image),
-                                                  "image", refuse_ambiguous=False)
+            chips.append(pipeline.analyse(path.read_bytes(), "image", False).chip)
         except FaceVerifyError:
             continue
-        chips.append(chip)
     if len(chips) < min(count, 16):
         raise ModelError(f"only {len(chips)} faces found under {dataset}; need at least 16")
     return pipeline.recognizer.preprocess(np.stack(chips))
@@ -88,7 +87,8 @@ def quantize_model_set(source: Path, target: Path, input_name: str,
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.Percentile)
-        out.replace(target / int8_file)
+        quantized = portable(onnx.load(str(out)))
+        replace_atomically(target / int8_file, lambda p: onnx.save(quantized, p))
     files: dict[str, Any] = {}
     for name in manifest["files"]:
         if name != rec_file:

@@ -15,9 +15,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.errors import ConfigurationError, FaceTooSmall, MultipleFaces, NoFaceDetected
-from server.pipeline.image import ImageLimits, decode_image
+from server.pipeline.image import Decoded, ImageLimits, decode_image
 from server.pipeline.quality import Quality, measure
-from server.pipeline.types import DetectedFace, Detector, Recognizer, detect
+from server.pipeline.types import (
+    CpuStep,
+    DetectedFace,
+    Detector,
+    EmbedCall,
+    Recognizer,
+    Steps,
+    detection_steps,
+    run_steps,
+)
 
 STAGES = ("decode", "detect", "align", "embed")
 
@@ -62,6 +71,7 @@ class AnalysedFace:
     faces_found: int
     ambiguous: bool  # another face is comparably prominent (refused for selfies)
     image_size: tuple[int, int]  # (width, height)
+    chip: np.ndarray  # the aligned face the embedding was computed from
 
 
 def prominence(face: DetectedFace, width: int, height: int) -> float:
@@ -130,42 +140,59 @@ class FacePipeline:
     def dim(self) -> int:
         return self.recognizer.dim
 
-    def decode(self, data: bytes, field_name: str) -> np.ndarray:
-        """The image as (H, W, 3) uint8 RGB (see :func:`decode_image`)."""
+    def decode(self, data: bytes, field_name: str) -> Decoded:
+        """The image as (H, W, 3) uint8 RGB, maybe reduced (see :func:`decode_image`)."""
         return decode_image(data, self.limits, field_name)
 
-    def subject_chip(self, image: np.ndarray, faces: list[DetectedFace], field_name: str,
+    def subject_chip(self, decoded: Decoded, faces: list[DetectedFace], field_name: str,
                      refuse_ambiguous: bool) -> tuple[DetectedFace, bool, np.ndarray, Quality]:
         """Choose the subject (raising its per-image errors), align it, measure it.
+
+        The subject is chosen, gated and reported in the uploaded image's pixels,
+        whatever size it was decoded at.
 
         Returns:
             The subject, whether it is ambiguous, its aligned chip and its quality.
         """
-        h, w = image.shape[:2]
-        subject, ambiguous = choose_subject(faces, w, h, self.policy, refuse_ambiguous,
-                                            field_name)
-        chip = self.recognizer.align(image, subject)
+        uploaded = [f.scaled(decoded.scale) for f in faces]
+        subject, ambiguous = choose_subject(uploaded, *decoded.size, self.policy,
+                                            refuse_ambiguous, field_name)
+        chip = self.recognizer.align(decoded.pixels, faces[uploaded.index(subject)])
         return subject, ambiguous, chip, measure(subject, chip)
 
-    def analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool,
-                timings: Timings | None = None) -> AnalysedFace:
-        """Run the whole pipeline, unbatched, on one encoded image (see
-        :func:`choose_subject` for the per-image errors)."""
-        t = timings or Timings()
-        with t.stage("decode"):
-            image = self.decode(data, field_name)
-        return self.analyse_array(image, field_name, refuse_ambiguous, t)
+    def steps(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
+              timings: Timings) -> Steps[AnalysedFace]:
+        """The analysis of one image as a sequence of steps, for a driver to run.
 
-    def analyse_array(self, image: np.ndarray, field_name: str, refuse_ambiguous: bool,
-                      timings: Timings | None = None) -> AnalysedFace:
-        """As :meth:`analyse`, from a decoded (H, W, 3) uint8 RGB image."""
-        t = timings or Timings()
-        with t.stage("detect"):
-            faces = detect(self.detector, image)
-        with t.stage("align"):
-            subject, ambiguous, chip, quality = self.subject_chip(image, faces, field_name,
-                                                                  refuse_ambiguous)
-        with t.stage("embed"):
-            embedding = self.recognizer.embed(chip[None])[0]
-        h, w = image.shape[:2]
-        return AnalysedFace(subject, quality, embedding, len(faces), ambiguous, (w, h))
+        The one definition of what analysing an image means, whoever runs it:
+        :meth:`analyse` runs each step in turn (calibration, quantization,
+        benchmarks, tests), the server's :class:`~server.inference.InferenceEngine`
+        runs per-image steps in a thread pool and batches model calls across
+        requests.  Yields :class:`CpuStep` (call it, send back its result),
+        :class:`DetectCall` (send back the detector's output for that input) and
+        :class:`EmbedCall` (send back the chip's embedding); returns the face.
+
+        Args:
+            data: encoded image bytes, or already decoded (H, W, 3) uint8 RGB pixels.
+        """
+        with timings.stage("decode"):
+            if isinstance(data, np.ndarray):
+                decoded = Decoded(data, 1.0, (data.shape[1], data.shape[0]))
+            else:
+                decoded = yield CpuStep(self.decode, (data, field_name))
+        with timings.stage("detect"):
+            faces = yield from detection_steps(self.detector, decoded.pixels)
+        with timings.stage("align"):
+            subject, ambiguous, chip, quality = yield CpuStep(
+                self.subject_chip, (decoded, faces, field_name, refuse_ambiguous))
+        with timings.stage("embed"):
+            embedding = yield EmbedCall(chip)
+        return AnalysedFace(subject, quality, embedding, len(faces), ambiguous, decoded.size,
+                            chip)
+
+    def analyse(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
+                timings: Timings | None = None) -> AnalysedFace:
+        """Run :meth:`steps` here, one model call at a time (see :func:`choose_subject`
+        for the per-image errors)."""
+        return run_steps(self.steps(data, field_name, refuse_ambiguous, timings or Timings()),
+                         self.detector, self.recognizer)

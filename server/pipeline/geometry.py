@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 
 def umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -49,6 +50,17 @@ def warp_bilinear(image: np.ndarray, a: np.ndarray, t: np.ndarray, out_h: int, o
     y0 = np.floor(y).astype(np.int64)
     h, w = image.shape[:2]
     inside = (x0 >= 0) & (y0 >= 0) & (x0 + 1 < w) & (y0 + 1 < h)
+    if truncate and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        # Pillow's affine bilinear sampling, in C, gives these same truncated
+        # values (its pixel centres sit at +0.5: shift the map by half a pixel);
+        # only the border rule differs, so the mask above is applied to it.
+        c = t[0] + 0.5 - 0.5 * (a[0, 0] + a[0, 1])
+        f = t[1] + 0.5 - 0.5 * (a[1, 0] + a[1, 1])
+        sampled = np.array(Image.fromarray(image).transform(
+            (out_w, out_h), Image.Transform.AFFINE,
+            (a[0, 0], a[0, 1], c, a[1, 0], a[1, 1], f), resample=Image.Resampling.BILINEAR))
+        sampled[~inside] = 0
+        return sampled
     x0c = np.clip(x0, 0, w - 2)
     y0c = np.clip(y0, 0, h - 2)
     fx = (x - x0)[..., None]

@@ -29,10 +29,26 @@ class ImageLimits:
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 40_000_000
     min_side: int = 32
+    # JPEGs larger than this (longer side) are decoded at 1/2, 1/4 or 1/8 of
+    # their size by libjpeg's DCT scaling, never below it (0: always full size).
+    decode_side: int = 640
 
 
-def decode_image(data: bytes, limits: ImageLimits, field: str) -> np.ndarray:
-    """Decode encoded image bytes into an (H, W, 3) uint8 RGB array.
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded image: its pixels, and how they relate to the uploaded image."""
+
+    pixels: np.ndarray  # (h, w, 3) uint8 RGB
+    scale: float  # uploaded-image pixels per decoded pixel (1, 2, 4 or 8)
+    size: tuple[int, int]  # the uploaded image's (width, height), after EXIF rotation
+
+
+def decode_image(data: bytes, limits: ImageLimits, field: str) -> Decoded:
+    """Decode encoded image bytes into (H, W, 3) uint8 RGB pixels.
+
+    A large JPEG is decoded reduced (see :attr:`ImageLimits.decode_side`): a
+    phone's 1-3 MP selfie costs a fraction of its full decode, and the face
+    stays far larger than the detector's input and the recognizer's chip.
 
     Args:
         data: JPEG, PNG or WebP bytes.
@@ -57,6 +73,9 @@ def decode_image(data: bytes, limits: ImageLimits, field: str) -> np.ndarray:
             if w * h > limits.max_pixels:
                 raise ImageTooLarge(f"{field}: image is {w}x{h} pixels, over the limit of "
                                     f"{limits.max_pixels} pixels", image=field)
+            if limits.decode_side and img.format == "JPEG" and max(w, h) > limits.decode_side:
+                ratio = limits.decode_side / max(w, h)
+                img.draft("RGB", (max(1, int(w * ratio)), max(1, int(h * ratio))))
             img.load()
     except ImageTooLarge:
         raise
@@ -69,11 +88,13 @@ def decode_image(data: bytes, limits: ImageLimits, field: str) -> np.ndarray:
     if min(w, h) < limits.min_side:
         raise InvalidImage(f"{field}: image is {w}x{h} pixels, smaller than the minimum of "
                            f"{limits.min_side} on each side", image=field)
+    scale = w / img.size[0]
     # A malformed EXIF block leaves the pixels as stored.
     with contextlib.suppress(OSError, SyntaxError, ValueError):
         img = ImageOps.exif_transpose(img)
+    size = (round(img.size[0] * scale), round(img.size[1] * scale))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return Decoded(np.asarray(img.convert("RGB"), dtype=np.uint8), scale, size)

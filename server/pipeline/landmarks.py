@@ -4,7 +4,8 @@ Inference follows ``shared/docs/dlib-format.md`` section b.5: for each
 cascade, fit the similarity from the mean shape to the current shape, sample
 800 pixel intensities around anchored landmarks, walk 500 depth-4 trees on
 pixel differences and add their leaves to the shape.  The trees of a cascade
-are walked together, one vectorised step per depth level.
+are walked together, one vectorised step per depth level.  Intensities are
+computed only at the sampled pixels, never for the whole image.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from server.pipeline.geometry import umeyama
 
 
 class ShapePredictor:
@@ -27,21 +26,34 @@ class ShapePredictor:
     def __init__(self, path: Path) -> None:
         with np.load(path) as z:
             self.initial = z["initial_shape"].astype(np.float64)
-            self.split_idx = z["split_idx"]
-            self.split_thresh = z["split_thresh"]
-            self.leaves = z["leaves"]
+            split_idx = z["split_idx"]
+            split_thresh = z["split_thresh"]
+            leaves = z["leaves"]
             self.anchor_idx = z["anchor_idx"]
             self.deltas = z["deltas"].astype(np.float64)
-        n_cascades, n_trees, n_splits, _ = self.split_idx.shape
-        self._tree_range = np.arange(n_trees)
+        n_cascades, n_trees, n_splits, _ = split_idx.shape
+        n_leaves = leaves.shape[2]
+        # Flat per cascade, indexed by tree * n_splits + node (tree * n_leaves + leaf):
+        # one 1-D gather per tree level instead of 3-D fancy indexing.
+        self.splits = split_idx.reshape(n_cascades, n_trees * n_splits, 2)
+        self.thresholds = split_thresh.reshape(n_cascades, n_trees * n_splits)
+        self.leaves = leaves.reshape(n_cascades, n_trees * n_leaves, -1).astype(np.float64)
+        self._split_base = np.arange(n_trees) * n_splits
+        self._leaf_base = np.arange(n_trees) * n_leaves - n_splits
         self._depth = int(np.log2(n_splits + 1))
-        self._n_splits = n_splits
+        # The similarity from the mean shape to the current one has a closed form
+        # (least squares over scaled rotations; dlib's find_similarity_transform).
+        self._centred = self.initial - self.initial.mean(0)
+        norm = float((self._centred ** 2).sum())
+        self._fit_a = self._centred / norm
+        self._fit_b = np.stack([-self._centred[:, 1], self._centred[:, 0]], axis=1) / norm
 
-    def predict(self, gray: np.ndarray, box: np.ndarray, rounded: bool = True) -> np.ndarray:
+    def predict(self, image: np.ndarray, box: np.ndarray, rounded: bool = True) -> np.ndarray:
         """Landmarks for one box.
 
         Args:
-            gray: (H, W) intensity image, ``floor((R+G+B)/3)`` as dlib computes it.
+            image: (H, W, 3) uint8 RGB; intensities are ``floor((R+G+B)/3)`` as dlib
+                computes them, taken only at the pixels sampled.
             box: (left, top, right, bottom) integer face rectangle.
 
         Returns:
@@ -51,24 +63,26 @@ class ShapePredictor:
         left, top, right, bottom = (float(v) for v in box)
         scale = np.array([right - left, bottom - top])
         origin = np.array([left, top])
-        h, w = gray.shape
+        h, w = image.shape[:2]
         current = self.initial.copy()
-        for c in range(self.split_idx.shape[0]):
-            a, _ = umeyama(self.initial, current)
-            a = a.astype(np.float32).astype(np.float64)
-            pts = current[self.anchor_idx[c]] + self.deltas[c] @ a.T
+        for c in range(len(self.splits)):
+            d = current - current.mean(0)
+            a, b = float((d * self._fit_a).sum()), float((d * self._fit_b).sum())
+            # dlib keeps the transform in float32
+            rot = np.array([[a, -b], [b, a]], dtype=np.float32).astype(np.float64)
+            pts = current[self.anchor_idx[c]] + self.deltas[c] @ rot.T
             img_pts = np.floor(pts * scale + origin + 0.5).astype(np.int64)
             x, y = img_pts[:, 0], img_pts[:, 1]
             inside = (x >= 0) & (y >= 0) & (x < w) & (y < h)
             feats = np.zeros(len(pts), dtype=np.float32)
-            feats[inside] = gray[y[inside], x[inside]]
-            node = np.zeros_like(self._tree_range)
+            feats[inside] = image[y[inside], x[inside]].sum(axis=1, dtype=np.uint16) // 3
+            node = np.zeros(len(self._split_base), dtype=np.int64)
             for _ in range(self._depth):
-                idx = self.split_idx[c, self._tree_range, node]
-                diff = feats[idx[:, 0]] - feats[idx[:, 1]]
-                left_branch = diff > self.split_thresh[c, self._tree_range, node]
-                node = np.where(left_branch, 2 * node + 1, 2 * node + 2)
-            current = current + self.leaves[c, self._tree_range, node - self._n_splits].sum(
-                axis=0, dtype=np.float64)
+                at = self._split_base + node
+                pair = self.splits[c, at]
+                go_left = feats[pair[:, 0]] - feats[pair[:, 1]] > self.thresholds[c, at]
+                node = 2 * node + 2 - go_left
+            current = current + self.leaves[c, self._leaf_base + node].sum(axis=0).reshape(
+                current.shape)
         points: np.ndarray = current * scale + origin
         return np.floor(points + 0.5) if rounded else points

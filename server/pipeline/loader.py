@@ -9,16 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
+from server.batching import buckets
 from server.errors import ModelError
 from server.models.manifest import read_manifest
+from server.pipeline.blazeface import BlazeFaceDetector, BlazeFaceModel
 from server.pipeline.faces import FacePipeline, FacePolicy
 from server.pipeline.image import ImageLimits
-from server.pipeline.mmod import load_mmod
+from server.pipeline.landmarks import ShapePredictor
+from server.pipeline.mmod import MmodDetector
 from server.pipeline.recognizers import ArcFace, DlibResnet
 from server.pipeline.runtime import make_session, resolve_provider
 from server.pipeline.scrfd import ScrfdDetector
 from server.pipeline.types import Detector, Recognizer, detect
+from server.pipeline.yunet import YunetDetector
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +50,8 @@ class LoadedModels:
 
 
 def load_models(model_dir: Path, provider: str, intra_op_threads: int, limits: ImageLimits,
-                policy: FacePolicy, detector_max_side: int = 800, flip: bool = True
-                ) -> LoadedModels:
+                policy: FacePolicy, detector_max_side: int = 800, flip: bool = True,
+                cudnn_conv_algo_search: str = "HEURISTIC") -> LoadedModels:
     """Verify the manifest, open sessions on ``provider`` and assemble the pipeline.
 
     Raises:
@@ -57,42 +62,52 @@ def load_models(model_dir: Path, provider: str, intra_op_threads: int, limits: I
     manifest = read_manifest(model_dir)
     resolved = resolve_provider(provider)
     det_cfg, rec_cfg = manifest["detector"], manifest["recognizer"]
-    det_session = make_session(model_dir / det_cfg["file"], resolved, intra_op_threads)
+
+    def session(file: str) -> ort.InferenceSession:
+        return make_session(model_dir / file, resolved, intra_op_threads,
+                            cudnn_conv_algo_search)
+
     detector: Detector
     if det_cfg["kind"] == "dlib-mmod":
-        detector = load_mmod(model_dir, det_session, max_side=detector_max_side)
-    elif det_cfg["kind"] == "scrfd":
-        detector = ScrfdDetector(det_session)
+        detector = MmodDetector(session(det_cfg["file"]),
+                                ShapePredictor(model_dir / det_cfg["landmarks"]),
+                                max_side=detector_max_side)
+    elif det_cfg["kind"] == "blazeface":
+        scans = [BlazeFaceModel(session(scan["file"]), float(scan["threshold"]))
+                 for scan in det_cfg["scans"]]
+        detector = BlazeFaceDetector(scans, ShapePredictor(model_dir / det_cfg["landmarks"]))
+    elif det_cfg["kind"] in ("scrfd", "yunet"):
+        kind = ScrfdDetector if det_cfg["kind"] == "scrfd" else YunetDetector
+        detector = kind(session(det_cfg["file"]))
     else:
         raise ModelError(f"unknown detector kind {det_cfg['kind']!r} in {model_dir}")
     if rec_cfg["kind"] not in RECOGNIZERS:
         raise ModelError(f"unknown recognizer kind {rec_cfg['kind']!r} in {model_dir}")
-    recognizer: Recognizer = RECOGNIZERS[rec_cfg["kind"]](
-        make_session(model_dir / rec_cfg["file"], resolved, intra_op_threads), flip=flip)
+    recognizer_session = session(rec_cfg["file"])
+    recognizer: Recognizer = RECOGNIZERS[rec_cfg["kind"]](recognizer_session, flip=flip)
     pipeline = FacePipeline(detector, recognizer, limits, policy)
-    used = det_session.get_providers()[0]
+    used = recognizer_session.get_providers()[0]
     log.info("models %s loaded from %s on %s (embedding size %d)", manifest["model_version"],
              model_dir, used, recognizer.dim)
     return LoadedModels(pipeline, manifest, used, flip)
 
 
 def warm_up(models: LoadedModels, detect_batch: int = 1, embed_batch: int = 1) -> None:
-    """Run every model once; on a GPU provider, at every power-of-two batch size up to
-    the maxima too, since those plan (and TensorRT builds engines) per input shape.
-    No request then pays for initialisation."""
+    """Run every model once; on a GPU provider, at every batch size of
+    :func:`~server.batching.buckets` up to the maxima too, since those plan (and
+    TensorRT builds engines) per input shape.  No request then pays for
+    initialisation."""
     pipe = models.pipeline
     image = np.full((256, 256, 3), 128, dtype=np.uint8)
-    detect(pipe.detector, image)
+    detect(pipe.detector, image)  # finds nothing, so runs every scan
     size = getattr(pipe.recognizer, "chip_size", 112)
     pipe.recognizer.embed(np.zeros((1, size, size, 3), dtype=np.uint8))
     if models.provider == "CPUExecutionProvider":
         return
-    prepared = pipe.detector.prepare(image, 0)
-    assert prepared is not None  # every detector has a first scan
-    n = 2
-    while n <= max(detect_batch, embed_batch):
-        if n <= detect_batch:
+    attempt = 0
+    while (prepared := pipe.detector.prepare(image, attempt)) is not None:
+        for n in buckets(detect_batch)[1:]:
             pipe.detector.infer([prepared.tensor] * n)
-        if n <= embed_batch:
-            pipe.recognizer.embed(np.zeros((n, size, size, 3), dtype=np.uint8))
-        n *= 2
+        attempt += 1
+    for n in buckets(embed_batch)[1:]:
+        pipe.recognizer.embed(np.zeros((n, size, size, 3), dtype=np.uint8))

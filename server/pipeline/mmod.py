@@ -10,12 +10,13 @@ predictor run on the detection box.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from server.models.convert import portable
 from server.pipeline.geometry import nms
 from server.pipeline.landmarks import ShapePredictor
 from server.pipeline.types import DLIB5, DetectedFace, DetectorInput
@@ -27,6 +28,17 @@ OUTER_PADDING = 11
 NMS_IOU = 0.3382761351109955
 
 
+def resize_graph() -> onnx.ModelProto:
+    """A corner-aligned bilinear ``Resize`` of a [1, C, H, W] float tensor to ``sizes``."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "C", "H", "W"])
+    sizes = helper.make_tensor_value_info("sizes", TensorProto.INT64, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "C", "h", "w"])
+    node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear",
+                            coordinate_transformation_mode="align_corners")
+    graph = helper.make_graph([node], "resize", [x, sizes], [y])
+    return portable(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+
+
 class _Resizer:
     """Corner-aligned bilinear resizing of (C, H, W) float32 arrays.
 
@@ -36,16 +48,9 @@ class _Resizer:
     """
 
     def __init__(self) -> None:
-        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "C", "H", "W"])
-        sizes = helper.make_tensor_value_info("sizes", TensorProto.INT64, [4])
-        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "C", "h", "w"])
-        node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear",
-                                coordinate_transformation_mode="align_corners")
-        graph = helper.make_graph([node], "resize", [x, sizes], [y])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(model.SerializeToString(), opts,
+        self.session = ort.InferenceSession(resize_graph().SerializeToString(), opts,
                                             providers=["CPUExecutionProvider"])
 
     def __call__(self, img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -147,13 +152,12 @@ class MmodDetector:
         boxes, scores = self._windows(output, tiles, scale)
         if len(scores) == 0:
             return []
-        gray = (image.astype(np.uint16).sum(axis=2) // 3).astype(np.float32)
         faces = []
         for box, score in zip(boxes, scores, strict=True):
             rect = np.round(box)
             # Sub-pixel landmarks (dlib rounds them to whole pixels): a steadier
             # alignment, +0.1 point of LFW accuracy with the same models.
-            landmarks = self.shape_predictor.predict(gray, rect, rounded=False)
+            landmarks = self.shape_predictor.predict(image, rect, rounded=False)
             faces.append(DetectedFace(box=box, score=float(score), landmarks=landmarks))
         return faces
 
@@ -186,8 +190,3 @@ class MmodDetector:
         keep = nms(boxes, values, NMS_IOU)
         return boxes[keep], values[keep]
 
-
-def load_mmod(model_dir: Path, session: ort.InferenceSession, **options: object) -> MmodDetector:
-    """Build the default detector from the model cache directory."""
-    sp = ShapePredictor(model_dir / "shape_predictor_5.npz")
-    return MmodDetector(session, sp, **options)  # type: ignore[arg-type]

@@ -59,13 +59,24 @@ def run_batched(session: ort.InferenceSession, name: str, x: np.ndarray,
     return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 
-def make_session(path: Path, provider: str, intra_op_threads: int) -> ort.InferenceSession:
-    """An inference session for ``path`` on ``provider`` (already resolved)."""
+def make_session(path: Path, provider: str, intra_op_threads: int,
+                 cudnn_conv_algo_search: str = "HEURISTIC") -> ort.InferenceSession:
+    """An inference session for ``path`` on ``provider`` (already resolved).
+
+    On CUDA, ``cudnn_conv_algo_search`` picks how cuDNN chooses convolution
+    algorithms: onnxruntime's default, EXHAUSTIVE, benchmarks every algorithm for
+    every new input shape, which stalls the first batches of each size.
+    """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if intra_op_threads > 0:
         opts.intra_op_num_threads = intra_op_threads
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=PROVIDERS[provider])
+    providers: list[str | tuple[str, dict[str, str]]] = list(PROVIDERS[provider])
+    if provider in ("cuda", "tensorrt"):
+        at = providers.index("CUDAExecutionProvider")
+        providers[at] = ("CUDAExecutionProvider",
+                         {"cudnn_conv_algo_search": cudnn_conv_algo_search})
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     used = session.get_providers()[0]
     if used != PROVIDERS[provider][0]:
         raise ConfigurationError(f"{path.name}: onnxruntime fell back to {used} "

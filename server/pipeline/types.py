@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 # Landmark schemes: which five points a detector reports, in which order.
 # dlib5: outer/inner corner of the image-right eye, outer/inner corner of the
@@ -31,6 +34,12 @@ class DetectedFace:
     @property
     def height(self) -> float:
         return float(self.box[3] - self.box[1])
+
+    def scaled(self, factor: float) -> DetectedFace:
+        """The same face in an image ``factor`` times larger."""
+        if factor == 1.0:
+            return self
+        return DetectedFace(self.box * factor, self.score, self.landmarks * factor)
 
 
 @dataclass(frozen=True)
@@ -68,17 +77,6 @@ class Detector(Protocol):
         ...
 
 
-def detect(detector: Detector, image: np.ndarray) -> list[DetectedFace]:
-    """Every scan of ``image``, unbatched, until one finds a face."""
-    attempt = 0
-    while (prepared := detector.prepare(image, attempt)) is not None:
-        faces = detector.finish(image, prepared, detector.infer([prepared.tensor])[0])
-        if faces:
-            return faces
-        attempt += 1
-    return []
-
-
 class Recognizer(Protocol):
     """Turns one detected face into an embedding."""
 
@@ -98,3 +96,69 @@ class Recognizer(Protocol):
     def embed(self, chips: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 chips -> (N, dim) float32 L2-normalised embeddings."""
         ...
+
+
+@dataclass(frozen=True)
+class CpuStep:
+    """A per-image step: the driver sends back ``fn(*args)``."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class DetectCall:
+    """A detector model call: the driver sends back ``detector.infer`` of this input."""
+
+    prepared: DetectorInput
+
+
+@dataclass(frozen=True)
+class EmbedCall:
+    """A recognizer call: the driver sends back the chip's (dim,) embedding."""
+
+    chip: np.ndarray
+
+
+Step = CpuStep | DetectCall | EmbedCall
+Steps = Generator[Step, Any, T]
+
+
+def detection_steps(detector: Detector, image: np.ndarray) -> Steps[list[DetectedFace]]:
+    """Every scan the detector wants, in turn, until one finds a face (see :class:`Detector`)."""
+    attempt = 0
+    while (prepared := (yield CpuStep(detector.prepare, (image, attempt)))) is not None:
+        output = yield DetectCall(prepared)
+        faces: list[DetectedFace] = yield CpuStep(detector.finish, (image, prepared, output))
+        if faces:
+            return faces
+        attempt += 1
+    return []
+
+
+def run_steps(steps: Steps[T], detector: Detector, recognizer: Recognizer | None = None) -> T:
+    """Drive ``steps`` here, one model call at a time; a step's error is thrown back
+    into the sequence (so its stage timers close) and propagates."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = steps.throw(error) if error is not None else steps.send(value)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        value, error = None, None
+        try:
+            if isinstance(step, CpuStep):
+                value = step.fn(*step.args)
+            elif isinstance(step, DetectCall):
+                value = detector.infer([step.prepared.tensor])[0]
+            else:
+                assert recognizer is not None, "these steps embed: pass the recognizer"
+                value = recognizer.embed(step.chip[None])[0]
+        except Exception as exc:  # thrown into the sequence, which re-raises it
+            error = exc
+
+
+def detect(detector: Detector, image: np.ndarray) -> list[DetectedFace]:
+    """Every scan of ``image``, unbatched, until one finds a face."""
+    return run_steps(detection_steps(detector, image), detector)

@@ -1,0 +1,86 @@
+"""OpenCV Zoo's YuNet detector with 5 landmarks (operator-supplied model, MIT).
+
+The image is scaled so its longer side is ``input_size``, padded to that
+square (a multiple of 32), and fed as BGR 0-255.  For each stride (8, 16,
+32) the model gives, per grid cell (one anchor), class and objectness scores
+(the detection score is their geometric mean), a box (centre offset in cells,
+log size in strides) and five keypoints (offsets in cells): eyes, nose tip,
+mouth corners, in the arcface5 order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from server.errors import ModelError
+from server.pipeline.geometry import nms
+from server.pipeline.types import ARCFACE5, DetectedFace, DetectorInput
+
+STRIDES = (8, 16, 32)
+OUTPUTS = tuple(f"{kind}_{s}" for kind in ("cls", "obj", "bbox", "kps") for s in STRIDES)
+
+
+class YunetDetector:
+    """YuNet detector: scores, boxes and arcface5 landmarks."""
+
+    landmark_scheme = ARCFACE5
+    name = "yunet"
+
+    def __init__(self, session: ort.InferenceSession, threshold: float = 0.6,
+                 nms_iou: float = 0.3, input_size: int = 640) -> None:
+        names = {o.name for o in session.get_outputs()}
+        if not set(OUTPUTS) <= names:
+            raise ModelError(f"a YuNet model has outputs {', '.join(OUTPUTS)}; "
+                             f"this one has {', '.join(sorted(names))}")
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.threshold = threshold
+        self.nms_iou = nms_iou
+        self.input_size = -(-input_size // 32) * 32
+
+    def prepare(self, image: np.ndarray, attempt: int) -> DetectorInput | None:
+        """One scan: the image scaled to ``input_size``, padded to that square, BGR."""
+        if attempt > 0:
+            return None
+        h, w = image.shape[:2]
+        scale = self.input_size / max(h, w)
+        nh, nw = max(round(h * scale), 1), max(round(w * scale), 1)
+        resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+        blob = np.zeros((3, self.input_size, self.input_size), dtype=np.float32)
+        blob[:, :nh, :nw] = resized[..., ::-1].transpose(2, 0, 1)
+        return DetectorInput(blob, scale)
+
+    def infer(self, tensors: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        outputs = self.session.run(list(OUTPUTS), {self.input_name: np.stack(tensors)})
+        return [{name: out[i] for name, out in zip(OUTPUTS, outputs, strict=True)}
+                for i in range(len(tensors))]
+
+    def finish(self, image: np.ndarray, prepared: DetectorInput,
+               output: dict[str, np.ndarray]) -> list[DetectedFace]:
+        scale = float(prepared.context)
+        side = prepared.tensor.shape[1]
+        boxes, scores, kps = [], [], []
+        for s in STRIDES:
+            cols = side // s
+            score = np.sqrt(np.clip(output[f"cls_{s}"][:, 0], 0, 1)
+                            * np.clip(output[f"obj_{s}"][:, 0], 0, 1))
+            keep = np.nonzero(score >= self.threshold)[0]
+            if keep.size == 0:
+                continue
+            cell = np.stack([keep % cols, keep // cols], axis=1).astype(np.float32)
+            b = output[f"bbox_{s}"][keep]
+            centre = (cell + b[:, :2]) * s
+            size = np.exp(b[:, 2:]) * s
+            boxes.append(np.concatenate([centre - size / 2, centre + size / 2], axis=1))
+            kps.append((cell[:, None, :] + output[f"kps_{s}"][keep].reshape(-1, 5, 2)) * s)
+            scores.append(score[keep])
+        if not scores:
+            return []
+        all_boxes = np.concatenate(boxes).astype(np.float64) / scale
+        all_scores = np.concatenate(scores).astype(np.float64)
+        all_kps = np.concatenate(kps).astype(np.float64) / scale
+        order = nms(all_boxes, all_scores, self.nms_iou)
+        return [DetectedFace(box=all_boxes[i], score=float(all_scores[i]),
+                             landmarks=all_kps[i]) for i in order]
