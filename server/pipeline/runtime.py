@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnx import TensorProto, helper
 
 from server.errors import ConfigurationError
 
@@ -22,8 +23,33 @@ PROVIDERS: dict[str, list[str]] = {
 }
 
 
+def _cuda_works() -> bool:
+    """Whether a CUDA session really runs here: onnxruntime-gpu lists its CUDA
+    provider on any machine, GPU or not, and falls back to the CPU at session
+    creation when there is no device or library."""
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls(directory="")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    try:
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=PROVIDERS["cuda"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        log.warning("the CUDA provider is installed but does not start (%s): using the CPU",
+                    str(exc).splitlines()[0][:200])
+        return False
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        log.warning("the CUDA provider is installed but found no usable GPU: using the CPU")
+        return False
+    return True
+
+
 def resolve_provider(requested: str) -> str:
-    """Map ``auto`` to the best available provider; check any other name exists.
+    """Map ``auto`` to CUDA where a CUDA session really runs, else the CPU; check
+    that any other name exists.
 
     Raises:
         ConfigurationError: an unknown name, or a GPU provider that this
@@ -31,7 +57,7 @@ def resolve_provider(requested: str) -> str:
     """
     available = set(ort.get_available_providers())
     if requested == "auto":
-        return "cuda" if "CUDAExecutionProvider" in available else "cpu"
+        requested = "cuda" if "CUDAExecutionProvider" in available and _cuda_works() else "cpu"
     if requested not in PROVIDERS:
         raise ConfigurationError(f"unknown execution provider {requested!r}; "
                                  f"choose one of auto, {', '.join(PROVIDERS)}")
@@ -41,6 +67,10 @@ def resolve_provider(requested: str) -> str:
             f"execution provider {requested!r} requested but {primary} is not available "
             f"(available: {', '.join(sorted(available))}); install onnxruntime-gpu and the "
             "CUDA libraries, or set the provider to cpu")
+    if requested != "cpu" and hasattr(ort, "preload_dlls"):
+        # CUDA and cuDNN from NVIDIA's wheels (onnxruntime-gpu[cuda,cudnn]) where
+        # installed, else the system's: no LD_LIBRARY_PATH needed (onnxruntime >= 1.21).
+        ort.preload_dlls(directory="")
     return requested
 
 
