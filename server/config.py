@@ -125,6 +125,8 @@ class Settings:
                                self.batch_concurrency),
             embed=BatchLimits(self.embed_max_batch, wait, self.max_queue,
                               self.batch_concurrency),
+            # Landmarks are CPU work: as many batches at once as image workers.
+            landmarks=BatchLimits(self.embed_max_batch, wait, self.max_queue, self.workers),
             pad_to_buckets=self.batch_buckets)
 
 

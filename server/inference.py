@@ -1,9 +1,10 @@
 """The face pipeline run for concurrent requests: thread pools and batched model calls.
 
-Per-image work (decoding, building the detector input, landmarks, choosing
-the subject, alignment) runs in the ``cpu`` pool; the detector and the
-recognizer each sit behind a :class:`~server.batching.Batcher` whose batches
-run in the ``model`` pool.  The event loop only awaits.  Per-image errors are
+Per-image work (decoding, building the detector input, choosing the subject,
+alignment) runs in the ``cpu`` pool; the detector and the recognizer each sit
+behind a :class:`~server.batching.Batcher` whose batches run in the ``model``
+pool, and dlib's landmark model (numpy) behind one whose batches of faces run
+in the ``cpu`` pool.  The event loop only awaits.  Per-image errors are
 raised by the per-image steps, before an image joins a batch.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 from server.batching import Batcher, BatchLimits, padded
 from server.metrics import Metrics
 from server.pipeline.faces import AnalysedFace, FacePipeline, Timings
-from server.pipeline.types import CpuStep, DetectCall, DetectorInput
+from server.pipeline.types import CpuStep, DetectCall, DetectorInput, LandmarkCall
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class EngineLimits:
 
     detect: BatchLimits = BatchLimits()
     embed: BatchLimits = BatchLimits()
+    landmarks: BatchLimits = BatchLimits()
     pad_to_buckets: bool = False  # see Settings.batch_buckets
 
 
@@ -54,8 +56,12 @@ class InferenceEngine:
             key=lambda p: p.tensor.shape, observer=metrics)
         self.embed_batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
             "embed", self._embed, model_pool, limits.embed, observer=metrics)
-        metrics.queue_capacity.labels("detect").set(limits.detect.max_queue)
-        metrics.queue_capacity.labels("embed").set(limits.embed.max_queue)
+        # Landmarks run on the CPU whatever the provider (numpy): in the image pool.
+        self.landmark_batcher: Batcher[tuple[np.ndarray, np.ndarray], np.ndarray] = Batcher(
+            "landmarks", self._landmarks, cpu_pool, limits.landmarks, observer=metrics)
+        for name, batch in (("detect", limits.detect), ("embed", limits.embed),
+                            ("landmarks", limits.landmarks)):
+            metrics.queue_capacity.labels(name).set(batch.max_queue)
 
     def _infer_detector(self, prepared: list[DetectorInput]) -> list[Any]:
         tensors = [p.tensor for p in prepared]
@@ -67,6 +73,12 @@ class InferenceEngine:
         batch = padded(chips, self.limits.embed.max_batch) if self.limits.pad_to_buckets \
             else chips
         return list(self.pipeline.recognizer.embed(np.stack(batch))[:len(chips)])
+
+    def _landmarks(self, faces: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        landmarker = self.pipeline.detector.landmarker
+        assert landmarker is not None  # only such detectors ask for landmarks
+        return list(landmarker.predict_batch([image for image, _ in faces],
+                                             np.stack([box for _, box in faces])))
 
     async def analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool
                       ) -> AnalysedFace:
@@ -97,6 +109,10 @@ class InferenceEngine:
                         value = await loop.run_in_executor(self.cpu_pool, step.fn, *step.args)
                     elif isinstance(step, DetectCall):
                         value = await self.detect_batcher.submit(step.prepared)
+                    elif isinstance(step, LandmarkCall):
+                        value = np.stack(await asyncio.gather(*(
+                            self.landmark_batcher.submit((step.image, box))
+                            for box in step.boxes)))
                     else:
                         value = await self.embed_batcher.submit(step.chip)
                 except Exception as exc:  # thrown into the steps, which re-raise it
@@ -107,4 +123,5 @@ class InferenceEngine:
     async def close(self) -> None:
         """Fail whatever is still queued and wait for running batches."""
         await self.detect_batcher.close()
+        await self.landmark_batcher.close()
         await self.embed_batcher.close()

@@ -23,7 +23,7 @@ from PIL import Image
 
 from server.pipeline.geometry import iou
 from server.pipeline.landmarks import ShapePredictor
-from server.pipeline.types import DLIB5, DetectedFace, DetectorInput
+from server.pipeline.types import DLIB5, UNSET, DetectedFace, DetectorInput
 
 # The MMOD box in a face frame from BlazeFace keypoints: origin at the middle of
 # the eyes, unit = eye-middle-to-mouth distance, y along eye-middle -> mouth.
@@ -99,7 +99,7 @@ class BlazeFaceDetector:
         self.by_size = {m.input_size: m for m in models}
         if len(self.by_size) != len(models):
             raise ValueError("BlazeFace scans must have distinct input sizes")
-        self.shape_predictor = shape_predictor
+        self.landmarker = shape_predictor
         self.nms_iou = nms_iou
 
     def prepare(self, image: np.ndarray, attempt: int) -> DetectorInput | None:
@@ -152,8 +152,8 @@ class BlazeFaceDetector:
             # detector gives, not BlazeFace's head box (about 1.6 times wider), so
             # a face's size means the same whichever built-in detector found it.
             box = dlib_box(kps)
-            landmarks = self.shape_predictor.predict(image, np.round(box), rounded=False)
-            faces.append(DetectedFace(box=box, score=score, landmarks=landmarks))
+            faces.append(DetectedFace(box=box, score=score, landmarks=UNSET,
+                                      landmark_box=np.round(box)))
         return faces
 
 

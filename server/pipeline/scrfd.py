@@ -25,6 +25,7 @@ class ScrfdDetector:
     """SCRFD detector: scores, boxes and arcface5 landmarks."""
 
     landmark_scheme = ARCFACE5
+    landmarker = None  # the model's own keypoints
     name = "scrfd"
 
     def __init__(self, session: ort.InferenceSession, threshold: float = 0.5,

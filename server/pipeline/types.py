@@ -17,6 +17,7 @@ T = TypeVar("T")
 #        left and right mouth corner (InsightFace / RetinaFace / SCRFD order).
 DLIB5 = "dlib5"
 ARCFACE5 = "arcface5"
+UNSET = np.full((5, 2), np.nan)  # landmarks a landmarker has yet to place
 
 
 @dataclass(frozen=True, eq=False)  # identity equality: fields are arrays
@@ -26,6 +27,9 @@ class DetectedFace:
     box: np.ndarray  # (4,) float: x0, y0, x1, y1
     score: float
     landmarks: np.ndarray  # (5, 2) float, in the detector's landmark scheme
+    # Set by a detector whose landmarks come from its landmarker: the box to run it
+    # on; the landmarks are NaN until the landmark step has filled them in.
+    landmark_box: np.ndarray | None = None
 
     @property
     def width(self) -> float:
@@ -39,7 +43,11 @@ class DetectedFace:
         """The same face in an image ``factor`` times larger."""
         if factor == 1.0:
             return self
-        return DetectedFace(self.box * factor, self.score, self.landmarks * factor)
+        return DetectedFace(self.box * factor, self.score, self.landmarks * factor,
+                            None if self.landmark_box is None else self.landmark_box * factor)
+
+    def with_landmarks(self, landmarks: np.ndarray) -> DetectedFace:
+        return DetectedFace(self.box, self.score, landmarks, self.landmark_box)
 
 
 @dataclass(frozen=True)
@@ -50,18 +58,33 @@ class DetectorInput:
     context: Any
 
 
+class Landmarker(Protocol):
+    """Places five landmarks inside face boxes (dlib's shape predictor)."""
+
+    def predict_batch(self, images: list[np.ndarray], boxes: np.ndarray) -> np.ndarray:
+        """(B, 5, 2) landmarks for B boxes (B, 4), each in its own image."""
+        ...
+
+
 class Detector(Protocol):
     """Finds faces and their five landmarks in an RGB uint8 image.
 
-    Split in three so that the model call can be batched across images:
-    ``prepare`` (per image) -> ``infer`` (a batch of same-shape tensors) ->
-    ``finish`` (per image).  A detector may scan an image more than once
-    (``attempt`` 0, 1, ...) when a scan finds nothing; :func:`detect` runs the
-    whole sequence for one image.
+    Split so that the model calls can be batched across images: ``prepare``
+    (per image) -> ``infer`` (a batch of same-shape tensors) -> ``finish`` (per
+    image) -> where the detector has a ``landmarker``, that model on every face's
+    ``landmark_box`` (a batch of faces).  A detector may scan an image more than
+    once (``attempt`` 0, 1, ...) when a scan finds nothing; :func:`detect` runs
+    the whole sequence for one image.
     """
 
     landmark_scheme: str
     name: str
+
+    @property
+    def landmarker(self) -> Landmarker | None:
+        """The model that places the landmarks in each face's ``landmark_box``, or
+        None when the detector gives them itself."""
+        ...
 
     def prepare(self, image: np.ndarray, attempt: int) -> DetectorInput | None:
         """The model input of scan number ``attempt``, or None when there is none."""
@@ -114,13 +137,21 @@ class DetectCall:
 
 
 @dataclass(frozen=True)
+class LandmarkCall:
+    """A landmark model call: the driver sends back (len(boxes), 5, 2) landmarks."""
+
+    image: np.ndarray
+    boxes: np.ndarray  # (K, 4)
+
+
+@dataclass(frozen=True)
 class EmbedCall:
     """A recognizer call: the driver sends back the chip's (dim,) embedding."""
 
     chip: np.ndarray
 
 
-Step = CpuStep | DetectCall | EmbedCall
+Step = CpuStep | DetectCall | LandmarkCall | EmbedCall
 Steps = Generator[Step, Any, T]
 
 
@@ -131,6 +162,11 @@ def detection_steps(detector: Detector, image: np.ndarray) -> Steps[list[Detecte
         output = yield DetectCall(prepared)
         faces: list[DetectedFace] = yield CpuStep(detector.finish, (image, prepared, output))
         if faces:
+            boxes = [f.landmark_box for f in faces if f.landmark_box is not None]
+            if boxes:
+                points = iter((yield LandmarkCall(image, np.stack(boxes))))
+                faces = [f if f.landmark_box is None else f.with_landmarks(next(points))
+                         for f in faces]
             return faces
         attempt += 1
     return []
@@ -152,6 +188,10 @@ def run_steps(steps: Steps[T], detector: Detector, recognizer: Recognizer | None
                 value = step.fn(*step.args)
             elif isinstance(step, DetectCall):
                 value = detector.infer([step.prepared.tensor])[0]
+            elif isinstance(step, LandmarkCall):
+                assert detector.landmarker is not None
+                value = detector.landmarker.predict_batch([step.image] * len(step.boxes),
+                                                          step.boxes)
             else:
                 assert recognizer is not None, "these steps embed: pass the recognizer"
                 value = recognizer.embed(step.chip[None])[0]

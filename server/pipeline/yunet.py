@@ -26,6 +26,7 @@ class YunetDetector:
     """YuNet detector: scores, boxes and arcface5 landmarks."""
 
     landmark_scheme = ARCFACE5
+    landmarker = None  # the model's own keypoints
     name = "yunet"
 
     def __init__(self, session: ort.InferenceSession, threshold: float = 0.6,
