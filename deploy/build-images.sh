@@ -29,7 +29,7 @@ fi
 if ! podman $S image exists "$BASE"; then
   mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null \
            || true)
-  rootfs=$(mktemp -d)
+  rootfs=$(mktemp -d) && chmod 755 "$rootfs"  # the image's / (mktemp makes it 0700)
   debootstrap --variant=minbase --include=python3,python3-venv bookworm "$rootfs" \
       "${mirror:-http://deb.debian.org/debian}" >/dev/null
   tar -C "$rootfs" -c . | podman $S import - "$BASE"
@@ -92,5 +92,7 @@ PY
   # shellcheck disable=SC2086
   buildah $S rm "$c" >/dev/null
   results+=("faceverify:$variant: built in ${built} s, $((size / 1000000)) MB; $answer")
+  echo "${results[-1]}"
 done
+echo "---"
 printf '%s\n' "${results[@]}"

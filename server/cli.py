@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     setup_logging(settings.log_level)
     provider = resolve_provider(settings.provider)
-    settings = for_provider(settings, provider, os.cpu_count() or 1)
+    # Resolved once here (auto probes the GPU), for every server process.
+    settings = replace(for_provider(settings, provider, os.cpu_count() or 1), provider=provider)
     log.info("serving on %s with %s%s", provider, serving_summary(settings),
              " (defaults for a GPU where not set)" if provider != "cpu" else "")
     if settings.processes > 1:
