@@ -48,12 +48,6 @@ class ShapePredictor:
         self._fit_a = self._centred / norm
         self._fit_b = np.stack([-self._centred[:, 1], self._centred[:, 0]], axis=1) / norm
 
-    def predict(self, image: np.ndarray, box: np.ndarray, rounded: bool = True) -> np.ndarray:
-        """Landmarks for one box (see :meth:`predict_batch`), rounded to whole pixels
-        like dlib's when ``rounded``."""
-        points: np.ndarray = self.predict_batch([image], np.asarray(box, dtype=np.float64)[None])[0]
-        return np.floor(points + 0.5) if rounded else points
-
     def predict_batch(self, images: list[np.ndarray], boxes: np.ndarray) -> np.ndarray:
         """Landmarks for B boxes, each in its own image, walked together.
 
