@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
 
-from server.pipeline.geometry import iou
+from server.pipeline.geometry import fit_within, iou
 from server.pipeline.landmarks import ShapePredictor
 from server.pipeline.types import DLIB5, UNSET, DetectedFace, DetectorInput
 
@@ -106,16 +105,13 @@ class BlazeFaceDetector:
         """Scan ``attempt``: the whole image letterboxed into that model's square."""
         if attempt >= len(self.models):
             return None
-        h, w = image.shape[:2]
         size = self.models[attempt].input_size
-        scale = size / max(h, w)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        # Pillow's bilinear resize widens its filter when shrinking: no aliasing.
-        small = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+        small, _ = fit_within(image, size)
+        nh, nw = small.shape[:2]
         px, py = (size - nw) // 2, (size - nh) // 2
         tensor = np.zeros((size, size, 3), dtype=np.uint8)
         tensor[py:py + nh, px:px + nw] = small
-        return DetectorInput(tensor, _Letterbox(nw / w, px, py))
+        return DetectorInput(tensor, _Letterbox(nw / image.shape[1], px, py))
 
     def infer(self, tensors: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Model outputs for same-size inputs (a batch never mixes scans)."""

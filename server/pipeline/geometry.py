@@ -76,6 +76,17 @@ def warp_bilinear(image: np.ndarray, a: np.ndarray, t: np.ndarray, out_h: int, o
     return pixels
 
 
+def fit_within(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
+    """``image`` resized (bilinear) so that its longer side is ``side``, and the scale.
+
+    Pillow's bilinear resize widens its filter when shrinking: no aliasing.
+    """
+    h, w = image.shape[:2]
+    scale = side / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    return np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR)), scale
+
+
 def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """IoU of one (4,) box against (N, 4) boxes, all as (x0, y0, x1, y1)."""
     ix0 = np.maximum(box[0], boxes[:, 0])

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
 
 from server.errors import ModelError
-from server.pipeline.geometry import nms
+from server.pipeline.geometry import fit_within, nms
 from server.pipeline.runtime import fixed_batch, run_batched
 from server.pipeline.types import ARCFACE5, DetectedFace, DetectorInput
 
@@ -44,10 +43,8 @@ class ScrfdDetector:
         """One scan: the image scaled to ``input_size`` and padded to that square."""
         if attempt > 0:
             return None
-        h, w = image.shape[:2]
-        scale = self.input_size / max(h, w)
-        nh, nw = max(int(round(h * scale)), 1), max(int(round(w * scale)), 1)
-        resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+        resized, scale = fit_within(image, self.input_size)
+        nh, nw = resized.shape[:2]
         side = -(-self.input_size // 32) * 32
         blob = np.zeros((3, side, side), dtype=np.float32)
         blob[:, :nh, :nw] = (resized.transpose(2, 0, 1).astype(np.float32) - 127.5) / 128.0

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
 
 from server.errors import ModelError
-from server.pipeline.geometry import nms
+from server.pipeline.geometry import fit_within, nms
 from server.pipeline.types import ARCFACE5, DetectedFace, DetectorInput
 
 STRIDES = (8, 16, 32)
@@ -45,10 +44,8 @@ class YunetDetector:
         """One scan: the image scaled to ``input_size``, padded to that square, BGR."""
         if attempt > 0:
             return None
-        h, w = image.shape[:2]
-        scale = self.input_size / max(h, w)
-        nh, nw = max(round(h * scale), 1), max(round(w * scale), 1)
-        resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+        resized, scale = fit_within(image, self.input_size)
+        nh, nw = resized.shape[:2]
         blob = np.zeros((3, self.input_size, self.input_size), dtype=np.float32)
         blob[:, :nh, :nw] = resized[..., ::-1].transpose(2, 0, 1)
         return DetectorInput(blob, scale)
