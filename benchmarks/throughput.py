@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -35,16 +36,20 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.lfw import Pair, best_threshold, default_lfw_dir, image_path, read_pairs
 from benchmarks.phone import phone_selfie
 from benchmarks.serverproc import free_port, start_server, wait_serving
 from benchmarks.speed import percentiles
+from server.config import GPU_PROFILE, Settings
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
 from server.pipeline.faces import FacePolicy
@@ -115,9 +120,11 @@ def model_limit(model_dir: Path, provider: str, images: list[Path], detect_batch
 
 
 async def _drive(target: str, pairs: list[tuple[bytes, bytes]], concurrency: int,
-                 requests: int) -> tuple[list[float], float, list[pb.VerifyResponse | None], int]:
-    """``requests`` Verify calls, ``concurrency`` in flight: latencies of the answered
-    calls, seconds, responses, and how many calls were shed (RESOURCE_EXHAUSTED).
+                 requests: int, seconds: float | None = None
+                 ) -> tuple[list[float], float, list[pb.VerifyResponse | None], int]:
+    """``requests`` Verify calls (or as many as ``seconds`` allow), ``concurrency`` in
+    flight: latencies of the answered calls, seconds, responses, and how many calls
+    were shed (RESOURCE_EXHAUSTED).
 
     Clients spread over ``CONNECTIONS`` connections (a distinct channel argument
     keeps gRPC from sharing one), so that several server processes on one port
@@ -132,10 +139,11 @@ async def _drive(target: str, pairs: list[tuple[bytes, bytes]], concurrency: int
         responses: list[pb.VerifyResponse | None] = [None] * requests
         next_index = 0
         shed = 0
+        stop = time.perf_counter() + seconds if seconds is not None else float("inf")
 
         async def client(stub: pb_grpc.FaceVerificationStub) -> None:
             nonlocal next_index, shed
-            while next_index < requests:
+            while next_index < requests and time.perf_counter() < stop:
                 i = next_index
                 next_index += 1
                 a, b = pairs[i % len(pairs)]
@@ -184,14 +192,82 @@ class GpuUtilisation:
                 "gpu_util_max_pct": float(max(self.samples))}
 
 
+def _drive_part(target: str, pairs: list[tuple[bytes, bytes]], concurrency: int,
+                requests: int, seconds: float | None) -> tuple[list[float], float, int]:
+    """:func:`_drive` in a client process of its own."""
+    latencies, took, _, shed = asyncio.run(_drive(target, pairs, concurrency, requests,
+                                                  seconds))
+    return latencies, took, shed
+
+
+def drive_level(target: str, pairs: list[tuple[bytes, bytes]], concurrency: int,
+                requests: int, seconds: float | None, clients: int
+                ) -> tuple[list[float], float, int]:
+    """One load level: latencies, seconds and calls shed, with the ``concurrency``
+    calls in flight spread over ``clients`` client processes (one Python client
+    tops out near a couple of thousand calls/s: it must not be what is measured)."""
+    clients = max(1, min(clients, concurrency))
+    if clients == 1:
+        return _drive_part(target, pairs, concurrency, requests, seconds)
+    with ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_drive_part, [target] * clients, [pairs] * clients,
+                              [concurrency // clients + (i < concurrency % clients)
+                               for i in range(clients)],
+                              [-(-requests // clients)] * clients, [seconds] * clients))
+    return ([t for p in parts for t in p[0]], max(p[1] for p in parts),
+            sum(p[2] for p in parts))
+
+
+def scrape(metrics_port: int) -> dict[str, float]:
+    """Every server process's stage-time and batch-size sums and counts, added up
+    (process ``i`` serves its metrics on ``metrics_port + i``)."""
+    totals: dict[str, float] = {}
+    for i in range(64):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + i}/metrics",
+                                        timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            break
+        for family in text_string_to_metric_families(text):
+            if family.name not in ("faceverify_stage_duration_seconds", "faceverify_batch_size"):
+                continue
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    key = f"{sample.name}{{{','.join(sample.labels.values())}}}"
+                    totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def per_item(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean stage time (ms) and batch size between two :func:`scrape` results."""
+    out = {}
+    for key, total in after.items():
+        if not key.startswith(("faceverify_stage_duration_seconds_sum",
+                               "faceverify_batch_size_sum")):
+            continue
+        count_key = key.replace("_sum{", "_count{")
+        n = after.get(count_key, 0.0) - before.get(count_key, 0.0)
+        if n <= 0:
+            continue
+        label = key.split("{", 1)[1].rstrip("}")
+        mean = (total - before.get(key, 0.0)) / n
+        if key.startswith("faceverify_stage"):
+            out[f"stage_{label}_ms"] = round(1000 * mean, 2)
+        else:
+            out[f"batch_{label}"] = round(mean, 1)
+    return out
+
+
 def run_faceverify(model_dir: Path, env: dict[str, str], pairs: list[tuple[bytes, bytes]],
                    accuracy_pairs: list[tuple[bytes, bytes]], levels: list[int],
-                   requests: int) -> dict[str, Any]:
-    port = free_port()
+                   requests: int, seconds: float | None = None, clients: int = 1
+                   ) -> dict[str, Any]:
+    port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data_dir:
         proc = start_server(model_dir, Path(data_dir), port, FACEVERIFY_LOG_LEVEL="WARNING",
-                            **env)
+                            FACEVERIFY_METRICS_PORT=str(metrics_port), **env)
         try:
             wait_serving(target, proc)
             asyncio.run(_drive(target, pairs, 4, 8))  # warm the connection and the pools
@@ -201,11 +277,12 @@ def run_faceverify(model_dir: Path, env: dict[str, str], pairs: list[tuple[bytes
             accuracy_seconds = time.perf_counter() - start
             results = []
             for c in levels:
+                before = scrape(metrics_port)
                 with GpuUtilisation() as gpu:
-                    lat, seconds, _, shed = asyncio.run(_drive(target, pairs, c,
-                                                               calls(requests, c)))
-                results.append({"concurrency": c, **summary(lat, seconds), "shed": shed,
-                                **gpu.summary()})
+                    lat, took, shed = drive_level(target, pairs, c, calls(requests, c),
+                                                  seconds, clients)
+                results.append({"concurrency": c, **summary(lat, took), "shed": shed,
+                                **gpu.summary(), **per_item(before, scrape(metrics_port))})
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -300,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lfw", type=Path, default=default_lfw_dir())
     p.add_argument("--pairs", type=int, default=300, help="pairs scored for accuracy")
     p.add_argument("--requests", type=int, default=150, help="calls per concurrency level")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="run each level this long instead (stopping at --requests)")
+    p.add_argument("--clients", type=int, default=1,
+                   help="client processes sharing each level's calls in flight")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--provider", default="cpu", help="cpu, cuda or tensorrt")
     p.add_argument("--set", action="append", default=[], metavar="FACEVERIFY_X=V",
@@ -325,11 +406,14 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"machine": machine(), "pairs": len(chosen),
                               "images": "1280x960 JPEG q90" if args.phone else "LFW 250x250",
                               "requests_per_level": args.requests, "server_settings": env}
-    report["limit"] = model_limit(args.model_dir, args.provider, [a for a, _ in paths], 8, 32,
-                                  args.limit_seconds)
+    # The batch sizes the server uses on that provider.
+    serving = Settings() if args.provider == "cpu" else Settings(**GPU_PROFILE)
+    batches = (serving.detect_max_batch, serving.embed_max_batch)
+    report["limit"] = model_limit(args.model_dir, args.provider, [a for a, _ in paths],
+                                  *batches, args.limit_seconds)
     server_env = {"FACEVERIFY_PROVIDER": args.provider, **env}
     fv = run_faceverify(args.model_dir, server_env, [data[i] for i in order], data, args.levels,
-                        args.requests)
+                        args.requests, args.seconds, args.clients)
     report["faceverify"] = {"levels": fv["levels"],
                             "accuracy": accuracy(fv["scores"], fv["decisions"], same)}
     if not args.skip_library:
@@ -362,6 +446,8 @@ def print_table(report: dict[str, Any]) -> None:
         row += f" {f['shed']:>5}"
         if "gpu_util_median_pct" in f:
             row += f" gpu {f['gpu_util_median_pct']:.0f}%"
+        row += " " + " ".join(f"{k}={v}" for k, v in f.items() if k.startswith(("stage_",
+                                                                               "batch_")))
         if lib:
             g = lib["levels"][i]
             row += (f" | {g['per_s']:>10} {g['p50_ms']:>8} {g['p99_ms']:>8} | "

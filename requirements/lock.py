@@ -18,8 +18,9 @@ import re
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 # The CUDA 13 build that ran on an H200 (../shared/gpu-bundle/README.md).

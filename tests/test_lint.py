@@ -20,7 +20,7 @@ def _tool(name: str) -> str:
 
 
 def test_ruff() -> None:
-    paths = ["server", "index", "tests", "benchmarks", "loadtest", "proto"]
+    paths = ["server", "index", "tests", "benchmarks", "loadtest", "proto", "requirements"]
     out = subprocess.run([_tool("ruff"), "check", *paths], cwd=REPO, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -43,24 +43,10 @@ def warp_bilinear(image: np.ndarray, a: np.ndarray, t: np.ndarray, out_h: int, o
         a, t: the 2x2 matrix and translation mapping output to input coordinates.
         truncate: truncate to uint8 (dlib) instead of rounding.
     """
-    v, u = np.mgrid[0:out_h, 0:out_w].astype(np.float64)
-    x = a[0, 0] * u + a[0, 1] * v + t[0]
-    y = a[1, 0] * u + a[1, 1] * v + t[1]
-    x0 = np.floor(x).astype(np.int64)
-    y0 = np.floor(y).astype(np.int64)
     h, w = image.shape[:2]
-    inside = (x0 >= 0) & (y0 >= 0) & (x0 + 1 < w) & (y0 + 1 < h)
     if truncate and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
-        # Pillow's affine bilinear sampling, in C, gives these same truncated
-        # values (its pixel centres sit at +0.5: shift the map by half a pixel);
-        # only the border rule differs, so the mask above is applied to it.
-        c = t[0] + 0.5 - 0.5 * (a[0, 0] + a[0, 1])
-        f = t[1] + 0.5 - 0.5 * (a[1, 0] + a[1, 1])
-        sampled = np.array(Image.fromarray(image).transform(
-            (out_w, out_h), Image.Transform.AFFINE,
-            (a[0, 0], a[0, 1], c, a[1, 0], a[1, 1], f), resample=Image.Resampling.BILINEAR))
-        sampled[~inside] = 0
-        return sampled
+        return _warp_pillow(image, a, t, out_h, out_w)
+    x, y, x0, y0, inside = _sample_grid(a, t, out_h, out_w, h, w)
     x0c = np.clip(x0, 0, w - 2)
     y0c = np.clip(y0, 0, h - 2)
     fx = (x - x0)[..., None]
@@ -74,6 +60,53 @@ def warp_bilinear(image: np.ndarray, a: np.ndarray, t: np.ndarray, out_h: int, o
     out[~inside] = 0
     pixels: np.ndarray = np.clip(out if truncate else np.rint(out), 0, 255).astype(np.uint8)
     return pixels
+
+
+def _sample_grid(a: np.ndarray, t: np.ndarray, out_h: int, out_w: int, h: int, w: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source coordinates of every output pixel, their floors, and which of them
+    have their 2x2 neighbourhood inside an (h, w) image."""
+    v, u = np.mgrid[0:out_h, 0:out_w].astype(np.float64)
+    x = a[0, 0] * u + a[0, 1] * v + t[0]
+    y = a[1, 0] * u + a[1, 1] * v + t[1]
+    x0 = np.floor(x).astype(np.int64)
+    y0 = np.floor(y).astype(np.int64)
+    inside = (x0 >= 0) & (y0 >= 0) & (x0 + 1 < w) & (y0 + 1 < h)
+    return x, y, x0, y0, inside
+
+
+def _warp_pillow(image: np.ndarray, a: np.ndarray, t: np.ndarray, out_h: int, out_w: int
+                 ) -> np.ndarray:
+    """:func:`warp_bilinear` of a uint8 RGB image, truncated, by Pillow's affine
+    bilinear sampling in C, which gives the same values (its pixel centres sit at
+    +0.5: the map is shifted by half a pixel); only the border rule differs.
+
+    Only the image's part under the chip is handed to Pillow, and the border
+    rule (black where a 2x2 neighbourhood leaves the image) is applied only when
+    a corner of the chip falls outside: the sampled region is a parallelogram,
+    so when its four corners are inside, every pixel is.
+    """
+    h, w = image.shape[:2]
+    corners = np.array([[0, 0], [out_w - 1, 0], [0, out_h - 1], [out_w - 1, out_h - 1]],
+                       dtype=np.float64)
+    src = corners @ a.T + t
+    cx0 = max(int(np.floor(src[:, 0].min())) - 1, 0)
+    cy0 = max(int(np.floor(src[:, 1].min())) - 1, 0)
+    cx1 = min(int(np.floor(src[:, 0].max())) + 3, w)
+    cy1 = min(int(np.floor(src[:, 1].max())) + 3, h)
+    if cx0 >= cx1 or cy0 >= cy1:  # the chip lies wholly outside the image
+        return np.zeros((out_h, out_w, 3), dtype=np.uint8)
+    crop = image[cy0:cy1, cx0:cx1]
+    c = t[0] - cx0 + 0.5 - 0.5 * (a[0, 0] + a[0, 1])
+    f = t[1] - cy0 + 0.5 - 0.5 * (a[1, 0] + a[1, 1])
+    sampled = np.array(Image.fromarray(np.ascontiguousarray(crop)).transform(
+        (out_w, out_h), Image.Transform.AFFINE,
+        (a[0, 0], a[0, 1], c, a[1, 0], a[1, 1], f), resample=Image.Resampling.BILINEAR))
+    floors = np.floor(src)
+    if not ((floors >= 0).all() and (floors[:, 0] + 1 < w).all()
+            and (floors[:, 1] + 1 < h).all()):
+        sampled[~_sample_grid(a, t, out_h, out_w, h, w)[4]] = 0
+    return sampled
 
 
 def fit_within(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:

@@ -34,10 +34,11 @@ class ShapePredictor:
         n_cascades, n_trees, n_splits, _ = split_idx.shape
         n_leaves = leaves.shape[2]
         # Flat per cascade, indexed by tree * n_splits + node (tree * n_leaves + leaf):
-        # one 1-D gather per tree level instead of 3-D fancy indexing.
-        self.splits = split_idx.reshape(n_cascades, n_trees * n_splits, 2)
+        # every gather is a 1-D ``take``, the fastest indexing numpy has.
+        self.split_a = split_idx[..., 0].reshape(n_cascades, -1).astype(np.intp)
+        self.split_b = split_idx[..., 1].reshape(n_cascades, -1).astype(np.intp)
         self.thresholds = split_thresh.reshape(n_cascades, n_trees * n_splits)
-        self.leaves = leaves.reshape(n_cascades, n_trees * n_leaves, -1).astype(np.float64)
+        self.leaves = leaves.reshape(n_cascades, n_trees * n_leaves, -1)
         self._split_base = np.arange(n_trees) * n_splits
         self._leaf_base = np.arange(n_trees) * n_leaves - n_splits
         self._depth = int(np.log2(n_splits + 1))
@@ -67,31 +68,43 @@ class ShapePredictor:
         scale = (boxes[:, 2:] - boxes[:, :2])[:, None, :]  # (B, 1, 2)
         origin = boxes[:, None, :2]
         current = np.repeat(self.initial[None], n, axis=0)  # (B, P, 2)
-        feats = np.zeros((n, self.anchor_idx.shape[1]), dtype=np.float32)
-        for c in range(len(self.splits)):
+        # Every image's pixels in one flat buffer (an image repeated for several
+        # faces is stored once), so that each cascade samples all faces at once.
+        unique: dict[int, int] = {}
+        for image in images:
+            unique.setdefault(id(image), len(unique))
+        stored = list({id(image): image for image in images}.values())
+        flat = np.concatenate([image.reshape(-1) for image in stored])
+        starts = np.cumsum([0] + [image.size for image in stored[:-1]])
+        which = np.array([unique[id(image)] for image in images])
+        start = starts[which][:, None]
+        height = np.array([image.shape[0] for image in images])[:, None]
+        width = np.array([image.shape[1] for image in images])[:, None]
+        n_feats = self.anchor_idx.shape[1]
+        row = (np.arange(n) * n_feats)[:, None]
+        for c in range(len(self.split_a)):
             d = current - current.mean(axis=1, keepdims=True)
-            a = (d * self._fit_a).sum(axis=(1, 2))
-            b = (d * self._fit_b).sum(axis=(1, 2))
             # dlib keeps the transform in float32
-            rot = np.stack([np.stack([a, -b], -1), np.stack([b, a], -1)], 1)  # (B, 2, 2)
-            rot = rot.astype(np.float32).astype(np.float64)
-            pts = current[:, self.anchor_idx[c]] + self.deltas[c] @ rot.transpose(0, 2, 1)
-            img_pts = np.floor(pts * scale + origin + 0.5).astype(np.int64)
-            for i, image in enumerate(images):
-                x, y = img_pts[i, :, 0], img_pts[i, :, 1]
-                h, w = image.shape[:2]
-                inside = (x >= 0) & (y >= 0) & (x < w) & (y < h)
-                row = feats[i]
-                row[:] = 0
-                row[inside] = image[y[inside], x[inside]].sum(axis=1, dtype=np.uint16) // 3
-            node = np.zeros((n, len(self._split_base)), dtype=np.int64)
+            a = (d * self._fit_a).sum(axis=(1, 2)).astype(np.float32).astype(np.float64)
+            b = (d * self._fit_b).sum(axis=(1, 2)).astype(np.float32).astype(np.float64)
+            anchors = current[:, self.anchor_idx[c]]
+            dx, dy = self.deltas[c][:, 0], self.deltas[c][:, 1]
+            px = anchors[..., 0] + (a[:, None] * dx - b[:, None] * dy)
+            py = anchors[..., 1] + (b[:, None] * dx + a[:, None] * dy)
+            x = np.floor(px * scale[..., 0] + origin[..., 0] + 0.5).astype(np.intp)
+            y = np.floor(py * scale[..., 1] + origin[..., 1] + 0.5).astype(np.intp)
+            inside = (x >= 0) & (y >= 0) & (x < width) & (y < height)
+            at = np.where(inside, start + (y * width + x) * 3, 0)
+            grey = (flat.take(at).astype(np.uint16) + flat.take(at + 1) + flat.take(at + 2)) // 3
+            feats = np.where(inside, grey, 0).astype(np.float32).ravel()
+            node = np.zeros((n, len(self._split_base)), dtype=np.intp)
             for _ in range(self._depth):
                 at = self._split_base + node
-                pair = self.splits[c][at]  # (B, T, 2)
-                diff = (np.take_along_axis(feats, pair[..., 0], axis=1)
-                        - np.take_along_axis(feats, pair[..., 1], axis=1))
-                node = 2 * node + 2 - (diff > self.thresholds[c][at])
-            step = self.leaves[c][self._leaf_base + node].sum(axis=1)  # (B, P * 2)
+                diff = (feats.take(row + self.split_a[c].take(at))
+                        - feats.take(row + self.split_b[c].take(at)))
+                node = 2 * node + 2 - (diff > self.thresholds[c].take(at))
+            step = self.leaves[c].take(self._leaf_base + node, axis=0).sum(axis=1,
+                                                                          dtype=np.float64)
             current = current + step.reshape(current.shape)
         points: np.ndarray = current * scale + origin
         return points

@@ -30,7 +30,7 @@ class Quality:
 
 def measure(face: DetectedFace, chip: np.ndarray) -> Quality:
     """Quality of one face from its detection and aligned (S, S, 3) uint8 chip."""
-    gray = chip.astype(np.float32).mean(axis=2)
+    gray = chip.sum(axis=2, dtype=np.uint16).astype(np.float32) / 3
     lap = (gray[:-2, 1:-1] + gray[2:, 1:-1] + gray[1:-1, :-2] + gray[1:-1, 2:]
            - 4 * gray[1:-1, 1:-1])
     return Quality(
