@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LFW=${FACEVERIFY_LFW_DIR:-../shared/datasets/lfw-dev}
-PER_FOLD=${PER_FOLD:-60}  # matched and mismatched pairs kept per fold
+PER_FOLD=${PER_FOLD:-30}  # matched and mismatched pairs kept per fold (gpu.sh uses 300 pairs)
 ../shared/gpu-bundle/build.sh "${1:-$HOME/.cache/faceverify/models}"
 rm -rf .gpu-bundle/lfw && mkdir -p .gpu-bundle/lfw/images
 .venv/bin/python - "$LFW" "$PER_FOLD" <<'PY'
