@@ -31,7 +31,9 @@ from benchmarks.serverproc import free_port, start_server, wait_serving
 from server.client import CallError, FaceVerifyClient
 
 # Frequent snapshots, so kills also land between snapshot and replay.
-SERVER_ENV = {"FACEVERIFY_SNAPSHOT_EVERY": "7", "FACEVERIFY_LOG_LEVEL": "WARNING"}
+# Duplicates refused (not flagged): "no face under two NIKs" is then checkable.
+SERVER_ENV = {"FACEVERIFY_SNAPSHOT_EVERY": "7", "FACEVERIFY_LOG_LEVEL": "WARNING",
+              "FACEVERIFY_DUPLICATE_POLICY": "refuse"}
 
 
 def nik_for(person: int, copy: int) -> str:

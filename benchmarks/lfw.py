@@ -18,6 +18,7 @@ turns the second image of every pair into an ID-card-like photo (see
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -92,13 +93,23 @@ def tmr_at_fmr(genuine: np.ndarray, impostor: np.ndarray, fmr: float) -> tuple[f
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PIPELINE_CODE = Path(__file__).resolve().parent.parent / "server" / "pipeline"
+
+
+def pipeline_code() -> str:
+    """A digest of the code that turns an image into an embedding."""
+    h = hashlib.sha256()
+    for path in sorted(PIPELINE_CODE.glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:10]
 
 
 class Embedder:
     """Embeds LFW images (optionally transformed) through the real pipeline, with counts.
 
-    Clean-image embeddings are cached on disk per model version
-    (``benchmarks/results/``, git-ignored) so the benchmarks share one pass.
+    Clean-image embeddings are cached on disk per model version and pipeline
+    code (``benchmarks/results/``, git-ignored) so the benchmarks share one
+    pass: a change to the pipeline's code is a new cache, never stale figures.
     """
 
     def __init__(self, model_dir: Path, lfw: Path,
@@ -119,7 +130,7 @@ class Embedder:
                 self.stored = z["stored"].item()
 
     def _cache_file(self) -> Path:
-        return RESULTS / f"embeddings-{self.models.model_version}.npz"
+        return RESULTS / f"embeddings-{self.models.model_version}-{pipeline_code()}.npz"
 
     def save(self) -> None:
         if self.transform is None:

@@ -164,6 +164,12 @@ class Gallery:
     def get(self, nik: str) -> Enrollment | None:
         return self.registry.get(nik)
 
+    def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
+                       ) -> Enrollment | None:
+        """See :meth:`Registry.resolve_review` (the index is not touched)."""
+        with self.write_lock:
+            return self.registry.resolve_review(nik, decision, reviewer, note)
+
     def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
             candidates: list[tuple[str, float]] | None = None,
             metadata: dict[str, str] | None = None) -> Enrollment:

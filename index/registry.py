@@ -31,7 +31,11 @@ CREATE TABLE IF NOT EXISTS enrollments (
     flagged INTEGER NOT NULL DEFAULT 0,
     candidates TEXT NOT NULL DEFAULT '[]',
     metadata TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    review TEXT NOT NULL DEFAULT 'none',
+    reviewed_by TEXT NOT NULL DEFAULT '',
+    reviewed_at REAL,
+    review_note TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -39,6 +43,23 @@ CREATE TABLE IF NOT EXISTS changes (
     id INTEGER NOT NULL
 );
 """
+
+
+# Columns added since the first schema, with their definitions: a registry
+# written by an older version gains them at open (nothing else changes).
+ADDED_COLUMNS = {
+    "review": "TEXT NOT NULL DEFAULT 'none'",
+    "reviewed_by": "TEXT NOT NULL DEFAULT ''",
+    "reviewed_at": "REAL",
+    "review_note": "TEXT NOT NULL DEFAULT ''",
+}
+# Review states of an enrolment: none (never flagged), pending (flagged, awaiting a
+# person), confirmed (a person confirmed the duplicate), cleared (not a duplicate).
+REVIEW_STATES = ("none", "pending", "confirmed", "cleared")
+
+
+class NotPending(Exception):
+    """A review decision for an enrolment that awaits none."""
 
 
 class RegistryMismatch(StartupError):
@@ -53,6 +74,7 @@ class Enrollment:
         id: our own int64 id (also the FAISS id); never the NIK.
         flagged: enrolled although suspected to duplicate ``candidates``.
         candidates: [(nik, score)] suspected duplicates found at enrolment.
+        review: one of :data:`REVIEW_STATES`; who decided, when, and their note.
     """
 
     id: int
@@ -62,6 +84,10 @@ class Enrollment:
     candidates: list[tuple[str, float]]
     metadata: dict[str, str]
     created_at: float
+    review: str = "none"
+    reviewed_by: str = ""
+    reviewed_at: float | None = None
+    review_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,7 +117,21 @@ class Registry:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self._check_meta(model_version, dim)
+
+    def _migrate(self) -> None:
+        """Add the columns a registry from an older version lacks (one transaction)."""
+        with self._tx():
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(enrollments)")}
+            missing = [c for c in ADDED_COLUMNS if c not in have]
+            for column in missing:
+                self._db.execute(f"ALTER TABLE enrollments ADD COLUMN {column} "
+                                 f"{ADDED_COLUMNS[column]}")
+            if "review" in missing:  # enrolments flagged before reviews existed await one
+                self._db.execute("UPDATE enrollments SET review = 'pending' WHERE flagged = 1")
+            self._db.execute("CREATE INDEX IF NOT EXISTS enrollments_review "
+                             "ON enrollments (review, id)")
 
     def _check_meta(self, model_version: str, dim: int) -> None:
         with self._tx():
@@ -119,7 +159,8 @@ class Registry:
                           embedding=np.frombuffer(row[2], dtype=np.float32).copy(),
                           flagged=bool(row[3]),
                           candidates=[(n, float(s)) for n, s in json.loads(row[4])],
-                          metadata=json.loads(row[5]), created_at=row[6])
+                          metadata=json.loads(row[5]), created_at=row[6], review=row[7],
+                          reviewed_by=row[8], reviewed_at=row[9], review_note=row[10])
 
     def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
             candidates: list[tuple[str, float]] | None = None,
@@ -135,14 +176,53 @@ class Registry:
         now = time.time()
         cands = candidates or []
         with self._tx():
+            review = "pending" if flagged else "none"
             cur = self._db.execute(
                 "INSERT INTO enrollments (nik, embedding, flagged, candidates, metadata, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                "created_at, review) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (nik, vec.tobytes(), int(flagged), json.dumps(cands), json.dumps(metadata or {}),
-                 now))
+                 now, review))
             new_id = int(cur.lastrowid or 0)
             self._db.execute("INSERT INTO changes (op, id) VALUES ('add', ?)", (new_id,))
-        return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}), now)
+        return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}), now,
+                          review)
+
+    def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
+                       ) -> Enrollment | None:
+        """Record a person's decision on a pending enrolment (``confirmed`` or
+        ``cleared``); None if the NIK is not enrolled.  The embedding and the
+        index are untouched: a confirmed duplicate stays findable.
+
+        Raises:
+            NotPending: the enrolment awaits no review (never flagged, or decided).
+        """
+        if decision not in ("confirmed", "cleared"):
+            raise ValueError(f"unknown review decision {decision!r}")
+        with self._tx():
+            row = self._db.execute("SELECT * FROM enrollments WHERE nik = ?", (nik,)).fetchone()
+            if row is None:
+                return None
+            if row[7] != "pending":
+                raise NotPending(f"this enrolment awaits no review (it is {row[7]})")
+            self._db.execute("UPDATE enrollments SET review = ?, reviewed_by = ?, "
+                             "reviewed_at = ?, review_note = ? WHERE id = ?",
+                             (decision, reviewer, time.time(), note, row[0]))
+            row = self._db.execute("SELECT * FROM enrollments WHERE id = ?",
+                                   (row[0],)).fetchone()
+        return self._row(row)
+
+    def pending_reviews(self, after_id: int, limit: int) -> list[Enrollment]:
+        """Enrolments awaiting review, oldest first, after the one with id ``after_id``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM enrollments WHERE review = 'pending' AND id > ? "
+                "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+        return [self._row(r) for r in rows]
+
+    def count_pending(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM enrollments "
+                                        "WHERE review = 'pending'").fetchone()[0])
 
     def remove(self, nik: str) -> Enrollment | None:
         """Erase an enrolment (and log the removal); None if the NIK is not enrolled."""

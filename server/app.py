@@ -25,6 +25,7 @@ from index.gallery import Gallery
 from server import __version__
 from server.calibrate import operating_point
 from server.config import Settings, serving_summary
+from server.duplicates import DuplicateThreshold
 from server.enrolment import DuplicatePolicy, EnrolmentService
 from server.errors import ConfigurationError, StartupError
 from server.gen import faceverify_pb2 as pb
@@ -105,23 +106,26 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
     calibration = read_calibration(settings.model_dir, models.model_version)
     point = OperatingPoint.from_calibration(calibration,
                                             operating_point(calibration, settings.decision_fmr))
-    dedup = operating_point(calibration, settings.dedup_fmr)
+    dedup = DuplicateThreshold.from_calibration(calibration, settings.dedup_fpir)
     warm_up(models, settings.detect_max_batch, settings.embed_max_batch)
-    log.info("decision threshold %.4f for FMR %g, duplicate threshold %.4f for FMR %g "
-             "(calibrated on %s)", point.threshold, point.fmr, dedup["threshold"],
-             settings.dedup_fmr, point.dataset)
     gallery = Gallery(settings.data_dir, models.model_version, models.pipeline.dim,
                       settings.index, settings.snapshot_every)
     engine = InferenceEngine(models.pipeline, image_pool, model_pool, settings.engine_limits,
                              metrics)
-    enrolment = EnrolmentService(gallery, engine, index_pool, point.threshold,
-                                 float(dedup["threshold"]),
+    enrolment = EnrolmentService(gallery, engine, index_pool, point.threshold, dedup,
                                  DuplicatePolicy(settings.duplicate_policy), metrics)
+    dup = enrolment.duplicate_point()
+    log.info("decision threshold %.4f for FMR %g (calibrated on %s); duplicate threshold "
+             "%.4f for FPIR %g at %d enrolments (pairwise FMR %.2g%s)", point.threshold,
+             point.fmr, point.dataset, dup.threshold, dedup.fpir, dup.comparisons,
+             dup.pairwise_fmr, ", extrapolated" if dup.extrapolated else "")
     metrics.build.info({"version": __version__, "model_version": models.model_version,
                         "provider": models.provider,
                         "detector": models.pipeline.detector.name,
                         "recognizer": models.pipeline.recognizer.name})
-    metrics.track_index(lambda: len(gallery), lambda: 1.0 if gallery.in_sync() else 0.0)
+    metrics.track_index(lambda: len(gallery), lambda: 1.0 if gallery.in_sync() else 0.0,
+                        gallery.registry.count_pending)
+    metrics.track_duplicates(enrolment.duplicate_point, dedup.fpir)
     return Services(VerificationService(models, point, engine, metrics), enrolment, gallery,
                     engine, metrics)
 

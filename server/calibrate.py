@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +36,30 @@ class Embedded:
     labels: np.ndarray  # (n,) int identity index
     images: int  # images attempted
     failed: int  # images without a usable face
+    names: tuple[str, ...] = ()  # (n,) file names, where known
+
+
+def read_excluded_pairs(path: Path) -> set[frozenset[str]]:
+    """Image pairs to leave out of the impostor statistics: a tab-separated file of
+    two image file names a line (``#`` comments), such as lfw-dev's
+    ``LABEL_ERRORS.tsv`` (pairs filed under two names that show one person).
+
+    Raises:
+        ModelError: unreadable, or a line without two names.
+    """
+    pairs: set[frozenset[str]] = set()
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ModelError(f"cannot read the excluded pairs {path}: {exc}") from exc
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        names = line.split("\t")
+        if len(names) != 2 or not all(names):
+            raise ModelError(f"{path.name}:{n}: expected two image names separated by a tab")
+        pairs.add(frozenset(name.strip() for name in names))
+    return pairs
 
 
 def labelled_images(dataset: Path, max_per_identity: int | None = None,
@@ -51,10 +75,32 @@ def labelled_images(dataset: Path, max_per_identity: int | None = None,
     return out
 
 
+def impostor_pairs(identities: Iterable[str]) -> int:
+    """Cross-identity pairs among images of these identities (one per image)."""
+    counts = np.unique(np.asarray(list(identities)), return_counts=True)[1].astype(np.int64)
+    n = int(counts.sum())
+    return n * (n - 1) // 2 - int((counts * (counts - 1) // 2).sum())
+
+
+def check_enough_impostors(items: list[tuple[str, Path]], fmrs: Iterable[float]) -> None:
+    """Refuse, before embedding anything, a dataset that cannot hold enough impostor
+    pairs for the lowest rate even if every image had a face.
+
+    Raises:
+        ModelError: how many pairs there would be, how many are needed.
+    """
+    lowest = min(fmrs)
+    have = impostor_pairs(identity for identity, _ in items)
+    if have < 10 / lowest:
+        raise ModelError(f"{len(items)} images give at most {have} impostor pairs, too few to "
+                         f"calibrate FMR {lowest:g}: at least {math.ceil(10 / lowest)} are "
+                         "needed (more images or identities, or a higher --fmr)")
+
+
 def embed_labelled(pipeline: FacePipeline, items: Iterable[tuple[str, Path]]) -> Embedded:
     """Embed each image's most prominent face; images without one are counted, not used."""
     ids: dict[str, int] = {}
-    embs, labels = [], []
+    embs, labels, names = [], [], []
     attempted = failed = 0
     for identity, path in items:
         attempted += 1
@@ -68,18 +114,42 @@ def embed_labelled(pipeline: FacePipeline, items: Iterable[tuple[str, Path]]) ->
             continue
         embs.append(face.embedding)
         labels.append(ids.setdefault(identity, len(ids)))
+        names.append(path.name)
     dim = pipeline.dim
     return Embedded(np.asarray(embs, dtype=np.float32).reshape(-1, dim),
-                    np.asarray(labels, dtype=np.int64), attempted, failed)
+                    np.asarray(labels, dtype=np.int64), attempted, failed, tuple(names))
 
 
-def pair_scores(emb: Embedded) -> tuple[np.ndarray, np.ndarray]:
-    """All genuine and all impostor cosine scores (each unordered pair once)."""
+def _excluded_indices(names: tuple[str, ...], exclude: Collection[frozenset[str]]
+                      ) -> list[tuple[int, int]]:
+    where: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        where.setdefault(name, []).append(i)
+    out = []
+    for pair in exclude:
+        if len(pair) != 2:
+            continue
+        a, b = sorted(pair)
+        out += [(min(i, j), max(i, j)) for i in where.get(a, []) for j in where.get(b, [])]
+    return out
+
+
+def pair_scores(emb: Embedded, exclude: Collection[frozenset[str]] = ()
+                ) -> tuple[np.ndarray, np.ndarray, int]:
+    """All genuine and all impostor cosine scores (each unordered pair once), and how
+    many impostor pairs ``exclude`` (image file name pairs) left out."""
+    n = len(emb.labels)
     sims = emb.embeddings @ emb.embeddings.T
-    iu = np.triu_indices(len(emb.labels), k=1)
+    keep = np.triu(np.ones((n, n), dtype=bool), k=1)
+    dropped = 0
+    for i, j in _excluded_indices(emb.names, exclude):
+        if keep[i, j] and emb.labels[i] != emb.labels[j]:
+            keep[i, j] = False
+            dropped += 1
+    iu = np.nonzero(keep)
     same = emb.labels[iu[0]] == emb.labels[iu[1]]
     scores = sims[iu]
-    return scores[same], scores[~same]
+    return scores[same], scores[~same], dropped
 
 
 def threshold_for_fmr(impostor: np.ndarray, fmr: float) -> float:
@@ -91,15 +161,52 @@ def threshold_for_fmr(impostor: np.ndarray, fmr: float) -> float:
     return float(np.nextafter(np.float32(desc[allowed]), np.float32(np.inf)))
 
 
+TAIL_STEPS_PER_DECADE = 10
+TAIL_TOP = 1e-2  # the tail's grid starts at this FMR
+
+
+def impostor_tail(impostor: np.ndarray) -> dict[str, Any]:
+    """The impostor distribution's upper tail, for thresholds at any pairwise FMR.
+
+    ``grid``: thresholds on a log grid of FMRs (10 a decade) from 1e-2 down to
+    the lowest rate that at least 10 impostor pairs measure.  ``fit``: a line
+    through log10(FMR) against threshold over that last measured decade (the
+    highest-scoring impostor pairs), to extrapolate below it; used, and
+    reported as extrapolated, only where a gallery is too large for the grid.
+    """
+    desc = -np.sort(-impostor)
+    total = len(desc)
+    grid = []
+    step = 0
+    while (fmr := TAIL_TOP * 10 ** (-step / TAIL_STEPS_PER_DECADE)) * total >= 10:
+        at = min(math.floor(fmr * total), total - 1)
+        grid.append({"fmr": fmr,
+                     "threshold": float(np.nextafter(np.float32(desc[at]), np.float32(np.inf)))})
+        step += 1
+    lowest = grid[-1]["fmr"] if grid else 1.0
+    ranks = np.arange(max(1, math.floor(lowest * total)),
+                      min(total, math.floor(10 * lowest * total)) + 1)
+    fit = None
+    if len(ranks) >= 10:
+        slope, intercept = np.polyfit(desc[ranks - 1].astype(np.float64),
+                                      np.log10(ranks / total), 1)
+        fit = {"slope": float(slope), "intercept": float(intercept),
+               "fmr_range": [float(ranks[0] / total), float(ranks[-1] / total)]}
+    return {"impostor_pairs": total, "grid": grid, "fit": fit}
+
+
 def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
-              model_version: str) -> dict[str, Any]:
-    """The calibration record for ``emb``.
+              model_version: str, exclude: Collection[frozenset[str]] = (),
+              excluded_from: str | None = None) -> dict[str, Any]:
+    """The calibration record for ``emb``, leaving the impostor pairs in ``exclude``
+    (image file names; see :func:`read_excluded_pairs`, read from ``excluded_from``)
+    out.
 
     Raises:
         ModelError: too few impostor pairs to estimate one of the rates (at
             least 10 / fmr are required).
     """
-    genuine, impostor = pair_scores(emb)
+    genuine, impostor, dropped = pair_scores(emb, exclude)
     points = []
     for fmr in sorted(fmrs, reverse=True):
         if len(impostor) < 10 / fmr:
@@ -120,13 +227,16 @@ def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
         "identities": int(len(np.unique(emb.labels))),
         "genuine_pairs": int(len(genuine)),
         "impostor_pairs": int(len(impostor)),
+        "excluded_impostor_pairs": dropped,
+        "excluded_from": excluded_from,
         "points": points,
+        "tail": impostor_tail(impostor),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
 def operating_point(calibration: dict[str, Any], fmr: float) -> dict[str, Any]:
-    """The calibrated point for ``fmr``.
+    """The calibrated point for ``fmr`` (``FACEVERIFY_DECISION_FMR``).
 
     Raises:
         ModelError: the calibration has no point for that rate.
@@ -135,5 +245,6 @@ def operating_point(calibration: dict[str, Any], fmr: float) -> dict[str, Any]:
         if math.isclose(p["fmr"], fmr, rel_tol=1e-9):
             return dict(p)
     have = ", ".join(f"{p['fmr']:g}" for p in calibration["points"])
-    raise ModelError(f"the calibration has no threshold for FMR {fmr:g} (it has {have}); "
-                     f"run `faceverify calibrate --fmr {fmr:g}` or choose one of those")
+    raise ModelError(f"the calibration has no threshold for FMR {fmr:g}, which "
+                     f"FACEVERIFY_DECISION_FMR asks for (it has {have}); run `faceverify "
+                     f"calibrate --fmr {fmr:g}` or set FACEVERIFY_DECISION_FMR to one of those")

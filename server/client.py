@@ -95,6 +95,20 @@ class FaceVerifyClient:
             "DeleteEnrollment", pb.DeleteEnrollmentRequest(nik=nik))
         return response
 
+    def list_reviews(self, page_size: int = 0, page_token: str = ""
+                     ) -> pb.ListReviewsResponse:
+        response: pb.ListReviewsResponse = self._call("ListReviews", pb.ListReviewsRequest(
+            page_size=page_size, page_token=page_token))
+        return response
+
+    def resolve_review(self, nik: str, confirm: bool, reviewer: str, note: str = ""
+                       ) -> pb.Enrollment:
+        decision = (pb.ResolveReviewRequest.CONFIRM_DUPLICATE if confirm
+                    else pb.ResolveReviewRequest.CLEAR)
+        response: pb.Enrollment = self._call("ResolveReview", pb.ResolveReviewRequest(
+            nik=nik, decision=decision, reviewer=reviewer, note=note))
+        return response
+
     def server_info(self) -> pb.ServerInfo:
         info: pb.ServerInfo = self._call("GetServerInfo", pb.GetServerInfoRequest())
         return info

@@ -67,8 +67,11 @@ class Settings:
             are scanned downscaled).
         data_dir: where the enrolment registry (SQLite) and index snapshots live.
         index: FAISS index choice (flat = exact; ivf = approximate, for large galleries).
-        dedup_fmr: calibrated false-match rate whose threshold flags a duplicate.
-        duplicate_policy: ``refuse`` or ``flag`` a face already enrolled under another NIK.
+        dedup_fpir: the false-positive identification rate (false duplicate alarms
+            per enrolment attempt) the duplicate threshold is set for, at the
+            gallery's current size (see server.duplicates).
+        duplicate_policy: ``flag`` (enrol, pending a person's review) or ``refuse`` a
+            face that matches one enrolled under another NIK.
         snapshot_every: index snapshot after this many enrolments or erasures.
         grace_seconds: how long SIGTERM waits for in-flight calls.
         max_concurrent_rpcs: calls beyond this are refused with RESOURCE_EXHAUSTED.
@@ -101,8 +104,8 @@ class Settings:
     detector_max_side: int = 800
     data_dir: Path = field(default_factory=lambda: default_data_dir(os.environ))
     index: IndexSpec = field(default_factory=IndexSpec)
-    dedup_fmr: float = 1e-5
-    duplicate_policy: str = "refuse"
+    dedup_fpir: float = 1e-3
+    duplicate_policy: str = "flag"
     snapshot_every: int = 1000
     grace_seconds: float = 10.0
     max_concurrent_rpcs: int = 256
@@ -153,7 +156,7 @@ ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "FACEVERIFY_INDEX_KIND": ("index.kind", str),
     "FACEVERIFY_INDEX_NLIST": ("index.nlist", int),
     "FACEVERIFY_INDEX_NPROBE": ("index.nprobe", int),
-    "FACEVERIFY_DEDUP_FMR": ("dedup_fmr", float),
+    "FACEVERIFY_DEDUP_FPIR": ("dedup_fpir", float),
     "FACEVERIFY_DUPLICATE_POLICY": ("duplicate_policy", str),
     "FACEVERIFY_SNAPSHOT_EVERY": ("snapshot_every", int),
     "FACEVERIFY_GRACE_SECONDS": ("grace_seconds", float),
@@ -262,8 +265,8 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError("decode_side must be >= 0 (0: decode at full size)")
     if not 0 < s.policy.ambiguity_ratio <= 1:
         raise ConfigurationError("ambiguity_ratio must be in (0, 1]")
-    if not 0 < s.dedup_fmr < 1:
-        raise ConfigurationError(f"dedup_fmr {s.dedup_fmr} must be between 0 and 1")
+    if not 0 < s.dedup_fpir < 1:
+        raise ConfigurationError(f"dedup_fpir {s.dedup_fpir} must be between 0 and 1")
     if s.duplicate_policy not in ("refuse", "flag"):
         raise ConfigurationError(f"duplicate_policy {s.duplicate_policy!r}: choose refuse or flag")
     if s.snapshot_every < 1:

@@ -18,8 +18,9 @@ from typing import TypeVar
 import numpy as np
 
 from index.gallery import Gallery, Match
-from index.registry import Enrollment
-from server.errors import EnrollmentConflict, InvalidRequest, NotEnrolled
+from index.registry import Enrollment, NotPending
+from server.duplicates import DuplicatePoint, DuplicateThreshold
+from server.errors import EnrollmentConflict, InvalidRequest, NotEnrolled, NotPendingReview
 from server.inference import InferenceEngine
 from server.metrics import Metrics
 from server.nik import validate_nik
@@ -31,6 +32,8 @@ T = TypeVar("T")
 MAX_TOP_K = 100
 MAX_METADATA_ITEMS = 16
 MAX_METADATA_CHARS = 256
+MAX_REVIEW_PAGE = 500
+MAX_NOTE_CHARS = 1000
 
 
 class DuplicatePolicy(enum.Enum):
@@ -56,6 +59,7 @@ class EnrolResult:
     selfie: AnalysedFace
     reference_score: float | None = None
     notes: list[str] = field(default_factory=list)
+    duplicate: DuplicatePoint | None = None  # the threshold this attempt was held to
 
 
 def _validate_metadata(metadata: dict[str, str]) -> dict[str, str]:
@@ -75,23 +79,27 @@ class EnrolmentService:
     Args:
         verify_threshold: score at or above which two faces are the same person
             (re-enrolment of the same NIK, and reference-photo checks).
-        dedup_threshold: score at or above which a gallery face under another NIK
-            is a suspected duplicate.
+        dedup: the score at or above which a gallery face under another NIK is a
+            suspected duplicate, for the gallery's size at each attempt.
         candidates_k: how many gallery neighbours to examine.
     """
 
     def __init__(self, gallery: Gallery, engine: InferenceEngine,
                  index_executor: ThreadPoolExecutor, verify_threshold: float,
-                 dedup_threshold: float, policy: DuplicatePolicy, metrics: Metrics,
+                 dedup: DuplicateThreshold, policy: DuplicatePolicy, metrics: Metrics,
                  candidates_k: int = 10) -> None:
         self.metrics = metrics
         self.gallery = gallery
         self.engine = engine
         self.index_executor = index_executor
         self.verify_threshold = verify_threshold
-        self.dedup_threshold = dedup_threshold
+        self.dedup = dedup
         self.policy = policy
         self.candidates_k = candidates_k
+
+    def duplicate_point(self) -> DuplicatePoint:
+        """The duplicate threshold an enrolment attempt would meet now."""
+        return self.dedup.at(len(self.gallery))
 
     async def _index(self, stage: str, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn`` in the index pool, timed as ``stage``."""
@@ -124,28 +132,30 @@ class EnrolmentService:
             if ref_score < self.verify_threshold:
                 self.metrics.outcomes.labels("Enroll", "reference_mismatch").inc()
                 return EnrolResult(Outcome.REFERENCE_MISMATCH, None, [], face, ref_score)
-        outcome, enrollment, candidates = await self._index(
+        outcome, enrollment, candidates, point = await self._index(
             "index_write", self._check_and_insert, nik, face.embedding, meta)
         self.metrics.outcomes.labels("Enroll", outcome.name.lower()).inc()
-        return EnrolResult(outcome, enrollment, candidates, face, ref_score)
+        return EnrolResult(outcome, enrollment, candidates, face, ref_score, duplicate=point)
 
     def _check_and_insert(self, nik: str, embedding: np.ndarray, meta: dict[str, str]
-                          ) -> tuple[Outcome, Enrollment | None, list[Match]]:
+                          ) -> tuple[Outcome, Enrollment | None, list[Match], DuplicatePoint]:
         with self.gallery.write_lock:
+            point = self.duplicate_point()
             existing = self.gallery.get(nik)
             if existing is not None:
                 if float(existing.embedding @ embedding) >= self.verify_threshold:
-                    return Outcome.ALREADY_ENROLLED, existing, []
+                    return Outcome.ALREADY_ENROLLED, existing, [], point
                 raise EnrollmentConflict("this NIK is already enrolled with a different face; "
                                          "delete the enrolment first if it was wrong")
             matches = [m for m in self.gallery.search(embedding, self.candidates_k)
-                       if m.score >= self.dedup_threshold and m.nik != nik]
+                       if m.score >= point.threshold and m.nik != nik]
             if matches and self.policy is DuplicatePolicy.REFUSE:
-                return Outcome.DUPLICATE_REFUSED, None, matches
+                return Outcome.DUPLICATE_REFUSED, None, matches, point
             enrollment = self.gallery.add(nik, embedding, flagged=bool(matches),
                                           candidates=[(m.nik, m.score) for m in matches],
                                           metadata=meta)
-            return (Outcome.ENROLLED_FLAGGED if matches else Outcome.ENROLLED), enrollment, matches
+            outcome = Outcome.ENROLLED_FLAGGED if matches else Outcome.ENROLLED
+            return outcome, enrollment, matches, point
 
     async def search(self, image: bytes, top_k: int) -> tuple[AnalysedFace, list[Match]]:
         """The ``top_k`` most similar enrolments to the image's face (nothing stored)."""
@@ -160,6 +170,57 @@ class EnrolmentService:
         e = await self._index("index_search", self.gallery.get, nik)
         if e is None:
             raise NotEnrolled("no enrolment for this NIK")
+        return e
+
+    async def list_reviews(self, page_size: int, page_token: str
+                           ) -> tuple[list[Enrollment], str, int]:
+        """A page of enrolments awaiting review (oldest first), the next page's token
+        (empty on the last page) and how many await review in all.
+
+        Raises:
+            InvalidRequest: page size over the limit, or a token not issued here.
+        """
+        size = page_size or 50
+        if not 1 <= size <= MAX_REVIEW_PAGE:
+            raise InvalidRequest(f"page_size must be at most {MAX_REVIEW_PAGE}",
+                                 field="page_size")
+        try:
+            after = int(page_token) if page_token else 0
+        except ValueError:
+            raise InvalidRequest("page_token is not one this server issued",
+                                 field="page_token") from None
+        page = await self._index("index_search", self.gallery.registry.pending_reviews, after,
+                                 size + 1)
+        total = await self._index("index_search", self.gallery.registry.count_pending)
+        token = str(page[size - 1].id) if len(page) > size else ""
+        return page[:size], token, total
+
+    async def resolve_review(self, nik: str, confirm: bool, reviewer: str, note: str
+                             ) -> Enrollment:
+        """Record a person's decision on a flagged enrolment (see
+        :meth:`Registry.resolve_review`).
+
+        Raises:
+            InvalidNik, InvalidRequest: bad input.
+            NotEnrolled: no enrolment for the NIK.
+            NotPendingReview: it awaits no review.
+        """
+        validate_nik(nik)
+        if not 1 <= len(reviewer.strip()) <= 128:
+            raise InvalidRequest("reviewer (who decided) is required, at most 128 characters",
+                                 field="reviewer")
+        if len(note) > MAX_NOTE_CHARS:
+            raise InvalidRequest(f"note must be at most {MAX_NOTE_CHARS} characters",
+                                 field="note")
+        decision = "confirmed" if confirm else "cleared"
+        try:
+            e = await self._index("index_write", self.gallery.resolve_review, nik, decision,
+                                  reviewer.strip(), note)
+        except NotPending as exc:
+            raise NotPendingReview(str(exc)) from exc
+        if e is None:
+            raise NotEnrolled("no enrolment for this NIK")
+        self.metrics.reviews_resolved.labels(decision).inc()
         return e
 
     async def delete(self, nik: str) -> Enrollment:

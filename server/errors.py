@@ -109,6 +109,13 @@ class EnrollmentConflict(RequestError):
     reason = "NIK_CONFLICT"
 
 
+class NotPendingReview(RequestError):
+    """A review decision for an enrolment that awaits none."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "NOT_PENDING_REVIEW"
+
+
 class InvalidRequest(RequestError):
     """A request field is missing or malformed."""
 

@@ -21,6 +21,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from server.duplicates import DuplicatePoint
 from server.pipeline.faces import STAGES as PIPELINE_STAGES
 
 # Latency buckets from 2.5 ms to 10 s: an image on a GPU takes a few ms, a
@@ -76,6 +77,26 @@ class Metrics:
         self.index_in_sync = Gauge("faceverify_index_in_sync",
                                    "1 when the index holds exactly the registry's enrolments",
                                    registry=r)
+        self.dup_threshold = Gauge("faceverify_duplicate_threshold",
+                                   "Score at which an enrolment attempt now counts as a suspected "
+                                   "duplicate (for the target FPIR at the gallery's size)",
+                                   registry=r)
+        self.dup_fmr = Gauge("faceverify_duplicate_pairwise_fmr",
+                             "Pairwise false-match rate the duplicate threshold is set at now",
+                             registry=r)
+        self.dup_fpir = Gauge("faceverify_duplicate_target_fpir",
+                              "False duplicate alarms per attempt the threshold is set for",
+                              registry=r)
+        self.dup_extrapolated = Gauge("faceverify_duplicate_threshold_extrapolated",
+                                      "1 when the gallery is too large for the calibration to "
+                                      "measure the duplicate threshold (extrapolated)",
+                                      registry=r)
+        self.reviews_pending = Gauge("faceverify_reviews_pending",
+                                     "Enrolments flagged as suspected duplicates awaiting a "
+                                     "person's decision", registry=r)
+        self.reviews_resolved = Counter("faceverify_reviews_resolved",
+                                        "Review decisions recorded: confirmed (a duplicate), "
+                                        "cleared (not one)", ("decision",), registry=r)
         self.serving = Gauge("faceverify_serving", "1 while health reports SERVING",
                              registry=r)
         self.build = Info("faceverify_build", "Server version, models and execution provider",
@@ -88,6 +109,8 @@ class Metrics:
                 self.dropped.labels(model, reason)
         for stage in STAGES:
             self.stage.labels(stage)
+        for decision in ("confirmed", "cleared"):
+            self.reviews_resolved.labels(decision)
         for method, outcomes in OUTCOMES.items():
             for outcome in outcomes:
                 self.outcomes.labels(method, outcome)
@@ -96,10 +119,19 @@ class Metrics:
         for stage, s in seconds.items():
             self.stage.labels(stage).observe(s)
 
-    def track_index(self, size: Callable[[], float], in_sync: Callable[[], float]) -> None:
-        """Read the index size and agreement at each scrape."""
+    def track_index(self, size: Callable[[], float], in_sync: Callable[[], float],
+                    pending: Callable[[], float]) -> None:
+        """Read the index size and agreement and the reviews pending at each scrape."""
         self.index_size.set_function(size)
         self.index_in_sync.set_function(in_sync)
+        self.reviews_pending.set_function(pending)
+
+    def track_duplicates(self, point: Callable[[], DuplicatePoint], fpir: float) -> None:
+        """Read the duplicate threshold for the gallery's current size at each scrape."""
+        self.dup_fpir.set(fpir)
+        self.dup_threshold.set_function(lambda: point().threshold)
+        self.dup_fmr.set_function(lambda: point().pairwise_fmr)
+        self.dup_extrapolated.set_function(lambda: float(point().extrapolated))
 
     # BatchObserver
     def queued(self, name: str, depth: int) -> None:

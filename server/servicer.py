@@ -10,6 +10,7 @@ from index.gallery import Match
 from index.registry import Enrollment
 from server import __version__
 from server.enrolment import EnrolmentService
+from server.errors import InvalidRequest
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
 from server.pipeline.faces import AnalysedFace
@@ -36,6 +37,7 @@ def face_pb(a: AnalysedFace, scheme: str) -> pb.Face:
         faces_found=a.faces_found,
         image_width=a.image_size[0],
         image_height=a.image_size[1],
+        rotation_degrees=90 * a.turns,
     )
 
 
@@ -43,11 +45,17 @@ def candidates_pb(matches: list[Match]) -> list[pb.Candidate]:
     return [pb.Candidate(nik=m.nik, score=m.score) for m in matches]
 
 
+REVIEW_STATES = {"none": pb.NOT_FLAGGED, "pending": pb.PENDING_REVIEW,
+                 "confirmed": pb.CONFIRMED_DUPLICATE, "cleared": pb.CLEARED}
+
+
 def enrollment_pb(e: Enrollment, model_version: str) -> pb.Enrollment:
     return pb.Enrollment(nik=e.nik, flagged=e.flagged,
                          candidates=[pb.Candidate(nik=n, score=s) for n, s in e.candidates],
                          metadata=e.metadata, enrolled_at=e.created_at,
-                         model_version=model_version)
+                         model_version=model_version, review_state=REVIEW_STATES[e.review],
+                         reviewed_by=e.reviewed_by, reviewed_at=e.reviewed_at or 0.0,
+                         review_note=e.review_note)
 
 
 class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
@@ -87,7 +95,7 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             outcome=pb.EnrollResponse.Outcome.Name(r.outcome.value),
             enrolled=r.enrollment is not None,
             candidates=candidates_pb(r.candidates),
-            duplicate_threshold=self.enrolment.dedup_threshold,
+            duplicate_threshold=r.duplicate.threshold if r.duplicate else 0.0,
             selfie_face=face_pb(r.selfie, self._scheme),
             model_version=version,
             request_id=request_id_var.get(),
@@ -102,7 +110,7 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
                      context: grpc.aio.ServicerContext) -> pb.SearchResponse:
         face, matches = await self.enrolment.search(request.image, request.top_k or 5)
         return pb.SearchResponse(candidates=candidates_pb(matches),
-                                 duplicate_threshold=self.enrolment.dedup_threshold,
+                                 duplicate_threshold=self.enrolment.duplicate_point().threshold,
                                  face=face_pb(face, self._scheme),
                                  gallery_size=len(self.enrolment.gallery),
                                  model_version=self.service.model_version,
@@ -118,10 +126,31 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         await self.enrolment.delete(request.nik)
         return pb.DeleteEnrollmentResponse(deleted=True, request_id=request_id_var.get())
 
+    async def ListReviews(self, request: pb.ListReviewsRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ListReviewsResponse:
+        page, token, total = await self.enrolment.list_reviews(request.page_size,
+                                                               request.page_token)
+        version = self.service.model_version
+        return pb.ListReviewsResponse(enrollments=[enrollment_pb(e, version) for e in page],
+                                      next_page_token=token, pending_total=total,
+                                      request_id=request_id_var.get())
+
+    async def ResolveReview(self, request: pb.ResolveReviewRequest,
+                            context: grpc.aio.ServicerContext) -> pb.Enrollment:
+        decision = request.decision
+        if decision == pb.ResolveReviewRequest.DECISION_UNSPECIFIED:
+            raise InvalidRequest("decision is required: CONFIRM_DUPLICATE or CLEAR",
+                                 field="decision")
+        e = await self.enrolment.resolve_review(
+            request.nik, decision == pb.ResolveReviewRequest.CONFIRM_DUPLICATE,
+            request.reviewer, request.note)
+        return enrollment_pb(e, self.service.model_version)
+
     async def GetServerInfo(self, request: pb.GetServerInfoRequest,
                             context: grpc.aio.ServicerContext) -> pb.ServerInfo:
         models = self.service.models
         gallery = self.enrolment.gallery
+        dup = self.enrolment.duplicate_point()
         return pb.ServerInfo(
             model_version=models.model_version,
             model_set=models.manifest["model_set"],
@@ -134,6 +163,9 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             gallery_size=len(gallery),
             index_kind="ivf" if gallery.index.trained_ivf else "flat",
             duplicate_policy=self.enrolment.policy.value,
-            duplicate_threshold=self.enrolment.dedup_threshold,
+            duplicate_threshold=dup.threshold,
+            duplicate_target_fpir=self.enrolment.dedup.fpir,
+            duplicate_pairwise_fmr=dup.pairwise_fmr,
+            duplicate_threshold_extrapolated=dup.extrapolated,
             serving=pb.ServingSettings(**self.serving),
         )

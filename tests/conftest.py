@@ -14,7 +14,7 @@ import pytest
 from server.app import RunningServer, start
 from server.calibrate import calibrate, embed_labelled, labelled_images
 from server.config import Settings
-from server.models.build import build_dlib, import_onnx_models
+from server.models.build import build_dlib, import_operator_models
 from server.models.manifest import CALIBRATION, read_manifest, write_json_atomic
 from server.pipeline.faces import FacePolicy
 from server.pipeline.image import ImageLimits
@@ -93,7 +93,7 @@ def calibrated_dlib_model_dir(dlib_model_dir: Path, lfw_dir: Path) -> Path:
 def insightface_model_dir(tmp_path_factory: pytest.TempPathFactory,
                           third_party_models: Path) -> Path:
     model_dir = tmp_path_factory.mktemp("models-insightface")
-    import_onnx_models(model_dir, third_party_models / "scrfd_500m_kps.onnx",
+    import_operator_models(model_dir, third_party_models / "scrfd_500m_kps.onnx",
                        third_party_models / "mobilefacenet_128d.onnx")
     return model_dir
 
@@ -159,10 +159,10 @@ class ServerThread:
 
 def server_settings(model_dir: Path, data_dir: Path | None = None, **changes: object
                     ) -> Settings:
-    # Duplicates at the FMR 1e-3 point: a small test gallery, and the test pairs are
-    # different photos of one person, which the strict default (1e-5) can miss.
+    # Duplicates at FPIR 1e-2 (pairwise FMR 1e-2 for a gallery of one): the test pairs
+    # are different photos of one person, which a strict threshold can miss.
     base = Settings(host="127.0.0.1", port=0, model_dir=model_dir, provider="cpu",
-                    intra_op_threads=0, workers=2, grace_seconds=1.0, dedup_fmr=1e-3,
+                    intra_op_threads=0, workers=2, grace_seconds=1.0, dedup_fpir=1e-2,
                     data_dir=data_dir or model_dir.parent / f"{model_dir.name}-data")
     return replace(base, **changes)  # type: ignore[arg-type]
 

@@ -77,9 +77,19 @@ def test_cli_enroll_search_get_delete(server: ServerThread, lfw_dir: Path) -> No
     out = json.loads(_faceverify("enroll", "3174011505900901", str(first), *t).stdout)
     assert out["outcome"] == "ENROLLED" and out["candidates"] == []
     dup = json.loads(_faceverify("enroll", "3174011505900902", str(second), *t).stdout)
-    assert dup["outcome"] == "DUPLICATE_REFUSED"
+    assert dup["outcome"] == "ENROLLED_FLAGGED"  # the default policy: a person decides
     assert dup["candidates"][0]["nik"] == "3174011505900901"
     assert isinstance(dup["candidates"][0]["score"], float)
+    queue = json.loads(_faceverify("reviews", "list", *t).stdout)
+    assert queue["pending_total"] == "1" and queue["enrollments"][0]["nik"] == "3174011505900902"
+    decided = json.loads(_faceverify("reviews", "confirm", "3174011505900902", "--reviewer",
+                                     "auditor-7", "--note", "same person", *t).stdout)
+    assert decided["review_state"] == "CONFIRMED_DUPLICATE"
+    assert decided["reviewed_by"] == "auditor-7"
+    again = _faceverify("reviews", "clear", "3174011505900902", "--reviewer", "x", *t)
+    assert again.returncode == 1
+    assert json.loads(again.stdout)["error"]["reason"] == "NOT_PENDING_REVIEW"
+    assert json.loads(_faceverify("delete", "3174011505900902", *t).stdout)["deleted"] is True
     found = json.loads(_faceverify("search", str(second), *t).stdout)
     assert found["candidates"][0]["nik"] == "3174011505900901"
     record = json.loads(_faceverify("get", "3174011505900901", *t).stdout)

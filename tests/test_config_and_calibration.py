@@ -74,13 +74,26 @@ def test_calibrate_record_and_operating_point() -> None:
     assert record["genuine_pairs"] == 60 * 3 and record["impostor_pairs"] == 180 * 179 // 2 - 180
     p = operating_point(record, 1e-2)
     assert p["measured_fmr"] <= 1e-2 and p["tmr"] > 0.9
-    with pytest.raises(ModelError, match="no threshold for FMR 0.001"):
+    with pytest.raises(ModelError, match="no threshold for FMR 0.001, which "
+                                         "FACEVERIFY_DECISION_FMR asks for .* set "
+                                         "FACEVERIFY_DECISION_FMR to one of those"):
         operating_point(record, 1e-3)
 
 
 def test_calibrate_refuses_rates_the_data_cannot_support() -> None:
     with pytest.raises(ModelError, match="too few"):
         calibrate(_embedded(np.random.default_rng(1), identities=10), [1e-4], "s", "m")
+
+
+def test_a_dataset_too_small_for_the_lowest_rate_is_refused_before_embedding() -> None:
+    from server.calibrate import check_enough_impostors, impostor_pairs
+
+    items = [(f"id{i}", Path(f"{i}-{k}.jpg")) for i in range(40) for k in range(3)]
+    assert impostor_pairs(i for i, _ in items) == 120 * 119 // 2 - 40 * 3
+    check_enough_impostors(items, [1e-2])  # 7,020 pairs: enough for 1e-2 (1,000 needed)
+    with pytest.raises(ModelError, match="120 images give at most 7020 impostor pairs, too few "
+                                         "to calibrate FMR 1e-05: at least 1000000"):
+        check_enough_impostors(items, [1e-3, 1e-5])
 
 
 def test_a_gpu_gets_gpu_serving_defaults_where_the_operator_set_none() -> None:
@@ -99,3 +112,28 @@ def test_a_gpu_gets_gpu_serving_defaults_where_the_operator_set_none() -> None:
 def test_cudnn_search_mode_is_validated() -> None:
     with pytest.raises(ConfigurationError, match="cudnn_conv_algo_search"):
         build_settings({"FACEVERIFY_CUDNN_CONV_ALGO_SEARCH": "fast"}, {})
+
+
+def test_label_errors_are_left_out_of_the_impostor_pairs(tmp_path: Path) -> None:
+    from server.calibrate import read_excluded_pairs
+
+    emb = _embedded(np.random.default_rng(2), identities=100, per=3)
+    names = tuple(f"p{i // 3}_{i % 3}.jpg" for i in range(300))
+    # Identity 1's first photo is identity 0's person: one near-duplicate impostor pair.
+    x = emb.embeddings.copy()
+    x[3] = x[0]
+    emb = Embedded(x, emb.labels, emb.images, emb.failed, names)
+    tsv = tmp_path / "LABEL_ERRORS.tsv"
+    tsv.write_text("# image_a\timage_b\np0_0.jpg\tp1_0.jpg\nunknown_1.jpg\tp2_0.jpg\n")
+    exclude = read_excluded_pairs(tsv)
+    assert exclude == {frozenset({"p0_0.jpg", "p1_0.jpg"}), frozenset({"unknown_1.jpg",
+                                                                        "p2_0.jpg"})}
+    plain = calibrate(emb, [1e-3], "s", "m")
+    clean = calibrate(emb, [1e-3], "s", "m", exclude, tsv.name)
+    assert clean["impostor_pairs"] == plain["impostor_pairs"] - 1
+    assert clean["excluded_impostor_pairs"] == 1 and clean["excluded_from"] == tsv.name
+    assert plain["excluded_impostor_pairs"] == 0
+    assert max(p["threshold"] for p in clean["points"]) < 0.999  # the 1.0 pair is gone
+    tsv.write_text("p0_0.jpg p1_0.jpg\n")
+    with pytest.raises(ModelError, match="LABEL_ERRORS.tsv:1: expected two image names"):
+        read_excluded_pairs(tsv)

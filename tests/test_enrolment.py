@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from server.client import CallError, FaceVerifyClient
+from server.gen import faceverify_pb2 as pb
 from tests.conftest import ServerThread, lfw_image, server_settings
 
 NIK_A = "3174011505900001"
@@ -21,8 +24,9 @@ OTHER_PERSON = ("Dean_Barker", 1)
 
 @pytest.fixture()
 def fresh(model_dir: Path, tmp_path: Path) -> Iterator[FaceVerifyClient]:
-    """A server with an empty gallery of its own."""
-    with ServerThread(server_settings(model_dir, tmp_path / "data")) as s, \
+    """A server with an empty gallery of its own, refusing duplicates."""
+    with ServerThread(server_settings(model_dir, tmp_path / "data",
+                                      duplicate_policy="refuse")) as s, \
             FaceVerifyClient(s.target) as client:
         yield client
 
@@ -59,6 +63,18 @@ def test_duplicate_face_under_another_nik_is_refused(fresh: FaceVerifyClient,
     with pytest.raises(CallError):
         fresh.get_enrollment(NIK_B)
     assert fresh.enroll(NIK_C, lfw_image(lfw_dir, *OTHER_PERSON)).outcome == r.ENROLLED
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_a_selfie_sent_sideways_or_upside_down_is_no_way_around_de_duplication(
+        fresh: FaceVerifyClient, lfw_dir: Path, degrees: int) -> None:
+    fresh.enroll(NIK_A, lfw_image(lfw_dir, *PERSON))
+    turned = io.BytesIO()
+    Image.open(io.BytesIO(lfw_image(lfw_dir, *SAME_PERSON_OTHER_PHOTO))).rotate(
+        degrees, expand=True).save(turned, "JPEG", quality=95)  # no EXIF orientation
+    r = fresh.enroll(NIK_B, turned.getvalue())
+    assert r.outcome == r.DUPLICATE_REFUSED and [c.nik for c in r.candidates] == [NIK_A]
+    assert r.selfie_face.rotation_degrees == (360 - degrees) % 360
 
 
 def test_reenrolment_is_idempotent_and_a_different_face_conflicts(
@@ -118,17 +134,60 @@ def test_concurrent_enrolments_of_one_face_enrol_exactly_one(fresh: FaceVerifyCl
     assert fresh.server_info().gallery_size == len(people)
 
 
-def test_flag_policy_enrols_with_candidates(model_dir: Path, tmp_path: Path,
-                                            lfw_dir: Path) -> None:
-    settings = server_settings(model_dir, tmp_path / "data", duplicate_policy="flag")
+def test_flagged_enrolments_wait_for_a_persons_review(model_dir: Path, tmp_path: Path,
+                                                       lfw_dir: Path) -> None:
+    settings = server_settings(model_dir, tmp_path / "data")  # the default policy: flag
     with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
+        assert client.server_info().duplicate_policy == "flag"
         client.enroll(NIK_A, lfw_image(lfw_dir, *PERSON))
         r = client.enroll(NIK_B, lfw_image(lfw_dir, *SAME_PERSON_OTHER_PHOTO))
         assert r.outcome == r.ENROLLED_FLAGGED and r.enrolled
         assert [c.nik for c in r.candidates] == [NIK_A]
         got = client.get_enrollment(NIK_B)
         assert got.flagged and got.candidates[0].nik == NIK_A
-        assert client.server_info().duplicate_policy == "flag"
+        assert got.review_state == pb.PENDING_REVIEW
+        assert client.get_enrollment(NIK_A).review_state == pb.NOT_FLAGGED
+        r = client.enroll(NIK_C, lfw_image(lfw_dir, *PERSON))  # a third NIK, the same face
+        assert r.outcome == r.ENROLLED_FLAGGED
+
+        first = client.list_reviews(page_size=1)
+        assert first.pending_total == 2 and [e.nik for e in first.enrollments] == [NIK_B]
+        assert first.enrollments[0].candidates[0].nik == NIK_A
+        second = client.list_reviews(page_size=1, page_token=first.next_page_token)
+        assert [e.nik for e in second.enrollments] == [NIK_C] and not second.next_page_token
+
+        decided = client.resolve_review(NIK_B, confirm=True, reviewer="auditor-7",
+                                        note="same person, two NIKs")
+        assert decided.review_state == pb.CONFIRMED_DUPLICATE
+        assert decided.reviewed_by == "auditor-7" and decided.reviewed_at > 0
+        assert decided.review_note == "same person, two NIKs"
+        cleared = client.resolve_review(NIK_C, confirm=False, reviewer="auditor-7")
+        assert cleared.review_state == pb.CLEARED
+        assert client.list_reviews().pending_total == 0
+        # A confirmed duplicate stays findable: the next attempt meets it too.
+        assert NIK_B in [c.nik for c in client.search(lfw_image(lfw_dir, *PERSON)).candidates]
+
+        for call, code, reason in [
+                (lambda: client.resolve_review(NIK_B, True, "x"), "FAILED_PRECONDITION",
+                 "NOT_PENDING_REVIEW"),
+                (lambda: client.resolve_review(NIK_A, True, "x"), "FAILED_PRECONDITION",
+                 "NOT_PENDING_REVIEW"),
+                (lambda: client.resolve_review(NIK_C, True, " "), "INVALID_ARGUMENT",
+                 "INVALID_REQUEST"),
+                (lambda: client.resolve_review("3174011505909999", True, "x"), "NOT_FOUND",
+                 "NOT_ENROLLED"),
+                (lambda: client.resolve_review("123", True, "x"), "INVALID_ARGUMENT",
+                 "INVALID_NIK"),
+                (lambda: client.list_reviews(page_size=501), "INVALID_ARGUMENT",
+                 "INVALID_REQUEST"),
+                (lambda: client.list_reviews(page_token="abc"), "INVALID_ARGUMENT",
+                 "INVALID_REQUEST")]:
+            with pytest.raises(CallError) as info:
+                call()
+            assert (info.value.code, info.value.reason) == (code, reason)
+        with pytest.raises(CallError) as info:
+            client._call("ResolveReview", pb.ResolveReviewRequest(nik=NIK_A, reviewer="x"))
+        assert info.value.reason == "INVALID_REQUEST" and "decision" in info.value.message
 
 
 def test_enrolments_survive_a_restart(model_dir: Path, tmp_path: Path, lfw_dir: Path) -> None:

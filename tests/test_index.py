@@ -52,6 +52,44 @@ def test_registry_refuses_another_model(tmp_path: Path) -> None:
         Registry(tmp_path / "r.sqlite3", MODEL, DIM + 1)
 
 
+# The registry's first schema, as versions before reviews wrote it.
+FIRST_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE enrollments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, nik TEXT NOT NULL UNIQUE, embedding BLOB NOT NULL,
+    flagged INTEGER NOT NULL DEFAULT 0, candidates TEXT NOT NULL DEFAULT '[]',
+    metadata TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL);
+CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL CHECK (op IN ('add', 'remove')), id INTEGER NOT NULL);
+"""
+
+
+def test_a_registry_from_before_reviews_gains_them_and_loses_nothing(tmp_path: Path) -> None:
+    v = unit(np.random.default_rng(3), 2)
+    db = sqlite3.connect(tmp_path / "r.sqlite3")
+    db.executescript(FIRST_SCHEMA)
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [("model_version", MODEL), ("dim", "16")])
+    db.executemany("INSERT INTO enrollments (nik, embedding, flagged, candidates, created_at) "
+                   "VALUES (?, ?, ?, ?, 1.0)",
+                   [(nik(1), v[0].tobytes(), 0, "[]"),
+                    (nik(2), v[1].tobytes(), 1, f'[["{nik(1)}", 0.97]]')])
+    db.executemany("INSERT INTO changes (op, id) VALUES ('add', ?)", [(1,), (2,)])
+    db.commit()
+    db.close()
+    reg = Registry(tmp_path / "r.sqlite3", MODEL, DIM)
+    assert reg.get(nik(1)).review == "none"
+    flagged = reg.get(nik(2))
+    assert flagged.review == "pending" and flagged.candidates == [(nik(1), pytest.approx(0.97))]
+    np.testing.assert_array_equal(flagged.embedding, v[1])
+    assert [e.nik for e in reg.pending_reviews(0, 10)] == [nik(2)] and reg.count_pending() == 1
+    decided = reg.resolve_review(nik(2), "confirmed", "auditor", "same person")
+    assert decided is not None and decided.review == "confirmed" and decided.reviewed_at
+    assert reg.count_pending() == 0 and reg.last_seq() == 2  # the index sees no change
+    reg.close()
+    reopened = Registry(tmp_path / "r.sqlite3", MODEL, DIM)  # a second open changes nothing
+    assert reopened.get(nik(2)).review_note == "same person" and reopened.count() == 2
+
+
 def test_registry_is_durable_and_uses_wal(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "r.sqlite3", MODEL, DIM)
     assert reg._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

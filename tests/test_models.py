@@ -141,13 +141,13 @@ def test_build_installs_the_shipped_calibration(dlib_model_dir: Path) -> None:
 
 def test_an_operator_yunet_detector_works_with_an_arcface_recognizer(
         third_party_models: Path, tmp_path: Path, lfw_dir: Path) -> None:
-    from server.models.build import import_onnx_models
+    from server.models.build import import_operator_models
     from server.pipeline.faces import FacePolicy
     from server.pipeline.image import ImageLimits
     from server.pipeline.loader import load_models
     from tests.conftest import lfw_image
 
-    m = import_onnx_models(tmp_path / "yunet", third_party_models / "yunet_2023mar.onnx",
+    m = import_operator_models(tmp_path / "yunet", third_party_models / "yunet_2023mar.onnx",
                            third_party_models / "mobilefacenet_128d.onnx")
     assert m["detector"]["kind"] == "yunet" and "-yunet-" in m["model_version"]
     models = load_models(tmp_path / "yunet", "cpu", 0, ImageLimits(), FacePolicy())
@@ -166,12 +166,13 @@ def test_an_operator_yunet_detector_works_with_an_arcface_recognizer(
 
 def test_a_file_that_is_no_detector_is_refused_by_name(third_party_models: Path,
                                                        tmp_path: Path) -> None:
-    from server.models.build import import_onnx_models
+    from server.models.build import import_operator_models
 
     with pytest.raises(ModelError, match="mobilefacenet_128d.onnx: 1 outputs"):
-        import_onnx_models(tmp_path / "m", third_party_models / "mobilefacenet_128d.onnx",
+        import_operator_models(tmp_path / "m", third_party_models / "mobilefacenet_128d.onnx",
                            third_party_models / "mobilefacenet_128d.onnx")
     pointer = tmp_path / "detector.onnx"
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\n")
     with pytest.raises(ModelError, match="detector.onnx is not an ONNX model"):
-        import_onnx_models(tmp_path / "m", pointer, third_party_models / "mobilefacenet_128d.onnx")
+        import_operator_models(tmp_path / "m", pointer,
+                               third_party_models / "mobilefacenet_128d.onnx")

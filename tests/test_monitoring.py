@@ -122,7 +122,8 @@ def prometheus(metered: ServerThread, tmp_path_factory: pytest.TempPathFactory
 
 
 def traffic(target: str, lfw: Path, round_: int) -> None:
-    """One of each: matches, a refused image, an enrolment and its duplicate, look-ups."""
+    """One of each: matches, a refused image, an enrolment and its duplicate (flagged,
+    then reviewed), look-ups."""
     person = ["Abel_Pacheco", "Anthony_Fauci"][round_ - 1]
     a, b = lfw_image(lfw, person, 1), lfw_image(lfw, person, 2)
     first, second = f"317401150590{2 * round_ - 1:04d}", f"317401150590{2 * round_:04d}"
@@ -132,7 +133,10 @@ def traffic(target: str, lfw: Path, round_: int) -> None:
         with pytest.raises(CallError):
             client.verify(blank(), b)
         assert client.enroll(first, a).enrolled
-        assert not client.enroll(second, b).enrolled  # the duplicate
+        dup = client.enroll(second, b)
+        assert dup.outcome == dup.ENROLLED_FLAGGED
+        assert client.list_reviews().pending_total == 1
+        client.resolve_review(second, confirm=True, reviewer="test")
         client.search(a)
         client.get_enrollment(first)
 

@@ -39,7 +39,8 @@ def test_processes_share_the_port_and_the_gallery(calibrated_dlib_model_dir: Pat
          "--processes", "2", "--metrics-port", str(metrics_port), "--provider", "cpu",
          "--model-dir", str(calibrated_dlib_model_dir), "--data-dir", str(tmp_path),
          "--log-level", "WARNING"],
-        env={**os.environ, "FACEVERIFY_DEDUP_FMR": "1e-3"})
+        env={**os.environ, "FACEVERIFY_DEDUP_FPIR": "1e-2",
+             "FACEVERIFY_DUPLICATE_POLICY": "refuse"})
     target = f"127.0.0.1:{port}"
     try:
         wait_serving(target, proc)

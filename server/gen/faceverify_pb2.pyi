@@ -7,6 +7,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReviewState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REVIEW_STATE_UNSPECIFIED: _ClassVar[ReviewState]
+    NOT_FLAGGED: _ClassVar[ReviewState]
+    PENDING_REVIEW: _ClassVar[ReviewState]
+    CONFIRMED_DUPLICATE: _ClassVar[ReviewState]
+    CLEARED: _ClassVar[ReviewState]
+REVIEW_STATE_UNSPECIFIED: ReviewState
+NOT_FLAGGED: ReviewState
+PENDING_REVIEW: ReviewState
+CONFIRMED_DUPLICATE: ReviewState
+CLEARED: ReviewState
+
 class EnrollRequest(_message.Message):
     __slots__ = ("nik", "selfie", "reference", "metadata", "request_id")
     class MetadataEntry(_message.Message):
@@ -107,7 +120,7 @@ class GetEnrollmentRequest(_message.Message):
     def __init__(self, nik: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Enrollment(_message.Message):
-    __slots__ = ("nik", "flagged", "candidates", "metadata", "enrolled_at", "model_version")
+    __slots__ = ("nik", "flagged", "candidates", "metadata", "enrolled_at", "model_version", "review_state", "reviewed_by", "reviewed_at", "review_note")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -121,13 +134,65 @@ class Enrollment(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     ENROLLED_AT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_STATE_FIELD_NUMBER: _ClassVar[int]
+    REVIEWED_BY_FIELD_NUMBER: _ClassVar[int]
+    REVIEWED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_NOTE_FIELD_NUMBER: _ClassVar[int]
     nik: str
     flagged: bool
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
     metadata: _containers.ScalarMap[str, str]
     enrolled_at: float
     model_version: str
-    def __init__(self, nik: _Optional[str] = ..., flagged: _Optional[bool] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., enrolled_at: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
+    review_state: ReviewState
+    reviewed_by: str
+    reviewed_at: float
+    review_note: str
+    def __init__(self, nik: _Optional[str] = ..., flagged: _Optional[bool] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., enrolled_at: _Optional[float] = ..., model_version: _Optional[str] = ..., review_state: _Optional[_Union[ReviewState, str]] = ..., reviewed_by: _Optional[str] = ..., reviewed_at: _Optional[float] = ..., review_note: _Optional[str] = ...) -> None: ...
+
+class ListReviewsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "request_id")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    request_id: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ListReviewsResponse(_message.Message):
+    __slots__ = ("enrollments", "next_page_token", "pending_total", "request_id")
+    ENROLLMENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PENDING_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    enrollments: _containers.RepeatedCompositeFieldContainer[Enrollment]
+    next_page_token: str
+    pending_total: int
+    request_id: str
+    def __init__(self, enrollments: _Optional[_Iterable[_Union[Enrollment, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., pending_total: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ResolveReviewRequest(_message.Message):
+    __slots__ = ("nik", "decision", "reviewer", "note", "request_id")
+    class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        DECISION_UNSPECIFIED: _ClassVar[ResolveReviewRequest.Decision]
+        CONFIRM_DUPLICATE: _ClassVar[ResolveReviewRequest.Decision]
+        CLEAR: _ClassVar[ResolveReviewRequest.Decision]
+    DECISION_UNSPECIFIED: ResolveReviewRequest.Decision
+    CONFIRM_DUPLICATE: ResolveReviewRequest.Decision
+    CLEAR: ResolveReviewRequest.Decision
+    NIK_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    nik: str
+    decision: ResolveReviewRequest.Decision
+    reviewer: str
+    note: str
+    request_id: str
+    def __init__(self, nik: _Optional[str] = ..., decision: _Optional[_Union[ResolveReviewRequest.Decision, str]] = ..., reviewer: _Optional[str] = ..., note: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class DeleteEnrollmentRequest(_message.Message):
     __slots__ = ("nik", "request_id")
@@ -206,7 +271,7 @@ class Box(_message.Message):
     def __init__(self, x_min: _Optional[float] = ..., y_min: _Optional[float] = ..., x_max: _Optional[float] = ..., y_max: _Optional[float] = ...) -> None: ...
 
 class Face(_message.Message):
-    __slots__ = ("box", "landmarks", "landmark_scheme", "detector_score", "quality", "faces_found", "image_width", "image_height")
+    __slots__ = ("box", "landmarks", "landmark_scheme", "detector_score", "quality", "faces_found", "image_width", "image_height", "rotation_degrees")
     BOX_FIELD_NUMBER: _ClassVar[int]
     LANDMARKS_FIELD_NUMBER: _ClassVar[int]
     LANDMARK_SCHEME_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +280,7 @@ class Face(_message.Message):
     FACES_FOUND_FIELD_NUMBER: _ClassVar[int]
     IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_DEGREES_FIELD_NUMBER: _ClassVar[int]
     box: Box
     landmarks: _containers.RepeatedCompositeFieldContainer[Point]
     landmark_scheme: str
@@ -223,7 +289,8 @@ class Face(_message.Message):
     faces_found: int
     image_width: int
     image_height: int
-    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., landmark_scheme: _Optional[str] = ..., detector_score: _Optional[float] = ..., quality: _Optional[_Union[FaceQuality, _Mapping]] = ..., faces_found: _Optional[int] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ...) -> None: ...
+    rotation_degrees: int
+    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., landmark_scheme: _Optional[str] = ..., detector_score: _Optional[float] = ..., quality: _Optional[_Union[FaceQuality, _Mapping]] = ..., faces_found: _Optional[int] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., rotation_degrees: _Optional[int] = ...) -> None: ...
 
 class FaceQuality(_message.Message):
     __slots__ = ("face_width", "face_height", "sharpness", "brightness")
@@ -242,7 +309,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_version", "model_set", "detector", "recognizer", "embedding_dim", "execution_provider", "operating_point", "server_version", "gallery_size", "index_kind", "duplicate_policy", "duplicate_threshold", "serving")
+    __slots__ = ("model_version", "model_set", "detector", "recognizer", "embedding_dim", "execution_provider", "operating_point", "server_version", "gallery_size", "index_kind", "duplicate_policy", "duplicate_threshold", "serving", "duplicate_target_fpir", "duplicate_pairwise_fmr", "duplicate_threshold_extrapolated")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_SET_FIELD_NUMBER: _ClassVar[int]
     DETECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +323,9 @@ class ServerInfo(_message.Message):
     DUPLICATE_POLICY_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_TARGET_FPIR_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_PAIRWISE_FMR_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_THRESHOLD_EXTRAPOLATED_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     model_set: str
     detector: str
@@ -269,7 +339,10 @@ class ServerInfo(_message.Message):
     duplicate_policy: str
     duplicate_threshold: float
     serving: ServingSettings
-    def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ..., serving: _Optional[_Union[ServingSettings, _Mapping]] = ...) -> None: ...
+    duplicate_target_fpir: float
+    duplicate_pairwise_fmr: float
+    duplicate_threshold_extrapolated: bool
+    def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ..., serving: _Optional[_Union[ServingSettings, _Mapping]] = ..., duplicate_target_fpir: _Optional[float] = ..., duplicate_pairwise_fmr: _Optional[float] = ..., duplicate_threshold_extrapolated: _Optional[bool] = ...) -> None: ...
 
 class ServingSettings(_message.Message):
     __slots__ = ("processes", "workers", "intra_op_threads", "batch_concurrency", "detect_max_batch", "embed_max_batch", "batch_wait_ms", "batch_buckets", "max_queue", "cudnn_conv_algo_search")

@@ -59,6 +59,16 @@ class FaceVerificationStub:
                 request_serializer=faceverify_dot_v1_dot_faceverify__pb2.DeleteEnrollmentRequest.SerializeToString,
                 response_deserializer=faceverify_dot_v1_dot_faceverify__pb2.DeleteEnrollmentResponse.FromString,
                 _registered_method=True)
+        self.ListReviews = channel.unary_unary(
+                '/faceverify.v1.FaceVerification/ListReviews',
+                request_serializer=faceverify_dot_v1_dot_faceverify__pb2.ListReviewsRequest.SerializeToString,
+                response_deserializer=faceverify_dot_v1_dot_faceverify__pb2.ListReviewsResponse.FromString,
+                _registered_method=True)
+        self.ResolveReview = channel.unary_unary(
+                '/faceverify.v1.FaceVerification/ResolveReview',
+                request_serializer=faceverify_dot_v1_dot_faceverify__pb2.ResolveReviewRequest.SerializeToString,
+                response_deserializer=faceverify_dot_v1_dot_faceverify__pb2.Enrollment.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/faceverify.v1.FaceVerification/GetServerInfo',
                 request_serializer=faceverify_dot_v1_dot_faceverify__pb2.GetServerInfoRequest.SerializeToString,
@@ -118,6 +128,29 @@ class FaceVerificationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListReviews(self, request, context):
+        """ListReviews pages through the enrolments flagged as suspected duplicates
+        that await a person's decision, oldest first, with their candidates.
+        Statuses: OK, INVALID_ARGUMENT (INVALID_REQUEST: page_size over 500 or a
+        page_token this server did not issue).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveReview(self, request, context):
+        """ResolveReview records a person's decision on a flagged enrolment:
+        CONFIRM_DUPLICATE (the applicant is enrolled under another NIK; the
+        enrolment stays, marked, so the face remains findable) or CLEAR (not a
+        duplicate). Who decided, when and why are kept with the enrolment.
+        Statuses: OK, INVALID_ARGUMENT (INVALID_NIK, INVALID_REQUEST: no decision
+        or no reviewer), NOT_FOUND (NOT_ENROLLED), FAILED_PRECONDITION
+        (NOT_PENDING_REVIEW: never flagged, or already decided).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """GetServerInfo reports the models, the execution provider in use and the
         decision's operating point. Statuses: OK.
@@ -153,6 +186,16 @@ def add_FaceVerificationServicer_to_server(servicer, server):
                     servicer.DeleteEnrollment,
                     request_deserializer=faceverify_dot_v1_dot_faceverify__pb2.DeleteEnrollmentRequest.FromString,
                     response_serializer=faceverify_dot_v1_dot_faceverify__pb2.DeleteEnrollmentResponse.SerializeToString,
+            ),
+            'ListReviews': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReviews,
+                    request_deserializer=faceverify_dot_v1_dot_faceverify__pb2.ListReviewsRequest.FromString,
+                    response_serializer=faceverify_dot_v1_dot_faceverify__pb2.ListReviewsResponse.SerializeToString,
+            ),
+            'ResolveReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveReview,
+                    request_deserializer=faceverify_dot_v1_dot_faceverify__pb2.ResolveReviewRequest.FromString,
+                    response_serializer=faceverify_dot_v1_dot_faceverify__pb2.Enrollment.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -295,6 +338,60 @@ class FaceVerification:
             '/faceverify.v1.FaceVerification/DeleteEnrollment',
             faceverify_dot_v1_dot_faceverify__pb2.DeleteEnrollmentRequest.SerializeToString,
             faceverify_dot_v1_dot_faceverify__pb2.DeleteEnrollmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReviews(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/faceverify.v1.FaceVerification/ListReviews',
+            faceverify_dot_v1_dot_faceverify__pb2.ListReviewsRequest.SerializeToString,
+            faceverify_dot_v1_dot_faceverify__pb2.ListReviewsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/faceverify.v1.FaceVerification/ResolveReview',
+            faceverify_dot_v1_dot_faceverify__pb2.ResolveReviewRequest.SerializeToString,
+            faceverify_dot_v1_dot_faceverify__pb2.Enrollment.FromString,
             options,
             channel_credentials,
             insecure,

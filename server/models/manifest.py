@@ -27,6 +27,10 @@ FORMAT = 1
 # (README, "Detectors").
 DETECTORS = ("blazeface", "mmod")
 DEFAULT_DETECTOR = "blazeface"
+# Input presets of an operator's recognizer (server.pipeline.recognizers.layout_spec).
+RECOGNIZER_LAYOUTS = ("arcface", "openvino-reid")
+# What `models build --prelu` may do to PReLU ops (server.models.rewrite).
+PRELU_MODES = ("keep", "relu")
 
 
 def sha256_file(path: Path) -> str:

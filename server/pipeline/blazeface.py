@@ -90,6 +90,10 @@ class BlazeFaceDetector:
 
     landmark_scheme = DLIB5
     name = "blazeface"
+    # BlazeFace finds most upside-down faces with upright keypoints, scoring them
+    # lower: on 60 lfw-dev images, upside down 0.65 median, 0.78 at the 99th
+    # percentile; upright 0.93 median, 0.85 at the 1st.
+    upright_score: float | None = 0.8
 
     def __init__(self, models: list[BlazeFaceModel], shape_predictor: ShapePredictor,
                  nms_iou: float = 0.3) -> None:
@@ -149,7 +153,8 @@ class BlazeFaceDetector:
             # a face's size means the same whichever built-in detector found it.
             box = dlib_box(kps)
             faces.append(DetectedFace(box=box, score=score, landmarks=UNSET,
-                                      landmark_box=np.round(box)))
+                                      landmark_box=np.round(box),
+                                      down=kps[3] - (kps[0] + kps[1]) / 2))
         return faces
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from server.pipeline.types import (
     detection_steps,
     run_steps,
 )
+from server.pipeline.upright import turn, turns_to_upright, unturn_box, unturn_points
 
 STAGES = ("decode", "detect", "align", "embed")
 
@@ -72,6 +73,7 @@ class AnalysedFace:
     ambiguous: bool  # another face is comparably prominent (refused for selfies)
     image_size: tuple[int, int]  # (width, height)
     chip: np.ndarray  # the aligned face the embedding was computed from
+    turns: int = 0  # counter-clockwise quarter turns that made the face upright
 
 
 def prominence(face: DetectedFace, width: int, height: int) -> float:
@@ -145,20 +147,69 @@ class FacePipeline:
         return decode_image(data, self.limits, field_name)
 
     def subject_chip(self, decoded: Decoded, faces: list[DetectedFace], field_name: str,
-                     refuse_ambiguous: bool) -> tuple[DetectedFace, bool, np.ndarray, Quality]:
+                     refuse_ambiguous: bool, turns: int = 0
+                     ) -> tuple[DetectedFace, bool, np.ndarray, Quality]:
         """Choose the subject (raising its per-image errors), align it, measure it.
 
         The subject is chosen, gated and reported in the uploaded image's pixels,
-        whatever size it was decoded at.
+        whatever size it was decoded at, and whichever way it was turned to be
+        upright (``decoded`` is then the turned image: ``turns`` quarter turns).
 
         Returns:
             The subject, whether it is ambiguous, its aligned chip and its quality.
         """
+        width, height = decoded.size
+        if turns % 2:
+            width, height = height, width
         uploaded = [f.scaled(decoded.scale) for f in faces]
-        subject, ambiguous = choose_subject(uploaded, *decoded.size, self.policy,
+        subject, ambiguous = choose_subject(uploaded, width, height, self.policy,
                                             refuse_ambiguous, field_name)
         chip = self.recognizer.align(decoded.pixels, faces[uploaded.index(subject)])
-        return subject, ambiguous, chip, measure(subject, chip)
+        quality = measure(subject, chip)
+        if turns:
+            subject = DetectedFace(unturn_box(subject.box, turns, width, height), subject.score,
+                                   unturn_points(subject.landmarks, turns, width, height))
+        return subject, ambiguous, chip, quality
+
+    def upright_steps(self, pixels: np.ndarray, faces: list[DetectedFace]
+                      ) -> Steps[tuple[np.ndarray, list[DetectedFace], int]]:
+        """Where no face was found, or the most prominent one is sideways or upside
+        down by its own keypoints, or scores low enough to be an upside-down face
+        (:attr:`Detector.upright_score`), detect again in the image turned by
+        quarter turns (see :mod:`server.pipeline.upright`): the first turn whose
+        face is upright and confidently found wins, else the best-scoring one.
+
+        Returns:
+            The image to go on with, its faces, and the quarter turns it was turned.
+        """
+        confident = self.detector.upright_score
+        best: tuple[float, np.ndarray, list[DetectedFace], int] | None = None
+        if faces:
+            height, width = pixels.shape[:2]
+            main = max(faces, key=lambda f: prominence(f, width, height))
+            k = 0 if main.down is None else turns_to_upright(main.down)
+            if k:  # sideways by its keypoints: the turn they ask for, or the opposite one
+                tries = [k, (k + 2) % 4]
+            elif confident is not None and main.score < confident:
+                tries, best = [2], (main.score, pixels, faces, 0)
+            else:
+                return pixels, faces, 0
+        else:
+            tries = [1, 3, 2]  # a quarter turn either way is likelier than upside down
+        for k in tries:
+            turned = yield CpuStep(turn, (pixels, k))
+            found = yield from detection_steps(self.detector, turned)
+            if not found:
+                continue
+            height, width = turned.shape[:2]
+            main = max(found, key=lambda f: prominence(f, width, height))
+            if main.down is not None and turns_to_upright(main.down) != 0:
+                continue
+            if confident is None or main.score >= confident:
+                return turned, found, k
+            if best is None or main.score > best[0]:
+                best = (main.score, turned, found, k)
+        return (pixels, faces, 0) if best is None else best[1:]
 
     def steps(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
               timings: Timings) -> Steps[AnalysedFace]:
@@ -182,13 +233,15 @@ class FacePipeline:
                 decoded = yield CpuStep(self.decode, (data, field_name))
         with timings.stage("detect"):
             faces = yield from detection_steps(self.detector, decoded.pixels)
+            pixels, faces, turns = yield from self.upright_steps(decoded.pixels, faces)
         with timings.stage("align"):
             subject, ambiguous, chip, quality = yield CpuStep(
-                self.subject_chip, (decoded, faces, field_name, refuse_ambiguous))
+                self.subject_chip, (replace(decoded, pixels=pixels), faces, field_name,
+                                    refuse_ambiguous, turns))
         with timings.stage("embed"):
             embedding = yield EmbedCall(chip)
         return AnalysedFace(subject, quality, embedding, len(faces), ambiguous, decoded.size,
-                            chip)
+                            chip, turns)
 
     def analyse(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
                 timings: Timings | None = None) -> AnalysedFace:

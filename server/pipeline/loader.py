@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,13 @@ from server.pipeline.faces import FacePipeline, FacePolicy
 from server.pipeline.image import ImageLimits
 from server.pipeline.landmarks import ShapePredictor
 from server.pipeline.mmod import MmodDetector
-from server.pipeline.recognizers import ArcFace, DlibResnet
+from server.pipeline.recognizers import ChipSpec, DlibResnet, TemplateRecognizer
 from server.pipeline.runtime import make_session, resolve_provider
 from server.pipeline.scrfd import ScrfdDetector
 from server.pipeline.types import Detector, Recognizer, detect
 from server.pipeline.yunet import YunetDetector
 
 log = logging.getLogger(__name__)
-
-RECOGNIZERS: dict[str, Callable[..., Recognizer]] = {"dlib-resnet": DlibResnet,
-                                                     "arcface": ArcFace}
 
 
 @dataclass(frozen=True)
@@ -81,10 +77,15 @@ def load_models(model_dir: Path, provider: str, intra_op_threads: int, limits: I
         detector = kind(session(det_cfg["file"]))
     else:
         raise ModelError(f"unknown detector kind {det_cfg['kind']!r} in {model_dir}")
-    if rec_cfg["kind"] not in RECOGNIZERS:
-        raise ModelError(f"unknown recognizer kind {rec_cfg['kind']!r} in {model_dir}")
     recognizer_session = session(rec_cfg["file"])
-    recognizer: Recognizer = RECOGNIZERS[rec_cfg["kind"]](recognizer_session, flip=flip)
+    recognizer: Recognizer
+    if rec_cfg["kind"] == "dlib-resnet":
+        recognizer = DlibResnet(recognizer_session, flip=flip)
+    elif rec_cfg["kind"] in ("template", "arcface"):  # "arcface": manifests before specs
+        recognizer = TemplateRecognizer(recognizer_session, ChipSpec.from_manifest(rec_cfg),
+                                        flip=flip)
+    else:
+        raise ModelError(f"unknown recognizer kind {rec_cfg['kind']!r} in {model_dir}")
     pipeline = FacePipeline(detector, recognizer, limits, policy)
     used = recognizer_session.get_providers()[0]
     log.info("models %s loaded from %s on %s (embedding size %d)", manifest["model_version"],
@@ -100,8 +101,8 @@ def warm_up(models: LoadedModels, detect_batch: int = 1, embed_batch: int = 1) -
     pipe = models.pipeline
     image = np.full((256, 256, 3), 128, dtype=np.uint8)
     detect(pipe.detector, image)  # finds nothing, so runs every scan
-    size = getattr(pipe.recognizer, "chip_size", 112)
-    pipe.recognizer.embed(np.zeros((1, size, size, 3), dtype=np.uint8))
+    chip = (*pipe.recognizer.chip_shape, 3)
+    pipe.recognizer.embed(np.zeros((1, *chip), dtype=np.uint8))
     if models.provider == "CPUExecutionProvider":
         return
     attempt = 0
@@ -110,4 +111,4 @@ def warm_up(models: LoadedModels, detect_batch: int = 1, embed_batch: int = 1) -
             pipe.detector.infer([prepared.tensor] * n)
         attempt += 1
     for n in buckets(embed_batch)[1:]:
-        pipe.recognizer.embed(np.zeros((n, size, size, 3), dtype=np.uint8))
+        pipe.recognizer.embed(np.zeros((n, *chip), dtype=np.uint8))

@@ -108,6 +108,7 @@ class MmodDetector:
 
     landmark_scheme = DLIB5
     name = "dlib-mmod"
+    upright_score: float | None = None
 
     def __init__(self, session: ort.InferenceSession, shape_predictor: ShapePredictor,
                  threshold: float = 0.0, max_side: int = 800, upsample_small: bool = True) -> None:

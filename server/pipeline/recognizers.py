@@ -2,18 +2,24 @@
 
 ``DlibResnet`` reproduces dlib's ``get_face_chip_details`` /
 ``extract_image_chip`` (150x150, padding 0.25, from dlib's 5 landmarks).
-``ArcFace`` uses the standard InsightFace 5-point template at 112x112.  Both
-return L2-normalised embeddings whose size is read from the model.
+``TemplateRecognizer`` is any model an operator brings that aligns five
+arcface5 points to a template: its :class:`ChipSpec` (chip size, template,
+colour order, normalisation) is recorded in the model manifest, with presets
+in :func:`layout_spec` (InsightFace's ArcFace; Intel's OpenVINO re-identification
+models).  All return L2-normalised embeddings whose size is read from the model.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from server.errors import ModelError
+from server.models.manifest import RECOGNIZER_LAYOUTS
 from server.pipeline.geometry import umeyama, warp_bilinear
 from server.pipeline.runtime import fixed_batch, run_batched
 from server.pipeline.types import ARCFACE5, DLIB5, DetectedFace
@@ -35,6 +41,81 @@ ARCFACE_TEMPLATE = np.array([
     [41.5493, 92.3655],
     [70.7299, 92.2041],
 ])
+
+# The 96x112 SphereFace template (the ArcFace one is it shifted 8 px right on 112x112).
+SPHEREFACE_TEMPLATE = ARCFACE_TEMPLATE - np.array([8.0, 0.0])
+
+
+@dataclass(frozen=True)
+class ChipSpec:
+    """What a template recognizer is fed: the aligned chip and the tensor made from it.
+
+    Attributes:
+        width, height: the chip (the model's input) in pixels.
+        template: (5, 2) where the arcface5 landmarks go in the chip, in its pixels.
+        colour: ``rgb`` or ``bgr``, the channel order of the input.
+        mean, std: per channel (in ``colour`` order), input = (pixel - mean) / std.
+        layout: the preset it came from, for logs (``custom`` where none).
+    """
+
+    width: int
+    height: int
+    template: np.ndarray
+    colour: str = "rgb"
+    mean: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    layout: str = "custom"
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"layout": self.layout, "chip": [self.width, self.height],
+                "template": np.round(self.template, 4).tolist(), "colour": self.colour,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    @staticmethod
+    def from_manifest(entry: dict[str, Any]) -> ChipSpec:
+        """The spec a manifest's recognizer entry records (an older ``arcface``
+        entry, which records none, is the ArcFace preset).
+
+        Raises:
+            ModelError: a field is missing or malformed.
+        """
+        if "chip" not in entry:
+            return layout_spec("arcface", 112, 112)
+        try:
+            width, height = (int(v) for v in entry["chip"])
+            template = np.asarray(entry["template"], dtype=np.float64).reshape(5, 2)
+            colour = str(entry["colour"])
+            mean = tuple(float(v) for v in entry["mean"])
+            std = tuple(float(v) for v in entry["std"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"the manifest's recognizer entry is malformed: {exc}") from exc
+        if colour not in ("rgb", "bgr") or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ModelError("the manifest's recognizer entry needs colour rgb or bgr and "
+                             "three means and three positive standard deviations")
+        return ChipSpec(width, height, template, colour, mean, std,
+                        str(entry.get("layout", "custom")))
+
+
+def layout_spec(layout: str, width: int, height: int) -> ChipSpec:
+    """A preset's spec for a model whose input is ``width`` x ``height``.
+
+    ``arcface``: InsightFace recognizers (RGB, (x - 127.5) / 128, the ArcFace
+    template scaled to the input).  ``openvino-reid``: Intel's Open Model Zoo
+    face re-identification models (BGR, raw 0-255, normalised inside the graph;
+    the 96x112 SphereFace template stretched to the input, as Intel's demo does).
+
+    Raises:
+        ModelError: an unknown preset.
+    """
+    if layout == "arcface":
+        return ChipSpec(width, height, ARCFACE_TEMPLATE * np.array([width / 112, height / 112]),
+                        layout=layout)
+    if layout == "openvino-reid":
+        return ChipSpec(width, height,
+                        SPHEREFACE_TEMPLATE * np.array([width / 96, height / 112]), "bgr",
+                        (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), layout)
+    raise ModelError(f"unknown recognizer layout {layout!r}; choose one of "
+                     f"{', '.join(RECOGNIZER_LAYOUTS)}")
 
 _BLUR = np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
 
@@ -90,12 +171,13 @@ def dlib_chip(image: np.ndarray, landmarks: np.ndarray, size: int = 150,
     return warp_bilinear(crop, m, t_crop, size, size, truncate=True)
 
 
-def arcface_chip(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
-    """InsightFace-style aligned chip from 5 arcface5 landmarks."""
-    template = ARCFACE_TEMPLATE * (size / 112.0)
-    # Fit image -> chip, then sample with its inverse (chip -> image).
+def template_chip(image: np.ndarray, landmarks: np.ndarray, template: np.ndarray,
+                  width: int, height: int) -> np.ndarray:
+    """The (height, width, 3) chip in which 5 arcface5 landmarks best fit ``template``
+    (a similarity: rotation, uniform scale, shift)."""
+    # Fit chip -> image, and sample the image there for every chip pixel.
     a, t = umeyama(template, np.asarray(landmarks, dtype=np.float64))
-    return warp_bilinear(image, a, t, size, size, truncate=False)
+    return warp_bilinear(image, a, t, height, width, truncate=False)
 
 
 def _l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -111,6 +193,10 @@ class _OnnxRecognizer:
         session: the recognizer's onnxruntime session.
         flip: also embed the mirrored chip and average (test-time augmentation:
             twice the recognizer work, a steadier embedding).
+
+    Raises:
+        ModelError: the model's input is not [N, 3, H, W] or its output not an
+            embedding ([N, D], or [N, D, 1, 1] as convolutional heads leave it).
     """
 
     def __init__(self, session: ort.InferenceSession, flip: bool = False) -> None:
@@ -120,24 +206,29 @@ class _OnnxRecognizer:
         out = session.get_outputs()[0]
         self.input_name = inp.name
         shape = inp.shape
-        if len(shape) != 4 or not isinstance(shape[2], int) or shape[2] != shape[3]:
-            raise ModelError(f"recognizer input must be [N, 3, S, S], got {shape}")
-        self.chip_size = int(shape[2])
-        if len(out.shape) != 2 or not isinstance(out.shape[1], int):
-            raise ModelError(f"recognizer output must be [N, D], got {out.shape}")
-        self.dim = int(out.shape[1])
+        if len(shape) != 4 or shape[1] != 3 or not all(isinstance(d, int) for d in shape[2:]):
+            raise ModelError(f"recognizer input must be [N, 3, H, W], got {shape}")
+        self.chip_shape = (int(shape[2]), int(shape[3]))  # (height, width)
+        dims = out.shape[1:]
+        if not dims or not isinstance(dims[0], int) or any(d != 1 for d in dims[1:]):
+            raise ModelError(f"recognizer output must be [N, D] (or [N, D, 1, 1]), got "
+                             f"{out.shape}")
+        self.dim = int(dims[0])
         self.batch = fixed_batch(session)
 
     def preprocess(self, chips: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 chips -> the model's input tensor."""
+        """(N, H, W, 3) uint8 chips -> the model's input tensor."""
         raise NotImplementedError
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        out = run_batched(self.session, self.input_name, x, self.batch)[0]
+        return _l2_normalise(out.reshape(len(out), -1))
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
         x = self.preprocess(chips)
         if not self.flip:
-            return _l2_normalise(run_batched(self.session, self.input_name, x, self.batch)[0])
-        both = np.concatenate([x, x[..., ::-1]])
-        out = _l2_normalise(run_batched(self.session, self.input_name, both, self.batch)[0])
+            return self._run(x)
+        out = self._run(np.concatenate([x, x[..., ::-1]]))
         return _l2_normalise(out[: len(x)] + out[len(x):])
 
 
@@ -148,21 +239,39 @@ class DlibResnet(_OnnxRecognizer):
     name = "dlib-resnet"
 
     def align(self, image: np.ndarray, face: DetectedFace) -> np.ndarray:
-        return dlib_chip(image, face.landmarks, size=self.chip_size)
+        return dlib_chip(image, face.landmarks, size=self.chip_shape[0])
 
     def preprocess(self, chips: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(chips.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
-class ArcFace(_OnnxRecognizer):
-    """An InsightFace-layout recognizer: RGB, (x - 127.5) / 128, ArcFace alignment."""
+class TemplateRecognizer(_OnnxRecognizer):
+    """A recognizer aligned on arcface5 landmarks to the template of its :class:`ChipSpec`.
+
+    Raises:
+        ModelError: the spec's chip is not the model's input size.
+    """
 
     landmark_scheme = ARCFACE5
-    name = "arcface"
+
+    def __init__(self, session: ort.InferenceSession, spec: ChipSpec, flip: bool = False
+                 ) -> None:
+        super().__init__(session, flip)
+        if self.chip_shape != (spec.height, spec.width):
+            raise ModelError(f"the recognizer's input is {self.chip_shape[1]}x"
+                             f"{self.chip_shape[0]} but its manifest entry says "
+                             f"{spec.width}x{spec.height}")
+        self.spec = spec
+        self.name = spec.layout
+        order = [2, 1, 0] if spec.colour == "bgr" else [0, 1, 2]
+        self._order = np.array(order)
+        self._mean = np.array(spec.mean, dtype=np.float32)[:, None, None]
+        self._scale = (1.0 / np.array(spec.std, dtype=np.float32))[:, None, None]
 
     def align(self, image: np.ndarray, face: DetectedFace) -> np.ndarray:
-        return arcface_chip(image, face.landmarks, size=self.chip_size)
+        return template_chip(image, face.landmarks, self.spec.template, self.spec.width,
+                             self.spec.height)
 
     def preprocess(self, chips: np.ndarray) -> np.ndarray:
-        x = (chips.transpose(0, 3, 1, 2).astype(np.float32) - 127.5) / 128.0
-        return np.ascontiguousarray(x)
+        x = chips[..., self._order].transpose(0, 3, 1, 2).astype(np.float32)
+        return np.ascontiguousarray((x - self._mean) * self._scale)

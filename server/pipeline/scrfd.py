@@ -15,6 +15,7 @@ from server.errors import ModelError
 from server.pipeline.geometry import fit_within, nms
 from server.pipeline.runtime import fixed_batch, run_batched
 from server.pipeline.types import ARCFACE5, DetectedFace, DetectorInput
+from server.pipeline.upright import arcface5_down
 
 STRIDES = (8, 16, 32)
 ANCHORS = 2
@@ -26,6 +27,7 @@ class ScrfdDetector:
     landmark_scheme = ARCFACE5
     landmarker = None  # the model's own keypoints
     name = "scrfd"
+    upright_score: float | None = None
 
     def __init__(self, session: ort.InferenceSession, threshold: float = 0.5,
                  nms_iou: float = 0.4, input_size: int = 640) -> None:
@@ -87,4 +89,5 @@ class ScrfdDetector:
         all_kps = np.concatenate(kps) / scale
         order = nms(all_boxes, all_scores, self.nms_iou)
         return [DetectedFace(box=all_boxes[i].astype(np.float64), score=float(all_scores[i]),
-                             landmarks=all_kps[i].astype(np.float64)) for i in order]
+                             landmarks=all_kps[i].astype(np.float64),
+                             down=arcface5_down(all_kps[i])) for i in order]

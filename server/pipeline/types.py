@@ -30,6 +30,10 @@ class DetectedFace:
     # Set by a detector whose landmarks come from its landmarker: the box to run it
     # on; the landmarks are NaN until the landmark step has filled them in.
     landmark_box: np.ndarray | None = None
+    # The face's own downward direction (from between the eyes to the mouth) as
+    # the detector's keypoints show it, where it has such keypoints: tells a
+    # sideways or upside-down face (see server.pipeline.upright).
+    down: np.ndarray | None = None
 
     @property
     def width(self) -> float:
@@ -44,10 +48,11 @@ class DetectedFace:
         if factor == 1.0:
             return self
         return DetectedFace(self.box * factor, self.score, self.landmarks * factor,
-                            None if self.landmark_box is None else self.landmark_box * factor)
+                            None if self.landmark_box is None else self.landmark_box * factor,
+                            self.down)
 
     def with_landmarks(self, landmarks: np.ndarray) -> DetectedFace:
-        return DetectedFace(self.box, self.score, landmarks, self.landmark_box)
+        return DetectedFace(self.box, self.score, landmarks, self.landmark_box, self.down)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,10 @@ class Detector(Protocol):
 
     landmark_scheme: str
     name: str
+    # A best face scoring below this may be an upside-down face the detector took
+    # for an upright one (its keypoints then say upright): the half-turned image
+    # is tried too (server.pipeline.upright).  None: the keypoints can be trusted.
+    upright_score: float | None
 
     @property
     def landmarker(self) -> Landmarker | None:
@@ -107,17 +116,18 @@ class Recognizer(Protocol):
     name: str
     dim: int
     input_name: str
+    chip_shape: tuple[int, int]  # (height, width) of the aligned chip
 
     def align(self, image: np.ndarray, face: DetectedFace) -> np.ndarray:
-        """The aligned face chip the model expects, (S, S, 3) uint8 RGB."""
+        """The aligned face chip the model expects, (H, W, 3) uint8 RGB."""
         ...
 
     def preprocess(self, chips: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 chips -> the model's input tensor."""
+        """(N, H, W, 3) uint8 chips -> the model's input tensor."""
         ...
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 chips -> (N, dim) float32 L2-normalised embeddings."""
+        """(N, H, W, 3) uint8 chips -> (N, dim) float32 L2-normalised embeddings."""
         ...
 
 

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from server.errors import ModelError
 from server.pipeline.geometry import fit_within, nms
 from server.pipeline.types import ARCFACE5, DetectedFace, DetectorInput
+from server.pipeline.upright import arcface5_down
 
 STRIDES = (8, 16, 32)
 OUTPUTS = tuple(f"{kind}_{s}" for kind in ("cls", "obj", "bbox", "kps") for s in STRIDES)
@@ -27,6 +28,7 @@ class YunetDetector:
     landmark_scheme = ARCFACE5
     landmarker = None  # the model's own keypoints
     name = "yunet"
+    upright_score: float | None = None
 
     def __init__(self, session: ort.InferenceSession, threshold: float = 0.6,
                  nms_iou: float = 0.3, input_size: int = 640) -> None:
@@ -81,4 +83,5 @@ class YunetDetector:
         all_kps = np.concatenate(kps).astype(np.float64) / scale
         order = nms(all_boxes, all_scores, self.nms_iou)
         return [DetectedFace(box=all_boxes[i], score=float(all_scores[i]),
-                             landmarks=all_kps[i]) for i in order]
+                             landmarks=all_kps[i], down=arcface5_down(all_kps[i]))
+                for i in order]
