@@ -1,23 +1,36 @@
 """De-duplication accuracy on real faces (LFW dev), through the real gallery.
 
     python -m benchmarks.dedup --model-dir ~/.cache/faceverify/models
+    python -m benchmarks.dedup --model-dir DIR --photos 2   # selfie + reference templates
 
 Identities with two or more images are split in two halves by a seeded
-shuffle.  Enrolled: the first image of every identity except the held-out
-half (so single-image identities act as gallery distractors).  Mated attempts:
-every other image of an enrolled person, under a new NIK.  Non-mated attempts:
-every image of a held-out person (never enrolled).  Each attempt searches the
-gallery (FAISS, exact) as Enroll does.  A non-mated attempt's candidate that
-``LABEL_ERRORS.tsv`` says shows the same person (lfw-dev's label errors) is
-left out of its false alarms, and the count is reported.
+shuffle.  ``--photos 1`` (the default protocol): enrolled, the first image of
+every identity except the held-out half (so single-image identities act as
+gallery distractors); mated attempts, every other image of an enrolled person
+under a new NIK; non-mated attempts, every image of a held-out person (never
+enrolled).
+
+``--photos 2`` compares enrolling one photo with enrolling two (a selfie and a
+reference photo, fused into one template as ``Enroll`` does), on the same
+people and attempts: an enrolled person with three or more images enrols the
+first (one photo) or the first two (two photos); their later images, taken
+two at a time, are the mated attempts (searching with the first of the two,
+or with both fused); a held-out person's images, two at a time, are the
+non-mated attempts.  Single-image identities stay one-photo distractors.
+
+Each attempt searches the gallery (FAISS, exact) as Enroll does.  A
+non-mated attempt's candidate that ``LABEL_ERRORS.tsv`` says shows the same
+person (lfw-dev's label errors) is left out of its false alarms, and the count
+is reported.
 
 FPIR(t): share of non-mated attempts whose best candidate scores >= t (a
 false duplicate alarm).  FNIR(t): share of mated attempts where the enrolled
 mate is not among the candidates scoring >= t.  Reported: the duplicate
 detection rate 1 - FNIR at the thresholds giving FPIR 1e-2 and 1e-3 on these
-attempts, and at the threshold the server would use for this gallery size at
-``FACEVERIFY_DEDUP_FPIR`` 1e-2 and 1e-3 (from the calibration), with the FPIR
-these attempts measure there.
+attempts, and with the thresholds the server would use for this gallery size
+at ``FACEVERIFY_DEDUP_FPIR`` 1e-2 and 1e-3 (from the calibration, each
+comparison held to its own: photo or two-photo template), with the FPIR these
+attempts measure there.
 """
 
 from __future__ import annotations
@@ -28,21 +41,31 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from benchmarks.lfw import Embedder, Key, default_lfw_dir
-from index.gallery import Gallery
+from index.gallery import Gallery, Match
 from index.vectors import IndexSpec
-from server.calibrate import read_excluded_pairs
-from server.duplicates import DuplicateThreshold
+from server.calibrate import fuse, read_excluded_pairs
+from server.duplicates import DuplicateThreshold, kind
 from server.errors import ModelError
 from server.models.manifest import read_calibration
 
 
-def split(lfw: Path, seed: int) -> tuple[list[Key], list[tuple[Key, str]], list[Key]]:
-    """(enrolled, mated attempts with their enrolled identity, non-mated attempts)."""
+@dataclass(frozen=True)
+class Group:
+    """The photos of one enrolment or one attempt, and whose they are."""
+
+    identity: str
+    keys: list[Key]
+
+
+def split(lfw: Path, seed: int, photos: int) -> tuple[list[Group], list[Group], list[Group]]:
+    """(enrolments, mated attempts, non-mated attempts); see the module docstring."""
     people: dict[str, list[int]] = {}
     for d in sorted((lfw / "images").iterdir()):
         if d.is_dir():
@@ -50,9 +73,22 @@ def split(lfw: Path, seed: int) -> tuple[list[Key], list[tuple[Key, str]], list[
     multi = sorted(n for n, imgs in people.items() if len(imgs) > 1)
     random.Random(seed).shuffle(multi)
     held_out = set(multi[: len(multi) // 2])
-    enrolled = [(n, imgs[0]) for n, imgs in people.items() if n not in held_out]
-    mated = [((n, i), n) for n, imgs in people.items() if n not in held_out for i in imgs[1:]]
-    non_mated = [(n, i) for n in sorted(held_out) for i in people[n]]
+
+    def groups(name: str, imgs: list[int], size: int) -> list[Group]:
+        return [Group(name, [(name, i) for i in imgs[at:at + size]])
+                for at in range(0, len(imgs), size)]
+
+    if photos == 1:
+        enrolled = [Group(n, [(n, imgs[0])]) for n, imgs in people.items() if n not in held_out]
+        mated = [g for n, imgs in people.items() if n not in held_out
+                 for g in groups(n, imgs[1:], 1)]
+        non_mated = [g for n in sorted(held_out) for g in groups(n, people[n], 1)]
+        return enrolled, mated, non_mated
+    enrolled = [Group(n, [(n, i) for i in imgs[:2 if len(imgs) >= 3 else 1]])
+                for n, imgs in people.items() if n not in held_out]
+    mated = [g for n, imgs in people.items() if n not in held_out and len(imgs) >= 3
+             for g in groups(n, imgs[2:], 2)]
+    non_mated = [g for n in sorted(held_out) for g in groups(n, people[n], 2)]
     return enrolled, mated, non_mated
 
 
@@ -66,75 +102,121 @@ def file_name(key: Key) -> str:
     return f"{key[0]}_{key[1]:04d}.jpg"
 
 
-def run(model_dir: Path, lfw: Path, seed: int, k: int) -> dict[str, object]:
+class Measure:
+    """One gallery, its attempts, and the figures they give."""
+
+    def __init__(self, emb: Embedder, label_errors: set[frozenset[str]], photos: int,
+                 k: int) -> None:
+        self.emb = emb
+        self.label_errors = label_errors
+        self.photos = photos  # most photos a template fuses
+        self.k = k
+
+    def template(self, group: Group) -> tuple[np.ndarray | None, list[str]]:
+        """The group's template (its photos with a face, up to ``photos``, fused)."""
+        keys = group.keys[: self.photos]
+        found = [(e, file_name(key)) for key in keys if (e := self.emb(key)) is not None]
+        if not found:
+            return None, []
+        return fuse(np.stack([e for e, _ in found])), [name for _, name in found]
+
+    def run(self, enrolled: list[Group], mated: list[Group], non_mated: list[Group],
+            calibration: dict[str, Any] | None) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            gallery = Gallery(Path(tmp), self.emb.models.model_version,
+                              self.emb.models.pipeline.dim, IndexSpec("flat"),
+                              snapshot_every=10**9)
+            nik_of: dict[str, str] = {}
+            images_of: dict[str, list[str]] = {}
+            for i, group in enumerate(enrolled):
+                e, names = self.template(group)
+                if e is None:
+                    continue
+                nik = f"3174011505{90 + i // 9999:02d}{i % 9999 + 1:04d}"
+                gallery.add(nik, e, photos=len(names))
+                nik_of[group.identity] = nik
+                images_of[nik] = names
+            size = len(gallery)
+            excluded = 0
+
+            def search(group: Group) -> tuple[list[Match], int]:
+                nonlocal excluded
+                e, names = self.template(group)
+                if e is None:
+                    return [], 0
+                matches = gallery.search(e, self.k)
+                # A label error (one person filed under two names) is no false alarm.
+                kept = [m for m in matches
+                        if not any(frozenset((a, b)) in self.label_errors
+                                   for a in names for b in images_of[m.nik])]
+                excluded += len(matches) - len(kept)
+                return kept, len(names)
+
+            non_mated_found = [search(g) for g in non_mated]
+            mated_found = [(search(g), nik_of.get(g.identity)) for g in mated]
+        nm = np.array([found[0].score if found else -1.0 for found, _ in non_mated_found])
+        ms = np.array([max((m.score for m in found if m.nik == mate), default=-1.0)
+                       for (found, _), mate in mated_found])
+        report: dict[str, Any] = {
+            "gallery_size": size,
+            "two_photo_enrolments": sum(len(v) > 1 for v in images_of.values()),
+            "mated_attempts": len(ms), "non_mated_attempts": len(nm),
+            "label_error_candidates_excluded": excluded}
+        for fpir in (1e-2, 1e-3):
+            t = threshold_at_fpir(nm, fpir)
+            report[f"at_fpir_{fpir:g}"] = {"threshold": t,
+                                           "detection_rate": float((ms >= t).mean()),
+                                           "measured_fpir": float((nm >= t).mean())}
+        if calibration is None:
+            return report
+        # What the server would decide for this gallery (FACEVERIFY_DEDUP_FPIR): each
+        # candidate held to the threshold of its comparison.
+        for fpir in (1e-2, 1e-3):
+            dedup = DuplicateThreshold.from_calibration(calibration, fpir)
+            if self.photos > 1 and not dedup.fuses:
+                report["server"] = "the calibration has no two-photo tails"
+                break
+
+            def suspects(found: list[Match], photos: int,
+                         dedup: DuplicateThreshold = dedup) -> set[str]:
+                return {m.nik for m in found
+                        if m.score >= dedup.at(size, kind(photos, m.photos)).threshold}
+
+            point = dedup.at(size, "single")
+            report[f"server_dedup_fpir_{fpir:g}"] = {
+                "single_threshold": point.threshold, "pairwise_fmr": point.pairwise_fmr,
+                "extrapolated": point.extrapolated,
+                "detection_rate": float(np.mean([mate in suspects(found, photos)
+                                                 for (found, photos), mate in mated_found])),
+                "measured_fpir": float(np.mean([bool(suspects(found, photos))
+                                                for found, photos in non_mated_found]))}
+        return report
+
+
+def run(model_dir: Path, lfw: Path, seed: int, k: int, photos: int) -> dict[str, object]:
     emb = Embedder(model_dir, lfw)
     errors_file = lfw / "LABEL_ERRORS.tsv"
     label_errors = read_excluded_pairs(errors_file) if errors_file.is_file() else set()
-    enrolled, mated, non_mated = split(lfw, seed)
+    try:
+        calibration: dict[str, Any] | None = read_calibration(model_dir,
+                                                              emb.models.model_version)
+    except ModelError:  # a model set not calibrated yet: no server thresholds to show
+        calibration = None
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        gallery = Gallery(Path(tmp), emb.models.model_version, emb.models.pipeline.dim,
-                          IndexSpec("flat"), snapshot_every=10**9)
-        nik_of: dict[str, str] = {}
-        image_of: dict[str, str] = {}
-        for i, key in enumerate(enrolled):
-            e = emb(key)
-            if e is None:
-                continue
-            nik = f"3174011505{90 + i // 9999:02d}{i % 9999 + 1:04d}"
-            gallery.add(nik, e)
-            nik_of[key[0]] = nik
-            image_of[nik] = file_name(key)
-        best_non_mated = []
-        excluded = 0
-        for key in non_mated:
-            e = emb(key)
-            matches = gallery.search(e, k) if e is not None else []
-            # A label error (one person filed under two names) is no false alarm.
-            kept = [m for m in matches
-                    if frozenset((file_name(key), image_of[m.nik])) not in label_errors]
-            excluded += len(matches) - len(kept)
-            best_non_mated.append(kept[0].score if kept else -1.0)
-        mate_scores = []
-        for key, person in mated:
-            e = emb(key)
-            target = nik_of.get(person)
-            score = -1.0
-            if e is not None and target is not None:
-                score = max((m.score for m in gallery.search(e, k) if m.nik == target),
-                            default=-1.0)
-            mate_scores.append(score)
-        gallery_size = len(gallery)
-    emb.save()
-    nm = np.asarray(best_non_mated)
-    ms = np.asarray(mate_scores)
+    enrolled, mated, non_mated = split(lfw, seed, photos)
     report: dict[str, object] = {
         "model_version": emb.models.model_version,
-        "gallery_size": gallery_size,
-        "mated_attempts": len(ms),
-        "non_mated_attempts": len(nm),
-        "images_without_face": emb.failures,
-        "label_error_candidates_excluded": excluded,
         "label_errors_from": errors_file.name if label_errors else None,
-    }
-    for fpir in (1e-2, 1e-3):
-        t = threshold_at_fpir(nm, fpir)
-        report[f"at_fpir_{fpir:g}"] = {"threshold": t, "detection_rate": float((ms >= t).mean()),
-                                       "measured_fpir": float((nm >= t).mean())}
-    try:
-        calibration = read_calibration(model_dir, emb.models.model_version)
-    except ModelError as exc:  # a model set not calibrated yet: no server threshold to show
-        report["server_thresholds"] = f"none: {exc}"
+        "calibrated": calibration is not None}
+    if photos == 1:
+        report.update(Measure(emb, label_errors, 1, k).run(enrolled, mated, non_mated,
+                                                           calibration))
     else:
-        # What the server would use for this gallery (FACEVERIFY_DEDUP_FPIR), against
-        # what these attempts measure at that threshold.
-        for fpir in (1e-2, 1e-3):
-            point = DuplicateThreshold.from_calibration(calibration, fpir).at(gallery_size)
-            report[f"server_threshold_dedup_fpir_{fpir:g}"] = {
-                "threshold": point.threshold, "pairwise_fmr": point.pairwise_fmr,
-                "extrapolated": point.extrapolated,
-                "detection_rate": float((ms >= point.threshold).mean()),
-                "measured_fpir": float((nm >= point.threshold).mean())}
+        for n in (1, 2):
+            report[f"{n}_photo{'s' if n > 1 else ''}_each"] = Measure(
+                emb, label_errors, n, k).run(enrolled, mated, non_mated, calibration)
+    emb.save()
+    report["images_without_face"] = emb.failures
     report["seconds"] = time.perf_counter() - start
     return report
 
@@ -145,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lfw", type=Path, default=default_lfw_dir())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=10, help="candidates examined per attempt")
+    p.add_argument("--photos", type=int, choices=[1, 2], default=1,
+                   help="2: compare one-photo with two-photo (selfie + reference) templates")
     args = p.parse_args(argv)
-    json.dump(run(args.model_dir, args.lfw, args.seed, args.k), sys.stdout, indent=2)
+    json.dump(run(args.model_dir, args.lfw, args.seed, args.k, args.photos), sys.stdout,
+              indent=2)
     print()
     return 0
 

@@ -41,6 +41,7 @@ class Match:
     nik: str
     score: float
     enrollment_id: int
+    photos: int = 1  # photos the enrolment's template fuses
 
 
 class GalleryLock:
@@ -158,7 +159,7 @@ class Gallery:
         scores, ids = self.index.search(embedding[None], k)
         found = [int(i) for i in ids[0] if i >= 0]
         by_id = self.registry.get_by_ids(found)
-        return [Match(by_id[int(i)].nik, float(s), int(i))
+        return [Match(by_id[int(i)].nik, float(s), int(i), by_id[int(i)].photos)
                 for s, i in zip(scores[0], ids[0], strict=True) if int(i) in by_id]
 
     def get(self, nik: str) -> Enrollment | None:
@@ -172,10 +173,10 @@ class Gallery:
 
     def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
             candidates: list[tuple[str, float]] | None = None,
-            metadata: dict[str, str] | None = None) -> Enrollment:
+            metadata: dict[str, str] | None = None, photos: int = 1) -> Enrollment:
         """Enrol durably, then index; may snapshot."""
         with self.write_lock:
-            e = self.registry.add(nik, embedding, flagged, candidates, metadata)
+            e = self.registry.add(nik, embedding, flagged, candidates, metadata, photos)
             self._after_change()
             return e
 

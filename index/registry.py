@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS enrollments (
     review TEXT NOT NULL DEFAULT 'none',
     reviewed_by TEXT NOT NULL DEFAULT '',
     reviewed_at REAL,
-    review_note TEXT NOT NULL DEFAULT ''
+    review_note TEXT NOT NULL DEFAULT '',
+    photos INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -52,6 +53,7 @@ ADDED_COLUMNS = {
     "reviewed_by": "TEXT NOT NULL DEFAULT ''",
     "reviewed_at": "REAL",
     "review_note": "TEXT NOT NULL DEFAULT ''",
+    "photos": "INTEGER NOT NULL DEFAULT 1",
 }
 # Review states of an enrolment: none (never flagged), pending (flagged, awaiting a
 # person), confirmed (a person confirmed the duplicate), cleared (not a duplicate).
@@ -75,6 +77,8 @@ class Enrollment:
         flagged: enrolled although suspected to duplicate ``candidates``.
         candidates: [(nik, score)] suspected duplicates found at enrolment.
         review: one of :data:`REVIEW_STATES`; who decided, when, and their note.
+        photos: how many photos ``embedding`` fuses (a selfie alone: 1; with the
+            reference photo: 2).
     """
 
     id: int
@@ -88,6 +92,7 @@ class Enrollment:
     reviewed_by: str = ""
     reviewed_at: float | None = None
     review_note: str = ""
+    photos: int = 1
 
 
 @dataclass(frozen=True)
@@ -160,11 +165,12 @@ class Registry:
                           flagged=bool(row[3]),
                           candidates=[(n, float(s)) for n, s in json.loads(row[4])],
                           metadata=json.loads(row[5]), created_at=row[6], review=row[7],
-                          reviewed_by=row[8], reviewed_at=row[9], review_note=row[10])
+                          reviewed_by=row[8], reviewed_at=row[9], review_note=row[10],
+                          photos=row[11])
 
     def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
             candidates: list[tuple[str, float]] | None = None,
-            metadata: dict[str, str] | None = None) -> Enrollment:
+            metadata: dict[str, str] | None = None, photos: int = 1) -> Enrollment:
         """Insert an enrolment and log it; durable when this returns.
 
         Raises:
@@ -179,13 +185,13 @@ class Registry:
             review = "pending" if flagged else "none"
             cur = self._db.execute(
                 "INSERT INTO enrollments (nik, embedding, flagged, candidates, metadata, "
-                "created_at, review) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "created_at, review, photos) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (nik, vec.tobytes(), int(flagged), json.dumps(cands), json.dumps(metadata or {}),
-                 now, review))
+                 now, review, photos))
             new_id = int(cur.lastrowid or 0)
             self._db.execute("INSERT INTO changes (op, id) VALUES ('add', ?)", (new_id,))
         return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}), now,
-                          review)
+                          review, photos=photos)
 
     def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
                        ) -> Enrollment | None:

@@ -119,6 +119,10 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
              "%.4f for FPIR %g at %d enrolments (pairwise FMR %.2g%s)", point.threshold,
              point.fmr, point.dataset, dup.threshold, dedup.fpir, dup.comparisons,
              dup.pairwise_fmr, ", extrapolated" if dup.extrapolated else "")
+    if not dedup.fuses:
+        log.warning("the calibration has no two-photo tails: an enrolment's reference photo is "
+                    "checked against the selfie but not enrolled; run `faceverify calibrate` "
+                    "again to enrol both")
     metrics.build.info({"version": __version__, "model_version": models.model_version,
                         "provider": models.provider,
                         "detector": models.pipeline.detector.name,

@@ -195,6 +195,50 @@ def impostor_tail(impostor: np.ndarray) -> dict[str, Any]:
     return {"impostor_pairs": total, "grid": grid, "fit": fit}
 
 
+# What a duplicate search compares: one photo's embedding with another's, a
+# two-photo template (selfie and reference, fused) with one photo, or two
+# templates.  Each has its own impostor distribution (fused embeddings sit
+# closer to everyone), so each its own tail.
+KINDS = ("single", "fused_single", "fused_fused")
+
+
+def fuse(embeddings: np.ndarray) -> np.ndarray:
+    """One template from several embeddings of a face: their normalised mean."""
+    mean = embeddings.mean(axis=0)
+    unit: np.ndarray = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+    return unit
+
+
+def two_photo_impostors(emb: Embedded, exclude: Collection[frozenset[str]] = ()
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Impostor scores of two-photo templates (each identity's first two images,
+    fused) against single images of other identities, and against each other's
+    templates; pairs involving an excluded image pair are left out."""
+    first: dict[int, list[int]] = {}
+    for i, label in enumerate(emb.labels):
+        first.setdefault(int(label), [])
+        if len(first[int(label)]) < 2:
+            first[int(label)].append(i)
+    owners = [ids for ids in first.values() if len(ids) == 2]
+    if len(owners) < 2:
+        return np.empty(0, np.float32), np.empty(0, np.float32)
+    templates = np.stack([fuse(emb.embeddings[ids]) for ids in owners])
+    labels = np.array([emb.labels[ids[0]] for ids in owners])
+    vs_single = templates @ emb.embeddings.T
+    keep = labels[:, None] != emb.labels[None, :]
+    vs_fused = templates @ templates.T
+    keep_fused = np.triu(np.ones_like(vs_fused, dtype=bool), k=1)
+    if exclude and emb.names:
+        row = {i: r for r, ids in enumerate(owners) for i in ids}
+        for i, j in _excluded_indices(emb.names, exclude):
+            for a, b in ((i, j), (j, i)):
+                if a in row:
+                    keep[row[a], b] = False
+                    if b in row:
+                        keep_fused[min(row[a], row[b]), max(row[a], row[b])] = False
+    return vs_single[keep], vs_fused[keep_fused]
+
+
 def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
               model_version: str, exclude: Collection[frozenset[str]] = (),
               excluded_from: str | None = None) -> dict[str, Any]:
@@ -207,6 +251,14 @@ def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
             least 10 / fmr are required).
     """
     genuine, impostor, dropped = pair_scores(emb, exclude)
+    tails = {"single": impostor_tail(impostor)}
+    fused_single, fused_fused = two_photo_impostors(emb, exclude)
+    if min(len(fused_single), len(fused_fused)) >= 10 / TAIL_TOP:
+        tails.update(fused_single=impostor_tail(fused_single),
+                     fused_fused=impostor_tail(fused_fused))
+    else:
+        log.warning("too few identities with two images to calibrate two-photo templates: "
+                    "enrolments will keep the selfie only")
     points = []
     for fmr in sorted(fmrs, reverse=True):
         if len(impostor) < 10 / fmr:
@@ -230,7 +282,7 @@ def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
         "excluded_impostor_pairs": dropped,
         "excluded_from": excluded_from,
         "points": points,
-        "tail": impostor_tail(impostor),
+        "tails": tails,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from index.gallery import Gallery, Match
 from index.registry import Enrollment, NotPending
-from server.duplicates import DuplicatePoint, DuplicateThreshold
+from server.calibrate import fuse
+from server.duplicates import DuplicatePoint, DuplicateThreshold, kind
 from server.errors import EnrollmentConflict, InvalidRequest, NotEnrolled, NotPendingReview
 from server.inference import InferenceEngine
 from server.metrics import Metrics
@@ -59,7 +60,9 @@ class EnrolResult:
     selfie: AnalysedFace
     reference_score: float | None = None
     notes: list[str] = field(default_factory=list)
-    duplicate: DuplicatePoint | None = None  # the threshold this attempt was held to
+    # The threshold this attempt was held to against one-photo enrolments (two-photo
+    # ones have their own, calibrated).
+    duplicate: DuplicatePoint | None = None
 
 
 def _validate_metadata(metadata: dict[str, str]) -> dict[str, str]:
@@ -116,6 +119,11 @@ class EnrolmentService:
                      metadata: dict[str, str]) -> EnrolResult:
         """Enrol ``nik`` with the selfie's face unless it duplicates another NIK's.
 
+        With a reference photo that matches the selfie, both are enrolled as one
+        template (their embeddings fused: :func:`server.calibrate.fuse`) and the
+        gallery is searched with it, where the calibration covers two-photo
+        templates (:attr:`DuplicateThreshold.fuses`); else the selfie alone.
+
         Raises:
             InvalidNik, InvalidRequest, image errors: bad input (nothing stored).
             EnrollmentConflict: ``nik`` is enrolled with a different face.
@@ -125,6 +133,7 @@ class EnrolmentService:
         if not reference:
             face = await self._analyse(selfie, "selfie", True)
             ref_score = None
+            template, photos = face.embedding, 1
         else:
             face, ref = await analyse_both(self._analyse(selfie, "selfie", True),
                                            self._analyse(reference, "reference", False))
@@ -132,38 +141,50 @@ class EnrolmentService:
             if ref_score < self.verify_threshold:
                 self.metrics.outcomes.labels("Enroll", "reference_mismatch").inc()
                 return EnrolResult(Outcome.REFERENCE_MISMATCH, None, [], face, ref_score)
+            template, photos = face.embedding, 1
+            if self.dedup.fuses:
+                template, photos = fuse(np.stack([face.embedding, ref.embedding])), 2
         outcome, enrollment, candidates, point = await self._index(
-            "index_write", self._check_and_insert, nik, face.embedding, meta)
+            "index_write", self._check_and_insert, nik, template, photos, meta)
         self.metrics.outcomes.labels("Enroll", outcome.name.lower()).inc()
         return EnrolResult(outcome, enrollment, candidates, face, ref_score, duplicate=point)
 
-    def _check_and_insert(self, nik: str, embedding: np.ndarray, meta: dict[str, str]
+    def _check_and_insert(self, nik: str, embedding: np.ndarray, photos: int,
+                          meta: dict[str, str]
                           ) -> tuple[Outcome, Enrollment | None, list[Match], DuplicatePoint]:
         with self.gallery.write_lock:
-            point = self.duplicate_point()
+            size = len(self.gallery)
+            point = self.dedup.at(size, kind(photos, 1))
             existing = self.gallery.get(nik)
             if existing is not None:
                 if float(existing.embedding @ embedding) >= self.verify_threshold:
                     return Outcome.ALREADY_ENROLLED, existing, [], point
                 raise EnrollmentConflict("this NIK is already enrolled with a different face; "
                                          "delete the enrolment first if it was wrong")
+            # Each candidate is held to the threshold of what is compared: this
+            # attempt's template with a one- or two-photo enrolment.
             matches = [m for m in self.gallery.search(embedding, self.candidates_k)
-                       if m.score >= point.threshold and m.nik != nik]
+                       if m.nik != nik
+                       and m.score >= self.dedup.at(size, kind(photos, m.photos)).threshold]
             if matches and self.policy is DuplicatePolicy.REFUSE:
                 return Outcome.DUPLICATE_REFUSED, None, matches, point
             enrollment = self.gallery.add(nik, embedding, flagged=bool(matches),
                                           candidates=[(m.nik, m.score) for m in matches],
-                                          metadata=meta)
+                                          metadata=meta, photos=photos)
             outcome = Outcome.ENROLLED_FLAGGED if matches else Outcome.ENROLLED
             return outcome, enrollment, matches, point
 
-    async def search(self, image: bytes, top_k: int) -> tuple[AnalysedFace, list[Match]]:
-        """The ``top_k`` most similar enrolments to the image's face (nothing stored)."""
+    async def search(self, image: bytes, top_k: int
+                     ) -> tuple[AnalysedFace, list[tuple[Match, bool]]]:
+        """The ``top_k`` most similar enrolments to the image's face, each with whether
+        it reaches the duplicate threshold for its comparison (nothing stored)."""
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidRequest(f"top_k must be between 1 and {MAX_TOP_K}", field="top_k")
         face = await self._analyse(image, "image", True)
         matches = await self._index("index_search", self.gallery.search, face.embedding, top_k)
-        return face, matches
+        size = len(self.gallery)
+        return face, [(m, m.score >= self.dedup.at(size, kind(1, m.photos)).threshold)
+                      for m in matches]
 
     async def get(self, nik: str) -> Enrollment:
         validate_nik(nik)

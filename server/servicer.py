@@ -41,8 +41,9 @@ def face_pb(a: AnalysedFace, scheme: str) -> pb.Face:
     )
 
 
-def candidates_pb(matches: list[Match]) -> list[pb.Candidate]:
-    return [pb.Candidate(nik=m.nik, score=m.score) for m in matches]
+def candidates_pb(matches: list[tuple[Match, bool]]) -> list[pb.Candidate]:
+    return [pb.Candidate(nik=m.nik, score=m.score, suspected_duplicate=suspected)
+            for m, suspected in matches]
 
 
 REVIEW_STATES = {"none": pb.NOT_FLAGGED, "pending": pb.PENDING_REVIEW,
@@ -51,11 +52,12 @@ REVIEW_STATES = {"none": pb.NOT_FLAGGED, "pending": pb.PENDING_REVIEW,
 
 def enrollment_pb(e: Enrollment, model_version: str) -> pb.Enrollment:
     return pb.Enrollment(nik=e.nik, flagged=e.flagged,
-                         candidates=[pb.Candidate(nik=n, score=s) for n, s in e.candidates],
+                         candidates=[pb.Candidate(nik=n, score=s, suspected_duplicate=True)
+                                     for n, s in e.candidates],
                          metadata=e.metadata, enrolled_at=e.created_at,
                          model_version=model_version, review_state=REVIEW_STATES[e.review],
                          reviewed_by=e.reviewed_by, reviewed_at=e.reviewed_at or 0.0,
-                         review_note=e.review_note)
+                         review_note=e.review_note, photos=e.photos)
 
 
 class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
@@ -94,7 +96,7 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         resp = pb.EnrollResponse(
             outcome=pb.EnrollResponse.Outcome.Name(r.outcome.value),
             enrolled=r.enrollment is not None,
-            candidates=candidates_pb(r.candidates),
+            candidates=candidates_pb([(m, True) for m in r.candidates]),
             duplicate_threshold=r.duplicate.threshold if r.duplicate else 0.0,
             selfie_face=face_pb(r.selfie, self._scheme),
             model_version=version,

@@ -137,3 +137,26 @@ def test_label_errors_are_left_out_of_the_impostor_pairs(tmp_path: Path) -> None
     tsv.write_text("p0_0.jpg p1_0.jpg\n")
     with pytest.raises(ModelError, match="LABEL_ERRORS.tsv:1: expected two image names"):
         read_excluded_pairs(tsv)
+
+
+def test_two_photo_templates_get_tails_of_their_own() -> None:
+    from server.calibrate import fuse, two_photo_impostors
+    from server.duplicates import DuplicateThreshold, kind
+
+    emb = _embedded(np.random.default_rng(4), identities=100, per=3)
+    fused_single, fused_fused = two_photo_impostors(emb)
+    assert len(fused_single) == 100 * 300 - 100 * 3 and len(fused_fused) == 100 * 99 // 2
+    record = calibrate(emb, [1e-2], "s", "m")
+    assert set(record["tails"]) == {"single", "fused_single", "fused_fused"}
+    dedup = DuplicateThreshold.from_calibration(record, 1e-2)
+    assert dedup.fuses
+    # A fused template sits closer to everyone: the same FMR needs a higher threshold.
+    single, one_fused, both = (dedup.at(10, k).threshold
+                               for k in ("single", "fused_single", "fused_fused"))
+    assert single < one_fused < both
+    assert [kind(1, 1), kind(2, 1), kind(1, 2), kind(2, 2)] == \
+        ["single", "fused_single", "fused_single", "fused_fused"]
+    np.testing.assert_allclose(np.linalg.norm(fuse(emb.embeddings[:2])), 1.0, rtol=1e-6)
+    # A calibration from before the tails: its points, one-photo comparisons only.
+    old = {"points": record["points"]}
+    assert not DuplicateThreshold.from_calibration(old, 1e-2).fuses

@@ -96,6 +96,24 @@ def test_reference_photo_must_match(fresh: FaceVerifyClient, lfw_dir: Path) -> N
     assert ok.outcome == ok.ENROLLED and ok.reference_score > 0
 
 
+def test_selfie_and_reference_are_enrolled_as_one_template(fresh: FaceVerifyClient,
+                                                          lfw_dir: Path) -> None:
+    two = fresh.enroll(NIK_A, lfw_image(lfw_dir, "Abel_Pacheco", 1),
+                       lfw_image(lfw_dir, "Abel_Pacheco", 2))
+    assert two.enrolled and two.enrollment.photos == 2
+    assert fresh.get_enrollment(NIK_A).photos == 2
+    one = fresh.enroll(NIK_C, lfw_image(lfw_dir, *OTHER_PERSON))
+    assert one.enrollment.photos == 1
+    # The same person under another NIK, searched with both photos, is caught.
+    again = fresh.enroll(NIK_B, lfw_image(lfw_dir, "Abel_Pacheco", 3),
+                         lfw_image(lfw_dir, "Abel_Pacheco", 4))
+    assert again.outcome == again.DUPLICATE_REFUSED
+    assert [(c.nik, c.suspected_duplicate) for c in again.candidates] == [(NIK_A, True)]
+    found = fresh.search(lfw_image(lfw_dir, "Abel_Pacheco", 3), top_k=2)
+    assert [(c.nik, c.suspected_duplicate) for c in found.candidates] \
+        == [(NIK_A, True), (NIK_C, False)]
+
+
 @pytest.mark.parametrize(("nik", "reason"), [
     ("317401150590001", "INVALID_NIK"),          # 15 digits
     ("3174011505900000", "INVALID_NIK"),         # serial 0000

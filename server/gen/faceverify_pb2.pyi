@@ -42,12 +42,14 @@ class EnrollRequest(_message.Message):
     def __init__(self, nik: _Optional[str] = ..., selfie: _Optional[bytes] = ..., reference: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("nik", "score")
+    __slots__ = ("nik", "score", "suspected_duplicate")
     NIK_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    SUSPECTED_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     nik: str
     score: float
-    def __init__(self, nik: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    suspected_duplicate: bool
+    def __init__(self, nik: _Optional[str] = ..., score: _Optional[float] = ..., suspected_duplicate: _Optional[bool] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
     __slots__ = ("outcome", "enrolled", "candidates", "duplicate_threshold", "reference_score", "selfie_face", "enrollment", "model_version", "request_id")
@@ -120,7 +122,7 @@ class GetEnrollmentRequest(_message.Message):
     def __init__(self, nik: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Enrollment(_message.Message):
-    __slots__ = ("nik", "flagged", "candidates", "metadata", "enrolled_at", "model_version", "review_state", "reviewed_by", "reviewed_at", "review_note")
+    __slots__ = ("nik", "flagged", "candidates", "metadata", "enrolled_at", "model_version", "review_state", "reviewed_by", "reviewed_at", "review_note", "photos")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +140,7 @@ class Enrollment(_message.Message):
     REVIEWED_BY_FIELD_NUMBER: _ClassVar[int]
     REVIEWED_AT_FIELD_NUMBER: _ClassVar[int]
     REVIEW_NOTE_FIELD_NUMBER: _ClassVar[int]
+    PHOTOS_FIELD_NUMBER: _ClassVar[int]
     nik: str
     flagged: bool
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
@@ -148,7 +151,8 @@ class Enrollment(_message.Message):
     reviewed_by: str
     reviewed_at: float
     review_note: str
-    def __init__(self, nik: _Optional[str] = ..., flagged: _Optional[bool] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., enrolled_at: _Optional[float] = ..., model_version: _Optional[str] = ..., review_state: _Optional[_Union[ReviewState, str]] = ..., reviewed_by: _Optional[str] = ..., reviewed_at: _Optional[float] = ..., review_note: _Optional[str] = ...) -> None: ...
+    photos: int
+    def __init__(self, nik: _Optional[str] = ..., flagged: _Optional[bool] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., enrolled_at: _Optional[float] = ..., model_version: _Optional[str] = ..., review_state: _Optional[_Union[ReviewState, str]] = ..., reviewed_by: _Optional[str] = ..., reviewed_at: _Optional[float] = ..., review_note: _Optional[str] = ..., photos: _Optional[int] = ...) -> None: ...
 
 class ListReviewsRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "request_id")
