@@ -4,12 +4,22 @@ The photo is shrunk into the portrait slot of a card (face about 70 px wide),
 printed (reduced contrast, a colour cast, halftone-like noise), re-photographed
 (slight rotation, blur, uneven light), and saved as a heavily compressed JPEG.
 Deterministic per image key, so runs are comparable.
+
+    python -m benchmarks.idcard --out /tmp/lfw-idcards   # a labelled folder of them
+
+writes the ID-card-like copy of every lfw-dev image under the same identity
+folder and file name: the references for ``faceverify calibrate --references
+/tmp/lfw-idcards --reference-kind id_card`` (which leaves out each photo's own
+copy from the genuine pairs).
 """
 
 from __future__ import annotations
 
+import argparse
 import io
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
@@ -42,3 +52,25 @@ def id_card_like(data: bytes, key: tuple[str, int]) -> bytes:
     out = io.BytesIO()
     card.save(out, format="JPEG", quality=int(rng.integers(20, 35)))
     return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.lfw import default_lfw_dir
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--lfw", type=Path, default=default_lfw_dir())
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    count = 0
+    for src in sorted((args.lfw / "images").glob("*/*.jpg")):
+        identity, index = src.stem.rsplit("_", 1)
+        dst = args.out / src.parent.name / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(id_card_like(src.read_bytes(), (identity, int(index))))
+        count += 1
+    print(f"{count} ID-card-like images in {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

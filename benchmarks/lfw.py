@@ -30,9 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from server.errors import FaceVerifyError
+from server.models.manifest import read_calibration
 from server.pipeline.faces import FacePolicy
 from server.pipeline.image import ImageLimits
 from server.pipeline.loader import LoadedModels, load_models
+from server.service import operating_points
 
 Key = tuple[str, int]
 
@@ -192,6 +194,22 @@ def impostor_scores(left: Embedder, right: Embedder) -> np.ndarray:
     return sims[lid[:, None] != rid[None, :]]
 
 
+def server_points(model_dir: Path, model_version: str, genuine: np.ndarray,
+                  impostor: np.ndarray) -> dict[str, object]:
+    """TMR and FMR of ``genuine``/``impostor`` scores at the calibrated decision
+    points (FMR 1e-3) of each reference kind, where the model set is calibrated."""
+    try:
+        calibration = read_calibration(model_dir, model_version)
+    except FaceVerifyError:
+        return {}
+    out: dict[str, object] = {}
+    for kind, point in operating_points(calibration, 1e-3).items():
+        out[f"at_server_{kind}_point"] = {
+            "threshold": point.threshold, "tmr": float((genuine >= point.threshold).mean()),
+            "fmr": float((impostor >= point.threshold).mean())}
+    return out
+
+
 def evaluate(model_dir: Path, lfw: Path, max_pairs: int | None, idcard: bool,
              flip: bool = True) -> dict[str, object]:
     folds = read_pairs(lfw)
@@ -228,12 +246,16 @@ def evaluate(model_dir: Path, lfw: Path, max_pairs: int | None, idcard: bool,
 
         ids = Embedder(model_dir, lfw, transform=id_card_like, models=clean.models)
         gs = np.concatenate([scores_for([p for p in f if p.same], clean, ids) for f in folds])
-        tmr_id, t_id = tmr_at_fmr(gs, impostor_scores(clean, ids), 1e-3)
+        impostors = impostor_scores(clean, ids)
+        tmr_id, t_id = tmr_at_fmr(gs, impostors, 1e-3)
         report["selfie_vs_id_like"] = {
             "tmr_at_fmr_1e-3": tmr_id,
             "threshold": t_id,
             "id_like_images": len(ids.cache),
             "id_like_failures": ids.failures,
+            # What the server decides with its calibrated points (FMR 1e-3): the
+            # ordinary-photo one, and the ID-card one where calibrated.
+            **server_points(model_dir, clean.models.model_version, gs, impostors),
         }
     report["wall_seconds"] = time.perf_counter() - start
     return report

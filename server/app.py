@@ -23,7 +23,6 @@ from grpc_reflection.v1alpha import reflection
 
 from index.gallery import Gallery
 from server import __version__
-from server.calibrate import operating_point
 from server.config import Settings, serving_summary
 from server.duplicates import DuplicateThreshold
 from server.enrolment import DuplicatePolicy, EnrolmentService
@@ -35,7 +34,7 @@ from server.metrics import Metrics, MetricsServer
 from server.models.manifest import read_calibration
 from server.pipeline.loader import load_models, warm_up
 from server.requests import ErrorInterceptor
-from server.service import OperatingPoint, VerificationService
+from server.service import VerificationService, operating_points
 from server.servicer import FaceVerificationServicer
 
 log = logging.getLogger(__name__)
@@ -104,21 +103,26 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
                          settings.limits, settings.policy, settings.detector_max_side,
                          settings.flip, settings.cudnn_conv_algo_search)
     calibration = read_calibration(settings.model_dir, models.model_version)
-    point = OperatingPoint.from_calibration(calibration,
-                                            operating_point(calibration, settings.decision_fmr))
+    points = operating_points(calibration, settings.decision_fmr)
+    point = points["photo"]
     dedup = DuplicateThreshold.from_calibration(calibration, settings.dedup_fpir)
     warm_up(models, settings.detect_max_batch, settings.embed_max_batch)
     gallery = Gallery(settings.data_dir, models.model_version, models.pipeline.dim,
                       settings.index, settings.snapshot_every)
     engine = InferenceEngine(models.pipeline, image_pool, model_pool, settings.engine_limits,
                              metrics)
-    enrolment = EnrolmentService(gallery, engine, index_pool, point.threshold, dedup,
+    verification = VerificationService(models, points, engine, metrics)
+    enrolment = EnrolmentService(gallery, engine, index_pool, verification.point_for, dedup,
                                  DuplicatePolicy(settings.duplicate_policy), metrics)
     dup = enrolment.duplicate_point()
     log.info("decision threshold %.4f for FMR %g (calibrated on %s); duplicate threshold "
              "%.4f for FPIR %g at %d enrolments (pairwise FMR %.2g%s)", point.threshold,
              point.fmr, point.dataset, dup.threshold, dedup.fpir, dup.comparisons,
              dup.pairwise_fmr, ", extrapolated" if dup.extrapolated else "")
+    for kind, p in points.items():
+        if kind != "photo":
+            log.info("%s references: decision threshold %.4f for FMR %g (calibrated on %s)",
+                     kind, p.threshold, p.fmr, p.dataset)
     if not dedup.fuses:
         log.warning("the calibration has no two-photo tails: an enrolment's reference photo is "
                     "checked against the selfie but not enrolled; run `faceverify calibrate` "
@@ -130,8 +134,7 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
     metrics.track_index(lambda: len(gallery), lambda: 1.0 if gallery.in_sync() else 0.0,
                         gallery.registry.count_pending)
     metrics.track_duplicates(enrolment.duplicate_point, dedup.fpir)
-    return Services(VerificationService(models, point, engine, metrics), enrolment, gallery,
-                    engine, metrics)
+    return Services(verification, enrolment, gallery, engine, metrics)
 
 
 async def start(settings: Settings) -> RunningServer:

@@ -37,6 +37,7 @@ class Embedded:
     images: int  # images attempted
     failed: int  # images without a usable face
     names: tuple[str, ...] = ()  # (n,) file names, where known
+    identities: tuple[str, ...] = ()  # identity name of each label, where known
 
 
 def read_excluded_pairs(path: Path) -> set[frozenset[str]]:
@@ -117,7 +118,8 @@ def embed_labelled(pipeline: FacePipeline, items: Iterable[tuple[str, Path]]) ->
         names.append(path.name)
     dim = pipeline.dim
     return Embedded(np.asarray(embs, dtype=np.float32).reshape(-1, dim),
-                    np.asarray(labels, dtype=np.int64), attempted, failed, tuple(names))
+                    np.asarray(labels, dtype=np.int64), attempted, failed, tuple(names),
+                    tuple(ids))
 
 
 def _excluded_indices(names: tuple[str, ...], exclude: Collection[frozenset[str]]
@@ -239,6 +241,75 @@ def two_photo_impostors(emb: Embedded, exclude: Collection[frozenset[str]] = ()
     return vs_single[keep], vs_fused[keep_fused]
 
 
+def _points(genuine: np.ndarray, impostor: np.ndarray, fmrs: Iterable[float]
+            ) -> list[dict[str, Any]]:
+    """The threshold, measured FMR and TMR at each target FMR.
+
+    Raises:
+        ModelError: too few impostor pairs for one of the rates (10 / fmr needed).
+    """
+    points = []
+    for fmr in sorted(fmrs, reverse=True):
+        if len(impostor) < 10 / fmr:
+            raise ModelError(f"{len(impostor)} impostor pairs are too few to calibrate FMR "
+                             f"{fmr:g}: at least {math.ceil(10 / fmr)} are needed")
+        t = threshold_for_fmr(impostor, fmr)
+        points.append({
+            "fmr": fmr,
+            "threshold": t,
+            "measured_fmr": float((impostor >= t).mean()),
+            "tmr": float((genuine >= t).mean()) if len(genuine) else None,
+        })
+    return points
+
+
+# Kinds of reference photo a selfie is verified against: an ordinary photo (the
+# main calibration) or the portrait printed on an identity card, photographed.
+REFERENCE_KINDS = ("photo", "id_card")
+
+
+def calibrate_reference_kind(selfies: Embedded, references: Embedded, fmrs: Iterable[float],
+                             dataset_name: str, exclude: Collection[frozenset[str]] = ()
+                             ) -> dict[str, Any]:
+    """An operating point for selfies verified against references of one kind:
+    every selfie scored against every reference (genuine when both show the same
+    identity, by folder name), leaving out a reference with the same file name
+    as the selfie (a copy of that very photo) and the impostor pairs in
+    ``exclude`` (by file name, as :func:`calibrate`).
+
+    Raises:
+        ModelError: too few impostor pairs for one of the rates, or no identity
+            in common.
+    """
+    scores = selfies.embeddings @ references.embeddings.T
+    ids_s = np.array(selfies.identities)[selfies.labels]
+    ids_r = np.array(references.identities)[references.labels]
+    same = ids_s[:, None] == ids_r[None, :]
+    copy = np.array(selfies.names)[:, None] == np.array(references.names)[None, :]
+    if not same.any():
+        raise ModelError("the selfies and the references share no identity (sub-folder name)")
+    impostor_mask = ~same
+    if exclude:
+        where_s = {n: i for i, n in enumerate(selfies.names)}
+        where_r = {n: i for i, n in enumerate(references.names)}
+        for pair in exclude:
+            for a in pair:
+                for b in pair - {a}:
+                    if a in where_s and b in where_r:
+                        impostor_mask[where_s[a], where_r[b]] = False
+    genuine, impostor = scores[same & ~copy], scores[impostor_mask]
+    return {
+        "dataset": dataset_name,
+        "selfies": len(selfies.labels),
+        "references": len(references.labels),
+        "references_without_face": references.failed,
+        "genuine_pairs": int(len(genuine)),
+        "impostor_pairs": int(len(impostor)),
+        "points": _points(genuine, impostor, fmrs),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
               model_version: str, exclude: Collection[frozenset[str]] = (),
               excluded_from: str | None = None) -> dict[str, Any]:
@@ -259,18 +330,6 @@ def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
     else:
         log.warning("too few identities with two images to calibrate two-photo templates: "
                     "enrolments will keep the selfie only")
-    points = []
-    for fmr in sorted(fmrs, reverse=True):
-        if len(impostor) < 10 / fmr:
-            raise ModelError(f"{len(impostor)} impostor pairs are too few to calibrate FMR "
-                             f"{fmr:g}: at least {math.ceil(10 / fmr)} are needed")
-        t = threshold_for_fmr(impostor, fmr)
-        points.append({
-            "fmr": fmr,
-            "threshold": t,
-            "measured_fmr": float((impostor >= t).mean()),
-            "tmr": float((genuine >= t).mean()) if len(genuine) else None,
-        })
     return {
         "model_version": model_version,
         "dataset": dataset_name,
@@ -281,7 +340,7 @@ def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
         "impostor_pairs": int(len(impostor)),
         "excluded_impostor_pairs": dropped,
         "excluded_from": excluded_from,
-        "points": points,
+        "points": _points(genuine, impostor, fmrs),
         "tails": tails,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -123,12 +124,13 @@ def cmd_models_quantize(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from server.calibrate import (
         calibrate,
+        calibrate_reference_kind,
         check_enough_impostors,
         embed_labelled,
         labelled_images,
         read_excluded_pairs,
     )
-    from server.models.manifest import CALIBRATION, write_json_atomic
+    from server.models.manifest import CALIBRATION, read_calibration, write_json_atomic
     from server.pipeline.loader import load_models
 
     settings = _settings(args)
@@ -141,10 +143,33 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     exclude = read_excluded_pairs(args.exclude_pairs) if args.exclude_pairs else set()
     models = load_models(settings.model_dir, settings.provider, 0, settings.limits,
                          settings.policy, settings.detector_max_side, settings.flip)
+    previous = None
+    if (settings.model_dir / CALIBRATION).is_file():
+        with contextlib.suppress(FaceVerifyError):  # another model's: replaced whole
+            previous = read_calibration(settings.model_dir, models.model_version)
+    if args.references is not None and previous is None:
+        raise StartupError("calibrate the model on ordinary photos first (without "
+                           "--references): a reference kind is added to that calibration")
     log.info("embedding %d images from %s", len(items), dataset)
     emb = embed_labelled(models.pipeline, items)
+    if args.references is not None:
+        assert previous is not None
+        refs = labelled_images(Path(args.references), args.max_per_identity,
+                               args.max_identities)
+        log.info("embedding %d %s references from %s", len(refs), args.reference_kind,
+                 args.references)
+        kind = calibrate_reference_kind(emb, embed_labelled(models.pipeline, refs), args.fmr,
+                                        args.name or Path(args.references).name, exclude)
+        record = {**previous,
+                  "reference_kinds": {**previous.get("reference_kinds", {}),
+                                      args.reference_kind: kind}}
+        write_json_atomic(settings.model_dir / CALIBRATION, record)
+        _print(kind)
+        return 0
     record = calibrate(emb, args.fmr, args.name or dataset.name, models.model_version,
                        exclude, args.exclude_pairs.name if args.exclude_pairs else None)
+    if previous and previous.get("reference_kinds"):  # still this model's: kept
+        record["reference_kinds"] = previous["reference_kinds"]
     write_json_atomic(settings.model_dir / CALIBRATION, record)
     _print(record)
     return 0
@@ -176,13 +201,14 @@ def _client_call(args: argparse.Namespace, call: Callable[[Any], Any]) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     selfie, reference = Path(args.selfie).read_bytes(), Path(args.reference).read_bytes()
-    return _client_call(args, lambda c: c.verify(selfie, reference))
+    return _client_call(args, lambda c: c.verify(selfie, reference, id_card=args.id_card))
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     selfie = Path(args.selfie).read_bytes()
     reference = Path(args.reference).read_bytes() if args.reference else b""
-    return _client_call(args, lambda c: c.enroll(args.nik, selfie, reference))
+    return _client_call(args, lambda c: c.enroll(args.nik, selfie, reference,
+                                                 id_card=args.id_card))
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -330,6 +356,13 @@ def parser() -> argparse.ArgumentParser:
                    "least 10/FMR impostor pairs, so 1e-6 needs about 4,500+ images")
     c.add_argument("--max-per-identity", type=int, help="use at most N images per identity")
     c.add_argument("--max-identities", type=int, help="use at most N identities")
+    c.add_argument("--references", type=Path, metavar="DIR",
+                   help="reference photos of one kind, one sub-folder per identity as in "
+                   "--dataset: calibrate verifying --dataset's photos (selfies) against them, "
+                   "added to the model's calibration as --reference-kind")
+    c.add_argument("--reference-kind", choices=["id_card"], default="id_card",
+                   help="what the references are (default id_card: the portrait on an "
+                   "identity card, photographed)")
     c.add_argument("--exclude-pairs", type=Path, metavar="TSV",
                    help="image pairs (two file names a line) left out of the impostor pairs: "
                    "label errors such as lfw-dev's LABEL_ERRORS.tsv")
@@ -338,6 +371,8 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="verify a selfie against a reference photo (prints JSON)")
     v.add_argument("selfie")
     v.add_argument("reference")
+    v.add_argument("--id-card", action="store_true",
+                   help="the reference is an identity card's portrait (its own operating point)")
     _client_flags(v)
     v.set_defaults(func=cmd_verify)
 
@@ -345,6 +380,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("nik")
     e.add_argument("selfie")
     e.add_argument("--reference", help="ID-card or registry photo the selfie must match")
+    e.add_argument("--id-card", action="store_true",
+                   help="the reference is an identity card's portrait (its own operating point)")
     _client_flags(e)
     e.set_defaults(func=cmd_enroll)
 

@@ -68,17 +68,21 @@ class FaceVerifyClient:
         except grpc.RpcError as exc:
             raise call_error(exc) from None
 
-    def verify(self, selfie: bytes, reference: bytes, request_id: str = "") -> pb.VerifyResponse:
+    def verify(self, selfie: bytes, reference: bytes, request_id: str = "",
+               id_card: bool = False) -> pb.VerifyResponse:
+        """``id_card``: the reference is an identity card's portrait (its own
+        operating point)."""
         response: pb.VerifyResponse = self._call("Verify", pb.VerifyRequest(
-            selfie=selfie, reference=reference, request_id=request_id))
+            selfie=selfie, reference=reference, request_id=request_id,
+            reference_kind=pb.ID_CARD if id_card else pb.PHOTO))
         return response
 
     def enroll(self, nik: str, selfie: bytes, reference: bytes = b"",
-               metadata: dict[str, str] | None = None, request_id: str = ""
-               ) -> pb.EnrollResponse:
+               metadata: dict[str, str] | None = None, request_id: str = "",
+               id_card: bool = False) -> pb.EnrollResponse:
         response: pb.EnrollResponse = self._call("Enroll", pb.EnrollRequest(
             nik=nik, selfie=selfie, reference=reference, metadata=metadata or {},
-            request_id=request_id))
+            request_id=request_id, reference_kind=pb.ID_CARD if id_card else pb.PHOTO))
         return response
 
     def search(self, image: bytes, top_k: int = 5) -> pb.SearchResponse:

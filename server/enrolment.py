@@ -26,7 +26,7 @@ from server.inference import InferenceEngine
 from server.metrics import Metrics
 from server.nik import validate_nik
 from server.pipeline.faces import AnalysedFace
-from server.service import analyse_both
+from server.service import OperatingPoint, analyse_both
 
 T = TypeVar("T")
 
@@ -80,22 +80,24 @@ class EnrolmentService:
     """Enrol, search, get and erase, over a :class:`Gallery`.
 
     Args:
-        verify_threshold: score at or above which two faces are the same person
-            (re-enrolment of the same NIK, and reference-photo checks).
+        point_for: the verification operating point for a kind of reference photo
+            (``photo``: also re-enrolment of the same NIK); raises
+            ReferenceKindNotCalibrated for a kind without one.
         dedup: the score at or above which a gallery face under another NIK is a
             suspected duplicate, for the gallery's size at each attempt.
         candidates_k: how many gallery neighbours to examine.
     """
 
     def __init__(self, gallery: Gallery, engine: InferenceEngine,
-                 index_executor: ThreadPoolExecutor, verify_threshold: float,
-                 dedup: DuplicateThreshold, policy: DuplicatePolicy, metrics: Metrics,
-                 candidates_k: int = 10) -> None:
+                 index_executor: ThreadPoolExecutor,
+                 point_for: Callable[[str], OperatingPoint], dedup: DuplicateThreshold,
+                 policy: DuplicatePolicy, metrics: Metrics, candidates_k: int = 10) -> None:
         self.metrics = metrics
         self.gallery = gallery
         self.engine = engine
         self.index_executor = index_executor
-        self.verify_threshold = verify_threshold
+        self.point_for = point_for
+        self.verify_threshold = point_for("photo").threshold
         self.dedup = dedup
         self.policy = policy
         self.candidates_k = candidates_k
@@ -116,7 +118,7 @@ class EnrolmentService:
         return await self.engine.analyse(data, field_name, refuse_ambiguous)
 
     async def enroll(self, nik: str, selfie: bytes, reference: bytes | None,
-                     metadata: dict[str, str]) -> EnrolResult:
+                     metadata: dict[str, str], reference_kind: str = "photo") -> EnrolResult:
         """Enrol ``nik`` with the selfie's face unless it duplicates another NIK's.
 
         With a reference photo that matches the selfie, both are enrolled as one
@@ -130,6 +132,7 @@ class EnrolmentService:
         """
         validate_nik(nik)
         meta = _validate_metadata(metadata)
+        reference_threshold = self.point_for(reference_kind).threshold if reference else 0.0
         if not reference:
             face = await self._analyse(selfie, "selfie", True)
             ref_score = None
@@ -138,7 +141,7 @@ class EnrolmentService:
             face, ref = await analyse_both(self._analyse(selfie, "selfie", True),
                                            self._analyse(reference, "reference", False))
             ref_score = float(face.embedding @ ref.embedding)
-            if ref_score < self.verify_threshold:
+            if ref_score < reference_threshold:
                 self.metrics.outcomes.labels("Enroll", "reference_mismatch").inc()
                 return EnrolResult(Outcome.REFERENCE_MISMATCH, None, [], face, ref_score)
             template, photos = face.embedding, 1

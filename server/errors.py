@@ -109,6 +109,13 @@ class EnrollmentConflict(RequestError):
     reason = "NIK_CONFLICT"
 
 
+class ReferenceKindNotCalibrated(RequestError):
+    """The calibration has no operating point for the kind of reference photo asked."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "REFERENCE_KIND_NOT_CALIBRATED"
+
+
 class NotPendingReview(RequestError):
     """A review decision for an enrolment that awaits none."""
 

@@ -8,15 +8,19 @@ can be tested and benchmarked directly.  Blocking work runs in the
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
-from server.errors import InvalidRequest
+from server.calibrate import operating_point
+from server.errors import InvalidRequest, ModelError, ReferenceKindNotCalibrated
 from server.inference import InferenceEngine
 from server.metrics import Metrics
 from server.pipeline.faces import AnalysedFace
 from server.pipeline.loader import LoadedModels
+
+log = logging.getLogger(__name__)
 
 
 async def analyse_both(selfie: Awaitable[AnalysedFace], other: Awaitable[AnalysedFace]
@@ -39,11 +43,33 @@ class OperatingPoint:
     fmr: float
     dataset: str
     impostor_pairs: int
+    reference_kind: str = "photo"
 
     @classmethod
-    def from_calibration(cls, calibration: dict[str, Any], point: dict[str, Any]) -> OperatingPoint:
+    def from_calibration(cls, calibration: dict[str, Any], point: dict[str, Any],
+                         reference_kind: str = "photo") -> OperatingPoint:
+        """``calibration``: the whole record, or one of its ``reference_kinds``."""
         return cls(float(point["threshold"]), float(point["fmr"]), str(calibration["dataset"]),
-                   int(calibration["impostor_pairs"]))
+                   int(calibration["impostor_pairs"]), reference_kind)
+
+
+def operating_points(calibration: dict[str, Any], fmr: float) -> dict[str, OperatingPoint]:
+    """The decision point for ordinary photos and for every calibrated reference kind
+    that has one at ``fmr`` (a kind without is left out and logged).
+
+    Raises:
+        ModelError: the main calibration has no point at ``fmr``.
+    """
+    points = {"photo": OperatingPoint.from_calibration(calibration,
+                                                       operating_point(calibration, fmr))}
+    for kind, record in calibration.get("reference_kinds", {}).items():
+        try:
+            points[kind] = OperatingPoint.from_calibration(record, operating_point(record, fmr),
+                                                           kind)
+        except ModelError:
+            log.warning("the %s calibration has no point at FMR %g: %s references are refused",
+                        kind, fmr, kind)
+    return points
 
 
 @dataclass(frozen=True)
@@ -54,27 +80,54 @@ class Verification:
     score: float
     selfie: AnalysedFace
     reference: AnalysedFace
+    point: OperatingPoint  # what it was decided at
 
 
 class VerificationService:
-    """1:1 verification of a selfie against a reference photo."""
+    """1:1 verification of a selfie against a reference photo.
 
-    def __init__(self, models: LoadedModels, point: OperatingPoint,
+    Args:
+        points: the decision point per kind of reference photo (``photo`` at least).
+    """
+
+    def __init__(self, models: LoadedModels, points: dict[str, OperatingPoint],
                  engine: InferenceEngine, metrics: Metrics) -> None:
         self.models = models
         self.metrics = metrics
-        self.point = point
+        self.points = points
         self.engine = engine
+
+    @property
+    def point(self) -> OperatingPoint:
+        """The decision point for ordinary photos."""
+        return self.points["photo"]
+
+    def point_for(self, reference_kind: str) -> OperatingPoint:
+        """The decision point for a reference photo of ``reference_kind``.
+
+        Raises:
+            ReferenceKindNotCalibrated: this server has none for that kind.
+        """
+        point = self.points.get(reference_kind)
+        if point is None:
+            raise ReferenceKindNotCalibrated(
+                f"no operating point is calibrated for {reference_kind} references; "
+                f"calibrate with `faceverify calibrate --references DIR --reference-kind "
+                f"{reference_kind}`", reference_kind=reference_kind)
+        return point
 
     @property
     def model_version(self) -> str:
         return self.models.model_version
 
-    async def verify(self, selfie: bytes, reference: bytes) -> Verification:
-        """Compare the selfie's face with the reference photo's.
+    async def verify(self, selfie: bytes, reference: bytes, reference_kind: str = "photo"
+                     ) -> Verification:
+        """Compare the selfie's face with the reference photo's, at the operating
+        point of ``reference_kind``.
 
         Raises:
             InvalidRequest: an image is missing.
+            ReferenceKindNotCalibrated: no operating point for ``reference_kind``.
             RequestError: the selfie's image or face problem if it has one,
                 else the reference's (see :mod:`server.errors`).
         """
@@ -82,10 +135,11 @@ class VerificationService:
             raise InvalidRequest("selfie is required", field="selfie")
         if not reference:
             raise InvalidRequest("reference is required", field="reference")
+        point = self.point_for(reference_kind)
         a, b = await analyse_both(self.engine.analyse(selfie, "selfie", True),
                                   self.engine.analyse(reference, "reference", False))
         score = float(a.embedding @ b.embedding)
-        match = score >= self.point.threshold
+        match = score >= point.threshold
         self.metrics.outcomes.labels("Verify", "match" if match else "no_match").inc()
-        return Verification(match, score, a, b)
+        return Verification(match, score, a, b, point)
 

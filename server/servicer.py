@@ -17,11 +17,27 @@ from server.pipeline.faces import AnalysedFace
 from server.requests import request_id_var
 from server.service import OperatingPoint, VerificationService
 
+REFERENCE_KINDS: dict[int, str] = {pb.REFERENCE_KIND_UNSPECIFIED: "photo", pb.PHOTO: "photo",
+                                   pb.ID_CARD: "id_card"}
+REFERENCE_KIND_PB = {"photo": pb.PHOTO, "id_card": pb.ID_CARD}
+
+
+def reference_kind(value: int) -> str:
+    """The service's name for a request's ``reference_kind``.
+
+    Raises:
+        InvalidRequest: a value this server does not know.
+    """
+    if value not in REFERENCE_KINDS:
+        raise InvalidRequest(f"unknown reference_kind {value}", field="reference_kind")
+    return REFERENCE_KINDS[value]
+
 
 def operating_point_pb(p: OperatingPoint) -> pb.OperatingPoint:
     return pb.OperatingPoint(threshold=p.threshold, target_false_match_rate=p.fmr,
                              calibration_dataset=p.dataset,
-                             calibration_impostor_pairs=p.impostor_pairs)
+                             calibration_impostor_pairs=p.impostor_pairs,
+                             reference_kind=REFERENCE_KIND_PB[p.reference_kind])
 
 
 def face_pb(a: AnalysedFace, scheme: str) -> pb.Face:
@@ -76,12 +92,13 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
 
     async def Verify(self, request: pb.VerifyRequest,
                      context: grpc.aio.ServicerContext) -> pb.VerifyResponse:
-        v = await self.service.verify(request.selfie, request.reference)
+        v = await self.service.verify(request.selfie, request.reference,
+                                      reference_kind(request.reference_kind))
         scheme = self.service.models.pipeline.detector.landmark_scheme
         return pb.VerifyResponse(
             match=v.match,
             score=v.score,
-            operating_point=operating_point_pb(self.service.point),
+            operating_point=operating_point_pb(v.point),
             selfie_face=face_pb(v.selfie, scheme),
             reference_face=face_pb(v.reference, scheme),
             model_version=self.service.model_version,
@@ -91,7 +108,8 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
     async def Enroll(self, request: pb.EnrollRequest,
                      context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
         r = await self.enrolment.enroll(request.nik, request.selfie, request.reference or None,
-                                        dict(request.metadata))
+                                        dict(request.metadata),
+                                        reference_kind(request.reference_kind))
         version = self.service.model_version
         resp = pb.EnrollResponse(
             outcome=pb.EnrollResponse.Outcome.Name(r.outcome.value),
@@ -170,4 +188,7 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             duplicate_pairwise_fmr=dup.pairwise_fmr,
             duplicate_threshold_extrapolated=dup.extrapolated,
             serving=pb.ServingSettings(**self.serving),
+            reference_operating_points=[operating_point_pb(p)
+                                        for kind, p in self.service.points.items()
+                                        if kind != "photo"],
         )

@@ -160,3 +160,28 @@ def test_two_photo_templates_get_tails_of_their_own() -> None:
     # A calibration from before the tails: its points, one-photo comparisons only.
     old = {"points": record["points"]}
     assert not DuplicateThreshold.from_calibration(old, 1e-2).fuses
+
+
+def test_a_reference_kind_is_calibrated_across_two_sets() -> None:
+    from server.calibrate import calibrate_reference_kind
+
+    rng = np.random.default_rng(5)
+    selfies = _embedded(rng, identities=60, per=3)
+    names = tuple(f"p{i // 3}_{i % 3}.jpg" for i in range(180))
+    identities = tuple(f"p{i}" for i in range(60))
+    selfies = Embedded(selfies.embeddings, selfies.labels, 180, 0, names, identities)
+    # The references: noisier copies of the same photos (as ID-card shots are).
+    noisy = selfies.embeddings + 0.2 * rng.normal(size=selfies.embeddings.shape)
+    noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+    refs = Embedded(noisy.astype(np.float32), selfies.labels, 181, 1, names, identities)
+    record = calibrate_reference_kind(selfies, refs, [1e-2], "cards",
+                                      exclude={frozenset({"p0_0.jpg", "p1_0.jpg"})})
+    # Genuine: same person, another photo (a photo's own copy is left out).
+    assert record["genuine_pairs"] == 60 * 3 * 2
+    assert record["impostor_pairs"] == 180 * 180 - 60 * 9 - 2
+    assert record["references_without_face"] == 1 and record["points"][0]["tmr"] > 0.5
+    with pytest.raises(ModelError, match="share no identity"):
+        calibrate_reference_kind(selfies, Embedded(noisy.astype(np.float32), selfies.labels,
+                                                   180, 0, names, tuple(f"q{i}" for i in
+                                                                        range(60))),
+                                 [1e-2], "other")

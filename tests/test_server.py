@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.client import CallError, FaceVerifyClient
+from server.gen import faceverify_pb2 as pb
 from tests.conftest import ServerThread, lfw_image
 from tests.imaging import blank, side_by_side, tiny_face, with_background_face
 
@@ -139,6 +140,31 @@ def test_server_info_reports_provider_and_model(client: FaceVerifyClient,
     assert info.serving.cudnn_conv_algo_search == "HEURISTIC"
 
 
+def test_id_card_references_have_an_operating_point_of_their_own(
+        client: FaceVerifyClient, server: ServerThread, lfw_dir: Path) -> None:
+    from benchmarks.idcard import id_card_like
+
+    card = id_card_like(_img(lfw_dir, MATCHED[1]), MATCHED[1])
+    calibration = server.running.service.points  # type: ignore[union-attr]
+    if "id_card" not in calibration:  # a model set calibrated on ordinary photos only
+        with pytest.raises(CallError) as info:
+            client.verify(_img(lfw_dir, MATCHED[0]), card, id_card=True)
+        assert (info.value.code, info.value.reason) == ("FAILED_PRECONDITION",
+                                                        "REFERENCE_KIND_NOT_CALIBRATED")
+        assert not client.server_info().reference_operating_points
+        return
+    r = client.verify(_img(lfw_dir, MATCHED[0]), card, id_card=True)
+    photo = client.verify(_img(lfw_dir, MATCHED[0]), card)
+    assert r.operating_point.reference_kind == pb.ID_CARD
+    assert photo.operating_point.reference_kind == pb.PHOTO
+    assert r.score == pytest.approx(photo.score)
+    assert r.operating_point.threshold == pytest.approx(calibration["id_card"].threshold)
+    assert r.operating_point.threshold != pytest.approx(photo.operating_point.threshold)
+    assert r.match == (r.score >= r.operating_point.threshold)
+    [point] = client.server_info().reference_operating_points
+    assert point.reference_kind == pb.ID_CARD and point.calibration_impostor_pairs > 10**6
+
+
 def test_health_is_serving(server: ServerThread) -> None:
     with grpc.insecure_channel(server.target) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
@@ -150,7 +176,7 @@ def test_health_is_serving(server: ServerThread) -> None:
 def test_unexpected_error_is_internal_without_details(
         client: FaceVerifyClient, server: ServerThread, lfw_dir: Path,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    async def broken(selfie: bytes, reference: bytes) -> None:
+    async def broken(*args: object) -> None:
         raise RuntimeError("secret detail /srv/models/x.onnx")
 
     monkeypatch.setattr(server.running.service, "verify", broken)  # type: ignore[union-attr]

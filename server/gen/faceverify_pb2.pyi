@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReferenceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REFERENCE_KIND_UNSPECIFIED: _ClassVar[ReferenceKind]
+    PHOTO: _ClassVar[ReferenceKind]
+    ID_CARD: _ClassVar[ReferenceKind]
+
 class ReviewState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REVIEW_STATE_UNSPECIFIED: _ClassVar[ReviewState]
@@ -14,6 +20,9 @@ class ReviewState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PENDING_REVIEW: _ClassVar[ReviewState]
     CONFIRMED_DUPLICATE: _ClassVar[ReviewState]
     CLEARED: _ClassVar[ReviewState]
+REFERENCE_KIND_UNSPECIFIED: ReferenceKind
+PHOTO: ReferenceKind
+ID_CARD: ReferenceKind
 REVIEW_STATE_UNSPECIFIED: ReviewState
 NOT_FLAGGED: ReviewState
 PENDING_REVIEW: ReviewState
@@ -21,7 +30,7 @@ CONFIRMED_DUPLICATE: ReviewState
 CLEARED: ReviewState
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("nik", "selfie", "reference", "metadata", "request_id")
+    __slots__ = ("nik", "selfie", "reference", "metadata", "request_id", "reference_kind")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -34,12 +43,14 @@ class EnrollRequest(_message.Message):
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_KIND_FIELD_NUMBER: _ClassVar[int]
     nik: str
     selfie: bytes
     reference: bytes
     metadata: _containers.ScalarMap[str, str]
     request_id: str
-    def __init__(self, nik: _Optional[str] = ..., selfie: _Optional[bytes] = ..., reference: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    reference_kind: ReferenceKind
+    def __init__(self, nik: _Optional[str] = ..., selfie: _Optional[bytes] = ..., reference: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ..., reference_kind: _Optional[_Union[ReferenceKind, str]] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("nik", "score", "suspected_duplicate")
@@ -215,14 +226,16 @@ class DeleteEnrollmentResponse(_message.Message):
     def __init__(self, deleted: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("selfie", "reference", "request_id")
+    __slots__ = ("selfie", "reference", "request_id", "reference_kind")
     SELFIE_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_KIND_FIELD_NUMBER: _ClassVar[int]
     selfie: bytes
     reference: bytes
     request_id: str
-    def __init__(self, selfie: _Optional[bytes] = ..., reference: _Optional[bytes] = ..., request_id: _Optional[str] = ...) -> None: ...
+    reference_kind: ReferenceKind
+    def __init__(self, selfie: _Optional[bytes] = ..., reference: _Optional[bytes] = ..., request_id: _Optional[str] = ..., reference_kind: _Optional[_Union[ReferenceKind, str]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("match", "score", "operating_point", "selfie_face", "reference_face", "model_version", "request_id")
@@ -243,16 +256,18 @@ class VerifyResponse(_message.Message):
     def __init__(self, match: _Optional[bool] = ..., score: _Optional[float] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., selfie_face: _Optional[_Union[Face, _Mapping]] = ..., reference_face: _Optional[_Union[Face, _Mapping]] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class OperatingPoint(_message.Message):
-    __slots__ = ("threshold", "target_false_match_rate", "calibration_dataset", "calibration_impostor_pairs")
+    __slots__ = ("threshold", "target_false_match_rate", "calibration_dataset", "calibration_impostor_pairs", "reference_kind")
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     TARGET_FALSE_MATCH_RATE_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_DATASET_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_IMPOSTOR_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_KIND_FIELD_NUMBER: _ClassVar[int]
     threshold: float
     target_false_match_rate: float
     calibration_dataset: str
     calibration_impostor_pairs: int
-    def __init__(self, threshold: _Optional[float] = ..., target_false_match_rate: _Optional[float] = ..., calibration_dataset: _Optional[str] = ..., calibration_impostor_pairs: _Optional[int] = ...) -> None: ...
+    reference_kind: ReferenceKind
+    def __init__(self, threshold: _Optional[float] = ..., target_false_match_rate: _Optional[float] = ..., calibration_dataset: _Optional[str] = ..., calibration_impostor_pairs: _Optional[int] = ..., reference_kind: _Optional[_Union[ReferenceKind, str]] = ...) -> None: ...
 
 class Point(_message.Message):
     __slots__ = ("x", "y")
@@ -313,7 +328,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_version", "model_set", "detector", "recognizer", "embedding_dim", "execution_provider", "operating_point", "server_version", "gallery_size", "index_kind", "duplicate_policy", "duplicate_threshold", "serving", "duplicate_target_fpir", "duplicate_pairwise_fmr", "duplicate_threshold_extrapolated")
+    __slots__ = ("model_version", "model_set", "detector", "recognizer", "embedding_dim", "execution_provider", "operating_point", "server_version", "gallery_size", "index_kind", "duplicate_policy", "duplicate_threshold", "serving", "duplicate_target_fpir", "duplicate_pairwise_fmr", "duplicate_threshold_extrapolated", "reference_operating_points")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_SET_FIELD_NUMBER: _ClassVar[int]
     DETECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +345,7 @@ class ServerInfo(_message.Message):
     DUPLICATE_TARGET_FPIR_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_PAIRWISE_FMR_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_THRESHOLD_EXTRAPOLATED_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_OPERATING_POINTS_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     model_set: str
     detector: str
@@ -346,7 +362,8 @@ class ServerInfo(_message.Message):
     duplicate_target_fpir: float
     duplicate_pairwise_fmr: float
     duplicate_threshold_extrapolated: bool
-    def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ..., serving: _Optional[_Union[ServingSettings, _Mapping]] = ..., duplicate_target_fpir: _Optional[float] = ..., duplicate_pairwise_fmr: _Optional[float] = ..., duplicate_threshold_extrapolated: _Optional[bool] = ...) -> None: ...
+    reference_operating_points: _containers.RepeatedCompositeFieldContainer[OperatingPoint]
+    def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ..., serving: _Optional[_Union[ServingSettings, _Mapping]] = ..., duplicate_target_fpir: _Optional[float] = ..., duplicate_pairwise_fmr: _Optional[float] = ..., duplicate_threshold_extrapolated: _Optional[bool] = ..., reference_operating_points: _Optional[_Iterable[_Union[OperatingPoint, _Mapping]]] = ...) -> None: ...
 
 class ServingSettings(_message.Message):
     __slots__ = ("processes", "workers", "intra_op_threads", "batch_concurrency", "detect_max_batch", "embed_max_batch", "batch_wait_ms", "batch_buckets", "max_queue", "cudnn_conv_algo_search")

@@ -83,7 +83,8 @@ class FaceVerificationServicer:
         """Verify compares the face in a selfie with the face in a reference photo
         (the applicant's ID card, or the registry photo for the NIK): 1:1.
         Statuses: OK, INVALID_ARGUMENT (INVALID_REQUEST or any image reason
-        above), RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, INTERNAL.
+        above), FAILED_PRECONDITION (REFERENCE_KIND_NOT_CALIBRATED),
+        RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE, INTERNAL.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
