@@ -14,6 +14,7 @@ from server.errors import InvalidRequest
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
 from server.pipeline.faces import AnalysedFace
+from server.pipeline.quality import advice
 from server.requests import request_id_var
 from server.service import OperatingPoint, VerificationService
 
@@ -49,7 +50,8 @@ def face_pb(a: AnalysedFace, scheme: str) -> pb.Face:
         landmark_scheme=scheme,
         detector_score=a.face.score,
         quality=pb.FaceQuality(face_width=q.face_width, face_height=q.face_height,
-                               sharpness=q.sharpness, brightness=q.brightness),
+                               sharpness=q.sharpness, brightness=q.brightness,
+                               turn=q.turn, advice=advice(q)),
         faces_found=a.faces_found,
         image_width=a.image_size[0],
         image_height=a.image_size[1],

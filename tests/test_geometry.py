@@ -71,3 +71,24 @@ def test_the_pillow_sampler_equals_the_reference_including_borders() -> None:
         fast = warp_bilinear(img, a, t, 50, 60, truncate=True)
         reference = warp_bilinear(img.astype(np.float64), a, t, 50, 60, truncate=True)
         assert np.array_equal(fast, reference)
+
+
+def test_turn_is_the_noses_offset_between_the_eyes() -> None:
+    from server.pipeline.quality import Quality, advice, turn_of
+    from server.pipeline.types import ARCFACE5, DLIB5
+
+    # arcface5: image-left eye, image-right eye, nose tip, mouth corners.
+    frontal = np.array([[40.0, 50], [80, 50], [60, 70], [45, 90], [75, 90]])
+    assert turn_of(frontal, ARCFACE5) == pytest.approx(0.0)
+    turned = frontal + [[0, 0], [0, 0], [12, 0], [0, 0], [0, 0]]
+    assert turn_of(turned, ARCFACE5) == pytest.approx(0.3)
+    # dlib5: image-right eye's corners, image-left eye's corners, below the nose.
+    dlib = np.array([[88.0, 50], [72, 50], [32, 50], [48, 50], [50, 72]])
+    assert turn_of(dlib, DLIB5) == pytest.approx(-0.25)
+
+    def q(sharpness: float, brightness: float) -> Quality:
+        return Quality(100, 100, sharpness, brightness, 0.9)
+
+    assert advice(q(1.8, 116)) == []
+    assert advice(q(0.2, 10)) == ["BLURRED", "TOO_DARK"]
+    assert advice(q(1.5, 240)) == ["TOO_BRIGHT"]

@@ -165,6 +165,23 @@ def test_id_card_references_have_an_operating_point_of_their_own(
     assert point.reference_kind == pb.ID_CARD and point.calibration_impostor_pairs > 10**6
 
 
+def test_a_poor_selfie_gets_advice_the_applicant_can_act_on(client: FaceVerifyClient,
+                                                            lfw_dir: Path) -> None:
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    from tests.imaging import encode, open_image
+
+    selfie = open_image(_img(lfw_dir, MATCHED[0]))
+    dark = Image.fromarray((np.asarray(selfie) * 0.15).astype(np.uint8))
+    cases = [(selfie, []), (selfie.filter(ImageFilter.GaussianBlur(2.5)), ["BLURRED"]),
+             (dark, ["TOO_DARK"])]
+    for photo, expected in cases:
+        r = client.verify(encode(photo), _img(lfw_dir, MATCHED[1]))
+        assert list(r.selfie_face.quality.advice) == expected
+    assert abs(r.selfie_face.quality.turn) < 0.3  # a frontal face
+
+
 def test_health_is_serving(server: ServerThread) -> None:
     with grpc.insecure_channel(server.target) as ch:
         stub = health_pb2_grpc.HealthStub(ch)

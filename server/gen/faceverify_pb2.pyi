@@ -312,16 +312,20 @@ class Face(_message.Message):
     def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., landmark_scheme: _Optional[str] = ..., detector_score: _Optional[float] = ..., quality: _Optional[_Union[FaceQuality, _Mapping]] = ..., faces_found: _Optional[int] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., rotation_degrees: _Optional[int] = ...) -> None: ...
 
 class FaceQuality(_message.Message):
-    __slots__ = ("face_width", "face_height", "sharpness", "brightness")
+    __slots__ = ("face_width", "face_height", "sharpness", "brightness", "turn", "advice")
     FACE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     FACE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     SHARPNESS_FIELD_NUMBER: _ClassVar[int]
     BRIGHTNESS_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    ADVICE_FIELD_NUMBER: _ClassVar[int]
     face_width: float
     face_height: float
     sharpness: float
     brightness: float
-    def __init__(self, face_width: _Optional[float] = ..., face_height: _Optional[float] = ..., sharpness: _Optional[float] = ..., brightness: _Optional[float] = ...) -> None: ...
+    turn: float
+    advice: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, face_width: _Optional[float] = ..., face_height: _Optional[float] = ..., sharpness: _Optional[float] = ..., brightness: _Optional[float] = ..., turn: _Optional[float] = ..., advice: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

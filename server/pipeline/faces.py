@@ -165,7 +165,7 @@ class FacePipeline:
         subject, ambiguous = choose_subject(uploaded, width, height, self.policy,
                                             refuse_ambiguous, field_name)
         chip = self.recognizer.align(decoded.pixels, faces[uploaded.index(subject)])
-        quality = measure(subject, chip)
+        quality = measure(subject, chip, self.detector.landmark_scheme)
         if turns:
             subject = DetectedFace(unturn_box(subject.box, turns, width, height), subject.score,
                                    unturn_points(subject.landmarks, turns, width, height))
