@@ -181,11 +181,14 @@ class Gallery:
             return e
 
     def remove(self, nik: str) -> Enrollment | None:
-        """Erase from the registry and the index; later snapshots no longer hold it."""
+        """Erase from the registry and the index, and rewrite the index snapshot at
+        once: when this returns, no file of the data directory holds the NIK or
+        its embedding (see :meth:`Registry.remove`)."""
         with self.write_lock:
             e = self.registry.remove(nik)
             if e is not None:
-                self._after_change()
+                self.refresh()
+                self.snapshot()
             return e
 
     def _after_change(self) -> None:

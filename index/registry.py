@@ -10,6 +10,7 @@ survives a crash.  ``secure_delete`` overwrites erased rows' bytes.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from server.errors import StartupError
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,6 +58,8 @@ ADDED_COLUMNS = {
     "review_note": "TEXT NOT NULL DEFAULT ''",
     "photos": "INTEGER NOT NULL DEFAULT 1",
 }
+# What an erased NIK becomes in other enrolments' candidate lists.
+ERASED = "erased"
 # Review states of an enrolment: none (never flagged), pending (flagged, awaiting a
 # person), confirmed (a person confirmed the duplicate), cleared (not a duplicate).
 REVIEW_STATES = ("none", "pending", "confirmed", "cleared")
@@ -231,14 +236,41 @@ class Registry:
                                         "WHERE review = 'pending'").fetchone()[0])
 
     def remove(self, nik: str) -> Enrollment | None:
-        """Erase an enrolment (and log the removal); None if the NIK is not enrolled."""
+        """Erase an enrolment (and log the removal); None if the NIK is not enrolled.
+
+        When this returns the NIK and the embedding are in no file: the row's
+        bytes are overwritten (``secure_delete``), the NIK is struck from the
+        candidate lists of enrolments flagged against it (``erased`` stands in),
+        and the write-ahead log, which still held the old pages, is checkpointed
+        into the database and truncated.
+        """
         with self._tx():
             row = self._db.execute("SELECT * FROM enrollments WHERE nik = ?", (nik,)).fetchone()
             if row is None:
                 return None
             self._db.execute("DELETE FROM enrollments WHERE id = ?", (row[0],))
             self._db.execute("INSERT INTO changes (op, id) VALUES ('remove', ?)", (row[0],))
+            flagged_against = self._db.execute(
+                "SELECT id, candidates FROM enrollments WHERE candidates LIKE ?",
+                (f'%"{nik}"%',)).fetchall()
+            for other, candidates in flagged_against:
+                struck = [[ERASED if n == nik else n, s] for n, s in json.loads(candidates)]
+                self._db.execute("UPDATE enrollments SET candidates = ? WHERE id = ?",
+                                 (json.dumps(struck), other))
+        self._truncate_wal()
         return self._row(row)
+
+    def _truncate_wal(self) -> None:
+        """Copy the write-ahead log into the database and empty it; another process
+        reading at that moment can hold it up, so it is retried for a while."""
+        for _ in range(100):
+            with self._lock:
+                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return
+            time.sleep(0.05)
+        log.warning("the write-ahead log could not be truncated after an erasure (another "
+                    "process kept reading): the next erasure or checkpoint empties it")
 
     def get(self, nik: str) -> Enrollment | None:
         with self._lock:

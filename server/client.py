@@ -57,8 +57,12 @@ class FaceVerifyClient:
     """
 
     def __init__(self, target: str, timeout: float = 30.0) -> None:
+        # A client is a connection of its own (gRPC otherwise shares one between
+        # channels to the same target, so a new client could reach the same one
+        # of several server processes on a port).
         self.channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.use_local_subchannel_pool", 1)])
         self.stub = pb_grpc.FaceVerificationStub(self.channel)  # type: ignore[no-untyped-call]
         self.timeout = timeout
 

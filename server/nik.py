@@ -46,7 +46,7 @@ def validate_nik(nik: str) -> str:
         raise InvalidNik("NIK must contain only the ASCII digits 0-9")
     province, regency, district = int(nik[0:2]), int(nik[2:4]), int(nik[4:6])
     if province not in PROVINCES:
-        raise InvalidNik(f"NIK province code {nik[0:2]} does not exist")
+        raise InvalidNik("NIK province code (first 2 digits) is not a province's")
     if regency == 0:
         raise InvalidNik("NIK regency/city code is 00")
     if district == 0:

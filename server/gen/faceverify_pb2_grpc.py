@@ -121,8 +121,10 @@ class FaceVerificationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteEnrollment(self, request, context):
-        """DeleteEnrollment erases a NIK's enrolment from the registry and the index;
-        index snapshots written afterwards no longer contain it.
+        """DeleteEnrollment erases a NIK's enrolment: when it returns, no file of the
+        server's data directory holds the NIK or its embedding (registry rows
+        overwritten, write-ahead log truncated, index snapshot rewritten; the NIK
+        in other enrolments' candidate lists becomes "erased").
         Statuses: OK, INVALID_ARGUMENT (INVALID_NIK), NOT_FOUND (NOT_ENROLLED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
