@@ -26,6 +26,7 @@ import numpy as np
 
 from index.registry import Enrollment, Registry
 from index.vectors import IndexSpec, VectorIndex
+from server.durable import private_file
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class GalleryLock:
 
     def __init__(self, path: Path) -> None:
         self._thread_lock = threading.RLock()
-        self._file = open(path, "a+b")  # noqa: SIM115 - held for the gallery's life
+        self._file = open(private_file(path), "a+b")  # noqa: SIM115 - held for the gallery's life
         self._depth = 0
         self.on_acquire: Callable[[], None] = lambda: None
 

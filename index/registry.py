@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from server.durable import private_dir, private_file
 from server.errors import StartupError
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,14 @@ class Registry:
     """
 
     def __init__(self, path: Path, model_version: str, dim: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Biometric data: the directory and every file only the owner's. SQLite
+        # gives its -wal and -shm files the database file's rights.
+        private_dir(path.parent)
+        private_file(path)
+        for suffix in ("-wal", "-shm"):
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                private_file(side)
         self.path = path
         self.dim = dim
         self._lock = threading.Lock()

@@ -23,7 +23,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from server.durable import write_bytes_atomically
+from server.durable import private_dir, write_bytes_atomically
 from server.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -181,17 +181,17 @@ class VectorIndex:
 
     def save(self, directory: Path, model_version: str, last_seq: int) -> dict[str, Any]:
         """Write the snapshot atomically (temp file, fsync, rename, fsync dir), manifest last."""
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         with self.lock.read():
             data = faiss.serialize_index(self.index)  # uint8 array; no further copies
             count = int(self.index.ntotal)
         blob = data.data
-        write_bytes_atomically(directory / SNAPSHOT, blob)
+        write_bytes_atomically(directory / SNAPSHOT, blob, 0o600)
         manifest = {"model_version": model_version, "dim": self.dim, "count": count,
                     "last_seq": last_seq, "kind": "ivf" if self.trained_ivf else "flat",
                     "sha256": hashlib.sha256(blob).hexdigest()}
         write_bytes_atomically(directory / SNAPSHOT_MANIFEST,
-                      (json.dumps(manifest, indent=2) + "\n").encode())
+                               (json.dumps(manifest, indent=2) + "\n").encode(), 0o600)
         return manifest
 
     @classmethod

@@ -33,8 +33,25 @@ def replace_atomically(path: Path, write: Callable[[str], None], mode: int = 0o6
         os.close(dir_fd)
 
 
-def write_bytes_atomically(path: Path, data: bytes | memoryview) -> None:
+def write_bytes_atomically(path: Path, data: bytes | memoryview, mode: int = 0o644) -> None:
     def write(tmp: str) -> None:
         Path(tmp).write_bytes(data)
 
-    replace_atomically(path, write)
+    replace_atomically(path, write, mode)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only its owner can enter (0700), whatever the umask;
+    an existing one is tightened."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """``path`` as a file only its owner can read or write (0600), created empty
+    where missing (so it never exists with looser rights); an existing one is
+    tightened."""
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    os.chmod(path, 0o600)
+    return path

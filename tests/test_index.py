@@ -224,3 +224,23 @@ def test_ivf_retrains_after_the_gallery_grows() -> None:
     assert idx.needs_training()
     assert idx.maybe_train(iter([(np.arange(1600), v[:1600])])) and idx.trained_on == 1600
     assert len(idx) == 1600 and idx.search(v[1599:1600], 1)[1][0, 0] == 1599
+
+
+def test_the_data_directory_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    data = tmp_path / "data"
+    old = os.umask(0o022)
+    try:
+        data.mkdir(mode=0o755)  # left loose by an earlier version, say
+        gallery = Gallery(data, MODEL, DIM, IndexSpec("flat"), snapshot_every=1)
+        gallery.add(nik(1), unit(np.random.default_rng(6), 1)[0])
+        gallery.close()
+    finally:
+        os.umask(old)
+    entries = [data, *data.rglob("*")]
+    assert len(entries) >= 6  # registry, its WAL and SHM, lock, snapshot dir and files
+    for entry in entries:
+        want = 0o700 if entry.is_dir() else 0o600
+        assert stat.S_IMODE(entry.stat().st_mode) == want, entry
