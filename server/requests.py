@@ -10,6 +10,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -60,6 +61,24 @@ def _request_id(request: Any, context: grpc.aio.ServicerContext) -> str:
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose bytes did not parse as its message (answered INVALID_ARGUMENT
+    rather than gRPC's UNKNOWN with a traceback)."""
+
+    why: str
+
+
+def lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    """``deserialize``, returning :class:`Malformed` instead of raising."""
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data) if deserialize is not None else data
+        except Exception as exc:  # protobuf's DecodeError, invalid UTF-8 in a string
+            return Malformed(type(exc).__name__)
+    return parse
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Assigns request ids, maps exceptions to statuses and counts unary RPCs.
 
@@ -104,6 +123,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             try:
                 try:
+                    if isinstance(request, Malformed):
+                        log.warning("malformed %s request (%s)", name, request.why)
+                        raise InvalidRequest(f"the request is not a valid {name} message "
+                                             f"({request.why}); check the client's .proto",
+                                             field="message")
                     rid = _request_id(request, context)
                 except InvalidRequest as exc:
                     status = status_for(exc, "-")
@@ -135,6 +159,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return grpc.unary_unary_rpc_method_handler(
             wrapper,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )

@@ -126,6 +126,21 @@ def test_bad_request_id(client: FaceVerifyClient, lfw_dir: Path) -> None:
     assert info.value.reason == "INVALID_REQUEST"
 
 
+@pytest.mark.parametrize("body", [b"\xff" * 8, b"\x1a\x02\xc3\x28"],  # junk; bad UTF-8
+                         ids=["junk", "bad-utf8"])
+def test_a_malformed_message_is_invalid_argument_not_unknown(server: ServerThread,
+                                                             body: bytes) -> None:
+    from server.client import call_error
+
+    with grpc.insecure_channel(server.target) as channel:
+        raw = channel.unary_unary("/faceverify.v1.FaceVerification/Verify")
+        with pytest.raises(grpc.RpcError) as info:
+            raw(body, timeout=10)
+    err = call_error(info.value)
+    assert (err.code, err.reason) == ("INVALID_ARGUMENT", "INVALID_REQUEST")
+    assert "not a valid Verify message" in err.message
+
+
 def test_server_info_reports_provider_and_model(client: FaceVerifyClient,
                                                  server: ServerThread) -> None:
     info = client.server_info()
