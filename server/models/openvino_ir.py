@@ -52,6 +52,11 @@ class Layer:
     out_ports: list[str]
     inputs: list[str] = field(default_factory=list)  # value names, in port order
 
+    @property
+    def first_input(self) -> list[int]:
+        """The dims of the input port numbered lowest (the data, not the weights)."""
+        return self.in_shapes[min(self.in_shapes, key=int)]
+
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.replace(" ", "").split(",") if v]
@@ -216,7 +221,7 @@ class _Converter:
 
     def _prelu(self, layer: Layer, out: str) -> None:
         slope = self.const_input(layer, 1).astype(np.float32)
-        rank = len(layer.in_shapes[min(layer.in_shapes, key=int)])
+        rank = len(layer.first_input)
         if slope.size > 1 and rank > 2:  # per channel: broadcast over the spatial axes
             slope = slope.reshape(-1, *([1] * (rank - 2)))
         self.names[out] = self.g.op("PRelu", [self.tensor(layer.inputs[0]),
@@ -225,7 +230,7 @@ class _Converter:
     def _pool(self, layer: Layer, out: str, op: str) -> None:
         a = layer.attrs
         kernel = _ints(a["kernel"])
-        spatial = layer.in_shapes[min(layer.in_shapes, key=int)][2:]
+        spatial = layer.first_input[2:]
         window = self._window(layer)
         x = self.tensor(layer.inputs[0])
         if kernel == spatial and window.get("pads", [0]) == [0] * (2 * len(kernel)):
@@ -256,7 +261,7 @@ class _Converter:
     def _result(self, layer: Layer, out: str) -> None:
         name = f"output_{len(self.outputs)}"
         self.g.op("Identity", [self.tensor(layer.inputs[0])], name)
-        dims = layer.in_shapes[min(layer.in_shapes, key=int)]
+        dims = layer.first_input
         self.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
                                                           ["N", *dims[1:]]))
 

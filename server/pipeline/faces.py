@@ -92,6 +92,12 @@ def prominence(face: DetectedFace, width: int, height: int) -> float:
     return float(visible * (1.0 - d) ** 2)
 
 
+def most_prominent(faces: list[DetectedFace], image: np.ndarray) -> DetectedFace:
+    """The face of ``faces`` (found in ``image``) most like the photo's subject."""
+    height, width = image.shape[:2]
+    return max(faces, key=lambda f: prominence(f, width, height))
+
+
 def choose_subject(faces: list[DetectedFace], width: int, height: int, policy: FacePolicy,
                    refuse_ambiguous: bool, field_name: str) -> tuple[DetectedFace, bool]:
     """The subject face among those detected, and whether another is comparably prominent.
@@ -185,8 +191,7 @@ class FacePipeline:
         confident = self.detector.upright_score
         best: tuple[float, np.ndarray, list[DetectedFace], int] | None = None
         if faces:
-            height, width = pixels.shape[:2]
-            main = max(faces, key=lambda f: prominence(f, width, height))
+            main = most_prominent(faces, pixels)
             k = 0 if main.down is None else turns_to_upright(main.down)
             if k:  # sideways by its keypoints: the turn they ask for, or the opposite one
                 tries = [k, (k + 2) % 4]
@@ -201,8 +206,7 @@ class FacePipeline:
             found = yield from detection_steps(self.detector, turned)
             if not found:
                 continue
-            height, width = turned.shape[:2]
-            main = max(found, key=lambda f: prominence(f, width, height))
+            main = most_prominent(found, turned)
             if main.down is not None and turns_to_upright(main.down) != 0:
                 continue
             if confident is None or main.score >= confident:
