@@ -44,16 +44,23 @@ RUN useradd --system --uid 10001 --no-create-home faceverify \
 # The enrolment registry and index snapshots: mount durable storage here.
 VOLUME ["/var/lib/faceverify"]
 USER 10001
+# Secured by default: mount the certificate, its key and the access policy at
+# /etc/faceverify (add FACEVERIFY_TLS_CLIENT_CA for mutual TLS); without them the
+# server refuses to start and says what is missing (README, "Running it securely").
 ENV PATH=/opt/venv/bin:$PATH \
     FACEVERIFY_MODEL_DIR=/opt/models \
     FACEVERIFY_DATA_DIR=/var/lib/faceverify \
     FACEVERIFY_HOST=[::] \
     FACEVERIFY_PORT=50051 \
-    FACEVERIFY_METRICS_PORT=9464
-# gRPC, and Prometheus metrics over HTTP.
+    FACEVERIFY_METRICS_PORT=9464 \
+    FACEVERIFY_HEALTH_PORT=50052 \
+    FACEVERIFY_TLS_CERT=/etc/faceverify/tls.crt \
+    FACEVERIFY_TLS_KEY=/etc/faceverify/tls.key \
+    FACEVERIFY_ACCESS_POLICY=/etc/faceverify/policy.json
+# gRPC, and Prometheus metrics over HTTP (the plaintext health port stays on localhost).
 EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-  CMD ["faceverify", "health", "--target", "localhost:50051"]
+  CMD ["faceverify", "health", "--plaintext", "--target", "localhost:50052"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["faceverify"]
 CMD ["serve"]

@@ -17,10 +17,11 @@ setup: $(STAMP)
 	$(BIN)/faceverify models build
 
 ## serve: set everything up, then run the server on the embedded defaults
-##        (gRPC on 50051, Prometheus metrics on 9464)
+##        (gRPC on 50051, Prometheus metrics on 9464; plaintext on localhost,
+##        for development: see README "Running it securely")
 FACEVERIFY_METRICS_PORT ?= 9464
 serve: setup
-	FACEVERIFY_METRICS_PORT=$(FACEVERIFY_METRICS_PORT) $(BIN)/faceverify serve
+	FACEVERIFY_METRICS_PORT=$(FACEVERIFY_METRICS_PORT) $(BIN)/faceverify serve --insecure
 
 ## test: set everything up, then run the test suite (what CI runs)
 test: setup

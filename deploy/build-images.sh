@@ -10,8 +10,10 @@
 # 2. podman builds the Dockerfile with BASE set to it (vfs storage and chroot
 #    isolation: they work inside a VM; the machine's pip configuration is mounted).
 # 3. buildah runs each image (podman run cannot set resource limits in a VM) on a free
-#    port, on the CPU provider (a GPU image's CUDA provider needs a GPU host), and
-#    calls health and Verify on two LFW images; the result is printed at the end.
+#    port, on the CPU provider (a GPU image's CUDA provider needs a GPU host), secured
+#    as in production: mutual TLS with certificates and an access policy made here and
+#    mounted at /etc/faceverify. It calls health on the plaintext probe port, then
+#    Verify over mutual TLS on two LFW images; the result is printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VARIANTS=${1:-both}
@@ -38,6 +40,21 @@ fi
 mounts=()
 [ -f /etc/pip.conf ] && mounts+=(-v /etc/pip.conf:/etc/pip.conf:ro)
 mounts+=(-v /etc/ssl/certs:/etc/ssl/certs:ro)
+# Certificates and a policy for the container (benchmarks/certs.py: a CA, a server
+# certificate for localhost, a client certificate whose CN the policy maps to admin).
+pki=$(mktemp -d)
+.venv/bin/python - "$pki" <<'PY'
+import json, sys
+from pathlib import Path
+from benchmarks.certs import Authority
+pki = Path(sys.argv[1])
+ca = Authority(pki)
+ca.pem.rename(pki / "ca.pem")
+server, client = ca.issue("tls", "localhost", server=True), ca.issue("client", "image-check")
+(pki / "policy.json").write_text(json.dumps(
+    {"clients": [{"name": "image-check", "certificate_cn": "image-check", "roles": ["admin"]}]}))
+PY
+chmod -R a+rX "$pki"
 results=()
 for variant in $VARIANTS; do
   start=$(date +%s)
@@ -49,26 +66,31 @@ for variant in $VARIANTS; do
   # shellcheck disable=SC2086
   size=$(podman $S image inspect --format '{{.Size}}' "faceverify:$variant")
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  probe=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   # shellcheck disable=SC2086
   c=$(buildah $S from "faceverify:$variant")
   # shellcheck disable=SC2086
-  buildah $S run --isolation chroot --network host \
-      --env FACEVERIFY_PORT="$port" --env FACEVERIFY_METRICS_PORT=0 \
+  buildah $S run --isolation chroot --network host -v "$pki":/etc/faceverify:ro \
+      --env FACEVERIFY_TLS_CLIENT_CA=/etc/faceverify/ca.pem \
+      --env FACEVERIFY_PORT="$port" --env FACEVERIFY_HEALTH_PORT="$probe" \
+      --env FACEVERIFY_METRICS_PORT=0 \
       --env FACEVERIFY_PROVIDER=cpu --env FACEVERIFY_DATA_DIR=/tmp/data "$c" -- \
       faceverify serve >"/tmp/faceverify-$variant-serve.log" 2>&1 &
   server=$!
-  answer=$(.venv/bin/python - "$port" "$LFW" <<'PY'
+  answer=$(.venv/bin/python - "$port" "$LFW" "$probe" "$pki" <<'PY'
 import sys, time
 from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server.client import FaceVerifyClient
-port, lfw = sys.argv[1], Path(sys.argv[2]) / "images"
+from server.tls import ClientTls
+port, lfw, probe, pki = sys.argv[1], Path(sys.argv[2]) / "images", sys.argv[3], Path(sys.argv[4])
 target = f"127.0.0.1:{port}"
+tls = ClientTls(pki / "ca.pem", pki / "client.crt", pki / "client.key", "localhost")
 deadline = time.time() + 300
 while True:
     try:
-        with grpc.insecure_channel(target) as ch:
+        with grpc.insecure_channel(f"127.0.0.1:{probe}") as ch:
             status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
                                                           timeout=2).status
         if status == health_pb2.HealthCheckResponse.SERVING:
@@ -80,10 +102,10 @@ while True:
     time.sleep(2)
 a = (lfw / "Abel_Pacheco" / "Abel_Pacheco_0001.jpg").read_bytes()
 b = (lfw / "Abel_Pacheco" / "Abel_Pacheco_0004.jpg").read_bytes()
-with FaceVerifyClient(target) as client:
+with FaceVerifyClient(target, tls=tls) as client:
     r = client.verify(a, b)
     info = client.server_info()
-print(f"SERVING; Verify match={r.match} score={r.score:.3f}; {info.model_version}; "
+print(f"SERVING; Verify over mutual TLS match={r.match} score={r.score:.3f}; {info.model_version}; "
       f"{info.execution_provider}")
 PY
   ) || answer="FAILED: $(tail -5 "/tmp/faceverify-$variant-serve.log")"
@@ -94,5 +116,6 @@ PY
   results+=("faceverify:$variant: built in ${built} s, $((size / 1000000)) MB; $answer")
   echo "${results[-1]}"
 done
+rm -rf "$pki"
 echo "---"
 printf '%s\n' "${results[@]}"

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from index.registry import Enrollment, Registry
+from index.sealing import Sealer
 from index.vectors import IndexSpec, VectorIndex
 from server.durable import private_file
 
@@ -94,13 +95,14 @@ class Gallery:
     """
 
     def __init__(self, data_dir: Path, model_version: str, dim: int, spec: IndexSpec,
-                 snapshot_every: int = 1000) -> None:
+                 snapshot_every: int = 1000, sealer: Sealer | None = None) -> None:
         self.data_dir = data_dir
         self.model_version = model_version
         self.dim = dim
         self.spec = spec
         self.snapshot_every = snapshot_every
-        self.registry = Registry(data_dir / REGISTRY_FILE, model_version, dim)
+        self.sealer = sealer or Sealer()
+        self.registry = Registry(data_dir / REGISTRY_FILE, model_version, dim, self.sealer)
         self._apply_lock = threading.Lock()
         self._applied = 0  # the last registry change the index holds
         self._changes_since_snapshot = 0
@@ -112,7 +114,7 @@ class Gallery:
     def _load_index(self) -> VectorIndex:
         last = self.registry.last_seq()
         loaded = VectorIndex.load(self.data_dir / SNAPSHOT_DIR, self.model_version, self.dim,
-                                  self.spec)
+                                  self.spec, self.sealer)
         if loaded is not None and loaded[1]["last_seq"] <= last:
             index, manifest = loaded
             self._applied = int(manifest["last_seq"])
@@ -204,10 +206,18 @@ class Gallery:
         """Save the index with the sequence number of the last change it holds."""
         with self.write_lock:
             manifest = self.index.save(self.data_dir / SNAPSHOT_DIR, self.model_version,
-                                       self._applied)
+                                       self._applied, self.sealer)
             self._changes_since_snapshot = 0
         log.info("index snapshot saved: %d vectors up to change %d", manifest["count"],
                  manifest["last_seq"])
+
+    def reseal(self) -> int:
+        """Seal the registry and the snapshot with the current data key (see
+        :mod:`index.sealing`); how many enrolments changed."""
+        with self.write_lock:
+            changed = self.registry.reseal()
+        self.snapshot()
+        return changed
 
     def close(self) -> None:
         self.snapshot()

@@ -4,7 +4,9 @@ One row per enrolled NIK with its embedding (never the image), plus an
 append-only change log whose sequence numbers let the FAISS index, a derived
 structure, catch up from a snapshot.  WAL journal with ``synchronous=FULL``: a
 commit that returned is on disk, so every enrolment acknowledged to a caller
-survives a crash.  ``secure_delete`` overwrites erased rows' bytes.
+survives a crash.  ``secure_delete`` overwrites erased rows' bytes.  With a
+data key, embeddings, candidate lists and metadata are sealed (AES-GCM, see
+:mod:`index.sealing`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from index.sealing import Sealer, SealError
 from server.durable import private_dir, private_file
-from server.errors import StartupError
+from server.errors import ConfigurationError, StartupError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +119,8 @@ class Registry:
         RegistryMismatch: at open, when the file belongs to another model.
     """
 
-    def __init__(self, path: Path, model_version: str, dim: int) -> None:
+    def __init__(self, path: Path, model_version: str, dim: int,
+                 sealer: Sealer | None = None) -> None:
         # Biometric data: the directory and every file only the owner's. SQLite
         # gives its -wal and -shm files the database file's rights.
         private_dir(path.parent)
@@ -127,6 +131,7 @@ class Registry:
                 private_file(side)
         self.path = path
         self.dim = dim
+        self.sealer = sealer or Sealer()
         self._lock = threading.Lock()
         # Other processes sharing the file may hold the write lock briefly.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
@@ -137,6 +142,7 @@ class Registry:
         self._db.executescript(SCHEMA)
         self._migrate()
         self._check_meta(model_version, dim)
+        self._check_key()
 
     def _migrate(self) -> None:
         """Add the columns a registry from an older version lacks (one transaction)."""
@@ -164,6 +170,49 @@ class Registry:
                 f"(dimension {meta.get('dim')}), but the server runs {model_version!r} "
                 f"(dimension {dim}); point FACEVERIFY_DATA_DIR elsewhere or re-enrol")
 
+    @staticmethod
+    def read_meta(path: Path) -> tuple[str, int]:
+        """The model version and dimension a registry file was written with.
+
+        Raises:
+            StartupError: no registry there.
+        """
+        if not path.is_file():
+            raise StartupError(f"no registry at {path}")
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        finally:
+            db.close()
+        return str(meta["model_version"]), int(meta["dim"])
+
+    def _check_key(self) -> None:
+        """Refuse to start with no data key, or the wrong one, for sealed data.
+
+        Raises:
+            ConfigurationError: naming what to configure.
+        """
+        with self._lock:
+            row = self._db.execute("SELECT * FROM enrollments ORDER BY id DESC LIMIT 1"
+                                   ).fetchone()
+        if row is None:
+            return
+        if Sealer.is_sealed(row[2]) and not self.sealer.enabled:
+            raise ConfigurationError(f"the registry {self.path} is encrypted: configure its "
+                                     "data key (FACEVERIFY_DATA_KEY_FILE or FACEVERIFY_DATA_KEY)")
+        try:
+            self._row(row)
+        except SealError as exc:
+            raise ConfigurationError(f"the registry {self.path} does not open with the "
+                                     f"configured data keys: {exc}") from exc
+
+    def _seal(self, column: str, nik: str, value: bytes) -> bytes:
+        return self.sealer.seal(value, f"{column}:{nik}".encode())
+
+    def _open(self, column: str, nik: str, value: bytes | str) -> bytes:
+        raw = value.encode() if isinstance(value, str) else value
+        return self.sealer.open(raw, f"{column}:{nik}".encode())
+
     def _tx(self) -> _Transaction:
         return _Transaction(self._db, self._lock)
 
@@ -171,13 +220,16 @@ class Registry:
         with self._lock:
             self._db.close()
 
-    @staticmethod
-    def _row(row: tuple[Any, ...]) -> Enrollment:
-        return Enrollment(id=row[0], nik=row[1],
-                          embedding=np.frombuffer(row[2], dtype=np.float32).copy(),
+    def _row(self, row: tuple[Any, ...]) -> Enrollment:
+        nik = row[1]
+        return Enrollment(id=row[0], nik=nik,
+                          embedding=np.frombuffer(self._open("embedding", nik, row[2]),
+                                                  dtype=np.float32).copy(),
                           flagged=bool(row[3]),
-                          candidates=[(n, float(s)) for n, s in json.loads(row[4])],
-                          metadata=json.loads(row[5]), created_at=row[6], review=row[7],
+                          candidates=[(n, float(s)) for n, s in
+                                      json.loads(self._open("candidates", nik, row[4]))],
+                          metadata=json.loads(self._open("metadata", nik, row[5])),
+                          created_at=row[6], review=row[7],
                           reviewed_by=row[8], reviewed_at=row[9], review_note=row[10],
                           photos=row[11])
 
@@ -199,12 +251,17 @@ class Registry:
             cur = self._db.execute(
                 "INSERT INTO enrollments (nik, embedding, flagged, candidates, metadata, "
                 "created_at, review, photos) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (nik, vec.tobytes(), int(flagged), json.dumps(cands), json.dumps(metadata or {}),
-                 now, review, photos))
+                (nik, self._seal("embedding", nik, vec.tobytes()), int(flagged),
+                 self._sealed_json("candidates", nik, cands),
+                 self._sealed_json("metadata", nik, metadata or {}), now, review, photos))
             new_id = int(cur.lastrowid or 0)
             self._db.execute("INSERT INTO changes (op, id) VALUES ('add', ?)", (new_id,))
         return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}), now,
                           review, photos=photos)
+
+    def _sealed_json(self, column: str, nik: str, value: object) -> bytes | str:
+        text = json.dumps(value)
+        return self._seal(column, nik, text.encode()) if self.sealer.enabled else text
 
     def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
                        ) -> Enrollment | None:
@@ -258,13 +315,16 @@ class Registry:
                 return None
             self._db.execute("DELETE FROM enrollments WHERE id = ?", (row[0],))
             self._db.execute("INSERT INTO changes (op, id) VALUES ('remove', ?)", (row[0],))
-            flagged_against = self._db.execute(
-                "SELECT id, candidates FROM enrollments WHERE candidates LIKE ?",
-                (f'%"{nik}"%',)).fetchall()
-            for other, candidates in flagged_against:
-                struck = [[ERASED if n == nik else n, s] for n, s in json.loads(candidates)]
+            # Only flagged enrolments have candidates (sealed ones cannot be searched).
+            flagged = self._db.execute(
+                "SELECT id, nik, candidates FROM enrollments WHERE flagged = 1").fetchall()
+            for other, other_nik, sealed in flagged:
+                candidates = json.loads(self._open("candidates", other_nik, sealed))
+                if not any(n == nik for n, _ in candidates):
+                    continue
+                struck = [[ERASED if n == nik else n, s] for n, s in candidates]
                 self._db.execute("UPDATE enrollments SET candidates = ? WHERE id = ?",
-                                 (json.dumps(struck), other))
+                                 (self._sealed_json("candidates", other_nik, struck), other))
         self._truncate_wal()
         return self._row(row)
 
@@ -307,11 +367,12 @@ class Registry:
         """Changes after ``seq`` in order, with the current embedding of added ids."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT c.seq, c.op, c.id, e.embedding FROM changes c "
+                "SELECT c.seq, c.op, c.id, e.nik, e.embedding FROM changes c "
                 "LEFT JOIN enrollments e ON e.id = c.id AND c.op = 'add' "
                 "WHERE c.seq > ? ORDER BY c.seq", (seq,)).fetchall()
-        return [Change(s, op, i, None if emb is None else np.frombuffer(emb, np.float32).copy())
-                for s, op, i, emb in rows]
+        return [Change(s, op, i, None if emb is None else
+                       np.frombuffer(self._open("embedding", nik, emb), np.float32).copy())
+                for s, op, i, nik, emb in rows]
 
     def iter_embeddings(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All (ids, embeddings) in id order, in batches (for rebuilding the index)."""
@@ -319,14 +380,44 @@ class Registry:
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT id, embedding FROM enrollments WHERE id > ? ORDER BY id LIMIT ?",
-                    (last, batch)).fetchall()
+                    "SELECT id, nik, embedding FROM enrollments WHERE id > ? ORDER BY id "
+                    "LIMIT ?", (last, batch)).fetchall()
             if not rows:
                 return
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            embs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+            embs = np.frombuffer(b"".join(self._open("embedding", r[1], r[2]) for r in rows),
+                                 dtype=np.float32)
             yield ids, embs.reshape(len(rows), self.dim)
             last = int(ids[-1])
+
+
+    def reseal(self, batch: int = 1000) -> int:
+        """Seal every value with the current data key (opening it with whichever
+        key sealed it), then empty the write-ahead log; how many rows changed."""
+        changed, last = 0, 0
+        while True:
+            with self._tx():
+                rows = self._db.execute(
+                    "SELECT id, nik, embedding, candidates, metadata FROM enrollments "
+                    "WHERE id > ? ORDER BY id LIMIT ?", (last, batch)).fetchall()
+                for rid, nik, emb, cands, meta in rows:
+                    if not any(self.sealer.needs_reseal(v.encode() if isinstance(v, str) else v)
+                               for v in (emb, cands, meta)):
+                        continue
+                    plain = {c: self._open(c, nik, v) for c, v in
+                             (("embedding", emb), ("candidates", cands), ("metadata", meta))}
+                    self._db.execute(
+                        "UPDATE enrollments SET embedding = ?, candidates = ?, metadata = ? "
+                        "WHERE id = ?",
+                        (self._seal("embedding", nik, plain["embedding"]),
+                         self._sealed_json("candidates", nik, json.loads(plain["candidates"])),
+                         self._sealed_json("metadata", nik, json.loads(plain["metadata"])), rid))
+                    changed += 1
+            if not rows:
+                break
+            last = rows[-1][0]
+        self._truncate_wal()
+        return changed
 
 
 class _Transaction:

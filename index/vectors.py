@@ -23,11 +23,13 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index.sealing import Sealer, SealError
 from server.durable import private_dir, write_bytes_atomically
 from server.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
+SNAPSHOT_CONTEXT = b"index-snapshot"
 SNAPSHOT = "index.faiss"
 SNAPSHOT_MANIFEST = "index.json"
 
@@ -179,13 +181,17 @@ class VectorIndex:
 
     # -- persistence ----------------------------------------------------------------------
 
-    def save(self, directory: Path, model_version: str, last_seq: int) -> dict[str, Any]:
-        """Write the snapshot atomically (temp file, fsync, rename, fsync dir), manifest last."""
+    def save(self, directory: Path, model_version: str, last_seq: int,
+             sealer: Sealer | None = None) -> dict[str, Any]:
+        """Write the snapshot atomically (temp file, fsync, rename, fsync dir), manifest
+        last; sealed with the data key when ``sealer`` has one."""
         private_dir(directory)
         with self.lock.read():
             data = faiss.serialize_index(self.index)  # uint8 array; no further copies
             count = int(self.index.ntotal)
-        blob = data.data
+        blob: bytes | memoryview = data.data
+        if sealer is not None and sealer.enabled:
+            blob = sealer.seal(bytes(blob), SNAPSHOT_CONTEXT)
         write_bytes_atomically(directory / SNAPSHOT, blob, 0o600)
         manifest = {"model_version": model_version, "dim": self.dim, "count": count,
                     "last_seq": last_seq, "kind": "ivf" if self.trained_ivf else "flat",
@@ -195,8 +201,8 @@ class VectorIndex:
         return manifest
 
     @classmethod
-    def load(cls, directory: Path, model_version: str, dim: int, spec: IndexSpec
-             ) -> tuple[VectorIndex, dict[str, Any]] | None:
+    def load(cls, directory: Path, model_version: str, dim: int, spec: IndexSpec,
+             sealer: Sealer | None = None) -> tuple[VectorIndex, dict[str, Any]] | None:
         """The snapshot in ``directory``, or None when absent, corrupt or of another model.
 
         A snapshot is only a cache of the registry: any doubt means rebuild.
@@ -216,6 +222,11 @@ class VectorIndex:
                         directory)
             return None
         if manifest.get("kind") == "ivf" and spec.kind != "ivf":
+            return None
+        try:
+            blob = (sealer or Sealer()).open(blob, SNAPSHOT_CONTEXT)
+        except SealError as exc:
+            log.warning("index snapshot in %s does not open (%s): rebuilding", directory, exc)
             return None
         index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
         if index.ntotal != manifest["count"] or index.d != dim:

@@ -7,7 +7,9 @@ For each user count in turn, a headless locust run of ``--step-seconds`` (its
 CSV and HTML report kept under ``--out``).  A step passes when its p99 over
 all requests is within the objective and no request failed.  Prints a table
 of the steps and the highest passing one: its users, requests/s, p50 and p99.
-Stops at the first failing step (more users only queue more).
+Stops at the first failing step (more users only queue more).  Other flags
+(``--plaintext``, ``--tls-ca``, ``--client-cert``, ``--client-key``, ``--api-key``) are
+passed to the locustfile.
 """
 
 from __future__ import annotations
@@ -51,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-seconds", type=int, default=60)
     p.add_argument("--out", type=Path, default=Path("reports"))
     p.add_argument("--images", help="dataset folder for the locustfile (default LFW dev)")
-    args = p.parse_args(argv)
+    # Anything else (--plaintext, --tls-ca, --client-cert, --api-key...) goes
+    # to the locustfile as it is.
+    args, passthrough = p.parse_known_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    extra = ["--images", args.images] if args.images else []
+    extra = (["--images", args.images] if args.images else []) + passthrough
     steps, best = [], None
     for users in args.users:
         step = run_step(args.host, args.scenario, users, args.step_seconds, args.out, extra)

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loadtest.faces import FaceSet, NikSource, default_images_dir  # noqa: E402
 from server.gen import faceverify_pb2 as pb  # noqa: E402
 from server.gen import faceverify_pb2_grpc as pb_grpc  # noqa: E402
+from server.tls import ClientTls, channel  # noqa: E402
 
 # grpcio must cooperate with gevent, on which locust runs its users.
 grpc_gevent.init_gevent()
@@ -64,6 +65,18 @@ def _options(parser: Any) -> None:
                         "(default: LFW dev)")
     parser.add_argument("--identities", type=int, default=400,
                         help="identities to load from --images")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="no TLS: for a server started with --insecure")
+    parser.add_argument("--tls-ca", type=str, default="",
+                        help="CA of the server's certificate (default: the system's roots)")
+    # (locust's own --tls-cert and --tls-key are its web UI's)
+    parser.add_argument("--client-cert", type=str, default="",
+                        help="client certificate for mutual TLS")
+    parser.add_argument("--client-key", type=str, default="", help="its key")
+    parser.add_argument("--tls-server-name", type=str, default="",
+                        help="name to expect in the server's certificate")
+    parser.add_argument("--api-key", type=str, default="",
+                        help="API key sent as 'authorization: Bearer'")
 
 
 @events.test_start.add_listener
@@ -93,9 +106,13 @@ class GrpcUser(User):
     wait_time = between(0.5, 2.0)
 
     def on_start(self) -> None:
-        self.channel = grpc.insecure_channel(self.host, options=[
-            ("grpc.max_send_message_length", 64 << 20)])
+        o = self.environment.parsed_options
+        tls = None if o.plaintext else ClientTls(
+            Path(o.tls_ca) if o.tls_ca else None, Path(o.client_cert) if o.client_cert else None,
+            Path(o.client_key) if o.client_key else None, o.tls_server_name or None)
+        self.channel = channel(self.host, tls, [("grpc.max_send_message_length", 64 << 20)])
         self.stub = pb_grpc.FaceVerificationStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {o.api_key}"),) if o.api_key else ()
         self.rng = random.Random()
 
     def on_stop(self) -> None:
@@ -111,7 +128,8 @@ class GrpcUser(User):
         start = time.perf_counter()
         response, exception, length = None, None, 0
         try:
-            response = getattr(self.stub, method)(request, timeout=CALL_TIMEOUT_S)
+            response = getattr(self.stub, method)(request, timeout=CALL_TIMEOUT_S,
+                                                  metadata=self.metadata)
             length = response.ByteSize()
         except grpc.RpcError as err:
             code = err.code()  # type: ignore[attr-defined]

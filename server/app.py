@@ -23,7 +23,9 @@ from grpc_reflection.v1alpha import reflection
 
 from index.gallery import Gallery
 from server import __version__
-from server.config import Settings, serving_summary
+from server.access import AccessControl
+from server.audit import AUDIT_FILE, KEY_FILE, AuditKey, AuditLog
+from server.config import Settings, check_secured, data_sealer, serving_summary
 from server.duplicates import DuplicateThreshold
 from server.enrolment import DuplicatePolicy, EnrolmentService
 from server.errors import ConfigurationError, StartupError
@@ -36,6 +38,7 @@ from server.pipeline.loader import load_models, warm_up
 from server.requests import ErrorInterceptor
 from server.service import VerificationService, operating_points
 from server.servicer import FaceVerificationServicer
+from server.tls import ReloadingCredentials, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class Services:
     gallery: Gallery
     engine: InferenceEngine
     metrics: Metrics
+    audit: AuditLog
 
 
 @dataclass
@@ -63,6 +67,7 @@ class RunningServer:
     port: int
     services: Services
     metrics_server: MetricsServer | None = None
+    health_server: grpc.aio.Server | None = None
 
     @property
     def service(self) -> VerificationService:
@@ -79,10 +84,13 @@ class RunningServer:
         """Refuse new calls, drain in-flight ones for up to ``grace`` seconds, persist."""
         await self.set_serving(False)
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.services.engine.close()
         for pool in self.executors:
             pool.shutdown(wait=True)
         self.services.gallery.close()
+        self.services.audit.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
 
@@ -107,8 +115,11 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
     point = points["photo"]
     dedup = DuplicateThreshold.from_calibration(calibration, settings.dedup_fpir)
     warm_up(models, settings.detect_max_batch, settings.embed_max_batch)
+    sealer = data_sealer(settings)
     gallery = Gallery(settings.data_dir, models.model_version, models.pipeline.dim,
-                      settings.index, settings.snapshot_every)
+                      settings.index, settings.snapshot_every, sealer)
+    if sealer.enabled:
+        log.info("data at rest sealed with AES-256-GCM, key %s", sealer.current_id)
     engine = InferenceEngine(models.pipeline, image_pool, model_pool, settings.engine_limits,
                              metrics)
     verification = VerificationService(models, points, engine, metrics)
@@ -134,14 +145,45 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
     metrics.track_index(lambda: len(gallery), lambda: 1.0 if gallery.in_sync() else 0.0,
                         gallery.registry.count_pending)
     metrics.track_duplicates(enrolment.duplicate_point, dedup.fpir)
-    return Services(verification, enrolment, gallery, engine, metrics)
+    audit_key = AuditKey.load(settings.audit_key_file or settings.data_dir / KEY_FILE,
+                              create=settings.audit_key_file is None)
+    audit = AuditLog(settings.data_dir / AUDIT_FILE, audit_key)
+    return Services(verification, enrolment, gallery, engine, metrics, audit)
+
+
+def transport_security(settings: Settings, metrics: Metrics
+                       ) -> tuple[grpc.ServerCredentials | None, AccessControl]:
+    """The port's credentials (None: plaintext) and the access control, with a
+    warning for each protection insecure mode leaves out.
+
+    Raises:
+        ConfigurationError: TLS or the policy missing without ``insecure``, or
+            their files do not load.
+    """
+    check_secured(settings)
+    credentials = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        credentials = ReloadingCredentials(
+            TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
+            on_reload=metrics.tls_reloads.inc).server_credentials()
+    else:
+        log.warning("PLAINTEXT: no TLS (--insecure); requests, images and API keys cross the "
+                    "network in clear. Use only on a trusted machine")
+    access = AccessControl(settings.access_policy)
+    if access.policy is None:
+        log.warning("NO ACCESS CONTROL (--insecure): every caller may make every call, "
+                    "erasures included")
+    elif credentials is None and any(c.api_key_sha256 for c in access.policy.clients):
+        log.warning("API keys over plaintext: anyone on the network path can read them")
+    return credentials, access
 
 
 async def start(settings: Settings) -> RunningServer:
     """Build everything, bind the port and report SERVING once the index agrees
     with the registry."""
-    pools = make_pools(settings)
     metrics = Metrics()
+    credentials, access = transport_security(settings, metrics)
+    pools = make_pools(settings)
     try:
         services = build_services(settings, pools, metrics)
     except BaseException:
@@ -149,10 +191,16 @@ async def start(settings: Settings) -> RunningServer:
             pool.shutdown(wait=False)
         raise
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(metrics)],
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        interceptors=[ErrorInterceptor(metrics, access, services.audit,
+                                       settings.max_concurrent_rpcs,
+                                       settings.max_message_bytes)],
+        # The interceptor refuses calls over the limit with a reason; gRPC's own
+        # limit (which answers without one) is only a backstop.
+        maximum_concurrent_rpcs=2 * settings.max_concurrent_rpcs + 16,
         options=[
-            ("grpc.max_receive_message_length", 2 * settings.limits.max_bytes + 65536),
+            # Larger messages are refused by the interceptor with a reason
+            # (REQUEST_TOO_LARGE); gRPC refuses beyond twice that by itself.
+            ("grpc.max_receive_message_length", 2 * settings.max_message_bytes),
             # Several processes may share the port only when asked to.
             ("grpc.so_reuseport", 1 if settings.processes > 1 else 0),
         ],
@@ -162,18 +210,33 @@ async def start(settings: Settings) -> RunningServer:
                                  serving_summary(settings)), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
     running = RunningServer(server, health_servicer, pools, 0, services)
     try:
-        running.port = server.add_insecure_port(settings.address)
+        running.port = (server.add_insecure_port(settings.address) if credentials is None
+                        else server.add_secure_port(settings.address, credentials))
         if settings.metrics_port is not None:
-            running.metrics_server = MetricsServer(metrics, settings.metrics_port)
+            running.metrics_server = MetricsServer(metrics, settings.metrics_port,
+                                                   settings.metrics_address)
     except (RuntimeError, OSError) as exc:
         await running.stop(0)
         raise ConfigurationError(f"cannot listen on {settings.address} (metrics port "
                                  f"{settings.metrics_port}): {exc}") from exc
+    if settings.health_port is not None:
+        # The health service alone, for probes without credentials.
+        probe = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe)
+        address = f"{settings.health_host}:{settings.health_port}"
+        try:
+            probe.add_insecure_port(address)
+        except RuntimeError as exc:
+            await running.stop(0)
+            raise ConfigurationError(f"cannot listen on {address} (health port): {exc}") from exc
+        await probe.start()
+        running.health_server = probe
     await running.set_serving(False)
     await server.start()
     # Serve only once the derived index holds exactly what the registry holds.
@@ -181,7 +244,10 @@ async def start(settings: Settings) -> RunningServer:
     if not in_sync:
         log.error("the index does not agree with the registry: health stays NOT_SERVING")
     await running.set_serving(in_sync)
-    log.info("serving %s on port %d with %s; gallery of %d%s", SERVICE_NAME, running.port,
+    log.info("serving %s on %s port %d (%s) with %s; gallery of %d%s", SERVICE_NAME,
+             settings.address.rsplit(":", 1)[0], running.port,
+             "plaintext" if credentials is None else
+             "mutual TLS" if settings.tls_client_ca else "TLS",
              services.verification.models.provider, len(services.gallery),
              "" if running.metrics_server is None
              else f"; metrics on port {running.metrics_server.port}")

@@ -27,6 +27,7 @@ from server.models.manifest import (
     REFERENCE_KINDS,
 )
 from server.models.wheels import BLAZEFACE_WHEEL
+from server.tls import ClientTls
 
 log = logging.getLogger("faceverify")
 
@@ -62,6 +63,18 @@ def _settings(args: argparse.Namespace) -> Settings:
         "data_dir": getattr(args, "data_dir", None),
         "duplicate_policy": getattr(args, "duplicate_policy", None),
         "log_level": getattr(args, "log_level", None),
+        "tls_cert": getattr(args, "tls_cert", None),
+        "tls_key": getattr(args, "tls_key", None),
+        "tls_client_ca": getattr(args, "tls_client_ca", None),
+        "access_policy": getattr(args, "access_policy", None),
+        "insecure": getattr(args, "insecure", None) or None,
+        "reflection": getattr(args, "reflection", None) or None,
+        "audit_key_file": getattr(args, "audit_key_file", None),
+        "metrics_host": getattr(args, "metrics_host", None),
+        "health_port": getattr(args, "health_port", None),
+        "data_key_file": getattr(args, "data_key_file", None),
+        "previous_data_key_files": tuple(getattr(args, "previous_data_key_file", None) or ())
+        or None,
     }
     return build_settings(os.environ, overrides)
 
@@ -191,11 +204,20 @@ def _client_error(exc: Exception) -> int:
     raise exc
 
 
+def client_tls(args: argparse.Namespace) -> ClientTls | None:
+    """TLS from ``--tls-ca/--tls-cert/--tls-key`` (or FACEVERIFY_TLS_CA...); None
+    (plaintext) with ``--plaintext``.  Shared by the CLI, benchmarks and load tests."""
+    if args.plaintext:
+        return None
+    return ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+
+
 def _client_call(args: argparse.Namespace, call: Callable[[Any], Any]) -> int:
     """Run one client call and print its response as JSON (all fields, defaults too)."""
     from server.client import CallError, FaceVerifyClient
 
-    with FaceVerifyClient(args.target, timeout=args.timeout) as client:
+    with FaceVerifyClient(args.target, timeout=args.timeout, tls=client_tls(args),
+                          api_key=args.api_key) as client:
         try:
             response = call(client)
         except CallError as exc:
@@ -247,7 +269,9 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    from server.tls import channel as open_channel
+
+    with open_channel(args.target, client_tls(args), []) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
@@ -259,6 +283,66 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def cmd_access_new_key(args: argparse.Namespace) -> int:
+    from server.access import ROLES, new_api_key
+
+    unknown = [r for r in args.role if r not in ROLES]
+    if unknown:
+        raise StartupError(f"unknown roles {unknown}; built in: {sorted(ROLES)}")
+    key, digest = new_api_key()
+    print(f"API key for {args.name} (shown once; give it to the client, keep no copy):\n"
+          f"  {key}", file=sys.stderr)
+    print("Add this entry to the access policy's \"clients\" list:", file=sys.stderr)
+    _print({"name": args.name, "api_key_sha256": digest, "roles": args.role})
+    return 0
+
+
+def _audit_files(args: argparse.Namespace) -> tuple[Path, Any]:
+    from server.audit import AUDIT_FILE, KEY_FILE, AuditKey
+
+    settings = _settings(args)
+    key_file = args.key_file or settings.audit_key_file or settings.data_dir / KEY_FILE
+    return settings.data_dir / AUDIT_FILE, AuditKey.load(key_file, create=False)
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from server.audit import verify_chain
+
+    path, key = _audit_files(args)
+    report = verify_chain(path, key)
+    _print({"file": str(path), "records": report.records, "intact": report.broken_at is None,
+            **({"broken_at_line": report.broken_at, "why": report.why}
+               if report.broken_at is not None else {})})
+    return 0 if report.broken_at is None else 1
+
+
+def cmd_audit_find(args: argparse.Namespace) -> int:
+    from server.audit import find_nik
+
+    path, key = _audit_files(args)
+    _print(find_nik(path, key, args.nik))
+    return 0
+
+
+def cmd_data_reseal(args: argparse.Namespace) -> int:
+    from index.gallery import REGISTRY_FILE, Gallery
+    from index.registry import Registry
+    from server.config import data_sealer
+
+    settings = _settings(args)
+    setup_logging(settings.log_level)
+    sealer = data_sealer(settings)
+    version, dim = Registry.read_meta(settings.data_dir / REGISTRY_FILE)
+    gallery = Gallery(settings.data_dir, version, dim, settings.index, sealer=sealer)
+    try:
+        changed = gallery.reseal()
+    finally:
+        gallery.close()
+    _print({"data_dir": str(settings.data_dir), "resealed": changed,
+            "key": sealer.current_id or "none (stored in clear)"})
+    return 0
+
+
 def _server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=Path, help="built model directory (FACEVERIFY_MODEL_DIR)")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"],
@@ -266,10 +350,34 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING... (FACEVERIFY_LOG_LEVEL)")
 
 
-def _client_flags(p: argparse.ArgumentParser) -> None:
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def client_flags(p: argparse.ArgumentParser, timeout: bool = True) -> None:
+    """Where the server is and how to reach it securely (also used by benchmarks)."""
     p.add_argument("--target", default=os.environ.get("FACEVERIFY_TARGET", DEFAULT_TARGET),
                    help=f"server HOST:PORT (FACEVERIFY_TARGET; default {DEFAULT_TARGET})")
-    p.add_argument("--timeout", type=float, default=30.0, help="call deadline in seconds")
+    if timeout:
+        p.add_argument("--timeout", type=float, default=30.0, help="call deadline in seconds")
+    p.add_argument("--plaintext", action="store_true",
+                   default=os.environ.get("FACEVERIFY_PLAINTEXT", "") in ("1", "true", "yes"),
+                   help="no TLS: for a server started with --insecure (FACEVERIFY_PLAINTEXT=1)")
+    p.add_argument("--tls-ca", type=Path, default=_env_path("FACEVERIFY_TLS_CA"),
+                   help="CA of the server's certificate (FACEVERIFY_TLS_CA; default: the "
+                   "system's roots)")
+    p.add_argument("--tls-cert", type=Path, default=_env_path("FACEVERIFY_CLIENT_CERT"),
+                   help="client certificate for mutual TLS (FACEVERIFY_CLIENT_CERT)")
+    p.add_argument("--tls-key", type=Path, default=_env_path("FACEVERIFY_CLIENT_KEY"),
+                   help="its key (FACEVERIFY_CLIENT_KEY)")
+    p.add_argument("--tls-server-name", default=os.environ.get("FACEVERIFY_TLS_SERVER_NAME"),
+                   help="name to expect in the server's certificate, when the target "
+                   "address is not it (FACEVERIFY_TLS_SERVER_NAME)")
+    p.add_argument("--api-key", default=os.environ.get("FACEVERIFY_API_KEY"),
+                   help="API key sent as 'authorization: Bearer' (FACEVERIFY_API_KEY)")
+
+
 
 
 def parser() -> argparse.ArgumentParser:
@@ -280,7 +388,37 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the gRPC server")
     _server_flags(s)
-    s.add_argument("--host", help="listen address (FACEVERIFY_HOST; default [::])")
+    s.add_argument("--host", help="listen address (FACEVERIFY_HOST; default [::], or "
+                   "localhost with --insecure)")
+    s.add_argument("--tls-cert", type=Path,
+                   help="certificate chain, PEM (FACEVERIFY_TLS_CERT); reloaded when it changes")
+    s.add_argument("--tls-key", type=Path, help="its private key, PEM (FACEVERIFY_TLS_KEY)")
+    s.add_argument("--tls-client-ca", type=Path,
+                   help="mutual TLS: only clients with a certificate this CA signed get in "
+                   "(FACEVERIFY_TLS_CLIENT_CA)")
+    s.add_argument("--access-policy", type=Path,
+                   help="JSON file of client identities, roles and rate limits "
+                   "(FACEVERIFY_ACCESS_POLICY); reloaded when it changes")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow plaintext and no access policy, listening on localhost unless "
+                   "--host says otherwise (FACEVERIFY_INSECURE; development only)")
+    s.add_argument("--reflection", action="store_true",
+                   help="serve gRPC reflection (FACEVERIFY_REFLECTION; default off)")
+    s.add_argument("--audit-key-file", type=Path,
+                   help="key of the audit log's MACs and NIK hashes (FACEVERIFY_AUDIT_KEY_FILE; "
+                   "default: made in the data directory)")
+    s.add_argument("--data-key-file", type=Path,
+                   help="32-byte key (raw or base64) sealing embeddings and metadata at rest "
+                   "with AES-256-GCM (FACEVERIFY_DATA_KEY_FILE, or the key itself in "
+                   "FACEVERIFY_DATA_KEY)")
+    s.add_argument("--previous-data-key-file", type=Path, action="append",
+                   help="an older key, for data sealed before a rotation (repeat)")
+    s.add_argument("--health-port", type=int,
+                   help="also serve the health service alone, plaintext, on this port of "
+                   "localhost, for probes without a client certificate (FACEVERIFY_HEALTH_PORT)")
+    s.add_argument("--metrics-host",
+                   help="metrics listen address (FACEVERIFY_METRICS_HOST; default 0.0.0.0, or "
+                   "localhost with --insecure)")
     s.add_argument("--port", type=int, help="gRPC port (FACEVERIFY_PORT; default 50051)")
     s.add_argument("--workers", type=int,
                    help="threads for per-image work: decoding, landmarks, alignment "
@@ -379,7 +517,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("reference")
     v.add_argument("--id-card", action="store_true",
                    help="the reference is an identity card's portrait (its own operating point)")
-    _client_flags(v)
+    client_flags(v)
     v.set_defaults(func=cmd_verify)
 
     e = sub.add_parser("enroll", help="enrol a NIK with a selfie, de-duplicated (prints JSON)")
@@ -388,23 +526,23 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="ID-card or registry photo the selfie must match")
     e.add_argument("--id-card", action="store_true",
                    help="the reference is an identity card's portrait (its own operating point)")
-    _client_flags(e)
+    client_flags(e)
     e.set_defaults(func=cmd_enroll)
 
     se = sub.add_parser("search", help="find enrolments with the image's face (prints JSON)")
     se.add_argument("image")
     se.add_argument("--top-k", type=int, default=5)
-    _client_flags(se)
+    client_flags(se)
     se.set_defaults(func=cmd_search)
 
     g = sub.add_parser("get", help="show a NIK's enrolment (prints JSON)")
     g.add_argument("nik")
-    _client_flags(g)
+    client_flags(g)
     g.set_defaults(func=cmd_get)
 
     d = sub.add_parser("delete", help="erase a NIK's enrolment (prints JSON)")
     d.add_argument("nik")
-    _client_flags(d)
+    client_flags(d)
     d.set_defaults(func=cmd_delete)
 
     r = sub.add_parser("reviews", help="the queue of enrolments flagged as suspected "
@@ -413,7 +551,7 @@ def parser() -> argparse.ArgumentParser:
     rl = rsub.add_parser("list", help="enrolments awaiting review, oldest first")
     rl.add_argument("--page-size", type=int, default=50)
     rl.add_argument("--page-token", default="", help="next_page_token of the previous page")
-    _client_flags(rl)
+    client_flags(rl)
     rl.set_defaults(func=cmd_reviews_list)
     for name, what in (("confirm", "the enrolment duplicates a candidate"),
                        ("clear", "the enrolment is not a duplicate")):
@@ -421,15 +559,50 @@ def parser() -> argparse.ArgumentParser:
         rr.add_argument("nik")
         rr.add_argument("--reviewer", required=True, help="who decided")
         rr.add_argument("--note", default="", help="why (kept with the enrolment)")
-        _client_flags(rr)
+        client_flags(rr)
         rr.set_defaults(func=cmd_reviews_resolve)
 
+    a = sub.add_parser("access", help="access-policy tooling")
+    asub = a.add_subparsers(dest="access_command", required=True)
+    nk = asub.add_parser("new-key", help="make an API key; prints its policy entry (the key "
+                         "itself goes to stderr, once)")
+    nk.add_argument("--name", required=True, help="the client's name in the policy and audit")
+    nk.add_argument("--role", action="append", required=True,
+                    help="a role to grant (repeat): verifier, registrar, reviewer, admin")
+    nk.set_defaults(func=cmd_access_new_key)
+
+    au = sub.add_parser("audit", help="check or search the audit log")
+    ausub = au.add_subparsers(dest="audit_command", required=True)
+    for name, func, what in (("verify", cmd_audit_verify, "check the chain of MACs; exit 1 "
+                              "at the first altered, missing or reordered record"),
+                             ("find", cmd_audit_find, "every record about one NIK")):
+        ap = ausub.add_parser(name, help=what)
+        if name == "find":
+            ap.add_argument("nik")
+        ap.add_argument("--data-dir", type=Path, help="the server's data directory "
+                        "(FACEVERIFY_DATA_DIR)")
+        ap.add_argument("--key-file", type=Path, help="the audit key (default: "
+                        "FACEVERIFY_AUDIT_KEY_FILE, else audit.key in the data directory)")
+        ap.set_defaults(func=func)
+
+    dt = sub.add_parser("data", help="the data directory at rest")
+    dsub = dt.add_subparsers(dest="data_command", required=True)
+    rs = dsub.add_parser("reseal", help="seal every enrolment and the index snapshot with the "
+                         "current data key (after turning encryption on, or to finish a key "
+                         "rotation)")
+    rs.add_argument("--data-dir", type=Path, help="FACEVERIFY_DATA_DIR")
+    rs.add_argument("--data-key-file", type=Path, help="the new key (FACEVERIFY_DATA_KEY_FILE)")
+    rs.add_argument("--previous-data-key-file", type=Path, action="append",
+                    help="a key data may still be sealed with (repeat; "
+                    "FACEVERIFY_PREVIOUS_DATA_KEY_FILES, comma-separated)")
+    rs.set_defaults(func=cmd_data_reseal)
+
     i = sub.add_parser("info", help="show the server's models, provider and operating point")
-    _client_flags(i)
+    client_flags(i)
     i.set_defaults(func=cmd_info)
 
     h = sub.add_parser("health", help="exit 0 if the server reports SERVING (for probes)")
-    _client_flags(h)
+    client_flags(h)
     h.add_argument("--service", default="", help="service name to check (default: overall)")
     h.set_defaults(func=cmd_health)
     return p

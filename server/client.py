@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
+from server.tls import ClientTls, channel
 
 
 @dataclass
@@ -56,19 +57,24 @@ class FaceVerifyClient:
         CallError: from every method when the server returns an error status.
     """
 
-    def __init__(self, target: str, timeout: float = 30.0) -> None:
+    def __init__(self, target: str, timeout: float = 30.0, tls: ClientTls | None = None,
+                 api_key: str | None = None) -> None:
+        """``tls`` None: plaintext (a server started with ``--insecure``).  ``api_key``
+        is sent as ``authorization: Bearer`` metadata on every call."""
         # A client is a connection of its own (gRPC otherwise shares one between
         # channels to the same target, so a new client could reach the same one
         # of several server processes on a port).
-        self.channel = grpc.insecure_channel(target, options=[
+        self.channel = channel(target, tls, [
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.use_local_subchannel_pool", 1)])
         self.stub = pb_grpc.FaceVerificationStub(self.channel)  # type: ignore[no-untyped-call]
         self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     def _call(self, method: str, request: Any) -> Any:
         try:
-            return getattr(self.stub, method)(request, timeout=self.timeout)
+            return getattr(self.stub, method)(request, timeout=self.timeout,
+                                              metadata=self.metadata)
         except grpc.RpcError as exc:
             raise call_error(exc) from None
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from index.sealing import Sealer, parse_key, read_key_file
 from index.vectors import IndexSpec
 from server.batching import BatchLimits
 from server.errors import ConfigurationError
@@ -81,11 +82,34 @@ class Settings:
         cudnn_conv_algo_search: cuDNN convolution algorithm search of the CUDA
             provider: ``HEURISTIC`` (no per-shape benchmarking), ``EXHAUSTIVE``
             or ``DEFAULT``.
+        tls_cert, tls_key: the server's certificate chain and key (PEM); reloaded
+            when the files change.
+        tls_client_ca: CA bundle (PEM) that client certificates must chain to
+            (mutual TLS); None: no client certificate is asked for.
+        access_policy: the JSON file of client identities and roles (see
+            server.access).
+        insecure: allow plaintext and no access policy (development on a trusted
+            machine); without it the server refuses to start lacking either.
+        reflection: serve gRPC reflection (off: the API is described by the .proto).
+        audit_key_file: the key of the audit log's MACs and NIK hashes (None: one
+            made in the data directory).
+        metrics_host: where the metrics endpoint listens.
+        health_port: also serve the health service alone, in plaintext, on this port
+            of ``health_host`` (default localhost): for probes that cannot present
+            a client certificate (Docker's HEALTHCHECK, a Kubernetes exec probe).
+        data_key_file: the data key (32 bytes, raw or base64) that seals embeddings,
+            candidate lists, metadata and index snapshots at rest.
+        data_key: the same key as base64 text (FACEVERIFY_DATA_KEY), when no file
+            is given.  Neither: no encryption.
+        previous_data_key_files: older keys, to open data sealed before a rotation.
         explicit: the settings given by flags or environment (the others may be
             tuned for the execution provider, see :func:`for_provider`).
+
+    ``host`` and ``metrics_host`` left empty mean every interface when the server
+    is secured, and loopback only in insecure mode.
     """
 
-    host: str = "[::]"
+    host: str = ""
     port: int = 50051
     model_dir: Path = field(default_factory=lambda: default_model_dir(os.environ))
     provider: str = "auto"
@@ -114,11 +138,33 @@ class Settings:
     log_level: str = "INFO"
     batch_buckets: bool = False
     cudnn_conv_algo_search: str = "HEURISTIC"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    access_policy: Path | None = None
+    insecure: bool = False
+    reflection: bool = False
+    audit_key_file: Path | None = None
+    metrics_host: str = ""
+    health_port: int | None = None
+    health_host: str = "localhost"
+    data_key_file: Path | None = None
+    data_key: str = field(default="", repr=False)
+    previous_data_key_files: tuple[Path, ...] = ()
     explicit: frozenset[str] = frozenset()
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{self.host or ('localhost' if self.insecure else '[::]')}:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        return self.metrics_host or ("localhost" if self.insecure else "0.0.0.0")
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest request accepted: two images at the byte limit and the rest."""
+        return 2 * self.limits.max_bytes + 65536
 
     @property
     def engine_limits(self) -> EngineLimits:
@@ -164,11 +210,26 @@ ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "FACEVERIFY_MAX_IMAGE_BYTES": ("limits.max_bytes", int),
     "FACEVERIFY_MAX_IMAGE_PIXELS": ("limits.max_pixels", int),
     "FACEVERIFY_DECODE_SIDE": ("limits.decode_side", int),
+    "FACEVERIFY_DECODE_BUDGET_MB": ("limits.decode_budget_bytes", lambda v: int(v) << 20),
     "FACEVERIFY_MIN_FACE_PX": ("policy.min_face_px", float),
     "FACEVERIFY_AMBIGUITY_RATIO": ("policy.ambiguity_ratio", float),
     "FACEVERIFY_LOG_LEVEL": ("log_level", str),
     "FACEVERIFY_BATCH_BUCKETS": ("batch_buckets", _boolean),
     "FACEVERIFY_CUDNN_CONV_ALGO_SEARCH": ("cudnn_conv_algo_search", str),
+    "FACEVERIFY_TLS_CERT": ("tls_cert", Path),
+    "FACEVERIFY_TLS_KEY": ("tls_key", Path),
+    "FACEVERIFY_TLS_CLIENT_CA": ("tls_client_ca", Path),
+    "FACEVERIFY_ACCESS_POLICY": ("access_policy", Path),
+    "FACEVERIFY_INSECURE": ("insecure", _boolean),
+    "FACEVERIFY_REFLECTION": ("reflection", _boolean),
+    "FACEVERIFY_AUDIT_KEY_FILE": ("audit_key_file", Path),
+    "FACEVERIFY_METRICS_HOST": ("metrics_host", str),
+    "FACEVERIFY_HEALTH_PORT": ("health_port", int),
+    "FACEVERIFY_HEALTH_HOST": ("health_host", str),
+    "FACEVERIFY_DATA_KEY_FILE": ("data_key_file", Path),
+    "FACEVERIFY_DATA_KEY": ("data_key", str),
+    "FACEVERIFY_PREVIOUS_DATA_KEY_FILES": (
+        "previous_data_key_files", lambda v: tuple(Path(p) for p in v.split(",") if p)),
 }
 
 # Serving settings that suit a GPU provider, used where the operator set none:
@@ -261,6 +322,8 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError(f"decision_fmr {s.decision_fmr} must be between 0 and 1")
     if s.limits.max_bytes <= 0 or s.limits.max_pixels <= 0:
         raise ConfigurationError("image limits must be positive")
+    if s.limits.decode_budget_bytes <= 0:
+        raise ConfigurationError("the decode budget must be positive")
     if s.limits.decode_side < 0:
         raise ConfigurationError("decode_side must be >= 0 (0: decode at full size)")
     if not 0 < s.policy.ambiguity_ratio <= 1:
@@ -275,5 +338,44 @@ def _validate(s: Settings) -> None:
     if s.cudnn_conv_algo_search not in ("HEURISTIC", "EXHAUSTIVE", "DEFAULT"):
         raise ConfigurationError(f"cudnn_conv_algo_search {s.cudnn_conv_algo_search!r}: "
                                  "choose HEURISTIC, EXHAUSTIVE or DEFAULT")
+    if (s.tls_cert is None) != (s.tls_key is None):
+        raise ConfigurationError("tls_cert and tls_key go together (FACEVERIFY_TLS_CERT, "
+                                 "FACEVERIFY_TLS_KEY)")
+    if s.tls_client_ca is not None and s.tls_cert is None:
+        raise ConfigurationError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
     if s.provider not in ("auto", "cpu", "cuda", "tensorrt"):
         raise ConfigurationError(f"provider {s.provider!r}: choose auto, cpu, cuda or tensorrt")
+
+
+def check_secured(s: Settings) -> None:
+    """Refuse to serve without TLS or without an access policy unless ``insecure``.
+
+    Raises:
+        ConfigurationError: naming what is missing and how to give it.
+    """
+    if not s.insecure and s.tls_cert is None:
+        raise ConfigurationError(
+            "no TLS certificate: give --tls-cert and --tls-key (FACEVERIFY_TLS_CERT, "
+            "FACEVERIFY_TLS_KEY), or --insecure for plaintext on a trusted machine")
+    if not s.insecure and s.access_policy is None:
+        raise ConfigurationError(
+            "no access policy: give --access-policy (FACEVERIFY_ACCESS_POLICY), or "
+            "--insecure to let every caller make every call")
+
+
+def data_sealer(s: Settings) -> Sealer:
+    """The sealer of the data at rest: the key from ``data_key_file``, else
+    ``data_key``, then the previous keys; none configured: no encryption.
+
+    Raises:
+        ConfigurationError: a key file is unreadable or not a 32-byte key.
+    """
+    keys = []
+    if s.data_key_file is not None:
+        keys.append(read_key_file(s.data_key_file))
+    elif s.data_key:
+        keys.append(parse_key(s.data_key.encode(), "FACEVERIFY_DATA_KEY"))
+    if s.previous_data_key_files and not keys:
+        raise ConfigurationError("previous data keys need a current one (data_key_file)")
+    keys += [read_key_file(p) for p in s.previous_data_key_files]
+    return Sealer(keys)

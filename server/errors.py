@@ -46,6 +46,8 @@ class RequestError(FaceVerifyError):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
+    # Seconds after which a retry may succeed (sent as google.rpc.RetryInfo).
+    retry_after: float | None = None
 
     def __init__(self, message: str, **metadata: str) -> None:
         super().__init__(message)
@@ -135,6 +137,39 @@ class Overloaded(RequestError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "OVERLOADED"
+
+
+class RequestTooLarge(RequestError):
+    """The request message is larger than the server accepts."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "REQUEST_TOO_LARGE"
+
+
+class Unauthenticated(RequestError):
+    """The caller presented no identity, or one the access policy does not know."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(RequestError):
+    """The caller's roles do not include the RPC."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class RateLimited(RequestError):
+    """The caller is over its rate limit: retry after ``retry_after`` seconds."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RATE_LIMITED"
+
+    def __init__(self, message: str, retry_after: float = 1.0, **metadata: str) -> None:
+        super().__init__(message, retry_after_ms=str(max(1, round(retry_after * 1000))),
+                         **metadata)
+        self.retry_after = retry_after
 
 
 class QueueTimeout(RequestError):

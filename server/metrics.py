@@ -97,6 +97,12 @@ class Metrics:
         self.reviews_resolved = Counter("faceverify_reviews_resolved",
                                         "Review decisions recorded: confirmed (a duplicate), "
                                         "cleared (not one)", ("decision",), registry=r)
+        self.refused = Counter("faceverify_access_refused",
+                               "Calls refused by access control, by method and reason "
+                               "(UNAUTHENTICATED, PERMISSION_DENIED, RATE_LIMITED)",
+                               ("method", "reason"), registry=r)
+        self.tls_reloads = Counter("faceverify_tls_reloads",
+                                   "Times the TLS certificate files were reloaded", registry=r)
         self.serving = Gauge("faceverify_serving", "1 while health reports SERVING",
                              registry=r)
         self.build = Info("faceverify_build", "Server version, models and execution provider",

@@ -18,8 +18,20 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from server.access import OPEN_SERVICES, AccessControl
+from server.audit import AUDITED, AuditLog, Event
 from server.batching import deadline_var
-from server.errors import DOMAIN, InternalError, InvalidRequest, RequestError
+from server.errors import (
+    DOMAIN,
+    InternalError,
+    InvalidRequest,
+    Overloaded,
+    PermissionDenied,
+    RateLimited,
+    RequestError,
+    RequestTooLarge,
+    Unauthenticated,
+)
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -43,8 +55,14 @@ def status_for(error: RequestError, request_id: str) -> grpc.Status:
                                        metadata={**error.metadata, "request_id": request_id})
     detail = any_pb2.Any()
     detail.Pack(info)
+    details = [detail]
+    if error.retry_after is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(max(1, round(error.retry_after * 1000)))
+        details.append(any_pb2.Any())
+        details[-1].Pack(retry)
     status = status_pb2.Status(code=getattr(code_pb2, error.code.name),
-                               message=f"{error.reason}: {error.message}", details=[detail])
+                               message=f"{error.reason}: {error.message}", details=details)
     return rpc_status.to_status(status)
 
 
@@ -67,30 +85,65 @@ class Malformed:
     rather than gRPC's UNKNOWN with a traceback)."""
 
     why: str
+    size: int
 
 
-def lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
-    """``deserialize``, returning :class:`Malformed` instead of raising."""
+def lenient(deserialize: Callable[[bytes], Any] | None, max_bytes: int = 0
+            ) -> Callable[[bytes], Any]:
+    """``deserialize``, returning :class:`Malformed` instead of raising, and for a
+    message over ``max_bytes`` (0: no limit) without parsing it."""
     def parse(data: bytes) -> Any:
+        if max_bytes and len(data) > max_bytes:
+            return Malformed("too large", len(data))
         try:
             return deserialize(data) if deserialize is not None else data
         except Exception as exc:  # protobuf's DecodeError, invalid UTF-8 in a string
-            return Malformed(type(exc).__name__)
+            return Malformed(type(exc).__name__, len(data))
     return parse
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Assigns request ids, maps exceptions to statuses and counts unary RPCs.
+def _auth_context(context: grpc.aio.ServicerContext) -> dict[str, Any]:
+    try:
+        return dict(context.auth_context() or {})
+    except Exception:  # an insecure connection has no auth context in some gRPC versions
+        return {}
 
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The one place every unary call passes: identity, access, request ids,
+    errors to statuses, metrics, audit.
+
+    In order: the caller is identified and its role and rate checked
+    (:class:`~server.access.AccessControl`; the health service is open to all);
+    calls beyond ``max_in_flight`` are refused with OVERLOADED; a malformed or
+    oversized message is refused with INVALID_ARGUMENT / REQUEST_TOO_LARGE.
     ``RequestError`` -> its code and reason.  Anything else -> ``INTERNAL``
     with a generic message; the stack trace is logged under the request id.
-    Every call of this service is counted by method and status code and timed;
-    its deadline, if any, is published in :data:`server.batching.deadline_var`
-    so that work queued for it is dropped once nobody waits for the answer.
+    Every call is counted by method and status code and timed; its deadline,
+    if any, is published in :data:`server.batching.deadline_var` so that work
+    queued for it is dropped once nobody waits for the answer.  Calls refused
+    by access control, and every outcome of the calls in
+    :data:`server.audit.AUDITED`, go to the audit log.
     """
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, access: AccessControl | None = None,
+                 audit: AuditLog | None = None, max_in_flight: int = 0,
+                 max_message_bytes: int = 0) -> None:
         self.metrics = metrics
+        self.access = access or AccessControl(None)
+        self.audit = audit
+        self.max_in_flight = max_in_flight
+        self.max_message_bytes = max_message_bytes
+        self._in_flight = 0
+
+    async def _audit(self, name: str, identity: str, context: grpc.aio.ServicerContext,
+                     rid: str, code: grpc.StatusCode, reason: str, request: Any = None,
+                     outcome: str = "") -> None:
+        if self.audit is None:
+            return
+        nik = getattr(request, "nik", "") if not isinstance(request, Malformed) else ""
+        await self.audit.record(Event(name, identity, context.peer() or "", rid, code.name,
+                                      reason, outcome, nik if isinstance(nik, str) else ""))
 
     async def intercept_service(
         self,
@@ -104,6 +157,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         inner: Handler = handler.unary_unary
         method = handler_call_details.method
         name = method.rsplit("/", 1)[-1]
+        open_method = method.startswith(OPEN_SERVICES)
         latency = self.metrics.latency.labels(name)
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -113,32 +167,58 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                                         else time.monotonic() + remaining)
             start = time.perf_counter()
             self.metrics.in_flight.inc()
+            self._in_flight += 1
+            identity = "-"
 
             def answered(code: grpc.StatusCode) -> None:
                 # Counted before the status is sent, so a caller that then
                 # scrapes the metrics sees its own call.
                 self.metrics.in_flight.dec()
+                self._in_flight -= 1
                 self.metrics.requests.labels(name, code.name).inc()
                 latency.observe(time.perf_counter() - start)
 
+            async def refuse(exc: RequestError, rid: str) -> None:
+                status = status_for(exc, rid)
+                answered(exc.code)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+
             try:
+                if not open_method:
+                    try:
+                        client = self.access.identify(_auth_context(context),
+                                                      context.invocation_metadata() or ())
+                        identity = client.name
+                        self.access.authorize(client, name)
+                    except (Unauthenticated, PermissionDenied, RateLimited) as exc:
+                        self.metrics.refused.labels(name, exc.reason).inc()
+                        log.warning("refused %s from %s (%s): %s", name, identity,
+                                    context.peer(), exc.reason)
+                        await self._audit(name, identity, context, "-", exc.code, exc.reason,
+                                          request)
+                        await refuse(exc, "-")
                 try:
+                    if self.max_in_flight and self._in_flight > self.max_in_flight:
+                        raise Overloaded(f"more than {self.max_in_flight} calls in flight; "
+                                         "retry with backoff", limit="max_concurrent_rpcs")
                     if isinstance(request, Malformed):
                         log.warning("malformed %s request (%s)", name, request.why)
+                        if request.size > self.max_message_bytes > 0:
+                            raise RequestTooLarge(
+                                f"the {name} message is {request.size} bytes, over the limit "
+                                f"of {self.max_message_bytes}", field="message")
                         raise InvalidRequest(f"the request is not a valid {name} message "
                                              f"({request.why}); check the client's .proto",
                                              field="message")
                     rid = _request_id(request, context)
-                except InvalidRequest as exc:
-                    status = status_for(exc, "-")
-                    answered(exc.code)
-                    await context.abort(status.code, status.details, status.trailing_metadata)
+                except (InvalidRequest, Overloaded, RequestTooLarge) as exc:
+                    await refuse(exc, "-")
                 request_id_var.set(rid)
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
                 try:
                     response = await inner(request, context)
                 except RequestError as exc:
-                    status, code = status_for(exc, rid), exc.code
+                    status, code, reason = status_for(exc, rid), exc.code, exc.reason
                 except asyncio.CancelledError:
                     answered(grpc.StatusCode.CANCELLED)
                     raise
@@ -146,10 +226,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     log.exception("unhandled error in %s", method)
                     status = status_for(InternalError("internal error; quote the request id "
                                                       "to the operator"), rid)
-                    code = grpc.StatusCode.INTERNAL
+                    code, reason = grpc.StatusCode.INTERNAL, "INTERNAL"
                 else:
+                    if name in AUDITED:
+                        await self._audit(name, identity, context, rid, grpc.StatusCode.OK,
+                                          "", request, getattr(response, "outcome", ""))
                     answered(grpc.StatusCode.OK)
                     return response
+                if name in AUDITED:
+                    await self._audit(name, identity, context, rid, code, reason, request)
                 answered(code)
                 await context.abort(status.code, status.details,
                                     (*status.trailing_metadata, (REQUEST_ID_HEADER, rid)))
@@ -159,6 +244,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return grpc.unary_unary_rpc_method_handler(
             wrapper,
-            request_deserializer=lenient(handler.request_deserializer),
+            request_deserializer=lenient(handler.request_deserializer, self.max_message_bytes),
             response_serializer=handler.response_serializer,
         )

@@ -161,7 +161,7 @@ def server_settings(model_dir: Path, data_dir: Path | None = None, **changes: ob
                     ) -> Settings:
     # Duplicates at FPIR 1e-2 (pairwise FMR 1e-2 for a gallery of one): the test pairs
     # are different photos of one person, which a strict threshold can miss.
-    base = Settings(host="127.0.0.1", port=0, model_dir=model_dir, provider="cpu",
+    base = Settings(host="127.0.0.1", port=0, insecure=True, model_dir=model_dir, provider="cpu",
                     intra_op_threads=0, workers=2, grace_seconds=1.0, dedup_fpir=1e-2,
                     data_dir=data_dir or model_dir.parent / f"{model_dir.name}-data")
     return replace(base, **changes)  # type: ignore[arg-type]

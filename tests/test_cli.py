@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from tests.test_server import MATCHED, MISMATCHED
 
 def _faceverify(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env={**os.environ, "FACEVERIFY_PLAINTEXT": "1"})
 
 
 def _grpcurl() -> str:
@@ -51,19 +52,23 @@ def test_cli_verify_reports_errors_as_json(server: ServerThread, tmp_path: Path,
 
 
 def test_grpcurl_lists_and_calls_the_service(server: ServerThread, lfw_dir: Path) -> None:
+    """Without reflection (off by default), from the .proto, as a third party would."""
     exe = _grpcurl()
-    listed = subprocess.run([exe, "-plaintext", server.target, "list"], capture_output=True,
-                            text=True, timeout=60)
+    proto = ["-import-path", str(Path(__file__).parent.parent / "proto"),
+             "-proto", "faceverify/v1/faceverify.proto"]
+    listed = subprocess.run([exe, "-plaintext", *proto, server.target, "list"],
+                            capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
-    services = listed.stdout.split()
-    assert "faceverify.v1.FaceVerification" in services
-    assert "grpc.health.v1.Health" in services
+    assert "faceverify.v1.FaceVerification" in listed.stdout.split()
+    refused = subprocess.run([exe, "-plaintext", server.target, "list"], capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode != 0 and "reflection" in refused.stderr.lower()
 
     body = json.dumps({
         "selfie": base64.b64encode(lfw_image(lfw_dir, *MATCHED[0])).decode(),
         "reference": base64.b64encode(lfw_image(lfw_dir, *MATCHED[1])).decode(),
     })
-    called = subprocess.run([exe, "-plaintext", "-d", "@", server.target,
+    called = subprocess.run([exe, "-plaintext", *proto, "-d", "@", server.target,
                              "faceverify.v1.FaceVerification/Verify"], input=body,
                             capture_output=True, text=True, timeout=60)
     assert called.returncode == 0, called.stderr

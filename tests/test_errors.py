@@ -45,7 +45,12 @@ def test_status_carries_reason_message_and_error_info(cls: type[errors.RequestEr
     info = error_details_pb2.ErrorInfo()
     decoded.details[0].Unpack(info)
     assert info.reason == cls.reason and info.domain == "faceverify.v1"
-    assert dict(info.metadata) == {"image": "selfie", "request_id": "rid-1"}
+    extra = {"retry_after_ms": "1000"} if cls is errors.RateLimited else {}
+    assert dict(info.metadata) == {"image": "selfie", "request_id": "rid-1", **extra}
+    if cls.retry_after is not None or cls is errors.RateLimited:
+        retry = error_details_pb2.RetryInfo()
+        assert decoded.details[1].Unpack(retry)
+        assert retry.retry_delay.ToTimedelta().total_seconds() == 1.0
 
 
 def test_startup_errors_are_not_request_errors() -> None:

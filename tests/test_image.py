@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from server.errors import ImageTooLarge, InvalidImage
-from server.pipeline.image import ImageLimits, decode_image
+from server.pipeline.image import ImageLimits, PixelBudget, decode_image
 from tests.imaging import encode
 
 LIMITS = ImageLimits()
@@ -51,7 +52,7 @@ def test_exif_orientation_is_applied() -> None:
     assert out.shape == (64, 48, 3)
 
 
-def test_a_large_jpeg_is_decoded_reduced_and_says_so() -> None:
+def test_a_large_image_is_decoded_reduced_and_says_so() -> None:
     img = _gradient(1280, 960)
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated: 960 x 1280
@@ -60,8 +61,45 @@ def test_a_large_jpeg_is_decoded_reduced_and_says_so() -> None:
     assert out.size == (960, 1280)
     full = decode_image(encode(img, "JPEG"), ImageLimits(decode_side=0), "selfie")
     assert full.pixels.shape == (960, 1280, 3) and full.scale == 1.0
-    png = decode_image(encode(img, "PNG"), LIMITS, "selfie")  # only JPEG scales in decoding
-    assert png.pixels.shape == (960, 1280, 3)
+    png = decode_image(encode(img, "PNG"), LIMITS, "selfie")  # reduced once read
+    assert png.pixels.shape == (480, 640, 3) and png.scale == 2.0 and png.size == (1280, 960)
+    # The reduction is a box filter: the same picture, smaller.
+    assert abs(float(png.pixels.mean()) - float(np.asarray(img).mean())) < 1.0
+
+
+def test_png_text_chunks_are_skipped_unread() -> None:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * 3_000_000, zip=True)  # 3 MB once inflated
+    data = encode(_gradient(64, 48), "PNG", pnginfo=info)
+    assert decode_image(data, LIMITS, "selfie").pixels.shape == (48, 64, 3)
+
+
+def test_16_bit_greyscale_keeps_its_tones() -> None:
+    grey16 = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)
+    data = encode(Image.fromarray(grey16), "PNG")
+    out = decode_image(data, LIMITS, "selfie").pixels
+    assert abs(float(out.mean()) - grey16.mean() / 257) < 1.5  # not saturated at 255
+
+
+def test_the_pixel_budget_bounds_decoding_in_flight() -> None:
+    budget = PixelBudget(100)
+    with budget.hold(60):
+        assert budget.used == 60
+        waited = threading.Event()
+
+        def second() -> None:
+            with budget.hold(60):
+                waited.set()
+
+        t = threading.Thread(target=second)
+        t.start()
+        assert not waited.wait(0.2)  # 60 + 60 > 100: waits
+    t.join(5)
+    assert waited.is_set() and budget.used == 0
+    with budget.hold(10_000):  # larger than the budget: runs alone, never stuck
+        assert budget.used == 100
 
 
 def test_empty_bytes() -> None:

@@ -30,7 +30,8 @@ PEOPLE = ["Abel_Pacheco", "Akhmed_Zakayev", "Amber_Tamblyn", "Anders_Fogh_Rasmus
 def serve(model_dir: Path, data_dir: Path, port: int, metrics_port: int
           ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "server.cli", "serve", "--insecure", "--host", "127.0.0.1",
+         "--port", str(port),
          "--metrics-port", str(metrics_port), "--provider", "cpu", "--model-dir", str(model_dir),
          "--data-dir", str(data_dir), "--log-level", "WARNING"])
 

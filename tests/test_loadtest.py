@@ -30,7 +30,7 @@ def test_locust_smoke_run_of_every_scenario(target: str, lfw_dir: Path, tmp_path
     prefix = tmp_path / "smoke"
     out = subprocess.run(
         [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
-         "--headless", "-u", "3", "-r", "3", "-t", "15s", "--host", target,
+         "--headless", "-u", "3", "-r", "3", "-t", "15s", "--host", target, "--plaintext",
          "--images", str(lfw_dir / "images"), "--identities", "60",
          "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary",
          "RegistrationWave", "EnrolmentStorm", "Mixed"],

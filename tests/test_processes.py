@@ -35,7 +35,8 @@ def test_processes_share_the_port_and_the_gallery(calibrated_dlib_model_dir: Pat
                                                   tmp_path: Path, lfw_dir: Path) -> None:
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "server.cli", "serve", "--insecure", "--host", "127.0.0.1",
+         "--port", str(port),
          "--processes", "2", "--metrics-port", str(metrics_port), "--provider", "cpu",
          "--model-dir", str(calibrated_dlib_model_dir), "--data-dir", str(tmp_path),
          "--log-level", "WARNING"],

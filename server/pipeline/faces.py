@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from server.errors import ConfigurationError, FaceTooSmall, MultipleFaces, NoFaceDetected
-from server.pipeline.image import Decoded, ImageLimits, decode_image
+from server.pipeline.image import Decoded, ImageLimits, PixelBudget, decode_image
 from server.pipeline.quality import Quality, measure
 from server.pipeline.types import (
     CpuStep,
@@ -143,6 +143,7 @@ class FacePipeline:
         self.recognizer = recognizer
         self.limits = limits
         self.policy = policy
+        self.budget = PixelBudget(limits.decode_budget_bytes)
 
     @property
     def dim(self) -> int:
@@ -150,7 +151,7 @@ class FacePipeline:
 
     def decode(self, data: bytes, field_name: str) -> Decoded:
         """The image as (H, W, 3) uint8 RGB, maybe reduced (see :func:`decode_image`)."""
-        return decode_image(data, self.limits, field_name)
+        return decode_image(data, self.limits, field_name, self.budget)
 
     def subject_chip(self, decoded: Decoded, faces: list[DetectedFace], field_name: str,
                      refuse_ambiguous: bool, turns: int = 0

@@ -1,0 +1,130 @@
+"""Encryption at rest: with a data key, no embedding, candidate list or metadata
+value is in any file in clear; the wrong key or none is refused at start; keys
+rotate without losing anything."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.gallery import Gallery
+from index.sealing import Sealer, SealError
+from index.vectors import IndexSpec
+from server.errors import ConfigurationError
+from tests.test_erasure import files_holding
+
+DIM = 8
+NIKS = ("3174011505900001", "3273015505900002")
+
+
+def _key(path: Path) -> bytes:
+    key = os.urandom(32)
+    path.write_text(base64.b64encode(key).decode())
+    return key
+
+
+def _vec(i: int) -> np.ndarray:
+    v = np.zeros(DIM, np.float32)
+    v[i] = 1.0
+    v[-1] = 0.5
+    return v / np.linalg.norm(v)
+
+
+def _gallery(data_dir: Path, *keys: bytes) -> Gallery:
+    return Gallery(data_dir, "model-x", DIM, IndexSpec(), snapshot_every=1,
+                   sealer=Sealer(list(keys)))
+
+
+def test_sealed_values_open_only_with_their_key_and_place() -> None:
+    a, b = Sealer([os.urandom(32)]), Sealer([os.urandom(32)])
+    blob = a.seal(b"embedding bytes", b"embedding:1")
+    assert b"embedding bytes" not in blob and a.open(blob, b"embedding:1") == b"embedding bytes"
+    with pytest.raises(SealError, match="not configured"):
+        b.open(blob, b"embedding:1")
+    with pytest.raises(SealError, match="moved"):
+        a.open(blob, b"embedding:2")  # copied into another row
+    assert Sealer().open(b"plain", b"x") == b"plain"
+
+
+def test_nothing_biometric_is_stored_in_clear(tmp_path: Path) -> None:
+    key = _key(tmp_path / "key")
+    data = tmp_path / "data"
+    g = _gallery(data, key)
+    emb = _vec(0)
+    g.add(NIKS[0], emb, metadata={"channel": "prakerja-web"})
+    g.add(NIKS[1], _vec(0), flagged=True, candidates=[(NIKS[0], 0.93)])
+    g.snapshot()
+    g.close()
+    assert files_holding(data, emb.tobytes(), b"prakerja-web", b"0.93") == []
+    reopened = _gallery(data, key)
+    assert reopened.get(NIKS[1]).candidates == [(NIKS[0], 0.93)]  # type: ignore[union-attr]
+    assert reopened.get(NIKS[0]).metadata == {"channel": "prakerja-web"}  # type: ignore[union-attr]
+    assert reopened.search(emb, 1)[0].nik in NIKS
+    # Erasure still strikes the NIK from sealed candidate lists.
+    reopened.remove(NIKS[0])
+    assert reopened.get(NIKS[1]).candidates == [("erased", 0.93)]  # type: ignore[union-attr]
+    reopened.close()
+
+
+def test_no_key_or_the_wrong_key_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    g = _gallery(data, os.urandom(32))
+    g.add(NIKS[0], _vec(1))
+    g.close()
+    with pytest.raises(ConfigurationError, match="is encrypted"):
+        _gallery(data)
+    with pytest.raises(ConfigurationError, match="does not open"):
+        _gallery(data, os.urandom(32))
+
+
+def test_rotation_keeps_everything_and_reseal_retires_the_old_key(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    old_file, new_file = tmp_path / "old", tmp_path / "new"
+    old, new = _key(old_file), _key(new_file)
+    plain = _gallery(data)  # written before encryption was turned on
+    plain.add(NIKS[0], _vec(2), metadata={"k": "v"})
+    plain.close()
+    g = _gallery(data, old)
+    g.add(NIKS[1], _vec(3))
+    g.close()
+    # Rotate: the new key seals, the old one still opens.
+    g = _gallery(data, new, old)
+    assert {NIKS[0], NIKS[1]} == {m.nik for m in g.search(_vec(2), 2)}
+    g.close()
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "data", "reseal", "--data-dir", str(data),
+         "--data-key-file", str(new_file), "--previous-data-key-file", str(old_file)],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["resealed"] == 2
+    g = _gallery(data, new)  # the old key is no longer needed
+    assert g.get(NIKS[0]).metadata == {"k": "v"}  # type: ignore[union-attr]
+    assert len(g) == 2
+    g.close()
+    assert files_holding(data, _vec(2).tobytes(), b'"k"') == []
+
+
+def test_a_server_with_a_data_key_stores_enrolments_sealed(dlib_model_dir: Path,
+                                                           tmp_path: Path,
+                                                           lfw_dir: Path) -> None:
+    from server.client import FaceVerifyClient
+    from tests.conftest import ServerThread, lfw_image, server_settings
+
+    key_file = tmp_path / "data.key"
+    _key(key_file)
+    data = tmp_path / "data"
+    settings = server_settings(dlib_model_dir, data, data_key_file=key_file, snapshot_every=1)
+    with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
+        client.enroll(NIKS[0], lfw_image(lfw_dir, "Abel_Pacheco", 1),
+                      metadata={"channel": "prakerja-web"})
+        gallery = s.running.services.gallery  # type: ignore[union-attr]
+        embedding = gallery.get(NIKS[0]).embedding.astype(np.float32).tobytes()
+        assert files_holding(data, embedding, b"prakerja-web") == []
+        assert gallery.sealer.enabled

@@ -1,0 +1,318 @@
+"""Transport security and access control against a real server: TLS and mutual
+TLS with certificates made here, API keys, roles, rate limits, certificate
+reload, the audit trail, and the refusals of an unsecured start."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from benchmarks.certs import Authority
+from benchmarks.serverproc import free_port
+from server.access import new_api_key
+from server.client import CallError, FaceVerifyClient
+from server.config import check_secured
+from server.errors import ConfigurationError
+from server.gen import faceverify_pb2 as pb
+from server.tls import ClientTls
+from tests.conftest import ServerThread, lfw_image, server_settings
+
+NIK = "3174011505900001"
+# Every RPC of the service with a request that is valid as a message.
+CALLS = {
+    "Verify": pb.VerifyRequest(), "Enroll": pb.EnrollRequest(nik=NIK),
+    "Search": pb.SearchRequest(), "GetEnrollment": pb.GetEnrollmentRequest(nik=NIK),
+    "DeleteEnrollment": pb.DeleteEnrollmentRequest(nik=NIK),
+    "ListReviews": pb.ListReviewsRequest(),
+    "ResolveReview": pb.ResolveReviewRequest(nik=NIK),
+    "GetServerInfo": pb.GetServerInfoRequest(),
+}
+
+
+def _reason(err: CallError) -> str:
+    return err.reason
+
+
+def _write_policy(path: Path, clients: list[dict[str, object]]) -> Path:
+    path.write_text(json.dumps({"clients": clients}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Authority:
+    return Authority(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, tuple[str, str]]:
+    return {role: new_api_key() for role in ("verifier", "registrar", "admin", "limited")}
+
+
+@pytest.fixture(scope="module")
+def tls_server(calibrated_dlib_model_dir: Path, pki: Authority,
+               keys: dict[str, tuple[str, str]], tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[ServerThread]:
+    """TLS (no client certificates) with API keys."""
+    tmp = tmp_path_factory.mktemp("tls")
+    server = pki.issue("server", "localhost", server=True)
+    policy = _write_policy(tmp / "policy.json", [
+        {"name": "kyc-verifier", "api_key_sha256": keys["verifier"][1], "roles": ["verifier"]},
+        {"name": "kyc-registrar", "api_key_sha256": keys["registrar"][1],
+         "roles": ["registrar"]},
+        {"name": "ops-admin", "api_key_sha256": keys["admin"][1], "roles": ["admin"]},
+        {"name": "throttled", "api_key_sha256": keys["limited"][1], "roles": ["verifier"],
+         "rate_per_second": 0.5, "burst": 2},
+    ])
+    settings = server_settings(calibrated_dlib_model_dir, tmp / "data", insecure=False,
+                               tls_cert=server.cert, tls_key=server.key,
+                               access_policy=policy)
+    with ServerThread(settings) as s:
+        yield s
+
+
+def _client(server: ServerThread, pki: Authority, key: str | None = None,
+            cert: tuple[Path, Path] | None = None, ca: Path | None = None) -> FaceVerifyClient:
+    tls = ClientTls(ca or pki.pem, *(cert or (None, None)), server_name="localhost")
+    return FaceVerifyClient(server.target, timeout=20, tls=tls, api_key=key)
+
+
+def test_no_key_is_unauthenticated_on_every_rpc(tls_server: ServerThread,
+                                                pki: Authority) -> None:
+    with _client(tls_server, pki) as c:
+        for method, request in CALLS.items():
+            with pytest.raises(CallError) as err:
+                c._call(method, request)
+            assert (err.value.code, err.value.reason) == ("UNAUTHENTICATED", "UNAUTHENTICATED")
+    with _client(tls_server, pki, key="fv_not-a-key-of-the-policy") as c, \
+            pytest.raises(CallError) as err:
+        c.server_info()
+    assert err.value.reason == "UNAUTHENTICATED" and "not in the access policy" in \
+        err.value.message
+
+
+def test_roles_decide_what_each_key_may_call(tls_server: ServerThread, pki: Authority,
+                                             keys: dict[str, tuple[str, str]],
+                                             lfw_dir: Path) -> None:
+    a, b = lfw_image(lfw_dir, "Abel_Pacheco", 1), lfw_image(lfw_dir, "Abel_Pacheco", 4)
+    with _client(tls_server, pki, keys["verifier"][0]) as verifier:
+        assert verifier.verify(a, b).match
+        for method in ("Enroll", "Search", "GetEnrollment", "DeleteEnrollment",
+                       "ListReviews", "ResolveReview"):
+            with pytest.raises(CallError) as err:
+                verifier._call(method, CALLS[method])
+            assert (err.value.code, err.value.reason) == ("PERMISSION_DENIED",
+                                                          "PERMISSION_DENIED")
+            assert err.value.metadata["method"] == method
+    with _client(tls_server, pki, keys["registrar"][0]) as registrar:
+        assert registrar.enroll(NIK, a).enrolled
+        assert registrar.get_enrollment(NIK).nik == NIK
+        with pytest.raises(CallError) as err:
+            registrar.delete_enrollment(NIK)
+        assert err.value.reason == "PERMISSION_DENIED"
+    with _client(tls_server, pki, keys["admin"][0]) as admin:
+        assert admin.delete_enrollment(NIK).deleted
+
+
+def test_rate_limit_refuses_with_retry_information(tls_server: ServerThread,
+                                                   pki: Authority,
+                                                   keys: dict[str, tuple[str, str]]) -> None:
+    with _client(tls_server, pki, keys["limited"][0]) as c:
+        c.server_info()
+        c.server_info()  # the burst of two
+        with pytest.raises(grpc.RpcError) as raw:
+            c.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10, metadata=c.metadata)
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(raw.value)
+    assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status is not None
+    info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(info) and info.reason == "RATE_LIMITED"
+    assert status.details[1].Unpack(retry)
+    assert 0 < retry.retry_delay.ToTimedelta().total_seconds() <= 2.0
+    assert int(info.metadata["retry_after_ms"]) > 0
+
+
+def test_plaintext_client_and_unknown_ca_cannot_connect(tls_server: ServerThread,
+                                                        pki: Authority, tmp_path: Path,
+                                                        keys: dict[str, tuple[str, str]]
+                                                        ) -> None:
+    with FaceVerifyClient(tls_server.target, timeout=5, api_key=keys["admin"][0]) as c, \
+            pytest.raises(CallError) as err:
+        c.server_info()
+    assert err.value.code == "UNAVAILABLE"
+    other = Authority(tmp_path / "other", "another CA")
+    with _client(tls_server, pki, keys["admin"][0], ca=other.pem) as c, \
+            pytest.raises(CallError) as err:
+        c.server_info()
+    assert err.value.code == "UNAVAILABLE"
+
+
+def test_health_is_open_and_reflection_is_off(tls_server: ServerThread, pki: Authority) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    tls = ClientTls(pki.pem, server_name="localhost")
+    with grpc.secure_channel(tls_server.target, tls.credentials(), tls.options()) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = ch.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as err:
+            list(reflect(iter([b""]), timeout=5))
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_audit_log_records_who_did_what_and_detects_tampering(
+        tls_server: ServerThread, pki: Authority, keys: dict[str, tuple[str, str]],
+        lfw_dir: Path) -> None:
+    nik = "3273015505900002"
+    with _client(tls_server, pki, keys["registrar"][0]) as registrar:
+        registrar.enroll(nik, lfw_image(lfw_dir, "Dean_Barker", 1))
+        with pytest.raises(CallError):
+            registrar.delete_enrollment(nik)
+    with _client(tls_server, pki, keys["admin"][0]) as admin:
+        admin.delete_enrollment(nik)
+    data_dir = tls_server.settings.data_dir
+    log_file = data_dir / "audit.log"
+    text = log_file.read_text()
+    assert nik not in text  # only its keyed hash
+    records = [json.loads(line) for line in text.splitlines()]
+    mine = [(r["method"], r["identity"], r["code"]) for r in records
+            if r.get("nik_hash") and r["method"] in ("Enroll", "DeleteEnrollment")][-3:]
+    assert mine == [("Enroll", "kyc-registrar", "OK"),
+                    ("DeleteEnrollment", "kyc-registrar", "PERMISSION_DENIED"),
+                    ("DeleteEnrollment", "ops-admin", "OK")]
+    assert all(r["request_id"] and r["peer"] and r["time"] for r in records)
+    assert oct(log_file.stat().st_mode & 0o777) == "0o600"
+
+    def faceverify(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "server.cli", "audit", *args,
+                               "--data-dir", str(data_dir)], capture_output=True, text=True,
+                              timeout=60)
+
+    verified = faceverify("verify")
+    assert verified.returncode == 0 and json.loads(verified.stdout)["intact"]
+    found = json.loads(faceverify("find", nik).stdout)
+    assert [r["method"] for r in found][-3:] == ["Enroll", "DeleteEnrollment",
+                                                 "DeleteEnrollment"]
+    # Rewrite one record's outcome, as someone covering their tracks would.
+    copy = data_dir.parent / "tampered"
+    shutil.copytree(data_dir, copy)
+    lines = (copy / "audit.log").read_text().splitlines()
+    target = next(i for i, r in enumerate(records) if r["code"] == "PERMISSION_DENIED")
+    lines[target] = lines[target].replace("PERMISSION_DENIED", "OK")
+    (copy / "audit.log").write_text("\n".join(lines) + "\n")
+    broken = subprocess.run([sys.executable, "-m", "server.cli", "audit", "verify",
+                             "--data-dir", str(copy)], capture_output=True, text=True)
+    assert broken.returncode == 1
+    assert json.loads(broken.stdout)["broken_at_line"] == target + 1
+
+
+@pytest.fixture(scope="module")
+def mtls(calibrated_dlib_model_dir: Path, pki: Authority,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThread, Path]]:
+    """Mutual TLS: identities are client certificates' common names."""
+    tmp = tmp_path_factory.mktemp("mtls")
+    server = pki.issue("mtls-server", "localhost", server=True)
+    cert, key = tmp / "server.crt", tmp / "server.key"
+    shutil.copy(server.cert, cert)
+    shutil.copy(server.key, key)
+    policy = _write_policy(tmp / "policy.json", [
+        {"name": "registrar", "certificate_cn": "registrar.prakerja", "roles": ["registrar"]},
+        {"name": "admin", "certificate_cn": "admin.prakerja", "roles": ["admin"]},
+    ])
+    settings = server_settings(calibrated_dlib_model_dir, tmp / "data", insecure=False,
+                               tls_cert=cert, tls_key=key, tls_client_ca=pki.pem,
+                               access_policy=policy, health_port=free_port(),
+                               health_host="127.0.0.1")
+    with ServerThread(settings) as s:
+        yield s, tmp
+
+
+def test_mutual_tls_identifies_clients_by_certificate(mtls: tuple[ServerThread, Path],
+                                                      pki: Authority, tmp_path: Path) -> None:
+    server, _ = mtls
+    registrar = pki.issue("registrar", "registrar.prakerja")
+    admin = pki.issue("admin", "admin.prakerja")
+    stranger = pki.issue("stranger", "someone.else")
+    with _client(server, pki, cert=(registrar.cert, registrar.key)) as c:
+        with pytest.raises(CallError) as err:
+            c.get_enrollment(NIK)
+        assert err.value.reason == "NOT_ENROLLED"  # let in, and answered
+        with pytest.raises(CallError) as err:
+            c.delete_enrollment(NIK)
+        assert err.value.reason == "PERMISSION_DENIED"
+    with _client(server, pki, cert=(admin.cert, admin.key)) as c:
+        assert c.server_info().embedding_dim == 128
+    with _client(server, pki, cert=(stranger.cert, stranger.key)) as c, \
+            pytest.raises(CallError) as err:
+        c.server_info()
+    assert err.value.reason == "UNAUTHENTICATED"
+    # No client certificate, or one from another CA: no handshake at all.
+    other = Authority(tmp_path / "other", "rogue CA").issue("rogue", "admin.prakerja")
+    for cert in (None, (other.cert, other.key)):
+        with _client(server, pki, cert=cert) as c, pytest.raises(CallError) as err:
+            c.server_info()
+        assert err.value.code == "UNAVAILABLE"
+
+
+def test_probes_without_certificates_reach_health_alone(mtls: tuple[ServerThread, Path]
+                                                       ) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server, _ = mtls
+    target = f"127.0.0.1:{server.settings.health_port}"
+    out = subprocess.run([sys.executable, "-m", "server.cli", "health", "--plaintext",
+                          "--target", target], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "SERVING"
+    with grpc.insecure_channel(target) as ch:
+        assert health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        with FaceVerifyClient(target) as c, pytest.raises(CallError) as err:
+            c.server_info()  # the API is not on the probe port
+        assert err.value.code == "UNIMPLEMENTED"
+
+
+def test_certificates_are_reloaded_without_a_restart(mtls: tuple[ServerThread, Path],
+                                                     pki: Authority, tmp_path: Path) -> None:
+    server, tmp = mtls
+    admin = pki.issue("admin2", "admin.prakerja")
+    renewed = Authority(tmp_path / "renewed", "renewed CA").issue("srv", "localhost",
+                                                                  server=True)
+    renewed_ca = tmp_path / "renewed" / "renewed-CA.pem"
+    # Key first, then certificate (a renewal in flight must not break serving).
+    shutil.copy(renewed.key, tmp / "server.key")
+    time.sleep(0.01)
+    shutil.copy(renewed.cert, tmp / "server.crt")
+    os.utime(tmp / "server.crt")
+    with _client(server, pki, cert=(admin.cert, admin.key), ca=renewed_ca) as c:
+        assert c.server_info().embedding_dim == 128
+    with _client(server, pki, cert=(admin.cert, admin.key)) as c, \
+            pytest.raises(CallError) as err:
+        c.server_info()  # the old CA no longer vouches for the server
+    assert err.value.code == "UNAVAILABLE"
+    metrics = server.running.services.metrics  # type: ignore[union-attr]
+    assert metrics.tls_reloads._value.get() >= 1
+
+
+def test_an_unsecured_start_is_refused_unless_asked_for(tmp_path: Path) -> None:
+    base = server_settings(tmp_path, tmp_path / "data", insecure=False)
+    with pytest.raises(ConfigurationError, match="no TLS certificate"):
+        check_secured(base)
+    with pytest.raises(ConfigurationError, match="no access policy"):
+        check_secured(server_settings(tmp_path, tmp_path / "data", insecure=False,
+                                      tls_cert=tmp_path / "c", tls_key=tmp_path / "k"))
+    check_secured(server_settings(tmp_path, tmp_path / "data", insecure=True))
+    assert server_settings(tmp_path, insecure=True, host="").address.startswith("localhost:")
