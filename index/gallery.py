@@ -1,4 +1,4 @@
-"""The gallery: the SQLite registry (truth) plus the FAISS index derived from it.
+"""The gallery: the registry (truth) plus the FAISS index derived from it.
 
 Writes go to the registry first (a durable commit), then to the index.  The
 index is snapshotted atomically with the sequence number of the last change
@@ -7,33 +7,34 @@ replayed, or, when there is no usable snapshot, the index is rebuilt from the
 registry.  A crash between the two writes therefore loses nothing: the
 registry has the change and the next start replays it.
 
-Several server processes may share one data directory (``--processes``):
-SQLite serialises their writes, a file lock makes each check-and-insert
-atomic across them, and each process's index catches up with the change log
-before every search and write.
+Several server processes may share one registry — SQLite in one data
+directory (``--processes``), or PostgreSQL for servers on many machines: the
+registry's writer lock makes each check-and-insert atomic across all of them,
+and each process's index catches up with the change log before every search
+and write (and, with PostgreSQL, when notified of a change; see
+:mod:`index.follower`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from index.registry import Enrollment, Registry
+from index.registry import Enrollment, open_registry
 from index.sealing import Sealer
+from index.sqlite_registry import FileLock
 from index.vectors import IndexSpec, VectorIndex
-from server.durable import private_file
+from server.durable import private_dir
 
 log = logging.getLogger(__name__)
 
 REGISTRY_FILE = "registry.sqlite3"
 SNAPSHOT_DIR = "index"
-LOCK_FILE = "gallery.lock"
+SNAPSHOT_LOCK = "snapshot.lock"
 
 
 @dataclass(frozen=True)
@@ -44,42 +45,6 @@ class Match:
     score: float
     enrollment_id: int
     photos: int = 1  # photos the enrolment's template fuses
-
-
-class GalleryLock:
-    """Exclusive across threads *and* processes: a re-entrant thread lock, then an
-    ``flock`` on a file in the data directory (several server processes may
-    share one gallery).  ``on_acquire`` runs each time the outermost holder
-    gets the lock (the gallery catches up with other processes' writes).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._thread_lock = threading.RLock()
-        self._file = open(private_file(path), "a+b")  # noqa: SIM115 - held for the gallery's life
-        self._depth = 0
-        self.on_acquire: Callable[[], None] = lambda: None
-
-    def __enter__(self) -> GalleryLock:
-        self._thread_lock.acquire()
-        if self._depth == 0:
-            try:
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
-                self.on_acquire()
-            except BaseException:
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-                self._thread_lock.release()
-                raise
-        self._depth += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-        self._thread_lock.release()
-
-    def close(self) -> None:
-        self._file.close()
 
 
 class Gallery:
@@ -95,26 +60,34 @@ class Gallery:
     """
 
     def __init__(self, data_dir: Path, model_version: str, dim: int, spec: IndexSpec,
-                 snapshot_every: int = 1000, sealer: Sealer | None = None) -> None:
+                 snapshot_every: int = 1000, sealer: Sealer | None = None,
+                 registry_url: str = "") -> None:
         self.data_dir = data_dir
         self.model_version = model_version
         self.dim = dim
         self.spec = spec
         self.snapshot_every = snapshot_every
         self.sealer = sealer or Sealer()
-        self.registry = Registry(data_dir / REGISTRY_FILE, model_version, dim, self.sealer)
+        self.registry = open_registry(registry_url, data_dir, model_version, dim, self.sealer)
         self._apply_lock = threading.Lock()
         self._applied = 0  # the last registry change the index holds
         self._changes_since_snapshot = 0
-        self.write_lock = GalleryLock(data_dir / LOCK_FILE)
-        with self.write_lock:  # no other process writes while the index is built
+        self.write_lock = self.registry.lock
+        # Snapshots of one data directory, one at a time (processes may share it).
+        self._snapshot_lock = FileLock(private_dir(data_dir) / SNAPSHOT_LOCK)
+        if self.registry.distributed:
+            # Replayed from the change log, which commits in order: no need to stop
+            # every other server's writes while this one catches up.
             self.index = self._load_index()
+        else:
+            with self.write_lock:  # no other process writes while the index is built
+                self.index = self._load_index()
         self.write_lock.on_acquire = self.refresh
 
     def _load_index(self) -> VectorIndex:
         last = self.registry.last_seq()
         loaded = VectorIndex.load(self.data_dir / SNAPSHOT_DIR, self.model_version, self.dim,
-                                  self.spec, self.sealer)
+                                  self.spec, self.sealer, self.registry.registry_id)
         if loaded is not None and loaded[1]["last_seq"] <= last:
             index, manifest = loaded
             self._applied = int(manifest["last_seq"])
@@ -125,28 +98,53 @@ class Gallery:
             if loaded is not None:
                 log.warning("index snapshot is newer than the registry; rebuilding")
             index = VectorIndex(self.dim, self.spec)
-            for ids, vectors in self.registry.iter_embeddings():
-                index.add(ids, vectors)
-            self._applied = last
-            log.info("index rebuilt from the registry (%d vectors)", len(index))
+            self._applied = 0
+            self._apply(index)
+            log.info("index rebuilt from the registry's change log (%d vectors)", len(index))
         index.maybe_train(self.registry.iter_embeddings())
         return index
 
-    def _apply(self, index: VectorIndex) -> int:
-        """Apply the registry changes after ``_applied`` to ``index``; how many."""
+    def _apply(self, index: VectorIndex, batch: int = 50_000) -> int:
+        """Apply the registry changes after ``_applied`` to ``index``, in batches;
+        how many.  Consecutive adds go to FAISS together."""
+        applied = 0
         with self._apply_lock:
-            changes = self.registry.changes_since(self._applied)
-            for c in changes:
-                if c.op == "add" and c.embedding is not None:
-                    index.add(np.array([c.id]), c.embedding[None])
-                elif c.op == "remove":
-                    index.remove(np.array([c.id]))
-                self._applied = c.seq
-            return len(changes)
+            while True:
+                changes = self.registry.changes_since(self._applied, batch)
+                adds: list[tuple[int, np.ndarray]] = []
+                for c in changes:
+                    if c.op == "add" and c.embedding is not None:
+                        adds.append((c.id, c.embedding))
+                    elif c.op == "remove":
+                        self._add(index, adds)
+                        index.remove(np.array([c.id]))
+                self._add(index, adds)
+                if changes:
+                    self._applied = changes[-1].seq
+                applied += len(changes)
+                self._changes_since_snapshot += len(changes)
+                if len(changes) < batch:
+                    return applied
+
+    @staticmethod
+    def _add(index: VectorIndex, adds: list[tuple[int, np.ndarray]]) -> None:
+        if adds:
+            index.add(np.array([i for i, _ in adds], dtype=np.int64),
+                      np.stack([e for _, e in adds]))
+            adds.clear()
 
     def refresh(self) -> None:
         """Catch up with changes written since (by this or another process)."""
         self._apply(self.index)
+
+    @property
+    def applied(self) -> int:
+        """The sequence number of the last registry change the index holds."""
+        return self._applied
+
+    def lag(self) -> int:
+        """Registry changes the index does not hold yet."""
+        return max(0, self.registry.last_seq() - self._applied)
 
     def in_sync(self) -> bool:
         """True when the index holds exactly the registry's enrolments."""
@@ -196,17 +194,21 @@ class Gallery:
 
     def _after_change(self) -> None:
         self.refresh()
-        self._changes_since_snapshot += 1
         if self.index.maybe_train(self.registry.iter_embeddings()):
             log.info("gallery reached %d vectors: switched to an IVF index", len(self.index))
         if self._changes_since_snapshot >= self.snapshot_every:
             self.snapshot()
 
+    def snapshot_if_due(self) -> None:
+        """A snapshot once ``snapshot_every`` changes (anyone's) have been applied."""
+        if self._changes_since_snapshot >= self.snapshot_every:
+            self.snapshot()
+
     def snapshot(self) -> None:
         """Save the index with the sequence number of the last change it holds."""
-        with self.write_lock:
+        with self._snapshot_lock, self._apply_lock:
             manifest = self.index.save(self.data_dir / SNAPSHOT_DIR, self.model_version,
-                                       self._applied, self.sealer)
+                                       self._applied, self.sealer, self.registry.registry_id)
             self._changes_since_snapshot = 0
         log.info("index snapshot saved: %d vectors up to change %d", manifest["count"],
                  manifest["last_seq"])
@@ -222,4 +224,4 @@ class Gallery:
     def close(self) -> None:
         self.snapshot()
         self.registry.close()
-        self.write_lock.close()
+        self._snapshot_lock.close()

@@ -1,72 +1,41 @@
-"""The enrolment registry: SQLite, the source of truth for who is enrolled.
+"""The enrolment registry, the source of truth for who is enrolled: one
+interface, two implementations.
 
-One row per enrolled NIK with its embedding (never the image), plus an
-append-only change log whose sequence numbers let the FAISS index, a derived
-structure, catch up from a snapshot.  WAL journal with ``synchronous=FULL``: a
-commit that returned is on disk, so every enrolment acknowledged to a caller
-survives a crash.  ``secure_delete`` overwrites erased rows' bytes.  With a
-data key, embeddings, candidate lists and metadata are sealed (AES-GCM, see
-:mod:`index.sealing`).
+* SQLite (:class:`index.sqlite_registry.SqliteRegistry`): embedded, one
+  machine; several processes share it through the data directory.
+* PostgreSQL (:class:`index.postgres_registry.PostgresRegistry`): any number
+  of servers on any number of machines share one registry.
+
+Both hold one row per NIK (its template embedding, never an image) and an
+append-only change log whose sequence numbers let each server's FAISS index,
+a derived structure, catch up from its own snapshot.  Each has a writer
+lock, exclusive across every process that shares the registry: the
+de-duplication search and the insert run under it, so they are atomic, and
+change-log entries commit in sequence order.  Chosen by ``--registry-url``
+(:func:`open_registry`).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import sqlite3
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from index.sealing import Sealer, SealError
-from server.durable import private_dir, private_file
 from server.errors import ConfigurationError, StartupError
 
-log = logging.getLogger(__name__)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS enrollments (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    nik TEXT NOT NULL UNIQUE,
-    embedding BLOB NOT NULL,
-    flagged INTEGER NOT NULL DEFAULT 0,
-    candidates TEXT NOT NULL DEFAULT '[]',
-    metadata TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL,
-    review TEXT NOT NULL DEFAULT 'none',
-    reviewed_by TEXT NOT NULL DEFAULT '',
-    reviewed_at REAL,
-    review_note TEXT NOT NULL DEFAULT '',
-    photos INTEGER NOT NULL DEFAULT 1
-);
-CREATE TABLE IF NOT EXISTS changes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    op TEXT NOT NULL CHECK (op IN ('add', 'remove')),
-    id INTEGER NOT NULL
-);
-"""
-
-
-# Columns added since the first schema, with their definitions: a registry
-# written by an older version gains them at open (nothing else changes).
-ADDED_COLUMNS = {
-    "review": "TEXT NOT NULL DEFAULT 'none'",
-    "reviewed_by": "TEXT NOT NULL DEFAULT ''",
-    "reviewed_at": "REAL",
-    "review_note": "TEXT NOT NULL DEFAULT ''",
-    "photos": "INTEGER NOT NULL DEFAULT 1",
-}
 # What an erased NIK becomes in other enrolments' candidate lists.
 ERASED = "erased"
 # Review states of an enrolment: none (never flagged), pending (flagged, awaiting a
 # person), confirmed (a person confirmed the duplicate), cleared (not a duplicate).
 REVIEW_STATES = ("none", "pending", "confirmed", "cleared")
+# The columns every implementation selects, in this order (see RowCodec.row).
+COLUMNS = ("id, nik, embedding, flagged, candidates, metadata, created_at, review, "
+           "reviewed_by, reviewed_at, review_note, photos")
 
 
 class NotPending(Exception):
@@ -112,331 +81,184 @@ class Change:
     embedding: np.ndarray | None  # None for removals, or an add later erased
 
 
-class Registry:
-    """Thread-safe access to the SQLite registry (one connection, one lock).
+class WriterLock(Protocol):
+    """Exclusive across threads and every process sharing the registry;
+    re-entrant in one thread.  ``on_acquire`` runs each time the outermost
+    holder gets it (the gallery catches up with other processes' writes)."""
 
-    Raises:
-        RegistryMismatch: at open, when the file belongs to another model.
-    """
+    on_acquire: Callable[[], None]
 
-    def __init__(self, path: Path, model_version: str, dim: int,
-                 sealer: Sealer | None = None) -> None:
-        # Biometric data: the directory and every file only the owner's. SQLite
-        # gives its -wal and -shm files the database file's rights.
-        private_dir(path.parent)
-        private_file(path)
-        for suffix in ("-wal", "-shm"):
-            side = path.with_name(path.name + suffix)
-            if side.exists():
-                private_file(side)
-        self.path = path
-        self.dim = dim
-        self.sealer = sealer or Sealer()
-        self._lock = threading.Lock()
-        # Other processes sharing the file may hold the write lock briefly.
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                   timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA secure_delete=ON")
-        self._db.executescript(SCHEMA)
-        self._migrate()
-        self._check_meta(model_version, dim)
-        self._check_key()
+    def __enter__(self) -> Any: ...
 
-    def _migrate(self) -> None:
-        """Add the columns a registry from an older version lacks (one transaction)."""
-        with self._tx():
-            have = {r[1] for r in self._db.execute("PRAGMA table_info(enrollments)")}
-            missing = [c for c in ADDED_COLUMNS if c not in have]
-            for column in missing:
-                self._db.execute(f"ALTER TABLE enrollments ADD COLUMN {column} "
-                                 f"{ADDED_COLUMNS[column]}")
-            if "review" in missing:  # enrolments flagged before reviews existed await one
-                self._db.execute("UPDATE enrollments SET review = 'pending' WHERE flagged = 1")
-            self._db.execute("CREATE INDEX IF NOT EXISTS enrollments_review "
-                             "ON enrollments (review, id)")
+    def __exit__(self, *exc: object) -> None: ...
 
-    def _check_meta(self, model_version: str, dim: int) -> None:
-        with self._tx():
-            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-            if not meta:
-                self._db.executemany("INSERT INTO meta VALUES (?, ?)",
-                                     [("model_version", model_version), ("dim", str(dim))])
-                return
-        if meta.get("model_version") != model_version or meta.get("dim") != str(dim):
-            raise RegistryMismatch(
-                f"registry {self.path} holds embeddings of model {meta.get('model_version')!r} "
-                f"(dimension {meta.get('dim')}), but the server runs {model_version!r} "
-                f"(dimension {dim}); point FACEVERIFY_DATA_DIR elsewhere or re-enrol")
+    def close(self) -> None: ...
 
-    @staticmethod
-    def read_meta(path: Path) -> tuple[str, int]:
-        """The model version and dimension a registry file was written with.
 
-        Raises:
-            StartupError: no registry there.
-        """
-        if not path.is_file():
-            raise StartupError(f"no registry at {path}")
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        finally:
-            db.close()
-        return str(meta["model_version"]), int(meta["dim"])
+class Registry(Protocol):
+    """What the gallery needs of a registry.  Writes that log a change (add,
+    remove) must be made under :attr:`lock`."""
 
-    def _check_key(self) -> None:
-        """Refuse to start with no data key, or the wrong one, for sealed data.
+    sealer: Sealer
+    lock: WriterLock
+    registry_id: str  # tells one registry's snapshots from another's
+    distributed: bool  # shared by servers on other machines (they NOTIFY changes)
 
-        Raises:
-            ConfigurationError: naming what to configure.
-        """
-        with self._lock:
-            row = self._db.execute("SELECT * FROM enrollments ORDER BY id DESC LIMIT 1"
-                                   ).fetchone()
-        if row is None:
-            return
-        if Sealer.is_sealed(row[2]) and not self.sealer.enabled:
-            raise ConfigurationError(f"the registry {self.path} is encrypted: configure its "
-                                     "data key (FACEVERIFY_DATA_KEY_FILE or FACEVERIFY_DATA_KEY)")
-        try:
-            self._row(row)
-        except SealError as exc:
-            raise ConfigurationError(f"the registry {self.path} does not open with the "
-                                     f"configured data keys: {exc}") from exc
+    def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
+            candidates: list[tuple[str, float]] | None = None,
+            metadata: dict[str, str] | None = None, photos: int = 1) -> Enrollment: ...
+
+    def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
+                       ) -> Enrollment | None: ...
+
+    def pending_reviews(self, after_id: int, limit: int) -> list[Enrollment]: ...
+
+    def count_pending(self) -> int: ...
+
+    def remove(self, nik: str) -> Enrollment | None: ...
+
+    def get(self, nik: str) -> Enrollment | None: ...
+
+    def get_by_ids(self, ids: list[int]) -> dict[int, Enrollment]: ...
+
+    def count(self) -> int: ...
+
+    def last_seq(self) -> int: ...
+
+    def changes_since(self, seq: int, limit: int | None = None) -> list[Change]: ...
+
+    def iter_embeddings(self, batch: int = 50_000
+                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+    def reseal(self, batch: int = 1000) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class RowCodec:
+    """Rows to :class:`Enrollment` and back, sealing the embedding, candidate list
+    and metadata with the data key when there is one (see :mod:`index.sealing`)."""
+
+    sealer: Sealer
 
     def _seal(self, column: str, nik: str, value: bytes) -> bytes:
         return self.sealer.seal(value, f"{column}:{nik}".encode())
 
-    def _open(self, column: str, nik: str, value: bytes | str) -> bytes:
-        raw = value.encode() if isinstance(value, str) else value
+    def _open(self, column: str, nik: str, value: bytes | str | memoryview) -> bytes:
+        raw = value.encode() if isinstance(value, str) else bytes(value)
         return self.sealer.open(raw, f"{column}:{nik}".encode())
 
-    def _tx(self) -> _Transaction:
-        return _Transaction(self._db, self._lock)
+    def _sealed_json(self, column: str, nik: str, value: object) -> bytes | str:
+        text = json.dumps(value)
+        return self._seal(column, nik, text.encode()) if self.sealer.enabled else text
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _row(self, row: tuple[Any, ...]) -> Enrollment:
+    def _row(self, row: tuple[Any, ...] | Any) -> Enrollment:
+        """An enrolment from a row of :data:`COLUMNS`."""
         nik = row[1]
-        return Enrollment(id=row[0], nik=nik,
+        return Enrollment(id=int(row[0]), nik=nik,
                           embedding=np.frombuffer(self._open("embedding", nik, row[2]),
                                                   dtype=np.float32).copy(),
                           flagged=bool(row[3]),
                           candidates=[(n, float(s)) for n, s in
                                       json.loads(self._open("candidates", nik, row[4]))],
                           metadata=json.loads(self._open("metadata", nik, row[5])),
-                          created_at=row[6], review=row[7],
-                          reviewed_by=row[8], reviewed_at=row[9], review_note=row[10],
-                          photos=row[11])
+                          created_at=row[6], review=row[7], reviewed_by=row[8],
+                          reviewed_at=row[9], review_note=row[10], photos=int(row[11]))
 
-    def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
-            candidates: list[tuple[str, float]] | None = None,
-            metadata: dict[str, str] | None = None, photos: int = 1) -> Enrollment:
-        """Insert an enrolment and log it; durable when this returns.
-
-        Raises:
-            sqlite3.IntegrityError: the NIK is already enrolled.
-        """
-        vec = np.ascontiguousarray(embedding, dtype=np.float32)
-        if vec.shape != (self.dim,):
-            raise ValueError(f"embedding shape {vec.shape} != ({self.dim},)")
-        now = time.time()
-        cands = candidates or []
-        with self._tx():
-            review = "pending" if flagged else "none"
-            cur = self._db.execute(
-                "INSERT INTO enrollments (nik, embedding, flagged, candidates, metadata, "
-                "created_at, review, photos) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (nik, self._seal("embedding", nik, vec.tobytes()), int(flagged),
-                 self._sealed_json("candidates", nik, cands),
-                 self._sealed_json("metadata", nik, metadata or {}), now, review, photos))
-            new_id = int(cur.lastrowid or 0)
-            self._db.execute("INSERT INTO changes (op, id) VALUES ('add', ?)", (new_id,))
-        return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}), now,
-                          review, photos=photos)
-
-    def _sealed_json(self, column: str, nik: str, value: object) -> bytes | str:
-        text = json.dumps(value)
-        return self._seal(column, nik, text.encode()) if self.sealer.enabled else text
-
-    def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
-                       ) -> Enrollment | None:
-        """Record a person's decision on a pending enrolment (``confirmed`` or
-        ``cleared``); None if the NIK is not enrolled.  The embedding and the
-        index are untouched: a confirmed duplicate stays findable.
-
-        Raises:
-            NotPending: the enrolment awaits no review (never flagged, or decided).
-        """
-        if decision not in ("confirmed", "cleared"):
-            raise ValueError(f"unknown review decision {decision!r}")
-        with self._tx():
-            row = self._db.execute("SELECT * FROM enrollments WHERE nik = ?", (nik,)).fetchone()
-            if row is None:
-                return None
-            if row[7] != "pending":
-                raise NotPending(f"this enrolment awaits no review (it is {row[7]})")
-            self._db.execute("UPDATE enrollments SET review = ?, reviewed_by = ?, "
-                             "reviewed_at = ?, review_note = ? WHERE id = ?",
-                             (decision, reviewer, time.time(), note, row[0]))
-            row = self._db.execute("SELECT * FROM enrollments WHERE id = ?",
-                                   (row[0],)).fetchone()
-        return self._row(row)
-
-    def pending_reviews(self, after_id: int, limit: int) -> list[Enrollment]:
-        """Enrolments awaiting review, oldest first, after the one with id ``after_id``."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM enrollments WHERE review = 'pending' AND id > ? "
-                "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
-        return [self._row(r) for r in rows]
-
-    def count_pending(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM enrollments "
-                                        "WHERE review = 'pending'").fetchone()[0])
-
-    def remove(self, nik: str) -> Enrollment | None:
-        """Erase an enrolment (and log the removal); None if the NIK is not enrolled.
-
-        When this returns the NIK and the embedding are in no file: the row's
-        bytes are overwritten (``secure_delete``), the NIK is struck from the
-        candidate lists of enrolments flagged against it (``erased`` stands in),
-        and the write-ahead log, which still held the old pages, is checkpointed
-        into the database and truncated.
-        """
-        with self._tx():
-            row = self._db.execute("SELECT * FROM enrollments WHERE nik = ?", (nik,)).fetchone()
-            if row is None:
-                return None
-            self._db.execute("DELETE FROM enrollments WHERE id = ?", (row[0],))
-            self._db.execute("INSERT INTO changes (op, id) VALUES ('remove', ?)", (row[0],))
-            # Only flagged enrolments have candidates (sealed ones cannot be searched).
-            flagged = self._db.execute(
-                "SELECT id, nik, candidates FROM enrollments WHERE flagged = 1").fetchall()
-            for other, other_nik, sealed in flagged:
-                candidates = json.loads(self._open("candidates", other_nik, sealed))
-                if not any(n == nik for n, _ in candidates):
-                    continue
-                struck = [[ERASED if n == nik else n, s] for n, s in candidates]
-                self._db.execute("UPDATE enrollments SET candidates = ? WHERE id = ?",
-                                 (self._sealed_json("candidates", other_nik, struck), other))
-        self._truncate_wal()
-        return self._row(row)
-
-    def _truncate_wal(self) -> None:
-        """Copy the write-ahead log into the database and empty it; another process
-        reading at that moment can hold it up, so it is retried for a while."""
-        for _ in range(100):
-            with self._lock:
-                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            if not busy:
-                return
-            time.sleep(0.05)
-        log.warning("the write-ahead log could not be truncated after an erasure (another "
-                    "process kept reading): the next erasure or checkpoint empties it")
-
-    def get(self, nik: str) -> Enrollment | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM enrollments WHERE nik = ?", (nik,)).fetchone()
-        return self._row(row) if row else None
-
-    def get_by_ids(self, ids: list[int]) -> dict[int, Enrollment]:
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
-        with self._lock:
-            rows = self._db.execute(f"SELECT * FROM enrollments WHERE id IN ({marks})",
-                                    ids).fetchall()
-        return {r[0]: self._row(r) for r in rows}
-
-    def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM enrollments").fetchone()[0])
-
-    def last_seq(self) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT MAX(seq) FROM changes").fetchone()
-        return int(row[0] or 0)
-
-    def changes_since(self, seq: int) -> list[Change]:
-        """Changes after ``seq`` in order, with the current embedding of added ids."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT c.seq, c.op, c.id, e.nik, e.embedding FROM changes c "
-                "LEFT JOIN enrollments e ON e.id = c.id AND c.op = 'add' "
-                "WHERE c.seq > ? ORDER BY c.seq", (seq,)).fetchall()
-        return [Change(s, op, i, None if emb is None else
+    def _changes(self, rows: list[Any]) -> list[Change]:
+        """Changes from rows of (seq, op, id, nik, embedding or None)."""
+        return [Change(int(s), op, int(i), None if emb is None else
                        np.frombuffer(self._open("embedding", nik, emb), np.float32).copy())
                 for s, op, i, nik, emb in rows]
 
-    def iter_embeddings(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All (ids, embeddings) in id order, in batches (for rebuilding the index)."""
-        last = 0
-        while True:
-            with self._lock:
-                rows = self._db.execute(
-                    "SELECT id, nik, embedding FROM enrollments WHERE id > ? ORDER BY id "
-                    "LIMIT ?", (last, batch)).fetchall()
-            if not rows:
-                return
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            embs = np.frombuffer(b"".join(self._open("embedding", r[1], r[2]) for r in rows),
-                                 dtype=np.float32)
-            yield ids, embs.reshape(len(rows), self.dim)
-            last = int(ids[-1])
+    def _embeddings(self, rows: list[Any], dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, embeddings) from rows of (id, nik, embedding)."""
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        embs = np.frombuffer(b"".join(self._open("embedding", r[1], r[2]) for r in rows),
+                             dtype=np.float32)
+        return ids, embs.reshape(len(rows), dim)
 
+    def _check_key_opens(self, where: str, newest: tuple[Any, ...] | Any | None) -> None:
+        """Refuse to start with no data key, or the wrong one, for sealed data
+        (``newest``: the newest row, or None for an empty registry).
 
-    def reseal(self, batch: int = 1000) -> int:
-        """Seal every value with the current data key (opening it with whichever
-        key sealed it), then empty the write-ahead log; how many rows changed."""
-        changed, last = 0, 0
-        while True:
-            with self._tx():
-                rows = self._db.execute(
-                    "SELECT id, nik, embedding, candidates, metadata FROM enrollments "
-                    "WHERE id > ? ORDER BY id LIMIT ?", (last, batch)).fetchall()
-                for rid, nik, emb, cands, meta in rows:
-                    if not any(self.sealer.needs_reseal(v.encode() if isinstance(v, str) else v)
-                               for v in (emb, cands, meta)):
-                        continue
-                    plain = {c: self._open(c, nik, v) for c, v in
-                             (("embedding", emb), ("candidates", cands), ("metadata", meta))}
-                    self._db.execute(
-                        "UPDATE enrollments SET embedding = ?, candidates = ?, metadata = ? "
-                        "WHERE id = ?",
-                        (self._seal("embedding", nik, plain["embedding"]),
-                         self._sealed_json("candidates", nik, json.loads(plain["candidates"])),
-                         self._sealed_json("metadata", nik, json.loads(plain["metadata"])), rid))
-                    changed += 1
-            if not rows:
-                break
-            last = rows[-1][0]
-        self._truncate_wal()
-        return changed
-
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or ``ROLLBACK``) under the registry lock."""
-
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
-        self.db = db
-        self.lock = lock
-
-    def __enter__(self) -> None:
-        self.lock.acquire()
+        Raises:
+            ConfigurationError: naming what to configure.
+        """
+        if newest is None:
+            return
+        raw = newest[2]
+        if Sealer.is_sealed(raw.encode() if isinstance(raw, str) else bytes(raw)) \
+                and not self.sealer.enabled:
+            raise ConfigurationError(f"the registry {where} is encrypted: configure its data "
+                                     "key (FACEVERIFY_DATA_KEY_FILE or FACEVERIFY_DATA_KEY)")
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self.lock.release()
-            raise
+            self._row(newest)
+        except SealError as exc:
+            raise ConfigurationError(f"the registry {where} does not open with the "
+                                     f"configured data keys: {exc}") from exc
 
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+    def _check_meta_values(self, where: str, meta: dict[str, str], model_version: str,
+                           dim: int) -> None:
+        if meta.get("model_version") != model_version or meta.get("dim") != str(dim):
+            raise RegistryMismatch(
+                f"registry {where} holds embeddings of model {meta.get('model_version')!r} "
+                f"(dimension {meta.get('dim')}), but the server runs {model_version!r} "
+                f"(dimension {dim}); point it elsewhere or re-enrol")
+
+
+def open_registry(url: str, data_dir: Path, model_version: str, dim: int,
+                  sealer: Sealer, connect_timeout: float = 3.0) -> Registry:
+    """The registry at ``url``: ``sqlite:///PATH``, ``postgresql://...``, or empty for
+    ``registry.sqlite3`` in ``data_dir`` (the embedded default).
+
+    Raises:
+        ConfigurationError: an unknown scheme, or PostgreSQL unreachable at start.
+        RegistryMismatch: written by another model.
+    """
+    from index.sqlite_registry import SqliteRegistry
+
+    if not url:
+        return SqliteRegistry(data_dir / "registry.sqlite3", model_version, dim, sealer)
+    if url.startswith("sqlite:///"):
+        return SqliteRegistry(Path(url[len("sqlite://"):]), model_version, dim, sealer)
+    if url.startswith(("postgresql://", "postgres://")):
+        from index.postgres_registry import PostgresRegistry
+
+        return PostgresRegistry(url, model_version, dim, sealer, connect_timeout)
+    raise ConfigurationError(f"registry URL {redact(url)!r}: use sqlite:///PATH or "
+                             "postgresql://USER@HOST:PORT/DB")
+
+
+def stored_model(url: str, data_dir: Path) -> tuple[str, int]:
+    """The model version and embedding size the registry at ``url`` (as for
+    :func:`open_registry`) was written with, without opening it for writing.
+
+    Raises:
+        StartupError: no registry there.
+    """
+    if url.startswith(("postgresql://", "postgres://")):
+        import psycopg
+
         try:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self.lock.release()
+            with psycopg.connect(url, connect_timeout=5) as conn:
+                meta: dict[str, str] = dict(
+                    conn.execute("SELECT key, value FROM faceverify_meta").fetchall())
+        except psycopg.Error as exc:
+            raise StartupError(f"no readable registry at {redact(url)}: "
+                               f"{str(exc).splitlines()[0]}") from exc
+        return str(meta["model_version"]), int(meta["dim"])
+    from index.sqlite_registry import SqliteRegistry
+
+    path = Path(url[len("sqlite://"):]) if url else data_dir / "registry.sqlite3"
+    return SqliteRegistry.read_meta(path)
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for logs and messages."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
+

@@ -182,7 +182,7 @@ class VectorIndex:
     # -- persistence ----------------------------------------------------------------------
 
     def save(self, directory: Path, model_version: str, last_seq: int,
-             sealer: Sealer | None = None) -> dict[str, Any]:
+             sealer: Sealer | None = None, registry_id: str = "") -> dict[str, Any]:
         """Write the snapshot atomically (temp file, fsync, rename, fsync dir), manifest
         last; sealed with the data key when ``sealer`` has one."""
         private_dir(directory)
@@ -195,6 +195,7 @@ class VectorIndex:
         write_bytes_atomically(directory / SNAPSHOT, blob, 0o600)
         manifest = {"model_version": model_version, "dim": self.dim, "count": count,
                     "last_seq": last_seq, "kind": "ivf" if self.trained_ivf else "flat",
+                    "registry_id": registry_id,
                     "sha256": hashlib.sha256(blob).hexdigest()}
         write_bytes_atomically(directory / SNAPSHOT_MANIFEST,
                                (json.dumps(manifest, indent=2) + "\n").encode(), 0o600)
@@ -202,7 +203,8 @@ class VectorIndex:
 
     @classmethod
     def load(cls, directory: Path, model_version: str, dim: int, spec: IndexSpec,
-             sealer: Sealer | None = None) -> tuple[VectorIndex, dict[str, Any]] | None:
+             sealer: Sealer | None = None, registry_id: str = ""
+             ) -> tuple[VectorIndex, dict[str, Any]] | None:
         """The snapshot in ``directory``, or None when absent, corrupt or of another model.
 
         A snapshot is only a cache of the registry: any doubt means rebuild.
@@ -216,6 +218,9 @@ class VectorIndex:
             log.warning("index snapshot in %s was built with model %r (dimension %s), not %r "
                         "(dimension %d): ignoring it", directory, manifest.get("model_version"),
                         manifest.get("dim"), model_version, dim)
+            return None
+        if manifest.get("registry_id", "") != registry_id:
+            log.warning("index snapshot in %s follows another registry: rebuilding", directory)
             return None
         if hashlib.sha256(blob).hexdigest() != manifest.get("sha256"):
             log.warning("index snapshot in %s is corrupt (checksum mismatch): ignoring it",

@@ -21,7 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health
 from grpc_reflection.v1alpha import reflection
 
+from index.follower import Follower
 from index.gallery import Gallery
+from index.registry import redact
 from server import __version__
 from server.access import AccessControl
 from server.audit import AUDIT_FILE, KEY_FILE, AuditKey, AuditLog
@@ -55,6 +57,7 @@ class Services:
     engine: InferenceEngine
     metrics: Metrics
     audit: AuditLog
+    follower: Follower | None = None
 
 
 @dataclass
@@ -68,6 +71,7 @@ class RunningServer:
     services: Services
     metrics_server: MetricsServer | None = None
     health_server: grpc.aio.Server | None = None
+    watcher: asyncio.Task[None] | None = None
 
     @property
     def service(self) -> VerificationService:
@@ -80,8 +84,28 @@ class RunningServer:
             await self.health.set(name, status)
         self.services.metrics.serving.set(1 if serving else 0)
 
+    async def watch_lag(self, max_lag: int, every: float = 1.0) -> None:
+        """A replica of a shared registry: health NOT_SERVING while its index lags more
+        than ``max_lag`` changes; SERVING again once caught up.  An unreachable
+        registry (lag unknown) leaves health as it is: Verify still works."""
+        follower = self.services.follower
+        assert follower is not None
+        serving = True
+        while True:
+            await asyncio.sleep(every)
+            lag = follower.lag
+            if lag < 0:
+                continue
+            if serving != (lag <= max_lag):
+                serving = lag <= max_lag
+                log.warning("index lags the registry by %d changes: %s", lag,
+                            "SERVING again" if serving else "NOT_SERVING until it catches up")
+                await self.set_serving(serving)
+
     async def stop(self, grace: float) -> None:
         """Refuse new calls, drain in-flight ones for up to ``grace`` seconds, persist."""
+        if self.watcher is not None:
+            self.watcher.cancel()
         await self.set_serving(False)
         await self.server.stop(grace)
         if self.health_server is not None:
@@ -89,6 +113,8 @@ class RunningServer:
         await self.services.engine.close()
         for pool in self.executors:
             pool.shutdown(wait=True)
+        if self.services.follower is not None:
+            self.services.follower.close()
         self.services.gallery.close()
         self.services.audit.close()
         if self.metrics_server is not None:
@@ -117,7 +143,13 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
     warm_up(models, settings.detect_max_batch, settings.embed_max_batch)
     sealer = data_sealer(settings)
     gallery = Gallery(settings.data_dir, models.model_version, models.pipeline.dim,
-                      settings.index, settings.snapshot_every, sealer)
+                      settings.index, settings.snapshot_every, sealer, settings.registry_url)
+    follower = None
+    if gallery.registry.distributed:
+        log.info("registry: %s, shared; index snapshots and audit log in %s",
+                 redact(settings.registry_url), settings.data_dir)
+        follower = Follower(gallery).start()
+        metrics.track_follower(lambda: follower.lag, lambda: float(follower.connected))
     if sealer.enabled:
         log.info("data at rest sealed with AES-256-GCM, key %s", sealer.current_id)
     engine = InferenceEngine(models.pipeline, image_pool, model_pool, settings.engine_limits,
@@ -148,7 +180,7 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
     audit_key = AuditKey.load(settings.audit_key_file or settings.data_dir / KEY_FILE,
                               create=settings.audit_key_file is None)
     audit = AuditLog(settings.data_dir / AUDIT_FILE, audit_key)
-    return Services(verification, enrolment, gallery, engine, metrics, audit)
+    return Services(verification, enrolment, gallery, engine, metrics, audit, follower)
 
 
 def transport_security(settings: Settings, metrics: Metrics
@@ -244,6 +276,8 @@ async def start(settings: Settings) -> RunningServer:
     if not in_sync:
         log.error("the index does not agree with the registry: health stays NOT_SERVING")
     await running.set_serving(in_sync)
+    if services.follower is not None:
+        running.watcher = asyncio.create_task(running.watch_lag(settings.max_index_lag))
     log.info("serving %s on %s port %d (%s) with %s; gallery of %d%s", SERVICE_NAME,
              settings.address.rsplit(":", 1)[0], running.port,
              "plaintext" if credentials is None else

@@ -61,6 +61,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "intra_op_threads": getattr(args, "intra_op_threads", None),
         "decision_fmr": getattr(args, "decision_fmr", None),
         "data_dir": getattr(args, "data_dir", None),
+        "registry_url": getattr(args, "registry_url", None),
         "duplicate_policy": getattr(args, "duplicate_policy", None),
         "log_level": getattr(args, "log_level", None),
         "tls_cert": getattr(args, "tls_cert", None),
@@ -325,15 +326,16 @@ def cmd_audit_find(args: argparse.Namespace) -> int:
 
 
 def cmd_data_reseal(args: argparse.Namespace) -> int:
-    from index.gallery import REGISTRY_FILE, Gallery
-    from index.registry import Registry
+    from index.gallery import Gallery
+    from index.registry import stored_model
     from server.config import data_sealer
 
     settings = _settings(args)
     setup_logging(settings.log_level)
     sealer = data_sealer(settings)
-    version, dim = Registry.read_meta(settings.data_dir / REGISTRY_FILE)
-    gallery = Gallery(settings.data_dir, version, dim, settings.index, sealer=sealer)
+    version, dim = stored_model(settings.registry_url, settings.data_dir)
+    gallery = Gallery(settings.data_dir, version, dim, settings.index, sealer=sealer,
+                      registry_url=settings.registry_url)
     try:
         changed = gallery.reseal()
     finally:
@@ -445,6 +447,10 @@ def parser() -> argparse.ArgumentParser:
                    help="calibrated false-match rate to decide at (FACEVERIFY_DECISION_FMR)")
     s.add_argument("--data-dir", type=Path,
                    help="enrolment registry and index snapshots (FACEVERIFY_DATA_DIR)")
+    s.add_argument("--registry-url",
+                   help="the registry: sqlite:///PATH, or postgresql://USER@HOST:PORT/DB shared "
+                   "by many servers (FACEVERIFY_REGISTRY_URL; default: SQLite in the data "
+                   "directory)")
     s.add_argument("--duplicate-policy", choices=["flag", "refuse"],
                    help="a face enrolled under another NIK is enrolled flagged for a person's "
                    "review, or refused (FACEVERIFY_DUPLICATE_POLICY; default flag)")
@@ -591,6 +597,7 @@ def parser() -> argparse.ArgumentParser:
                          "current data key (after turning encryption on, or to finish a key "
                          "rotation)")
     rs.add_argument("--data-dir", type=Path, help="FACEVERIFY_DATA_DIR")
+    rs.add_argument("--registry-url", help="FACEVERIFY_REGISTRY_URL")
     rs.add_argument("--data-key-file", type=Path, help="the new key (FACEVERIFY_DATA_KEY_FILE)")
     rs.add_argument("--previous-data-key-file", type=Path, action="append",
                     help="a key data may still be sealed with (repeat; "

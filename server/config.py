@@ -67,6 +67,11 @@ class Settings:
         detector_max_side: longer image side the detector scans at (larger images
             are scanned downscaled).
         data_dir: where the enrolment registry (SQLite) and index snapshots live.
+        registry_url: the registry: empty (SQLite in ``data_dir``), ``sqlite:///PATH``
+            or ``postgresql://USER[:PASSWORD]@HOST:PORT/DB`` (shared by many servers;
+            ``data_dir`` then keeps this server's index snapshots and audit log).
+        max_index_lag: with a shared registry, health is NOT_SERVING while this
+            replica's index misses more changes than this.
         index: FAISS index choice (flat = exact; ivf = approximate, for large galleries).
         dedup_fpir: the false-positive identification rate (false duplicate alarms
             per enrolment attempt) the duplicate threshold is set for, at the
@@ -127,6 +132,8 @@ class Settings:
     flip: bool = True
     detector_max_side: int = 800
     data_dir: Path = field(default_factory=lambda: default_data_dir(os.environ))
+    registry_url: str = field(default="", repr=False)  # may hold a password
+    max_index_lag: int = 1000
     index: IndexSpec = field(default_factory=IndexSpec)
     dedup_fpir: float = 1e-3
     duplicate_policy: str = "flag"
@@ -199,6 +206,8 @@ ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
     "FACEVERIFY_FLIP": ("flip", _boolean),
     "FACEVERIFY_DETECTOR_MAX_SIDE": ("detector_max_side", int),
     "FACEVERIFY_DATA_DIR": ("data_dir", Path),
+    "FACEVERIFY_REGISTRY_URL": ("registry_url", str),
+    "FACEVERIFY_MAX_INDEX_LAG": ("max_index_lag", int),
     "FACEVERIFY_INDEX_KIND": ("index.kind", str),
     "FACEVERIFY_INDEX_NLIST": ("index.nlist", int),
     "FACEVERIFY_INDEX_NPROBE": ("index.nprobe", int),
@@ -332,6 +341,11 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError(f"dedup_fpir {s.dedup_fpir} must be between 0 and 1")
     if s.duplicate_policy not in ("refuse", "flag"):
         raise ConfigurationError(f"duplicate_policy {s.duplicate_policy!r}: choose refuse or flag")
+    if s.registry_url and not s.registry_url.startswith(
+            ("sqlite:///", "postgresql://", "postgres://")):
+        raise ConfigurationError("registry_url: use sqlite:///PATH or postgresql://...")
+    if s.max_index_lag < 0:
+        raise ConfigurationError("max_index_lag must be >= 0")
     if s.snapshot_every < 1:
         raise ConfigurationError("snapshot_every must be >= 1")
     s.index.validate()

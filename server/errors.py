@@ -179,6 +179,15 @@ class QueueTimeout(RequestError):
     reason = "DEADLINE_EXPIRED_IN_QUEUE"
 
 
+class RegistryUnavailable(RequestError):
+    """The shared registry (PostgreSQL) cannot be reached: retry shortly, or on
+    another replica.  Verification, which needs no registry, keeps working."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "REGISTRY_UNAVAILABLE"
+    retry_after = 1.0
+
+
 class InternalError(RequestError):
     """An unexpected failure; details are in the server log under the request id."""
 

@@ -22,6 +22,7 @@ from prometheus_client import (
 )
 
 from server.duplicates import DuplicatePoint
+from server.errors import FaceVerifyError
 from server.pipeline.faces import STAGES as PIPELINE_STAGES
 
 # Latency buckets from 2.5 ms to 10 s: an image on a GPU takes a few ms, a
@@ -103,6 +104,12 @@ class Metrics:
                                ("method", "reason"), registry=r)
         self.tls_reloads = Counter("faceverify_tls_reloads",
                                    "Times the TLS certificate files were reloaded", registry=r)
+        self.index_lag = Gauge("faceverify_index_lag_changes",
+                               "Shared registry: changes this replica's index does not hold "
+                               "yet (-1: unknown, the registry is unreachable)", registry=r)
+        self.registry_up = Gauge("faceverify_registry_up",
+                                 "Shared registry: 1 while this replica follows its change log",
+                                 registry=r)
         self.serving = Gauge("faceverify_serving", "1 while health reports SERVING",
                              registry=r)
         self.build = Info("faceverify_build", "Server version, models and execution provider",
@@ -127,10 +134,16 @@ class Metrics:
 
     def track_index(self, size: Callable[[], float], in_sync: Callable[[], float],
                     pending: Callable[[], float]) -> None:
-        """Read the index size and agreement and the reviews pending at each scrape."""
+        """Read the index size and agreement and the reviews pending at each scrape
+        (NaN while the registry cannot be reached)."""
         self.index_size.set_function(size)
-        self.index_in_sync.set_function(in_sync)
-        self.reviews_pending.set_function(pending)
+        self.index_in_sync.set_function(_or_nan(in_sync))
+        self.reviews_pending.set_function(_or_nan(pending))
+
+    def track_follower(self, lag: Callable[[], float], up: Callable[[], float]) -> None:
+        """A replica of a shared registry: its index's lag and the registry's reach."""
+        self.index_lag.set_function(lag)
+        self.registry_up.set_function(up)
 
     def track_duplicates(self, point: Callable[[], DuplicatePoint], fpir: float) -> None:
         """Read the duplicate threshold for the gallery's current size at each scrape."""
@@ -151,6 +164,15 @@ class Metrics:
 
     def dropped_input(self, name: str, why: str) -> None:
         self.dropped.labels(name, why).inc()
+
+
+def _or_nan(read: Callable[[], float]) -> Callable[[], float]:
+    def safe() -> float:
+        try:
+            return read()
+        except FaceVerifyError:
+            return float("nan")
+    return safe
 
 
 class MetricsServer:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -172,3 +174,24 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     data_dir = tmp_path_factory.mktemp("data")
     with ServerThread(server_settings(model_dir, data_dir)) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A throw-away PostgreSQL cluster (Debian's postgresql; .ci/run installs it)."""
+    from benchmarks.pgcluster import Cluster, find_bindir
+
+    if find_bindir() is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+    with Cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def registry_url(postgres: Any, request: pytest.FixtureRequest) -> str:
+    """A fresh database of the session's cluster, for one test."""
+    name = "t_" + "".join(ch if ch.isalnum() else "_" for ch in request.node.name)[:50].lower()
+    return str(postgres.new_database(f"{name}_{os.getpid()}_{next(_databases)}"))
+
+
+_databases = itertools.count()

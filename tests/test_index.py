@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from index.gallery import SNAPSHOT_DIR, Gallery
-from index.registry import Registry, RegistryMismatch
+from index.registry import RegistryMismatch
+from index.sqlite_registry import SqliteRegistry as Registry
 from index.vectors import SNAPSHOT, IndexSpec, ReadWriteLock, VectorIndex
 
 DIM = 16
@@ -178,7 +179,8 @@ def test_erased_face_is_absent_from_the_next_snapshot(tmp_path: Path) -> None:
     g.snapshot()
     g.remove(nik(1))
     g.snapshot()
-    loaded = VectorIndex.load(tmp_path / SNAPSHOT_DIR, MODEL, DIM, IndexSpec())
+    loaded = VectorIndex.load(tmp_path / SNAPSHOT_DIR, MODEL, DIM, IndexSpec(),
+                              registry_id=g.registry.registry_id)
     assert loaded is not None and len(loaded[0]) == 2
     erased_id = 2  # the second enrolment's id
     assert erased_id not in loaded[0].search(v[1:2], 3)[1][0].tolist()

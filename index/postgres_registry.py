@@ -1,0 +1,399 @@
+"""The shared registry: PostgreSQL, for servers on many machines (see
+:mod:`index.registry` for the interface).
+
+The writer lock is a session-level advisory lock taken on one dedicated
+connection, and every write that logs a change is made on that same
+connection while it holds the lock.  So de-duplication's search and insert
+are atomic across every server, and change-log sequence numbers commit in
+order (a replica that has applied change N never later finds an N - 1).  If
+that connection breaks while the lock is held, PostgreSQL releases the lock
+and the write fails: it is never retried elsewhere without the lock.  Each
+change is announced with ``NOTIFY faceverify_changes`` (see
+:mod:`index.follower`).
+
+Reads use a small pool whose connections are checked before use.  When
+PostgreSQL is down or unreachable, every call that needs it fails within the
+connect timeout with :class:`~index.registry.RegistryUnavailable`
+(``UNAVAILABLE``, retryable); the pool and the writer reconnect by themselves
+once it is back.  Nothing acknowledged is lost: an enrolment is acknowledged
+only after its transaction committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from index.registry import (
+    COLUMNS,
+    ERASED,
+    Change,
+    Enrollment,
+    NotPending,
+    RowCodec,
+    WriterLock,
+    redact,
+)
+from index.sealing import Sealer
+from server.errors import ConfigurationError, RegistryUnavailable
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "faceverify_changes"
+# The advisory lock key of the writer lock (any 64-bit number, ours alone).
+LOCK_KEY = 0x66766572696679  # "fverify"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS faceverify_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS faceverify_enrollments (
+    id BIGSERIAL PRIMARY KEY,
+    nik TEXT NOT NULL UNIQUE,
+    embedding BYTEA NOT NULL,
+    flagged BOOLEAN NOT NULL DEFAULT FALSE,
+    candidates BYTEA NOT NULL,
+    metadata BYTEA NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    review TEXT NOT NULL DEFAULT 'none',
+    reviewed_by TEXT NOT NULL DEFAULT '',
+    reviewed_at DOUBLE PRECISION,
+    review_note TEXT NOT NULL DEFAULT '',
+    photos INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS faceverify_enrollments_review
+    ON faceverify_enrollments (review, id);
+CREATE TABLE IF NOT EXISTS faceverify_changes (
+    seq BIGSERIAL PRIMARY KEY,
+    op TEXT NOT NULL CHECK (op IN ('add', 'remove')),
+    id BIGINT NOT NULL
+);
+"""
+
+_DOWN = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+
+
+@contextlib.contextmanager
+def _unavailable(what: str) -> Iterator[None]:
+    """PostgreSQL down or unreachable -> RegistryUnavailable (retryable)."""
+    try:
+        yield
+    except _DOWN as exc:
+        log.warning("registry unavailable (%s): %s", what, str(exc).splitlines()[0] if str(exc)
+                    else type(exc).__name__)
+        raise RegistryUnavailable(f"the shared registry cannot be reached ({what}); retry "
+                                  "shortly") from exc
+
+
+def _bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+class AdvisoryLock:
+    """The writer lock: a re-entrant thread lock, then ``pg_advisory_lock`` on the
+    registry's writer connection (see the module docstring)."""
+
+    def __init__(self, registry: PostgresRegistry) -> None:
+        self._registry = registry
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self.on_acquire: Callable[[], None] = lambda: None
+
+    @property
+    def held(self) -> bool:
+        return self._depth > 0
+
+    def __enter__(self) -> AdvisoryLock:
+        self._thread_lock.acquire()
+        if self._depth == 0:
+            locked = False
+            try:
+                with _unavailable("writer lock"):
+                    conn = self._registry.writer(reconnect=True)
+                    conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+                    locked = True
+                self.on_acquire()
+            except BaseException:
+                if locked:
+                    self._unlock()
+                self._thread_lock.release()
+                raise
+        self._depth += 1
+        return self
+
+    def _unlock(self) -> None:
+        try:
+            self._registry.writer().execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+        except (*_DOWN, RegistryUnavailable):
+            # The session is gone, and PostgreSQL released its lock with it.
+            self._registry.drop_writer()
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._unlock()
+        self._thread_lock.release()
+
+    def close(self) -> None:
+        pass
+
+
+class PostgresRegistry(RowCodec):
+    """Thread-safe access to a PostgreSQL registry shared by many servers.
+
+    Raises:
+        ConfigurationError: at open, PostgreSQL cannot be reached.
+        RegistryMismatch: at open, it holds another model's embeddings.
+    """
+
+    def __init__(self, url: str, model_version: str, dim: int, sealer: Sealer | None = None,
+                 connect_timeout: float = 3.0) -> None:
+        self.url = url
+        self.dim = dim
+        self.sealer = sealer or Sealer()
+        self.connect_timeout = connect_timeout
+        self._connect_kwargs: dict[str, Any] = {
+            "autocommit": True, "connect_timeout": max(1, round(connect_timeout)),
+            # A lost peer is noticed in seconds, not at the kernel's TCP timeout.
+            "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+            "keepalives_count": 2, "options": "-c lock_timeout=30s"}
+        self._writer: psycopg.Connection[Any] | None = None
+        self.lock: WriterLock = AdvisoryLock(self)
+        self.distributed = True
+        try:
+            self._writer = psycopg.connect(url, **self._connect_kwargs)
+        except psycopg.Error as exc:
+            raise ConfigurationError(f"cannot reach the registry at {redact(url)}: "
+                                     f"{str(exc).splitlines()[0]}") from exc
+        self.pool = ConnectionPool(url, kwargs=self._connect_kwargs, min_size=1, max_size=8,
+                                   timeout=connect_timeout, check=ConnectionPool.check_connection,
+                                   reconnect_timeout=float("inf"), name="faceverify-registry",
+                                   open=True)
+        self._create(model_version, dim)
+        self._check_key()
+
+    # -- connections --------------------------------------------------------------------
+
+    def writer(self, reconnect: bool = False) -> psycopg.Connection[Any]:
+        """The writer connection; a new one only when ``reconnect`` (never while
+        the lock is held: a write must happen on the session that holds it)."""
+        conn = self._writer
+        if conn is None or conn.closed or conn.broken:
+            if not reconnect:
+                raise RegistryUnavailable("the shared registry's connection was lost; retry")
+            with _unavailable("connect"):
+                conn = self._writer = psycopg.connect(self.url, **self._connect_kwargs)
+        return conn
+
+    def drop_writer(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._writer.close()
+            self._writer = None
+
+    @contextlib.contextmanager
+    def _read(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        with _unavailable(what), self.pool.connection() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _write(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        """A transaction on the writer connection (the lock must be held)."""
+        if not isinstance(self.lock, AdvisoryLock) or not self.lock.held:
+            raise RuntimeError(f"{what} outside the writer lock")
+        with _unavailable(what):
+            conn = self.writer()
+            with conn.transaction():
+                yield conn
+
+    def close(self) -> None:
+        self.pool.close()
+        self.drop_writer()
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def _create(self, model_version: str, dim: int) -> None:
+        conn = self.writer()
+        with conn.transaction():
+            # Servers starting together must not create the tables twice.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            conn.execute(SCHEMA)
+            meta = dict(conn.execute("SELECT key, value FROM faceverify_meta").fetchall())
+            if not meta:
+                meta = {"model_version": model_version, "dim": str(dim),
+                        "registry_id": uuid.uuid4().hex}
+                conn.cursor().executemany("INSERT INTO faceverify_meta VALUES (%s, %s)",
+                                          list(meta.items()))
+        self.registry_id = meta["registry_id"]
+        self._check_meta_values(redact(self.url), meta, model_version, dim)
+
+    def _check_key(self) -> None:
+        with self._read("open") as conn:
+            row = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments "
+                               "ORDER BY id DESC LIMIT 1").fetchone()
+        self._check_key_opens(f"at {redact(self.url)}", row)
+
+    # -- writes (under the lock) ------------------------------------------------------------
+
+    def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
+            candidates: list[tuple[str, float]] | None = None,
+            metadata: dict[str, str] | None = None, photos: int = 1) -> Enrollment:
+        """Insert an enrolment and log it; committed when this returns."""
+        vec = np.ascontiguousarray(embedding, dtype=np.float32)
+        if vec.shape != (self.dim,):
+            raise ValueError(f"embedding shape {vec.shape} != ({self.dim},)")
+        now = time.time()
+        cands = candidates or []
+        review = "pending" if flagged else "none"
+        with self._write("enrol") as conn:
+            new_id = int(conn.execute(
+                "INSERT INTO faceverify_enrollments (nik, embedding, flagged, candidates, "
+                "metadata, created_at, review, photos) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                "RETURNING id",
+                (nik, self._seal("embedding", nik, vec.tobytes()), flagged,
+                 _bytes(self._sealed_json("candidates", nik, cands)),
+                 _bytes(self._sealed_json("metadata", nik, metadata or {})), now, review,
+                 photos)).fetchone()[0])  # type: ignore[index]
+            self._log_change(conn, "add", new_id)
+        return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}),
+                          now, review, photos=photos)
+
+    @staticmethod
+    def _log_change(conn: psycopg.Connection[Any], op: str, rid: int) -> None:
+        seq = conn.execute("INSERT INTO faceverify_changes (op, id) VALUES (%s, %s) "
+                           "RETURNING seq", (op, rid)).fetchone()[0]  # type: ignore[index]
+        # Delivered to listeners when the transaction commits.
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
+
+    def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
+                       ) -> Enrollment | None:
+        if decision not in ("confirmed", "cleared"):
+            raise ValueError(f"unknown review decision {decision!r}")
+        with self._write("review") as conn:
+            row = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments WHERE nik = %s "
+                               "FOR UPDATE", (nik,)).fetchone()
+            if row is None:
+                return None
+            if row[7] != "pending":
+                raise NotPending(f"this enrolment awaits no review (it is {row[7]})")
+            row = conn.execute(
+                "UPDATE faceverify_enrollments SET review = %s, reviewed_by = %s, "
+                f"reviewed_at = %s, review_note = %s WHERE id = %s RETURNING {COLUMNS}",
+                (decision, reviewer, time.time(), note, row[0])).fetchone()
+        return self._row(row)
+
+    def remove(self, nik: str) -> Enrollment | None:
+        """Erase an enrolment, log the removal, strike the NIK from other enrolments'
+        candidate lists (``erased`` stands in); None if the NIK is not enrolled."""
+        with self._write("erase") as conn:
+            row = conn.execute(f"DELETE FROM faceverify_enrollments WHERE nik = %s "
+                               f"RETURNING {COLUMNS}", (nik,)).fetchone()
+            if row is None:
+                return None
+            self._log_change(conn, "remove", int(row[0]))
+            for other, other_nik, sealed in conn.execute(
+                    "SELECT id, nik, candidates FROM faceverify_enrollments WHERE flagged"
+            ).fetchall():
+                candidates = json.loads(self._open("candidates", other_nik, sealed))
+                if any(n == nik for n, _ in candidates):
+                    struck = [[ERASED if n == nik else n, s] for n, s in candidates]
+                    conn.execute("UPDATE faceverify_enrollments SET candidates = %s "
+                                 "WHERE id = %s",
+                                 (_bytes(self._sealed_json("candidates", other_nik, struck)),
+                                  other))
+        return self._row(row)
+
+    def reseal(self, batch: int = 1000) -> int:
+        """Seal every value with the current data key; how many rows changed."""
+        changed, last = 0, 0
+        while True:
+            with self._write("reseal") as conn:
+                rows = conn.execute(
+                    "SELECT id, nik, embedding, candidates, metadata FROM "
+                    "faceverify_enrollments WHERE id > %s ORDER BY id LIMIT %s",
+                    (last, batch)).fetchall()
+                for rid, nik, emb, cands, meta in rows:
+                    if not any(self.sealer.needs_reseal(_bytes(v)) for v in (emb, cands, meta)):
+                        continue
+                    conn.execute(
+                        "UPDATE faceverify_enrollments SET embedding = %s, candidates = %s, "
+                        "metadata = %s WHERE id = %s",
+                        (self._seal("embedding", nik, self._open("embedding", nik, emb)),
+                         _bytes(self._sealed_json(
+                             "candidates", nik, json.loads(self._open("candidates", nik, cands)))),
+                         _bytes(self._sealed_json(
+                             "metadata", nik, json.loads(self._open("metadata", nik, meta)))),
+                         rid))
+                    changed += 1
+            if not rows:
+                return changed
+            last = rows[-1][0]
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def pending_reviews(self, after_id: int, limit: int) -> list[Enrollment]:
+        with self._read("reviews") as conn:
+            rows = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments WHERE "
+                                "review = 'pending' AND id > %s ORDER BY id LIMIT %s",
+                                (after_id, limit)).fetchall()
+        return [self._row(r) for r in rows]
+
+    def count_pending(self) -> int:
+        with self._read("reviews") as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM faceverify_enrollments "
+                                    "WHERE review = 'pending'").fetchone()[0])  # type: ignore[index]
+
+    def get(self, nik: str) -> Enrollment | None:
+        with self._read("look-up") as conn:
+            row = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments WHERE nik = %s",
+                               (nik,)).fetchone()
+        return self._row(row) if row else None
+
+    def get_by_ids(self, ids: list[int]) -> dict[int, Enrollment]:
+        if not ids:
+            return {}
+        with self._read("look-up") as conn:
+            rows = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments "
+                                "WHERE id = ANY(%s)", (ids,)).fetchall()
+        return {int(r[0]): self._row(r) for r in rows}
+
+    def count(self) -> int:
+        with self._read("count") as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM faceverify_enrollments"
+                                    ).fetchone()[0])  # type: ignore[index]
+
+    def last_seq(self) -> int:
+        with self._read("change log") as conn:
+            row = conn.execute("SELECT MAX(seq) FROM faceverify_changes").fetchone()
+        return int(row[0] or 0) if row else 0
+
+    def changes_since(self, seq: int, limit: int | None = None) -> list[Change]:
+        """Changes after ``seq`` in order (at most ``limit``), with the current
+        embedding of added ids."""
+        with self._read("change log") as conn:
+            rows = conn.execute(
+                "SELECT c.seq, c.op, c.id, e.nik, e.embedding FROM faceverify_changes c "
+                "LEFT JOIN faceverify_enrollments e ON e.id = c.id AND c.op = 'add' "
+                "WHERE c.seq > %s ORDER BY c.seq LIMIT %s", (seq, limit)).fetchall()
+        return self._changes(rows)
+
+    def iter_embeddings(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (ids, embeddings) in id order, in batches (for rebuilding the index)."""
+        last = 0
+        while True:
+            with self._read("embeddings") as conn:
+                rows = conn.execute("SELECT id, nik, embedding FROM faceverify_enrollments "
+                                    "WHERE id > %s ORDER BY id LIMIT %s", (last, batch)).fetchall()
+            if not rows:
+                return
+            ids, embs = self._embeddings(rows, self.dim)
+            yield ids, embs
+            last = int(ids[-1])

@@ -1,0 +1,405 @@
+"""The embedded registry: SQLite (see :mod:`index.registry` for the interface).
+
+One row per enrolled NIK with its embedding (never the image), plus an
+append-only change log whose sequence numbers let the FAISS index, a derived
+structure, catch up from a snapshot.  Several processes on one machine share
+it; an ``flock`` on a file beside it is the writer lock.  WAL journal with ``synchronous=FULL``: a
+commit that returned is on disk, so every enrolment acknowledged to a caller
+survives a crash.  ``secure_delete`` overwrites erased rows' bytes.  With a
+data key, embeddings, candidate lists and metadata are sealed (AES-GCM, see
+:mod:`index.sealing`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from index.registry import (
+    ERASED,
+    Change,
+    Enrollment,
+    NotPending,
+    RowCodec,
+    WriterLock,
+)
+from index.sealing import Sealer
+from server.durable import private_dir, private_file
+from server.errors import StartupError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS enrollments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    nik TEXT NOT NULL UNIQUE,
+    embedding BLOB NOT NULL,
+    flagged INTEGER NOT NULL DEFAULT 0,
+    candidates TEXT NOT NULL DEFAULT '[]',
+    metadata TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    review TEXT NOT NULL DEFAULT 'none',
+    reviewed_by TEXT NOT NULL DEFAULT '',
+    reviewed_at REAL,
+    review_note TEXT NOT NULL DEFAULT '',
+    photos INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL CHECK (op IN ('add', 'remove')),
+    id INTEGER NOT NULL
+);
+"""
+
+
+# Columns added since the first schema, with their definitions: a registry
+# written by an older version gains them at open (nothing else changes).
+ADDED_COLUMNS = {
+    "review": "TEXT NOT NULL DEFAULT 'none'",
+    "reviewed_by": "TEXT NOT NULL DEFAULT ''",
+    "reviewed_at": "REAL",
+    "review_note": "TEXT NOT NULL DEFAULT ''",
+    "photos": "INTEGER NOT NULL DEFAULT 1",
+}
+LOCK_FILE = "gallery.lock"
+
+
+class FileLock:
+    """The writer lock of a SQLite registry: a re-entrant thread lock, then an
+    ``flock`` on a file beside the database (see :class:`index.registry.WriterLock`).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._thread_lock = threading.RLock()
+        self._file = open(private_file(path), "a+b")  # noqa: SIM115 - held for the registry's life
+        self._depth = 0
+        self.on_acquire: Callable[[], None] = lambda: None
+
+    def __enter__(self) -> FileLock:
+        self._thread_lock.acquire()
+        if self._depth == 0:
+            try:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+                self.on_acquire()
+            except BaseException:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+                self._thread_lock.release()
+                raise
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+        self._thread_lock.release()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class SqliteRegistry(RowCodec):
+    """Thread-safe access to the SQLite registry (one connection, one lock).
+
+    Raises:
+        RegistryMismatch: at open, when the file belongs to another model.
+    """
+
+    def __init__(self, path: Path, model_version: str, dim: int,
+                 sealer: Sealer | None = None) -> None:
+        # Biometric data: the directory and every file only the owner's. SQLite
+        # gives its -wal and -shm files the database file's rights.
+        private_dir(path.parent)
+        private_file(path)
+        for suffix in ("-wal", "-shm"):
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                private_file(side)
+        self.path = path
+        self.dim = dim
+        self.sealer = sealer or Sealer()
+        self._lock = threading.Lock()
+        # Other processes sharing the file may hold the write lock briefly.
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                   timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._db.executescript(SCHEMA)
+        self._migrate()
+        self._check_meta(model_version, dim)
+        self._check_key()
+        self.lock: WriterLock = FileLock(path.parent / LOCK_FILE)
+        self.distributed = False
+
+    def _migrate(self) -> None:
+        """Add the columns a registry from an older version lacks (one transaction)."""
+        with self._tx():
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(enrollments)")}
+            missing = [c for c in ADDED_COLUMNS if c not in have]
+            for column in missing:
+                self._db.execute(f"ALTER TABLE enrollments ADD COLUMN {column} "
+                                 f"{ADDED_COLUMNS[column]}")
+            if "review" in missing:  # enrolments flagged before reviews existed await one
+                self._db.execute("UPDATE enrollments SET review = 'pending' WHERE flagged = 1")
+            self._db.execute("CREATE INDEX IF NOT EXISTS enrollments_review "
+                             "ON enrollments (review, id)")
+
+    def _check_meta(self, model_version: str, dim: int) -> None:
+        with self._tx():
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            if not meta:
+                meta = {"model_version": model_version, "dim": str(dim)}
+                self._db.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
+            if "registry_id" not in meta:  # registries from before it existed gain one
+                meta["registry_id"] = uuid.uuid4().hex
+                self._db.execute("INSERT INTO meta VALUES ('registry_id', ?)",
+                                 (meta["registry_id"],))
+        self.registry_id = meta["registry_id"]
+        self._check_meta_values(str(self.path), meta, model_version, dim)
+
+    @staticmethod
+    def read_meta(path: Path) -> tuple[str, int]:
+        """The model version and dimension a registry file was written with.
+
+        Raises:
+            StartupError: no registry there.
+        """
+        if not path.is_file():
+            raise StartupError(f"no registry at {path}")
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        finally:
+            db.close()
+        return str(meta["model_version"]), int(meta["dim"])
+
+    def _check_key(self) -> None:
+        """Refuse to start with no data key, or the wrong one, for sealed data.
+
+        Raises:
+            ConfigurationError: naming what to configure.
+        """
+        with self._lock:
+            row = self._db.execute("SELECT * FROM enrollments ORDER BY id DESC LIMIT 1"
+                                   ).fetchone()
+        self._check_key_opens(str(self.path), row)
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db, self._lock)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+        self.lock.close()
+
+    def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
+            candidates: list[tuple[str, float]] | None = None,
+            metadata: dict[str, str] | None = None, photos: int = 1) -> Enrollment:
+        """Insert an enrolment and log it; durable when this returns.
+
+        Raises:
+            sqlite3.IntegrityError: the NIK is already enrolled.
+        """
+        vec = np.ascontiguousarray(embedding, dtype=np.float32)
+        if vec.shape != (self.dim,):
+            raise ValueError(f"embedding shape {vec.shape} != ({self.dim},)")
+        now = time.time()
+        cands = candidates or []
+        with self._tx():
+            review = "pending" if flagged else "none"
+            cur = self._db.execute(
+                "INSERT INTO enrollments (nik, embedding, flagged, candidates, metadata, "
+                "created_at, review, photos) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (nik, self._seal("embedding", nik, vec.tobytes()), int(flagged),
+                 self._sealed_json("candidates", nik, cands),
+                 self._sealed_json("metadata", nik, metadata or {}), now, review, photos))
+            new_id = int(cur.lastrowid or 0)
+            self._db.execute("INSERT INTO changes (op, id) VALUES ('add', ?)", (new_id,))
+        return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}), now,
+                          review, photos=photos)
+
+    def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
+                       ) -> Enrollment | None:
+        """Record a person's decision on a pending enrolment (``confirmed`` or
+        ``cleared``); None if the NIK is not enrolled.  The embedding and the
+        index are untouched: a confirmed duplicate stays findable.
+
+        Raises:
+            NotPending: the enrolment awaits no review (never flagged, or decided).
+        """
+        if decision not in ("confirmed", "cleared"):
+            raise ValueError(f"unknown review decision {decision!r}")
+        with self._tx():
+            row = self._db.execute("SELECT * FROM enrollments WHERE nik = ?", (nik,)).fetchone()
+            if row is None:
+                return None
+            if row[7] != "pending":
+                raise NotPending(f"this enrolment awaits no review (it is {row[7]})")
+            self._db.execute("UPDATE enrollments SET review = ?, reviewed_by = ?, "
+                             "reviewed_at = ?, review_note = ? WHERE id = ?",
+                             (decision, reviewer, time.time(), note, row[0]))
+            row = self._db.execute("SELECT * FROM enrollments WHERE id = ?",
+                                   (row[0],)).fetchone()
+        return self._row(row)
+
+    def pending_reviews(self, after_id: int, limit: int) -> list[Enrollment]:
+        """Enrolments awaiting review, oldest first, after the one with id ``after_id``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM enrollments WHERE review = 'pending' AND id > ? "
+                "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
+        return [self._row(r) for r in rows]
+
+    def count_pending(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM enrollments "
+                                        "WHERE review = 'pending'").fetchone()[0])
+
+    def remove(self, nik: str) -> Enrollment | None:
+        """Erase an enrolment (and log the removal); None if the NIK is not enrolled.
+
+        When this returns the NIK and the embedding are in no file: the row's
+        bytes are overwritten (``secure_delete``), the NIK is struck from the
+        candidate lists of enrolments flagged against it (``erased`` stands in),
+        and the write-ahead log, which still held the old pages, is checkpointed
+        into the database and truncated.
+        """
+        with self._tx():
+            row = self._db.execute("SELECT * FROM enrollments WHERE nik = ?", (nik,)).fetchone()
+            if row is None:
+                return None
+            self._db.execute("DELETE FROM enrollments WHERE id = ?", (row[0],))
+            self._db.execute("INSERT INTO changes (op, id) VALUES ('remove', ?)", (row[0],))
+            # Only flagged enrolments have candidates (sealed ones cannot be searched).
+            flagged = self._db.execute(
+                "SELECT id, nik, candidates FROM enrollments WHERE flagged = 1").fetchall()
+            for other, other_nik, sealed in flagged:
+                candidates = json.loads(self._open("candidates", other_nik, sealed))
+                if not any(n == nik for n, _ in candidates):
+                    continue
+                struck = [[ERASED if n == nik else n, s] for n, s in candidates]
+                self._db.execute("UPDATE enrollments SET candidates = ? WHERE id = ?",
+                                 (self._sealed_json("candidates", other_nik, struck), other))
+        self._truncate_wal()
+        return self._row(row)
+
+    def _truncate_wal(self) -> None:
+        """Copy the write-ahead log into the database and empty it; another process
+        reading at that moment can hold it up, so it is retried for a while."""
+        for _ in range(100):
+            with self._lock:
+                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return
+            time.sleep(0.05)
+        log.warning("the write-ahead log could not be truncated after an erasure (another "
+                    "process kept reading): the next erasure or checkpoint empties it")
+
+    def get(self, nik: str) -> Enrollment | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM enrollments WHERE nik = ?", (nik,)).fetchone()
+        return self._row(row) if row else None
+
+    def get_by_ids(self, ids: list[int]) -> dict[int, Enrollment]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM enrollments WHERE id IN ({marks})",
+                                    ids).fetchall()
+        return {r[0]: self._row(r) for r in rows}
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM enrollments").fetchone()[0])
+
+    def last_seq(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT MAX(seq) FROM changes").fetchone()
+        return int(row[0] or 0)
+
+    def changes_since(self, seq: int, limit: int | None = None) -> list[Change]:
+        """Changes after ``seq`` in order (at most ``limit``), with the current
+        embedding of added ids."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT c.seq, c.op, c.id, e.nik, e.embedding FROM changes c "
+                "LEFT JOIN enrollments e ON e.id = c.id AND c.op = 'add' "
+                "WHERE c.seq > ? ORDER BY c.seq LIMIT ?", (seq, limit or -1)).fetchall()
+        return self._changes(rows)
+
+    def iter_embeddings(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (ids, embeddings) in id order, in batches (for rebuilding the index)."""
+        last = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT id, nik, embedding FROM enrollments WHERE id > ? ORDER BY id "
+                    "LIMIT ?", (last, batch)).fetchall()
+            if not rows:
+                return
+            ids, embs = self._embeddings(rows, self.dim)
+            yield ids, embs
+            last = int(ids[-1])
+
+
+    def reseal(self, batch: int = 1000) -> int:
+        """Seal every value with the current data key (opening it with whichever
+        key sealed it), then empty the write-ahead log; how many rows changed."""
+        changed, last = 0, 0
+        while True:
+            with self._tx():
+                rows = self._db.execute(
+                    "SELECT id, nik, embedding, candidates, metadata FROM enrollments "
+                    "WHERE id > ? ORDER BY id LIMIT ?", (last, batch)).fetchall()
+                for rid, nik, emb, cands, meta in rows:
+                    if not any(self.sealer.needs_reseal(v.encode() if isinstance(v, str) else v)
+                               for v in (emb, cands, meta)):
+                        continue
+                    plain = {c: self._open(c, nik, v) for c, v in
+                             (("embedding", emb), ("candidates", cands), ("metadata", meta))}
+                    self._db.execute(
+                        "UPDATE enrollments SET embedding = ?, candidates = ?, metadata = ? "
+                        "WHERE id = ?",
+                        (self._seal("embedding", nik, plain["embedding"]),
+                         self._sealed_json("candidates", nik, json.loads(plain["candidates"])),
+                         self._sealed_json("metadata", nik, json.loads(plain["metadata"])), rid))
+                    changed += 1
+            if not rows:
+                break
+            last = rows[-1][0]
+        self._truncate_wal()
+        return changed
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or ``ROLLBACK``) under the registry lock."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
+        self.db = db
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        try:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.lock.release()

@@ -1,0 +1,162 @@
+"""Several galleries (one per server, each with its own data directory) on one
+real PostgreSQL registry: what one enrols the others see, a check-and-insert is
+atomic across them, erasure reaches all, a replica restarted without a clean
+shutdown catches up, and the change log is followed by notification."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.follower import Follower
+from index.gallery import Gallery
+from index.vectors import IndexSpec
+from server.errors import RegistryUnavailable
+
+DIM = 16
+MODEL = "test-model"
+
+
+def unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.normal(size=(n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def nik(i: int) -> str:
+    return f"317401150590{i + 1:04d}"
+
+
+@pytest.fixture
+def replicas(registry_url: str, tmp_path: Path) -> Iterator[list[Gallery]]:
+    galleries = [Gallery(tmp_path / f"replica-{i}", MODEL, DIM, IndexSpec(),
+                         registry_url=registry_url) for i in range(3)]
+    yield galleries
+    for g in galleries:
+        g.close()
+
+
+def test_what_one_replica_enrols_the_others_find(replicas: list[Gallery]) -> None:
+    a, b, c = replicas
+    v = unit(np.random.default_rng(1), 5)
+    for i in range(5):
+        with a.write_lock:
+            a.add(nik(i), v[i])
+    for g in (b, c):
+        top = g.search(v[3], 1)[0]
+        assert (top.nik, round(top.score, 4)) == (nik(3), 1.0)
+        assert g.get(nik(4)) is not None and len(g) == 5
+
+
+def test_concurrent_enrolments_of_one_face_through_three_replicas_enrol_it_once(
+        replicas: list[Gallery]) -> None:
+    face = unit(np.random.default_rng(2), 1)[0]
+    start = threading.Barrier(12)
+    enrolled: list[str] = []
+
+    def enrol(i: int) -> None:
+        g = replicas[i % 3]
+        start.wait()
+        with g.write_lock:  # the enrolment's check-and-insert
+            matches = g.search(face, 1)
+            if not matches or matches[0].score < 0.9:
+                g.add(nik(100 + i), face)
+                enrolled.append(nik(100 + i))
+
+    threads = [threading.Thread(target=enrol, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(enrolled) == 1
+    for g in replicas:
+        g.refresh()
+        assert len(g) == 1 and g.registry.count() == 1
+
+
+def test_an_erasure_through_one_is_gone_from_all(replicas: list[Gallery]) -> None:
+    a, b, c = replicas
+    v = unit(np.random.default_rng(3), 3)
+    with a.write_lock:
+        for i in range(3):
+            a.add(nik(i), v[i], flagged=i == 2, candidates=[(nik(0), 0.95)] if i == 2 else None)
+    assert b.remove(nik(0)) is not None
+    for g in (a, c):
+        assert g.get(nik(0)) is None
+        assert nik(0) not in [m.nik for m in g.search(v[0], 3)]
+        assert g.get(nik(2)).candidates == [("erased", 0.95)]  # type: ignore[union-attr]
+
+
+def test_a_replica_restarted_without_a_clean_stop_catches_up(registry_url: str,
+                                                             tmp_path: Path) -> None:
+    v = unit(np.random.default_rng(4), 60)
+    a = Gallery(tmp_path / "a", MODEL, DIM, IndexSpec(), snapshot_every=10,
+                registry_url=registry_url)
+    b = Gallery(tmp_path / "b", MODEL, DIM, IndexSpec(), registry_url=registry_url)
+    for i in range(20):
+        with a.write_lock:
+            a.add(nik(i), v[i])
+    # b "dies": no close, no final snapshot, its connections just dropped.
+    b.registry.close()
+    for i in range(20, 60):
+        with a.write_lock:
+            a.add(nik(i), v[i])
+    a.remove(nik(5))
+    restarted = Gallery(tmp_path / "b", MODEL, DIM, IndexSpec(), registry_url=registry_url)
+    assert len(restarted) == 59 and restarted.lag() == 0
+    assert restarted.search(v[42], 1)[0].nik == nik(42)
+    a.close()
+    restarted.close()
+
+
+def test_the_follower_applies_changes_when_notified(replicas: list[Gallery]) -> None:
+    a, b, _ = replicas
+    follower = Follower(b, poll=30.0).start()  # a long poll: only NOTIFY can be in time
+    try:
+        deadline = time.time() + 10
+        while not follower.connected and time.time() < deadline:
+            time.sleep(0.02)
+        v = unit(np.random.default_rng(5), 1)[0]
+        with a.write_lock:
+            a.add(nik(7), v)
+        deadline = time.time() + 5
+        while len(b) < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        assert len(b) == 1 and follower.lag == 0
+    finally:
+        follower.close()
+
+
+def test_an_unreachable_registry_fails_fast_and_is_reconnected(
+        postgres: object, replicas: list[Gallery]) -> None:
+    a = replicas[0]
+    v = unit(np.random.default_rng(6), 2)
+    with a.write_lock:
+        a.add(nik(1), v[0])
+    postgres.stop()  # type: ignore[attr-defined]
+    try:
+        started = time.time()
+        with pytest.raises(RegistryUnavailable), a.write_lock:
+            a.add(nik(2), v[1])
+        with pytest.raises(RegistryUnavailable):
+            a.get(nik(1))
+        assert time.time() - started < 15
+        # The index itself still answers (it is this process's).
+        assert len(a) == 1
+    finally:
+        postgres.resume()  # type: ignore[attr-defined]
+    deadline = time.time() + 20
+    while True:
+        try:
+            with a.write_lock:
+                a.add(nik(2), v[1])
+            break
+        except RegistryUnavailable:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+    assert a.get(nik(1)) is not None and a.registry.count() == 2  # nothing lost
