@@ -105,7 +105,9 @@ def check(target: str, jobs: list[tuple[str, int, bytes]], acknowledged: set[str
 
 
 def crash_test(model_dir: Path, lfw: Path, data_dir: Path, rounds: int, people_per_round: int,
-               seed: int = 0) -> dict[str, object]:
+               seed: int = 0, registry_url: str = "") -> dict[str, object]:
+    """``registry_url``: a shared registry (PostgreSQL) instead of SQLite in ``data_dir``."""
+    env = {**SERVER_ENV, **({"FACEVERIFY_REGISTRY_URL": registry_url} if registry_url else {})}
     rng = random.Random(seed)
     identities = sorted(d for d in (lfw / "images").iterdir() if d.is_dir())
     rng.shuffle(identities)
@@ -116,7 +118,7 @@ def crash_test(model_dir: Path, lfw: Path, data_dir: Path, rounds: int, people_p
     for rnd in range(rounds):
         port = free_port()
         target = f"127.0.0.1:{port}"
-        proc = start_server(model_dir, data_dir, port, **SERVER_ENV)
+        proc = start_server(model_dir, data_dir, port, **env)
         wait_serving(target, proc)
         people = range(rnd * people_per_round, (rnd + 1) * people_per_round)
         jobs = []
@@ -127,7 +129,7 @@ def crash_test(model_dir: Path, lfw: Path, data_dir: Path, rounds: int, people_p
         result = run_round(target, jobs, kill_after=rng.uniform(1.0, 4.0), proc=proc)
         acknowledged |= set(result.acknowledged)
         all_jobs += jobs
-        proc = start_server(model_dir, data_dir, port, **SERVER_ENV)
+        proc = start_server(model_dir, data_dir, port, **env)
         try:
             wait_serving(target, proc)
             state = check(target, all_jobs, acknowledged)
@@ -154,11 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, help="default: a new temporary directory")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--people", type=int, default=40, help="identities per round")
+    p.add_argument("--registry-url", default="", help="a shared registry (postgresql://...)")
     args = p.parse_args(argv)
     import tempfile
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="faceverify-crash-"))
-    report = crash_test(args.model_dir, args.lfw, data_dir, args.rounds, args.people)
+    report = crash_test(args.model_dir, args.lfw, data_dir, args.rounds, args.people,
+                        registry_url=args.registry_url)
     json.dump(report, sys.stdout, indent=2)
     print()
     return 1 if report["failures"] else 0

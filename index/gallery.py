@@ -72,6 +72,7 @@ class Gallery:
         self._apply_lock = threading.Lock()
         self._applied = 0  # the last registry change the index holds
         self._changes_since_snapshot = 0
+        self._erased = False  # a removal applied since the last snapshot
         self.write_lock = self.registry.lock
         # Snapshots of one data directory, one at a time (processes may share it).
         self._snapshot_lock = FileLock(private_dir(data_dir) / SNAPSHOT_LOCK)
@@ -118,6 +119,7 @@ class Gallery:
                     elif c.op == "remove":
                         self._add(index, adds)
                         index.remove(np.array([c.id]))
+                        self._erased = True
                 self._add(index, adds)
                 if changes:
                     self._applied = changes[-1].seq
@@ -134,8 +136,12 @@ class Gallery:
             adds.clear()
 
     def refresh(self) -> None:
-        """Catch up with changes written since (by this or another process)."""
+        """Catch up with changes written since (by this or another process).  An
+        erasure among them rewrites the snapshot at once, so that the erased
+        embedding leaves this data directory too."""
         self._apply(self.index)
+        if self._erased:
+            self.snapshot()
 
     @property
     def applied(self) -> int:
@@ -188,8 +194,7 @@ class Gallery:
         with self.write_lock:
             e = self.registry.remove(nik)
             if e is not None:
-                self.refresh()
-                self.snapshot()
+                self.refresh()  # applies the removal, so rewrites the snapshot
             return e
 
     def _after_change(self) -> None:
@@ -210,6 +215,7 @@ class Gallery:
             manifest = self.index.save(self.data_dir / SNAPSHOT_DIR, self.model_version,
                                        self._applied, self.sealer, self.registry.registry_id)
             self._changes_since_snapshot = 0
+            self._erased = False
         log.info("index snapshot saved: %d vectors up to change %d", manifest["count"],
                  manifest["last_seq"])
 

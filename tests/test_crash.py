@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks.crash import crash_test, nik_for
 from server.nik import validate_nik
 
@@ -15,10 +17,13 @@ def test_nik_generator_is_valid_and_unique() -> None:
         validate_nik(n)
 
 
+@pytest.mark.parametrize("registry", ["sqlite", "postgresql"])
 def test_sigkill_during_enrolments_loses_nothing(calibrated_dlib_model_dir: Path,
-                                                 lfw_dir: Path, tmp_path: Path) -> None:
+                                                 lfw_dir: Path, tmp_path: Path, registry: str,
+                                                 request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("registry_url") if registry == "postgresql" else ""
     report = crash_test(calibrated_dlib_model_dir, lfw_dir, tmp_path / "data", rounds=2,
-                        people_per_round=12, seed=1)
+                        people_per_round=12, seed=1, registry_url=url)
     print(report)
     assert report["failures"] == 0
     assert report["acknowledged_total"] > 0

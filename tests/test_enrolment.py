@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -22,13 +26,49 @@ SAME_PERSON_OTHER_PHOTO = ("Abel_Pacheco", 4)
 OTHER_PERSON = ("Dean_Barker", 1)
 
 
-@pytest.fixture()
-def fresh(model_dir: Path, tmp_path: Path) -> Iterator[FaceVerifyClient]:
-    """A server with an empty gallery of its own, refusing duplicates."""
-    with ServerThread(server_settings(model_dir, tmp_path / "data",
-                                      duplicate_policy="refuse")) as s, \
-            FaceVerifyClient(s.target) as client:
-        yield client
+class Balanced:
+    """Calls spread in turn over several servers' clients, as a gRPC-aware
+    balancer would spread them over replicas (so two concurrent calls of a test
+    reach two servers)."""
+
+    def __init__(self, clients: list[FaceVerifyClient]) -> None:
+        self.clients = clients
+        self._turn = itertools.cycle(clients)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(next(self._turn), name)
+
+    def server_info(self) -> pb.ServerInfo:
+        """Once every replica has applied the same changes (each follows the
+        registry's change log within milliseconds)."""
+        deadline = time.time() + 5
+        while True:
+            infos = [c.server_info() for c in self.clients]
+            if len({i.gallery_size for i in infos}) == 1 or time.time() > deadline:
+                return infos[0]
+            time.sleep(0.05)
+
+
+@pytest.fixture(params=["sqlite", "postgresql-2-servers"])
+def fresh(request: pytest.FixtureRequest, model_dir: Path,
+          tmp_path: Path) -> Iterator[FaceVerifyClient]:
+    """An empty gallery refusing duplicates: one server on its own SQLite registry,
+    or two servers sharing a PostgreSQL registry, called in turn."""
+    if request.param == "sqlite":
+        with ServerThread(server_settings(model_dir, tmp_path / "data",
+                                          duplicate_policy="refuse")) as s, \
+                FaceVerifyClient(s.target) as client:
+            yield client
+        return
+    url = request.getfixturevalue("registry_url")
+    with contextlib.ExitStack() as stack:
+        clients = []
+        for i in range(2):
+            s = stack.enter_context(ServerThread(server_settings(
+                model_dir, tmp_path / f"data{i}", duplicate_policy="refuse",
+                registry_url=url)))
+            clients.append(stack.enter_context(FaceVerifyClient(s.target)))
+        yield Balanced(clients)  # type: ignore[misc]
 
 
 def test_enrol_get_search_delete(fresh: FaceVerifyClient, lfw_dir: Path) -> None:

@@ -1,12 +1,16 @@
 """Erasure holds on disk: once DeleteEnrollment returns, no file of the data
 directory holds the NIK or its embedding (registry, its write-ahead log, the
-index snapshot, other enrolments' candidate lists)."""
+index snapshot, other enrolments' candidate lists) — nor, with two servers on
+a shared PostgreSQL registry, of either server's data directory."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from server.client import FaceVerifyClient
 from tests.conftest import ServerThread, lfw_image, server_settings
@@ -20,21 +24,39 @@ def files_holding(data_dir: Path, *needles: bytes) -> list[str]:
                   if f.is_file() and any(n in f.read_bytes() for n in needles))
 
 
+@pytest.mark.parametrize("registry", ["sqlite", "postgresql-2-servers"])
 def test_an_erased_enrolment_is_in_no_file(dlib_model_dir: Path, tmp_path: Path,
-                                            lfw_dir: Path) -> None:
-    data_dir = tmp_path / "data"
-    settings = server_settings(dlib_model_dir, data_dir, snapshot_every=1)
-    with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
-        client.enroll(ERASED_NIK, lfw_image(lfw_dir, "Abel_Pacheco", 1))
-        flagged = client.enroll(FLAGGED_NIK, lfw_image(lfw_dir, "Abel_Pacheco", 4))
+                                            lfw_dir: Path, registry: str,
+                                            request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("registry_url") if registry != "sqlite" else ""
+    dirs = [tmp_path / "data"] if not url else [tmp_path / "data0", tmp_path / "data1"]
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(ServerThread(server_settings(
+            dlib_model_dir, d, snapshot_every=1, registry_url=url))) for d in dirs]
+        clients = [stack.enter_context(FaceVerifyClient(s.target)) for s in servers]
+        first, last = clients[0], clients[-1]
+        first.enroll(ERASED_NIK, lfw_image(lfw_dir, "Abel_Pacheco", 1))
+        flagged = last.enroll(FLAGGED_NIK, lfw_image(lfw_dir, "Abel_Pacheco", 4))
         assert [c.nik for c in flagged.candidates] == [ERASED_NIK]  # a second place it sits
-        gallery = s.running.services.gallery  # type: ignore[union-attr]
+        gallery = servers[0].running.services.gallery  # type: ignore[union-attr]
         embedding = gallery.get(ERASED_NIK).embedding.astype(np.float32).tobytes()
         nik = ERASED_NIK.encode()
-        assert files_holding(data_dir, nik) and files_holding(data_dir, embedding)
+        for s in servers:  # each server's snapshot holds the embedding
+            s.running.services.gallery.snapshot()  # type: ignore[union-attr]
+        assert all(files_holding(d, embedding) for d in dirs)
+        if not url:
+            assert files_holding(dirs[0], nik)
 
-        assert client.delete_enrollment(ERASED_NIK).deleted
-        assert files_holding(data_dir, nik, embedding) == []
-        assert [c.nik for c in client.get_enrollment(FLAGGED_NIK).candidates] == ["erased"]
-        assert client.search(lfw_image(lfw_dir, "Abel_Pacheco", 1)).candidates[0].nik \
-            == FLAGGED_NIK
+        assert last.delete_enrollment(ERASED_NIK).deleted
+        assert files_holding(dirs[-1], nik, embedding) == []  # when the call returns
+        # Another replica rewrites its snapshot as soon as it applies the erasure
+        # from the change log (notified within milliseconds).
+        deadline = time.time() + 5
+        while [f for d in dirs for f in files_holding(d, nik, embedding)] \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        assert [f for d in dirs for f in files_holding(d, nik, embedding)] == []
+        for client in clients:
+            assert [c.nik for c in client.get_enrollment(FLAGGED_NIK).candidates] == ["erased"]
+            assert client.search(lfw_image(lfw_dir, "Abel_Pacheco", 1)).candidates[0].nik \
+                == FLAGGED_NIK
