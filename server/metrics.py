@@ -102,6 +102,9 @@ class Metrics:
                                "Calls refused by access control, by method and reason "
                                "(UNAUTHENTICATED, PERMISSION_DENIED, RATE_LIMITED)",
                                ("method", "reason"), registry=r)
+        self.audit_failures = Counter("faceverify_audit_failures",
+                                      "Audited calls whose record could not be written",
+                                      registry=r)
         self.tls_reloads = Counter("faceverify_tls_reloads",
                                    "Times the TLS certificate files were reloaded", registry=r)
         self.index_lag = Gauge("faceverify_index_lag_changes",

@@ -142,8 +142,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if self.audit is None:
             return
         nik = getattr(request, "nik", "") if not isinstance(request, Malformed) else ""
-        await self.audit.record(Event(name, identity, context.peer() or "", rid, code.name,
-                                      reason, outcome, nik if isinstance(nik, str) else ""))
+        try:
+            await self.audit.record(Event(name, identity, context.peer() or "", rid, code.name,
+                                          reason, outcome, nik if isinstance(nik, str) else ""))
+        except OSError:
+            # The call's effect stands (an enrolment is already committed): answer it,
+            # and make the gap in the trail loud.
+            log.exception("the audit log could not be written for %s", name)
+            self.metrics.audit_failures.inc()
 
     async def intercept_service(
         self,

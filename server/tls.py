@@ -10,9 +10,6 @@ certificate that do not pair) is logged and the previous files stay in use.
 from __future__ import annotations
 
 import logging
-import os
-import ssl
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,17 +47,20 @@ def _read(path: Path, what: str) -> bytes:
 def _check_pair(cert: bytes, key: bytes, files: TlsFiles) -> None:
     """Refuse a key that does not belong to the certificate (gRPC would accept the
     files and fail every handshake)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with tempfile.TemporaryDirectory() as tmp:
-        c, k = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-        c.write_bytes(cert)
-        k.write_bytes(key)
-        os.chmod(k, 0o600)
-        try:
-            ctx.load_cert_chain(c, k)
-        except ssl.SSLError as exc:
-            raise ConfigurationError(f"the TLS key {files.key} does not load with the "
-                                     f"certificate {files.cert}: {exc.reason}") from exc
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    try:
+        cert_key = x509.load_pem_x509_certificate(cert).public_key()
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"the TLS certificate {files.cert} or key {files.key} does "
+                                 f"not load: {exc}") from exc
+    if (cert_key.public_bytes(serialization.Encoding.DER, spki)
+            != private.public_key().public_bytes(serialization.Encoding.DER, spki)):
+        raise ConfigurationError(f"the TLS key {files.key} is not the key of the certificate "
+                                 f"{files.cert}")
 
 
 def certificate_configuration(files: TlsFiles) -> grpc.ServerCertificateConfiguration:

@@ -316,3 +316,25 @@ def test_an_unsecured_start_is_refused_unless_asked_for(tmp_path: Path) -> None:
                                       tls_cert=tmp_path / "c", tls_key=tmp_path / "k"))
     check_secured(server_settings(tmp_path, tmp_path / "data", insecure=True))
     assert server_settings(tmp_path, insecure=True, host="").address.startswith("localhost:")
+
+
+def test_certificate_files_are_checked_and_a_bad_replacement_is_ignored(
+        pki: Authority, tmp_path: Path) -> None:
+    from server.tls import ReloadingCredentials, TlsFiles, certificate_configuration
+
+    one, two = pki.issue("one", "localhost", server=True), pki.issue("two", "localhost",
+                                                                       server=True)
+    with pytest.raises(ConfigurationError, match="is not the key of the certificate"):
+        certificate_configuration(TlsFiles(one.cert, two.key))
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(one.cert, cert)
+    shutil.copy(one.key, key)
+    reloads: list[int] = []
+    creds = ReloadingCredentials(TlsFiles(cert, key), on_reload=lambda: reloads.append(1))
+    assert creds.fetch() is None  # unchanged
+    cert.write_text("-----BEGIN CERTIFICATE-----\nhalf-writ")  # a renewal in flight
+    assert creds.fetch() is None and reloads == []  # the previous files stay in use
+    shutil.copy(two.cert, cert)
+    shutil.copy(two.key, key)
+    os.utime(key)
+    assert creds.fetch() is not None and reloads == [1]
