@@ -5,7 +5,10 @@
 Each round starts ``faceverify serve`` on a persistent data directory, sends
 enrolments from several threads (every identity under a main NIK and again
 under a second NIK, so de-duplication is exercised too), kills the server with
-SIGKILL at a random moment, restarts it and checks that:
+SIGKILL at a random moment, restarts it and checks that (with
+``--registry-url postgresql://... --servers 2``, two servers share the
+registry and take the enrolments in turn; the first is killed mid-stream
+while the other goes on, then both, and every one is checked):
 
 * every enrolment acknowledged as enrolled is present (GetEnrollment);
 * no face is enrolled under two NIKs;
@@ -49,15 +52,18 @@ class RoundResult:
     errors: int = 0
 
 
-def run_round(target: str, jobs: list[tuple[str, int, bytes]], kill_after: float,
-              proc: subprocess.Popen[bytes]) -> RoundResult:
+def run_round(targets: list[str], jobs: list[tuple[str, int, bytes]], kill_after: float,
+              procs: list[subprocess.Popen[bytes]]) -> RoundResult:
+    """Send ``jobs`` from 6 threads, spread over ``targets`` in turn; SIGKILL the first
+    server after ``kill_after`` seconds (the others go on taking enrolments), then,
+    once every job is answered or failed, the rest."""
     result = RoundResult()
     lock = threading.Lock()
 
-    def enrol(job: tuple[str, int, bytes]) -> None:
-        nik, _, image = job
+    def enrol(indexed: tuple[int, tuple[str, int, bytes]]) -> None:
+        i, (nik, _, image) = indexed
         try:
-            with FaceVerifyClient(target, timeout=30) as client:
+            with FaceVerifyClient(targets[i % len(targets)], timeout=30) as client:
                 r = client.enroll(nik, image)
         except CallError:
             with lock:
@@ -70,14 +76,15 @@ def run_round(target: str, jobs: list[tuple[str, int, bytes]], kill_after: float
             else:
                 result.refused += 1
 
-    killer = threading.Timer(kill_after, lambda: proc.send_signal(signal.SIGKILL))
+    killer = threading.Timer(kill_after, lambda: procs[0].send_signal(signal.SIGKILL))
     killer.start()
     with ThreadPoolExecutor(max_workers=6) as pool:
-        list(pool.map(enrol, jobs))
+        list(pool.map(enrol, enumerate(jobs)))
     killer.cancel()
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
     return result
 
 
@@ -105,39 +112,54 @@ def check(target: str, jobs: list[tuple[str, int, bytes]], acknowledged: set[str
 
 
 def crash_test(model_dir: Path, lfw: Path, data_dir: Path, rounds: int, people_per_round: int,
-               seed: int = 0, registry_url: str = "") -> dict[str, object]:
-    """``registry_url``: a shared registry (PostgreSQL) instead of SQLite in ``data_dir``."""
+               seed: int = 0, registry_url: str = "", servers: int = 1) -> dict[str, object]:
+    """``registry_url``: a shared registry (PostgreSQL) instead of SQLite in
+    ``data_dir``; ``servers``: how many servers share it (each with a data
+    directory of its own; the first is killed mid-stream, every one is checked)."""
+    if servers > 1 and not registry_url:
+        raise ValueError("several servers need a shared registry_url")
     env = {**SERVER_ENV, **({"FACEVERIFY_REGISTRY_URL": registry_url} if registry_url else {})}
+    dirs = [data_dir] if servers == 1 else [data_dir / f"server{i}" for i in range(servers)]
     rng = random.Random(seed)
     identities = sorted(d for d in (lfw / "images").iterdir() if d.is_dir())
     rng.shuffle(identities)
     acknowledged: set[str] = set()
     all_jobs: list[tuple[str, int, bytes]] = []
-    report: dict[str, object] = {"rounds": []}
+    report: dict[str, object] = {"rounds": [], "servers": servers}
     failures = 0
+
+    def start_all(ports: list[int]) -> list[subprocess.Popen[bytes]]:
+        procs = [start_server(model_dir, d, port, **env) for d, port in zip(dirs, ports,
+                                                                             strict=True)]
+        for port, proc in zip(ports, procs, strict=True):
+            wait_serving(f"127.0.0.1:{port}", proc)
+        return procs
+
     for rnd in range(rounds):
-        port = free_port()
-        target = f"127.0.0.1:{port}"
-        proc = start_server(model_dir, data_dir, port, **env)
-        wait_serving(target, proc)
+        ports = [free_port() for _ in dirs]
+        targets = [f"127.0.0.1:{port}" for port in ports]
+        procs = start_all(ports)
         people = range(rnd * people_per_round, (rnd + 1) * people_per_round)
         jobs = []
         for p in people:
             image = sorted(identities[p].glob("*.jpg"))[0].read_bytes()
             jobs += [(nik_for(p, 1), p, image), (nik_for(p, 2), p, image)]
         rng.shuffle(jobs)
-        result = run_round(target, jobs, kill_after=rng.uniform(1.0, 4.0), proc=proc)
+        result = run_round(targets, jobs, kill_after=rng.uniform(0.1, 1.0), procs=procs)
         acknowledged |= set(result.acknowledged)
         all_jobs += jobs
-        proc = start_server(model_dir, data_dir, port, **env)
+        procs = start_all(ports)
         try:
-            wait_serving(target, proc)
-            state = check(target, all_jobs, acknowledged)
+            states = [check(t, all_jobs, acknowledged) for t in targets]
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-        ok = (not state["lost"] and state["faces_under_two_niks"] == 0
-              and state["gallery_size"] == state["enrolled"])
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                proc.wait(timeout=60)
+        state = states[0]
+        ok = all(not st["lost"] and st["faces_under_two_niks"] == 0
+                 and st["gallery_size"] == st["enrolled"] for st in states) \
+            and len({st["enrolled"] for st in states}) == 1
         failures += not ok
         rounds_list = report["rounds"]
         assert isinstance(rounds_list, list)
@@ -157,12 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--people", type=int, default=40, help="identities per round")
     p.add_argument("--registry-url", default="", help="a shared registry (postgresql://...)")
+    p.add_argument("--servers", type=int, default=1,
+                   help="servers sharing --registry-url (the first is killed mid-stream)")
     args = p.parse_args(argv)
     import tempfile
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="faceverify-crash-"))
     report = crash_test(args.model_dir, args.lfw, data_dir, args.rounds, args.people,
-                        registry_url=args.registry_url)
+                        registry_url=args.registry_url, servers=args.servers)
     json.dump(report, sys.stdout, indent=2)
     print()
     return 1 if report["failures"] else 0

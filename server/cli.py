@@ -199,8 +199,15 @@ def _client_error(exc: Exception) -> int:
     from server.client import CallError
 
     if isinstance(exc, CallError):
-        _print({"error": {"code": exc.code, "reason": exc.reason, "message": exc.message,
-                          "metadata": exc.metadata}})
+        error: dict[str, Any] = {"code": exc.code, "reason": exc.reason,
+                                 "message": exc.message, "metadata": exc.metadata}
+        if exc.code == "UNAVAILABLE" and "WRONG_VERSION_NUMBER" in exc.message:
+            error["hint"] = ("the server speaks plaintext (started with --insecure): add "
+                             "--plaintext, or set FACEVERIFY_PLAINTEXT=1")
+        elif exc.code == "UNAVAILABLE" and "handshake" in exc.message.lower():
+            error["hint"] = ("the TLS handshake failed: check --tls-ca (the server's CA), "
+                             "--tls-cert/--tls-key (mutual TLS) and --tls-server-name")
+        _print({"error": error})
         return 1
     raise exc
 

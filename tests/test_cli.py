@@ -108,3 +108,12 @@ def test_cli_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     out = _faceverify("verify", str(tmp_path / "nope.jpg"), str(tmp_path / "also.jpg"))
     assert out.returncode == 2
     assert "no such file" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_says_what_to_do_when_tls_meets_a_plaintext_server(server: ServerThread) -> None:
+    out = subprocess.run([sys.executable, "-m", "server.cli", "info", "--target", server.target],
+                         capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "FACEVERIFY_PLAINTEXT"})
+    assert out.returncode == 1
+    error = json.loads(out.stdout)["error"]
+    assert error["code"] == "UNAVAILABLE" and "--plaintext" in error["hint"]
