@@ -49,26 +49,35 @@ class Balanced:
             time.sleep(0.05)
 
 
-@pytest.fixture(params=["sqlite", "postgresql-2-servers"])
-def fresh(request: pytest.FixtureRequest, model_dir: Path,
-          tmp_path: Path) -> Iterator[FaceVerifyClient]:
-    """An empty gallery refusing duplicates: one server on its own SQLite registry,
-    or two servers sharing a PostgreSQL registry, called in turn."""
-    if request.param == "sqlite":
-        with ServerThread(server_settings(model_dir, tmp_path / "data",
-                                          duplicate_policy="refuse")) as s, \
-                FaceVerifyClient(s.target) as client:
-            yield client
-        return
-    url = request.getfixturevalue("registry_url")
+BACKENDS = ["sqlite", "postgresql-2-servers"]
+
+
+def _registry_url(request: pytest.FixtureRequest, backend: str) -> str:
+    return "" if backend == "sqlite" else str(request.getfixturevalue("registry_url"))
+
+
+@contextlib.contextmanager
+def serving(model_dir: Path, tmp_path: Path, registry_url: str = "",
+            **changes: object) -> Iterator[FaceVerifyClient]:
+    """One server on its own SQLite registry, or (``registry_url``) two servers
+    sharing a PostgreSQL registry, called in turn; data directories under
+    ``tmp_path``, so a second ``serving`` restarts the same gallery."""
     with contextlib.ExitStack() as stack:
         clients = []
-        for i in range(2):
+        for i in range(2 if registry_url else 1):
             s = stack.enter_context(ServerThread(server_settings(
-                model_dir, tmp_path / f"data{i}", duplicate_policy="refuse",
-                registry_url=url)))
+                model_dir, tmp_path / f"data{i}", registry_url=registry_url, **changes)))
             clients.append(stack.enter_context(FaceVerifyClient(s.target)))
-        yield Balanced(clients)  # type: ignore[misc]
+        yield clients[0] if len(clients) == 1 else Balanced(clients)  # type: ignore[misc]
+
+
+@pytest.fixture(params=BACKENDS)
+def fresh(request: pytest.FixtureRequest, model_dir: Path,
+          tmp_path: Path) -> Iterator[FaceVerifyClient]:
+    """An empty gallery refusing duplicates (see :func:`serving`)."""
+    with serving(model_dir, tmp_path, _registry_url(request, request.param),
+                 duplicate_policy="refuse") as client:
+        yield client
 
 
 def test_enrol_get_search_delete(fresh: FaceVerifyClient, lfw_dir: Path) -> None:
@@ -192,10 +201,12 @@ def test_concurrent_enrolments_of_one_face_enrol_exactly_one(fresh: FaceVerifyCl
     assert fresh.server_info().gallery_size == len(people)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_flagged_enrolments_wait_for_a_persons_review(model_dir: Path, tmp_path: Path,
-                                                       lfw_dir: Path) -> None:
-    settings = server_settings(model_dir, tmp_path / "data")  # the default policy: flag
-    with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
+                                                       lfw_dir: Path, backend: str,
+                                                       request: pytest.FixtureRequest) -> None:
+    # The default policy: flag.
+    with serving(model_dir, tmp_path, _registry_url(request, backend)) as client:
         assert client.server_info().duplicate_policy == "flag"
         client.enroll(NIK_A, lfw_image(lfw_dir, *PERSON))
         r = client.enroll(NIK_B, lfw_image(lfw_dir, *SAME_PERSON_OTHER_PHOTO))
@@ -248,13 +259,15 @@ def test_flagged_enrolments_wait_for_a_persons_review(model_dir: Path, tmp_path:
         assert info.value.reason == "INVALID_REQUEST" and "decision" in info.value.message
 
 
-def test_enrolments_survive_a_restart(model_dir: Path, tmp_path: Path, lfw_dir: Path) -> None:
-    settings = server_settings(model_dir, tmp_path / "data")
-    with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_enrolments_survive_a_restart(model_dir: Path, tmp_path: Path, lfw_dir: Path,
+                                      backend: str, request: pytest.FixtureRequest) -> None:
+    url = _registry_url(request, backend)
+    with serving(model_dir, tmp_path, url) as client:
         client.enroll(NIK_A, lfw_image(lfw_dir, *PERSON))
         client.enroll(NIK_C, lfw_image(lfw_dir, *OTHER_PERSON))
         client.delete_enrollment(NIK_C)
-    with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
+    with serving(model_dir, tmp_path, url) as client:
         assert client.get_enrollment(NIK_A).nik == NIK_A
         assert client.server_info().gallery_size == 1
         assert client.search(lfw_image(lfw_dir, *PERSON)).candidates[0].nik == NIK_A
