@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from benchmarks.serverproc import free_port, start_server, wait_serving
@@ -145,3 +146,34 @@ def test_a_server_killed_and_restarted_catches_up(calibrated_dlib_model_dir: Pat
     finally:
         replica.terminate()
         replica.wait(60)
+
+
+def test_health_follows_the_index_lag(calibrated_dlib_model_dir: Path, registry_url: str,
+                                      tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    settings = server_settings(calibrated_dlib_model_dir, tmp_path / "s",
+                               registry_url=registry_url, max_index_lag=100)
+    with ServerThread(settings) as s, grpc.insecure_channel(s.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status() -> int:
+            return int(health.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+
+        def wait_for(expected: int) -> None:
+            deadline = time.time() + 10
+            while status() != expected and time.time() < deadline:
+                time.sleep(0.1)
+            assert status() == expected
+
+        assert status() == health_pb2.HealthCheckResponse.SERVING
+        follower = s.running.services.follower  # type: ignore[union-attr]
+        assert follower is not None
+        follower.close()  # the lag is now ours to set: a replica falling behind
+        follower.lag = 101
+        wait_for(health_pb2.HealthCheckResponse.NOT_SERVING)
+        follower.lag = -1  # the registry unreachable: Verify still works, health holds
+        time.sleep(1.5)
+        assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        follower.lag = 0
+        wait_for(health_pb2.HealthCheckResponse.SERVING)
