@@ -24,6 +24,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from server.errors import ConfigurationError
 
@@ -75,9 +76,11 @@ class Sealer:
     """
 
     def __init__(self, keys: Sequence[bytes] = ()) -> None:
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        self._by_id: dict[bytes, Any] = {}
+        if keys:  # the cryptography package is needed only with a key
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-        self._by_id = {key_id(k): AESGCM(k) for k in keys}
+            self._by_id = {key_id(k): AESGCM(k) for k in keys}
         self._current = key_id(keys[0]) if keys else None
 
     @property
@@ -93,8 +96,8 @@ class Sealer:
         if self._current is None:
             return data
         nonce = os.urandom(_NONCE)
-        return (MAGIC + self._current + nonce
-                + self._by_id[self._current].encrypt(nonce, data, context))
+        sealed: bytes = self._by_id[self._current].encrypt(nonce, data, context)
+        return MAGIC + self._current + nonce + sealed
 
     @staticmethod
     def is_sealed(blob: bytes) -> bool:
@@ -117,7 +120,9 @@ class Sealer:
             raise SealError(f"sealed with data key {kid.hex()}, which is not configured")
         start = len(MAGIC) + _ID
         try:
-            return aead.decrypt(blob[start:start + _NONCE], blob[start + _NONCE:], context)
+            plain: bytes = aead.decrypt(blob[start:start + _NONCE], blob[start + _NONCE:],
+                                        context)
+            return plain
         except InvalidTag as exc:
             raise SealError("a sealed value does not open: altered, or moved from "
                             "another row") from exc

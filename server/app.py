@@ -15,13 +15,13 @@ import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health
 from grpc_reflection.v1alpha import reflection
 
-from index.follower import Follower
 from index.gallery import Gallery
 from index.registry import redact
 from server import __version__
@@ -41,6 +41,9 @@ from server.requests import ErrorInterceptor
 from server.service import VerificationService, operating_points
 from server.servicer import FaceVerificationServicer
 from server.tls import ReloadingCredentials, TlsFiles
+
+if TYPE_CHECKING:
+    from index.follower import Follower
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +149,9 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
                       settings.index, settings.snapshot_every, sealer, settings.registry_url)
     follower = None
     if gallery.registry.distributed:
+        # Imported here: psycopg is needed only with a PostgreSQL registry.
+        from index.follower import Follower
+
         log.info("registry: %s, shared; index snapshots and audit log in %s",
                  redact(settings.registry_url), settings.data_dir)
         follower = Follower(gallery).start()

@@ -97,3 +97,23 @@ def test_every_written_graph_has_the_ir_version_its_opset_needs(
         m = onnx.load(str(path), load_external_data=False)
         assert m.ir_version == onnx.helper.find_min_ir_version_for(list(m.opset_import)), path
     assert resize_graph().ir_version == 7  # opset 13
+
+
+def test_the_server_runs_without_the_optional_packages() -> None:
+    """psycopg (a PostgreSQL registry) and cryptography (TLS checks, data keys) are
+    imported only when configured: a host without them (the offline GPU bundle)
+    still serves the embedded default."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('psycopg', 'psycopg_pool', 'cryptography'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import server.app, server.cli\n"
+        "from index.sealing import Sealer\n"
+        "assert Sealer().seal(b'x', b'c') == b'x'\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
