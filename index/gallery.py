@@ -143,11 +143,6 @@ class Gallery:
         if self._erased:
             self.snapshot()
 
-    @property
-    def applied(self) -> int:
-        """The sequence number of the last registry change the index holds."""
-        return self._applied
-
     def lag(self) -> int:
         """Registry changes the index does not hold yet."""
         return max(0, self.registry.last_seq() - self._applied)

@@ -177,8 +177,12 @@ class PostgresRegistry(RowCodec):
                                    timeout=connect_timeout, check=ConnectionPool.check_connection,
                                    reconnect_timeout=float("inf"), name="faceverify-registry",
                                    open=True)
-        self._create(model_version, dim)
-        self._check_key()
+        try:
+            self._create(model_version, dim)
+            self._check_key()
+        except BaseException:
+            self.close()
+            raise
 
     # -- connections --------------------------------------------------------------------
 

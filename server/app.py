@@ -147,15 +147,6 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
     sealer = data_sealer(settings)
     gallery = Gallery(settings.data_dir, models.model_version, models.pipeline.dim,
                       settings.index, settings.snapshot_every, sealer, settings.registry_url)
-    follower = None
-    if gallery.registry.distributed:
-        # Imported here: psycopg is needed only with a PostgreSQL registry.
-        from index.follower import Follower
-
-        log.info("registry: %s, shared; index snapshots and audit log in %s",
-                 redact(settings.registry_url), settings.data_dir)
-        follower = Follower(gallery).start()
-        metrics.track_follower(lambda: follower.lag, lambda: float(follower.connected))
     if sealer.enabled:
         log.info("data at rest sealed with AES-256-GCM, key %s", sealer.current_id)
     engine = InferenceEngine(models.pipeline, image_pool, model_pool, settings.engine_limits,
@@ -186,6 +177,15 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
     audit_key = AuditKey.load(settings.audit_key_file or settings.data_dir / KEY_FILE,
                               create=settings.audit_key_file is None)
     audit = AuditLog(settings.data_dir / AUDIT_FILE, audit_key)
+    follower = None
+    if gallery.registry.distributed:  # last: nothing after it can fail and leave it running
+        # Imported here: psycopg is needed only with a PostgreSQL registry.
+        from index.follower import Follower
+
+        log.info("registry: %s, shared; index snapshots and audit log in %s",
+                 redact(settings.registry_url), settings.data_dir)
+        follower = Follower(gallery).start()
+        metrics.track_follower(lambda: follower.lag, lambda: float(follower.connected))
     return Services(verification, enrolment, gallery, engine, metrics, audit, follower)
 
 

@@ -149,11 +149,3 @@ def channel(target: str, tls: ClientTls | None, options: list[tuple[str, object]
         return grpc.insecure_channel(target, options=options)
     return grpc.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
 
-
-def aio_channel(target: str, tls: ClientTls | None, options: list[tuple[str, object]]
-                ) -> grpc.aio.Channel:
-    """As :func:`channel`, for asyncio clients."""
-    if tls is None:
-        return grpc.aio.insecure_channel(target, options=options)
-    return grpc.aio.secure_channel(target, tls.credentials(),
-                                   options=[*options, *tls.options()])
