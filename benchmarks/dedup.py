@@ -30,7 +30,9 @@ detection rate 1 - FNIR at the thresholds giving FPIR 1e-2 and 1e-3 on these
 attempts, and with the thresholds the server would use for this gallery size
 at ``FACEVERIFY_DEDUP_FPIR`` 1e-2 and 1e-3 (from the calibration, each
 comparison held to its own: photo or two-photo template), with the FPIR these
-attempts measure there.
+attempts measure there: by the rule the server uses (the calibration's
+simulated searches) and, side by side, by the pairwise rule it replaced
+(``pairwise``: FPIR = 1 - (1 - FMR)^N).
 """
 
 from __future__ import annotations
@@ -170,27 +172,37 @@ class Measure:
         if calibration is None:
             return report
         # What the server would decide for this gallery (FACEVERIFY_DEDUP_FPIR): each
-        # candidate held to the threshold of its comparison.
+        # candidate held to the threshold of its comparison; by the rule the server
+        # uses (thresholds from the calibration's measured searches) and, side by
+        # side, by the pairwise rule it used before (independent comparisons).
         for fpir in (1e-2, 1e-3):
-            dedup = DuplicateThreshold.from_calibration(calibration, fpir)
-            if self.photos > 1 and not dedup.fuses:
+            rules = {"searches": DuplicateThreshold.from_calibration(calibration, fpir),
+                     "pairwise": DuplicateThreshold.from_calibration(
+                         {**calibration, "searches": None}, fpir)}
+            if self.photos > 1 and not rules["searches"].fuses:
                 report["server"] = "the calibration has no two-photo tails"
                 break
-
-            def suspects(found: list[Match], photos: int,
-                         dedup: DuplicateThreshold = dedup) -> set[str]:
-                return {m.nik for m in found
-                        if m.score >= dedup.at(size, kind(photos, m.photos)).threshold}
-
-            point = dedup.at(size, "single")
             report[f"server_dedup_fpir_{fpir:g}"] = {
-                "single_threshold": point.threshold, "pairwise_fmr": point.pairwise_fmr,
+                rule: self._server(dedup, size, mated_found, non_mated_found)
+                for rule, dedup in rules.items() if dedup.rule == rule}
+        return report
+
+
+    @staticmethod
+    def _server(dedup: DuplicateThreshold, size: int,
+                mated_found: list[tuple[tuple[list[Match], int], str | None]],
+                non_mated_found: list[tuple[list[Match], int]]) -> dict[str, Any]:
+        def suspects(found: list[Match], photos: int) -> set[str]:
+            return {m.nik for m in found
+                    if m.score >= dedup.at(size, kind(photos, m.photos)).threshold}
+
+        point = dedup.at(size, "single")
+        return {"single_threshold": point.threshold, "pairwise_fmr": point.pairwise_fmr,
                 "extrapolated": point.extrapolated,
                 "detection_rate": float(np.mean([mate in suspects(found, photos)
                                                  for (found, photos), mate in mated_found])),
                 "measured_fpir": float(np.mean([bool(suspects(found, photos))
                                                 for found, photos in non_mated_found]))}
-        return report
 
 
 def run(model_dir: Path, lfw: Path, seed: int, k: int, photos: int) -> dict[str, object]:

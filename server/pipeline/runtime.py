@@ -81,11 +81,20 @@ def fixed_batch(session: ort.InferenceSession) -> int | None:
 
 
 def run_batched(session: ort.InferenceSession, name: str, x: np.ndarray,
-                limit: int | None) -> list[np.ndarray]:
-    """``session.run`` on ``x``, in slices of ``limit`` for a fixed-batch model."""
+                limit: int | None, outputs: list[str] | None = None) -> list[np.ndarray]:
+    """``session.run`` of ``outputs`` (default: all) on ``x``; for a model exported with
+    a fixed batch of ``limit``, in slices of that size, the last one padded (by
+    repeating its last item) and the padding's outputs dropped."""
     if limit is None or len(x) == limit:
-        return list(session.run(None, {name: x}))
-    parts = [session.run(None, {name: x[i:i + limit]}) for i in range(0, len(x), limit)]
+        return list(session.run(outputs, {name: x}))
+    parts = []
+    for i in range(0, len(x), limit):
+        part = x[i:i + limit]
+        short = limit - len(part)
+        if short:
+            part = np.concatenate([part, np.repeat(part[-1:], short, axis=0)])
+        out = session.run(outputs, {name: part})
+        parts.append([o[:limit - short] for o in out])
     return [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
 
 

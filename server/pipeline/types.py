@@ -84,9 +84,10 @@ class Detector(Protocol):
 
     landmark_scheme: str
     name: str
-    # A best face scoring below this may be an upside-down face the detector took
-    # for an upright one (its keypoints then say upright): the half-turned image
-    # is tried too (server.pipeline.upright).  None: the keypoints can be trusted.
+    # A best face scoring below this may be a turned face the detector took for an
+    # upright one (its keypoints then say upright, or it has none that tell): the
+    # turned image is tried too (FacePipeline.upright_steps).  None: the keypoints
+    # can be trusted.
     upright_score: float | None
 
     @property
