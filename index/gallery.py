@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from index.registry import Enrollment, open_registry
+from index.backends import open_registry
+from index.registry import Enrollment
 from index.sealing import Sealer
 from index.sqlite_registry import FileLock
 from index.vectors import IndexSpec, VectorIndex

@@ -45,7 +45,7 @@ from index.registry import (
     redact,
 )
 from index.sealing import Sealer
-from server.errors import ConfigurationError, RegistryUnavailable
+from server.errors import ConfigurationError, RegistryUnavailable, StartupError
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,22 @@ class PostgresRegistry(RowCodec):
         ConfigurationError: at open, PostgreSQL cannot be reached.
         RegistryMismatch: at open, it holds another model's embeddings.
     """
+
+    @staticmethod
+    def read_meta(url: str) -> tuple[str, int]:
+        """The model version and dimension the registry at ``url`` was written with.
+
+        Raises:
+            StartupError: no readable registry there.
+        """
+        try:
+            with psycopg.connect(url, connect_timeout=5) as conn:
+                meta: dict[str, str] = dict(
+                    conn.execute("SELECT key, value FROM faceverify_meta").fetchall())
+        except psycopg.Error as exc:
+            raise StartupError(f"no readable registry at {redact(url)}: "
+                               f"{str(exc).splitlines()[0]}") from exc
+        return str(meta["model_version"]), int(meta["dim"])
 
     def __init__(self, url: str, model_version: str, dim: int, sealer: Sealer | None = None,
                  connect_timeout: float = 3.0) -> None:

@@ -12,7 +12,7 @@ a derived structure, catch up from its own snapshot.  Each has a writer
 lock, exclusive across every process that shares the registry: the
 de-duplication search and the insert run under it, so they are atomic, and
 change-log entries commit in sequence order.  Chosen by ``--registry-url``
-(:func:`open_registry`).
+(:func:`index.backends.open_registry`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -205,53 +204,6 @@ class RowCodec:
                 f"registry {where} holds embeddings of model {meta.get('model_version')!r} "
                 f"(dimension {meta.get('dim')}), but the server runs {model_version!r} "
                 f"(dimension {dim}); point it elsewhere or re-enrol")
-
-
-def open_registry(url: str, data_dir: Path, model_version: str, dim: int,
-                  sealer: Sealer, connect_timeout: float = 3.0) -> Registry:
-    """The registry at ``url``: ``sqlite:///PATH``, ``postgresql://...``, or empty for
-    ``registry.sqlite3`` in ``data_dir`` (the embedded default).
-
-    Raises:
-        ConfigurationError: an unknown scheme, or PostgreSQL unreachable at start.
-        RegistryMismatch: written by another model.
-    """
-    from index.sqlite_registry import SqliteRegistry
-
-    if not url:
-        return SqliteRegistry(data_dir / "registry.sqlite3", model_version, dim, sealer)
-    if url.startswith("sqlite:///"):
-        return SqliteRegistry(Path(url[len("sqlite://"):]), model_version, dim, sealer)
-    if url.startswith(("postgresql://", "postgres://")):
-        from index.postgres_registry import PostgresRegistry
-
-        return PostgresRegistry(url, model_version, dim, sealer, connect_timeout)
-    raise ConfigurationError(f"registry URL {redact(url)!r}: use sqlite:///PATH or "
-                             "postgresql://USER@HOST:PORT/DB")
-
-
-def stored_model(url: str, data_dir: Path) -> tuple[str, int]:
-    """The model version and embedding size the registry at ``url`` (as for
-    :func:`open_registry`) was written with, without opening it for writing.
-
-    Raises:
-        StartupError: no registry there.
-    """
-    if url.startswith(("postgresql://", "postgres://")):
-        import psycopg
-
-        try:
-            with psycopg.connect(url, connect_timeout=5) as conn:
-                meta: dict[str, str] = dict(
-                    conn.execute("SELECT key, value FROM faceverify_meta").fetchall())
-        except psycopg.Error as exc:
-            raise StartupError(f"no readable registry at {redact(url)}: "
-                               f"{str(exc).splitlines()[0]}") from exc
-        return str(meta["model_version"]), int(meta["dim"])
-    from index.sqlite_registry import SqliteRegistry
-
-    path = Path(url[len("sqlite://"):]) if url else data_dir / "registry.sqlite3"
-    return SqliteRegistry.read_meta(path)
 
 
 def redact(url: str) -> str:

@@ -36,18 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import ConfigurationError, PermissionDenied, RateLimited, Unauthenticated
+from server.rpcs import ADMIN, RPCS, builtin_roles
 
 log = logging.getLogger(__name__)
 
-ROLES: dict[str, frozenset[str]] = {
-    "verifier": frozenset({"Verify", "GetServerInfo"}),
-    "registrar": frozenset({"Enroll", "GetEnrollment", "Search", "GetServerInfo"}),
-    "reviewer": frozenset({"ListReviews", "ResolveReview", "GetEnrollment", "GetServerInfo"}),
-    "admin": frozenset({"Verify", "Enroll", "GetEnrollment", "Search", "DeleteEnrollment",
-                        "ListReviews", "ResolveReview", "GetServerInfo"}),
-}
+# The built-in roles, from the table of RPCs (:data:`server.rpcs.RPCS`).
+ROLES: dict[str, frozenset[str]] = builtin_roles()
 API_KEY_PREFIX = "fv_"
-OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 # Without an access policy (insecure mode): one identity with every role.
 ANONYMOUS = "anonymous"
 
@@ -131,7 +126,7 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
     for name, methods in extra.items():
         if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
             raise ConfigurationError(f"{source}: role {name!r} must list RPC names")
-        unknown = set(methods) - ROLES["admin"]
+        unknown = set(methods) - set(RPCS)
         if unknown:
             raise ConfigurationError(f"{source}: role {name!r} names unknown RPCs "
                                      f"{sorted(unknown)}")
@@ -247,7 +242,7 @@ class AccessControl:
         self._maybe_reload()
         policy = self.policy
         if policy is None:
-            return Client(ANONYMOUS, ("admin",), ROLES["admin"])
+            return Client(ANONYMOUS, (ADMIN,), ROLES[ADMIN])
         bearer = _first(metadata, "authorization")
         key = (bearer[7:].strip() if bearer and bearer.lower().startswith("bearer ")
                else _first(metadata, "x-api-key"))

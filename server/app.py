@@ -34,10 +34,11 @@ from server.errors import ConfigurationError, StartupError
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
 from server.inference import InferenceEngine
+from server.interceptor import ErrorInterceptor
+from server.logs import setup_logging
 from server.metrics import Metrics, MetricsServer
 from server.models.manifest import read_calibration
 from server.pipeline.loader import load_models, warm_up
-from server.requests import ErrorInterceptor
 from server.service import VerificationService, operating_points
 from server.servicer import FaceVerificationServicer
 from server.tls import ReloadingCredentials, TlsFiles
@@ -281,18 +282,23 @@ async def start(settings: Settings) -> RunningServer:
     await server.start()
     # Serve only once the derived index holds exactly what the registry holds.
     in_sync = services.gallery.in_sync()
-    if not in_sync:
-        log.error("the index does not agree with the registry: health stays NOT_SERVING")
     await running.set_serving(in_sync)
     if services.follower is not None:
         running.watcher = asyncio.create_task(running.watch_lag(settings.max_index_lag))
-    log.info("serving %s on %s port %d (%s) with %s; gallery of %d%s", SERVICE_NAME,
-             settings.address.rsplit(":", 1)[0], running.port,
-             "plaintext" if credentials is None else
-             "mutual TLS" if settings.tls_client_ca else "TLS",
-             services.verification.models.provider, len(services.gallery),
-             "" if running.metrics_server is None
-             else f"; metrics on port {running.metrics_server.port}")
+    transport = ("plaintext" if credentials is None
+                 else "mutual TLS" if settings.tls_client_ca else "TLS")
+    where = (f"{SERVICE_NAME} on {settings.address.rsplit(':', 1)[0]} port {running.port} "
+             f"({transport})")
+    if in_sync:
+        # The line scripts and operators wait for: health is SERVING from here.
+        log.info("SERVING %s, %s, model %s, gallery of %d%s", where,
+                 services.verification.models.provider,
+                 services.verification.models.model_version, len(services.gallery),
+                 "" if running.metrics_server is None
+                 else f"; metrics on port {running.metrics_server.port}")
+    else:
+        log.error("NOT_SERVING %s: the index does not agree with the registry; health "
+                  "stays NOT_SERVING", where)
     return running
 
 
@@ -310,8 +316,6 @@ async def serve(settings: Settings) -> None:
 
 
 def _serve_child(settings: Settings, log_level: str) -> None:
-    from server.cli import setup_logging
-
     setup_logging(log_level)
     try:
         asyncio.run(serve(settings))

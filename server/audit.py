@@ -34,15 +34,11 @@ from typing import Any, BinaryIO
 
 from server.durable import private_file
 from server.errors import ConfigurationError
+from server.rpcs import DURABLE
 
 AUDIT_FILE = "audit.log"
 KEY_FILE = "audit.key"
 GENESIS = "0" * 64
-# Calls whose every outcome is recorded; other calls are recorded only when
-# access control refuses them.
-AUDITED = frozenset({"Enroll", "DeleteEnrollment", "ResolveReview", "GetEnrollment", "Search"})
-# State changes are on disk before the call is answered; the others are flushed.
-DURABLE = frozenset({"Enroll", "DeleteEnrollment", "ResolveReview"})
 
 
 class AuditKey:

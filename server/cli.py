@@ -19,6 +19,7 @@ from google.protobuf.json_format import MessageToDict
 from server.calibrate import DEFAULT_FMRS
 from server.config import ENV, Settings, build_settings
 from server.errors import FaceVerifyError, StartupError
+from server.logs import setup_logging
 from server.models.manifest import (
     BUILTIN_SETS,
     DEFAULT_DETECTOR,
@@ -34,16 +35,6 @@ from server.tls import ClientTls
 log = logging.getLogger("faceverify")
 
 DEFAULT_TARGET = "localhost:50051"
-
-
-def setup_logging(level: str) -> None:
-    from server.requests import RequestIdFilter
-
-    handler = logging.StreamHandler()
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -97,7 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     provider = resolve_provider(settings.provider)
     # Resolved once here (auto probes the GPU), for every server process.
     settings = replace(for_provider(settings, provider, os.cpu_count() or 1), provider=provider)
-    log.info("serving on %s with %s%s", provider, serving_summary(settings),
+    log.info("starting on %s with %s%s", provider, serving_summary(settings),
              " (defaults for a GPU where not set)" if provider != "cpu" else "")
     if settings.processes > 1:
         return serve_processes(settings)
@@ -120,8 +111,9 @@ def cmd_models_build(args: argparse.Namespace) -> int:
     else:
         manifest = build_builtin(settings.model_dir, args.builtin, args.builtin_detector,
                                  args.wheel, force=args.force)
-    _print({"model_dir": str(settings.model_dir), "model_version": manifest["model_version"],
-            "files": manifest["files"], "sources": manifest["sources"]})
+    summary = {"model_dir": str(settings.model_dir), "model_version": manifest["model_version"]}
+    _print({**summary, "files": manifest["files"], "sources": manifest["sources"]}
+           if args.verbose else summary)
     return 0
 
 
@@ -161,7 +153,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise StartupError(f"dataset folder {dataset} does not exist")
     items = labelled_images(dataset, args.max_per_identity, args.max_identities)
     check_enough_impostors(items, args.fmr)
-    exclude = read_excluded_pairs(args.exclude_pairs) if args.exclude_pairs else set()
+    exclude: set[frozenset[str]] = set()
+    for path in args.exclude_pairs:
+        exclude |= read_excluded_pairs(path)
+    excluded_from = ", ".join(path.name for path in args.exclude_pairs) or None
     models = load_models(settings.model_dir, settings.provider, 0, settings.limits,
                          settings.policy, settings.detector_max_side, settings.flip)
     previous = None
@@ -174,7 +169,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         # The model's calibration on ordinary photos; with --references and none
         # yet, made from the same embeddings before the reference kind is added.
         record = calibrate(emb, args.fmr, args.name or dataset.name, models.model_version,
-                           exclude, args.exclude_pairs.name if args.exclude_pairs else None)
+                           exclude, excluded_from)
         if previous and previous.get("reference_kinds"):  # still this model's: kept
             record["reference_kinds"] = previous["reference_kinds"]
     else:
@@ -335,8 +330,8 @@ def cmd_audit_find(args: argparse.Namespace) -> int:
 
 
 def cmd_data_reseal(args: argparse.Namespace) -> int:
+    from index.backends import stored_model
     from index.gallery import Gallery
-    from index.registry import stored_model
     from server.config import data_sealer
 
     settings = _settings(args)
@@ -468,6 +463,9 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="model cache tooling")
     msub = m.add_subparsers(dest="models_command", required=True)
     b = msub.add_parser("build", help="convert the default models (or register ONNX models)")
+    b.add_argument("-v", "--verbose", action="store_true",
+                   help="print every file with its checksum and every source (all of them "
+                   "are in the model directory's manifest.json)")
     _server_flags(b)
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
     b.add_argument("--builtin", choices=BUILTIN_SETS, default=DEFAULT_SET,
@@ -530,9 +528,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--reference-kind", choices=REFERENCE_KINDS[1:], default="id_card",
                    help="what the references are (default id_card: the portrait on an "
                    "identity card, photographed)")
-    c.add_argument("--exclude-pairs", type=Path, metavar="TSV",
+    c.add_argument("--exclude-pairs", type=Path, metavar="TSV", action="append", default=[],
                    help="image pairs (two file names a line) left out of the impostor pairs: "
-                   "label errors such as lfw-dev's LABEL_ERRORS.tsv")
+                   "label errors such as lfw-dev's LABEL_ERRORS.tsv (repeat for several "
+                   "files)")
     c.set_defaults(func=cmd_calibrate)
 
     v = sub.add_parser("verify", help="verify a selfie against a reference photo (prints JSON)")

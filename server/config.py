@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from index.backends import backend
 from index.sealing import Sealer, parse_key, read_key_file
 from index.vectors import IndexSpec
 from server.batching import BatchLimits
@@ -341,9 +342,7 @@ def _validate(s: Settings) -> None:
         raise ConfigurationError(f"dedup_fpir {s.dedup_fpir} must be between 0 and 1")
     if s.duplicate_policy not in ("refuse", "flag"):
         raise ConfigurationError(f"duplicate_policy {s.duplicate_policy!r}: choose refuse or flag")
-    if s.registry_url and not s.registry_url.startswith(
-            ("sqlite:///", "postgresql://", "postgres://")):
-        raise ConfigurationError("registry_url: use sqlite:///PATH or postgresql://...")
+    backend(s.registry_url)  # a known scheme
     if s.max_index_lag < 0:
         raise ConfigurationError("max_index_lag must be >= 0")
     if s.snapshot_every < 1:

@@ -13,9 +13,9 @@ from server.enrolment import EnrolmentService
 from server.errors import InvalidRequest
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
+from server.interceptor import request_id_var
 from server.pipeline.faces import AnalysedFace
 from server.pipeline.quality import advice
-from server.requests import request_id_var
 from server.service import OperatingPoint, VerificationService
 
 REFERENCE_KINDS: dict[int, str] = {pb.REFERENCE_KIND_UNSPECIFIED: "photo", pb.PHOTO: "photo",

@@ -10,7 +10,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from server import errors
-from server.requests import status_for
+from server.interceptor import status_for
 
 
 def _subclasses(cls: type) -> Iterator[type]:

@@ -21,9 +21,9 @@ from PIL import Image
 from server.access import parse_policy
 from server.errors import ConfigurationError, ImageTooLarge, InvalidImage, InvalidNik
 from server.gen import faceverify_pb2 as pb
+from server.interceptor import Malformed, lenient
 from server.nik import validate_nik
 from server.pipeline.image import ImageLimits, decode_image, strip_png_text
-from server.requests import Malformed, lenient
 from tests.conftest import ServerThread
 
 EXAMPLES = int(os.environ.get("FACEVERIFY_FUZZ_EXAMPLES", "150"))

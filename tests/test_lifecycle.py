@@ -7,6 +7,7 @@ the same data directory every acknowledged enrolment is there.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -106,3 +107,36 @@ def test_sigterm_drains_persists_and_loses_nothing(calibrated_dlib_model_dir: Pa
     finally:
         restarted.send_signal(signal.SIGTERM)
         assert restarted.wait(timeout=60) == 0
+
+
+def test_the_log_says_serving_once_health_does_and_never_before_a_refused_start(
+        calibrated_dlib_model_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    env = {**os.environ, "FACEVERIFY_MODEL_DIR": str(calibrated_dlib_model_dir),
+           "FACEVERIFY_PROVIDER": "cpu"}
+    command = [sys.executable, "-m", "server.cli", "serve", "--insecure", "--host",
+               "127.0.0.1", "--port", str(port)]
+    first = subprocess.Popen(command, env={**env, "FACEVERIFY_DATA_DIR": str(tmp_path / "a")},
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stderr is not None
+        line = ""
+        while " SERVING " not in line:
+            line = first.stderr.readline()
+            assert line, "the server exited without logging SERVING"
+        assert f"port {port}" in line and "CPUExecutionProvider" in line
+        assert "model dlib-" in line and "gallery of 0" in line
+        health = subprocess.run([sys.executable, "-m", "server.cli", "health", "--plaintext",
+                                 "--target", target, "--timeout", "5"],
+                                capture_output=True, text=True, timeout=60)
+        assert health.returncode == 0, health.stdout + health.stderr
+        # A second server on the port already taken is refused, and says nothing of serving.
+        second = subprocess.run(command, env={**env, "FACEVERIFY_DATA_DIR": str(tmp_path / "b")},
+                                capture_output=True, text=True, timeout=180)
+        assert second.returncode != 0
+        assert "cannot listen" in second.stderr
+        assert "SERVING" not in second.stderr and "serving" not in second.stderr.lower()
+    finally:
+        first.terminate()
+        first.wait(timeout=60)

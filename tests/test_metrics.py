@@ -100,3 +100,25 @@ def test_a_full_queue_sheds_load_with_resource_exhausted(calibrated_dlib_model_d
                       reason="queue_full") >= 1
         assert sample(m, "faceverify_requests_total", method="Verify",
                       code="RESOURCE_EXHAUSTED") == len(errors)
+
+
+def test_a_torn_audit_tail_is_counted_and_never_an_unknown_or_a_leak(
+        calibrated_dlib_model_dir: Path, tmp_path: Path) -> None:
+    # What a crash mid-write or a full disk leaves: the last record cut short.
+    settings = server_settings(calibrated_dlib_model_dir, tmp_path / "data", metrics_port=0)
+    with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
+        with pytest.raises(CallError) as first:
+            client.get_enrollment("3174011505900001")
+        assert first.value.code == "NOT_FOUND"
+        log_file = settings.data_dir / "audit.log"
+        log_file.write_bytes(log_file.read_bytes()[:-30])
+        for _ in range(3):
+            with pytest.raises(CallError) as err:
+                client.get_enrollment("3174011505900001")
+            assert (err.value.code, err.value.reason) == ("NOT_FOUND", "NOT_ENROLLED")
+            assert err.value.metadata["request_id"]
+        assert s.running is not None and s.running.metrics_server is not None
+        m = scrape(s.running.metrics_server.port)
+    assert sample(m, "faceverify_audit_failures_total") == 3
+    assert sample(m, "faceverify_requests_in_flight") == 0
+    assert sample(m, "faceverify_requests_total", method="GetEnrollment", code="NOT_FOUND") == 4
