@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup serve test lint proto clean
+.PHONY: setup serve test test-fast lint proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ serve: setup
 ## test: set everything up, then run the test suite (what CI runs)
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m fast
 
 lint: $(STAMP)
 	$(BIN)/ruff check server index tests benchmarks loadtest proto

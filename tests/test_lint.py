@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.conftest import unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 def _tool(name: str) -> str:
     exe = shutil.which(name) or str(Path(sys.executable).parent / name)
     if not Path(exe).exists():
-        pytest.skip(f"{name} not installed (pip install -e '.[dev]')")
+        unavailable(f"{name} not installed (pip install -e '.[dev]')")
     return exe
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
+from tests.conftest import unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     if importlib.util.find_spec("grpc_tools") is None:
-        pytest.skip("grpcio-tools not installed")
+        unavailable("grpcio-tools not installed")
     spec = importlib.util.spec_from_file_location("generate", REPO / "proto" / "generate.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
@@ -21,3 +21,13 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     for f in sorted(tmp_path.glob("*.py*")):
         committed = REPO / "server" / "gen" / f.name
         assert committed.read_text() == f.read_text(), f"{f.name} is stale: run `make proto`"
+
+
+def test_the_descriptor_set_is_up_to_date() -> None:
+    """proto/faceverify.protoset (for grpcurl -protoset) is what generate.py makes."""
+    spec = importlib.util.spec_from_file_location("generate", REPO / "proto" / "generate.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (REPO / "proto" / "faceverify.protoset").read_bytes() == module.protoset(), \
+        "stale: run `make proto`"

@@ -1,0 +1,282 @@
+"""The enrolment rules in-process, in milliseconds: de-duplication, re-enrolment,
+reference checks, review and erasure decisions of :class:`EnrolmentService`, over a
+real gallery (SQLite registry and FAISS index in a temporary directory) and the
+shipped calibration's duplicate thresholds.
+
+The one fake is at the boundary: the face pipeline (:class:`InferenceEngine`),
+replaced by chosen embeddings so that each score is known.  The same rules run
+through gRPC with real models and LFW in ``test_enrolment.py`` and ``test_erasure.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.gallery import Gallery
+from index.registry import ERASED
+from index.vectors import IndexSpec
+from server.duplicates import DuplicateThreshold
+from server.enrolment import DuplicatePolicy, EnrolmentService, Outcome
+from server.errors import (
+    EnrollmentConflict,
+    InvalidNik,
+    InvalidRequest,
+    NotEnrolled,
+    NotPendingReview,
+    ReferenceKindNotCalibrated,
+)
+from server.metrics import Metrics
+from server.pipeline.faces import AnalysedFace
+from server.pipeline.quality import Quality
+from server.pipeline.types import DetectedFace
+from server.service import OperatingPoint
+
+DIM = 128
+CALIBRATION = (Path(__file__).resolve().parent.parent / "server" / "models" / "calibration"
+               / "sface-yunet.json")
+VERIFY = OperatingPoint(threshold=0.40, fmr=1e-3, dataset="chosen", impostor_pairs=0)
+
+
+def nik(i: int) -> str:
+    return f"31740115059{i + 1:05d}"
+
+
+def unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def like(base: np.ndarray, score: float, seed: int) -> np.ndarray:
+    """A unit vector whose cosine with ``base`` is ``score``."""
+    other = unit(seed)
+    other -= (other @ base) * base
+    other /= np.linalg.norm(other)
+    return (score * base + np.sqrt(1 - score ** 2) * other).astype(np.float32)
+
+
+class ChosenFaces:
+    """The pipeline's place: each image's bytes name the embedding chosen for it."""
+
+    def __init__(self) -> None:
+        self.faces: dict[bytes, np.ndarray] = {}
+
+    def photo(self, embedding: np.ndarray) -> bytes:
+        name = f"photo-{len(self.faces)}".encode()
+        self.faces[name] = embedding
+        return name
+
+    async def analyse(self, data: bytes, field: str, refuse_ambiguous: bool) -> AnalysedFace:
+        face = DetectedFace(np.array([0.0, 0.0, 100.0, 100.0]), 0.99, np.zeros((5, 2)))
+        return AnalysedFace(face, Quality(100, 100, 2.0, 120, 0.99), self.faces[data], 1,
+                            False, (200, 200), np.zeros((112, 112, 3), np.uint8))
+
+
+def point_for(kind: str) -> OperatingPoint:
+    if kind != "photo":
+        raise ReferenceKindNotCalibrated(f"no operating point for {kind}")
+    return VERIFY
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(2) as p:
+        yield p
+
+
+def service(tmp_path: Path, pool: ThreadPoolExecutor, policy: DuplicatePolicy
+            ) -> tuple[EnrolmentService, ChosenFaces]:
+    faces = ChosenFaces()
+    dedup = DuplicateThreshold.from_calibration(json.loads(CALIBRATION.read_text()), 1e-3)
+    gallery = Gallery(tmp_path / "data", "chosen-embeddings", DIM, IndexSpec())
+    return EnrolmentService(gallery, faces, pool, point_for,  # type: ignore[arg-type]
+                            dedup, policy, Metrics()), faces
+
+
+def threshold(svc: EnrolmentService) -> float:
+    return svc.duplicate_point().threshold
+
+
+def test_a_new_face_is_enrolled_and_its_second_enrolment_is_idempotent(
+        tmp_path: Path, pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.REFUSE)
+    face = unit(1)
+    first = asyncio.run(svc.enroll(nik(1), faces.photo(face), None, {"channel": "web"}))
+    assert first.outcome is Outcome.ENROLLED and first.enrollment is not None
+    assert not first.enrollment.flagged and first.enrollment.metadata == {"channel": "web"}
+    again = asyncio.run(svc.enroll(nik(1), faces.photo(like(face, 0.9, 2)), None, {}))
+    assert again.outcome is Outcome.ALREADY_ENROLLED and len(svc.gallery) == 1
+
+
+def test_a_nik_enrolled_with_another_face_is_a_conflict_and_nothing_changes(
+        tmp_path: Path, pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.REFUSE)
+    face = unit(1)
+    asyncio.run(svc.enroll(nik(1), faces.photo(face), None, {}))
+    with pytest.raises(EnrollmentConflict):
+        asyncio.run(svc.enroll(nik(1), faces.photo(like(face, VERIFY.threshold - 0.05, 3)),
+                               None, {}))
+    stored = asyncio.run(svc.get(nik(1)))
+    assert float(stored.embedding @ face) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_duplicate_is_refused_just_at_the_threshold_and_not_just_below(
+        tmp_path: Path, pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.REFUSE)
+    face = unit(1)
+    asyncio.run(svc.enroll(nik(1), faces.photo(face), None, {}))
+    t = threshold(svc)
+    refused = asyncio.run(svc.enroll(nik(2), faces.photo(like(face, t + 0.002, 4)), None, {}))
+    assert refused.outcome is Outcome.DUPLICATE_REFUSED and refused.enrollment is None
+    assert [m.nik for m in refused.candidates] == [nik(1)]
+    assert refused.duplicate is not None and refused.duplicate.threshold == t
+    assert len(svc.gallery) == 1
+    below = asyncio.run(svc.enroll(nik(3), faces.photo(like(face, t - 0.002, 5)), None, {}))
+    assert below.outcome is Outcome.ENROLLED and below.candidates == []
+
+
+def test_with_the_flag_policy_a_duplicate_is_enrolled_flagged_and_goes_to_review(
+        tmp_path: Path, pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.FLAG)
+    face = unit(1)
+    asyncio.run(svc.enroll(nik(1), faces.photo(face), None, {}))
+    score = threshold(svc) + 0.01
+    flagged = asyncio.run(svc.enroll(nik(2), faces.photo(like(face, score, 4)), None, {}))
+    assert flagged.outcome is Outcome.ENROLLED_FLAGGED and flagged.enrollment is not None
+    assert flagged.enrollment.flagged and flagged.enrollment.review == "pending"
+    [(candidate, candidate_score)] = flagged.enrollment.candidates
+    assert candidate == nik(1) and candidate_score == pytest.approx(score, abs=1e-4)
+
+    page, token, total = asyncio.run(svc.list_reviews(0, ""))
+    assert [e.nik for e in page] == [nik(2)] and token == "" and total == 1
+    decided = asyncio.run(svc.resolve_review(nik(2), True, " desk-7 ", "same person"))
+    assert (decided.review, decided.reviewed_by, decided.review_note) == (
+        "confirmed", "desk-7", "same person")
+    with pytest.raises(NotPendingReview):
+        asyncio.run(svc.resolve_review(nik(2), False, "desk-7", ""))
+    assert asyncio.run(svc.list_reviews(0, ""))[2] == 0
+    with pytest.raises(NotEnrolled):
+        asyncio.run(svc.resolve_review(nik(9), True, "desk-7", ""))
+    with pytest.raises(InvalidRequest, match="reviewer"):
+        asyncio.run(svc.resolve_review(nik(2), True, "  ", ""))
+
+
+def test_review_pages_are_oldest_first_and_a_foreign_token_is_refused(
+        tmp_path: Path, pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.FLAG)
+    face = unit(1)
+    asyncio.run(svc.enroll(nik(0), faces.photo(face), None, {}))
+    for i in range(1, 6):
+        asyncio.run(svc.enroll(nik(i), faces.photo(like(face, 0.97, 10 + i)), None, {}))
+    first, token, total = asyncio.run(svc.list_reviews(2, ""))
+    second, token2, _ = asyncio.run(svc.list_reviews(2, token))
+    assert total == 5 and [e.nik for e in first + second] == [nik(i) for i in range(1, 5)]
+    assert token2
+    with pytest.raises(InvalidRequest, match="page_token"):
+        asyncio.run(svc.list_reviews(2, "not-a-token"))
+
+
+def test_a_reference_that_does_not_match_stores_nothing(tmp_path: Path,
+                                                        pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.REFUSE)
+    selfie = unit(1)
+    result = asyncio.run(svc.enroll(nik(1), faces.photo(selfie),
+                                    faces.photo(like(selfie, VERIFY.threshold - 0.01, 2)), {}))
+    assert result.outcome is Outcome.REFERENCE_MISMATCH and len(svc.gallery) == 0
+    with pytest.raises(ReferenceKindNotCalibrated):
+        asyncio.run(svc.enroll(nik(1), faces.photo(selfie), faces.photo(selfie), {},
+                               reference_kind="id_card"))
+
+
+def test_a_matching_reference_enrols_both_photos_as_one_template(
+        tmp_path: Path, pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.REFUSE)
+    assert svc.dedup.fuses  # the shipped calibration measured two-photo templates
+    selfie = unit(1)
+    reference = like(selfie, 0.8, 2)
+    result = asyncio.run(svc.enroll(nik(1), faces.photo(selfie), faces.photo(reference), {}))
+    assert result.outcome is Outcome.ENROLLED and result.enrollment is not None
+    assert result.enrollment.photos == 2
+    assert result.reference_score == pytest.approx(0.8, abs=1e-4)
+    mean = (selfie + reference) / np.linalg.norm(selfie + reference)
+    assert float(result.enrollment.embedding @ mean) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_bad_input_is_refused_before_anything_is_stored(tmp_path: Path,
+                                                        pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.REFUSE)
+    photo = faces.photo(unit(1))
+    with pytest.raises(InvalidNik):
+        asyncio.run(svc.enroll("12345", photo, None, {}))
+    with pytest.raises(InvalidRequest, match="metadata"):
+        asyncio.run(svc.enroll(nik(1), photo, None, {f"k{i}": "v" for i in range(17)}))
+    with pytest.raises(InvalidRequest, match="selfie is required"):
+        asyncio.run(svc.enroll(nik(1), b"", None, {}))
+    with pytest.raises(InvalidRequest, match="top_k"):
+        asyncio.run(svc.search(photo, 0))
+    assert len(svc.gallery) == 0
+
+
+def test_search_marks_who_reaches_the_duplicate_threshold(tmp_path: Path,
+                                                          pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.REFUSE)
+    probe = unit(1)
+    t = threshold(svc)
+    asyncio.run(svc.enroll(nik(1), faces.photo(like(probe, min(t + 0.05, 0.99), 2)), None, {}))
+    asyncio.run(svc.enroll(nik(2), faces.photo(unit(3)), None, {}))
+    _, found = asyncio.run(svc.search(faces.photo(probe), 5))
+    assert [(m.nik, duplicate) for m, duplicate in found][:1] == [(nik(1), True)]
+    assert all(not duplicate for m, duplicate in found if m.nik == nik(2))
+
+
+def test_erasure_removes_the_face_and_strikes_the_nik_from_candidates(
+        tmp_path: Path, pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.FLAG)
+    face = unit(1)
+    asyncio.run(svc.enroll(nik(1), faces.photo(face), None, {}))
+    asyncio.run(svc.enroll(nik(2), faces.photo(like(face, 0.97, 2)), None, {}))
+    erased = asyncio.run(svc.delete(nik(1)))
+    assert erased.nik == nik(1) and len(svc.gallery) == 1
+    with pytest.raises(NotEnrolled):
+        asyncio.run(svc.get(nik(1)))
+    with pytest.raises(NotEnrolled):
+        asyncio.run(svc.delete(nik(1)))
+    assert [n for n, _ in asyncio.run(svc.get(nik(2))).candidates] == [ERASED]
+    # The face is gone from the index: enrolling it under a new NIK is no duplicate of it.
+    again = asyncio.run(svc.enroll(nik(3), faces.photo(like(face, 0.999, 3)), None, {}))
+    assert [m.nik for m in again.candidates] == [nik(2)]
+
+
+def test_concurrent_enrolments_of_one_face_under_two_niks_enrol_it_once(
+        tmp_path: Path, pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.REFUSE)
+    face = unit(1)
+
+    async def both() -> list[Outcome]:
+        results = await asyncio.gather(*(svc.enroll(nik(i), faces.photo(like(face, 0.99, 100 + i)),
+                                                    None, {}) for i in range(8)))
+        return [r.outcome for r in results]
+
+    outcomes = asyncio.run(both())
+    assert outcomes.count(Outcome.ENROLLED) == 1
+    assert outcomes.count(Outcome.DUPLICATE_REFUSED) == 7 and len(svc.gallery) == 1
+
+
+def test_every_decision_survives_a_reopened_gallery(tmp_path: Path,
+                                                    pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.FLAG)
+    face = unit(1)
+    asyncio.run(svc.enroll(nik(1), faces.photo(face), None, {}))
+    asyncio.run(svc.enroll(nik(2), faces.photo(like(face, 0.97, 2)), None, {}))
+    asyncio.run(svc.resolve_review(nik(2), False, "desk-7", "twins"))
+    svc.gallery.close()
+    reopened, _ = service(tmp_path, pool, DuplicatePolicy.FLAG)
+    stored = asyncio.run(reopened.get(nik(2)))
+    assert (stored.flagged, stored.review, stored.review_note) == (True, "cleared", "twins")
+    assert len(reopened.gallery) == 2 and reopened.gallery.in_sync()
