@@ -73,6 +73,9 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
+INDEX_KINDS = ("flat", "ivf")
+
+
 @dataclass(frozen=True)
 class IndexSpec:
     """Which index to build.
@@ -91,7 +94,7 @@ class IndexSpec:
     retrain_growth: float = 4.0
 
     def validate(self) -> None:
-        if self.kind not in ("flat", "ivf"):
+        if self.kind not in INDEX_KINDS:
             raise ConfigurationError(f"index kind {self.kind!r}: choose flat or ivf")
         if self.nlist < 1 or self.nprobe < 1:
             raise ConfigurationError("index nlist and nprobe must be >= 1")

@@ -91,12 +91,14 @@ class BatchLimits:
         max_wait: seconds to wait, after the first input, for more to arrive.
         max_queue: inputs allowed to wait; one more is refused (OVERLOADED).
         concurrency: batches running at once (threads given to this model).
+
+    The server's come from its settings (:attr:`server.config.Settings.engine_limits`).
     """
 
-    max_batch: int = 8
-    max_wait: float = 0.0
-    max_queue: int = 256
-    concurrency: int = 2
+    max_batch: int
+    max_wait: float
+    max_queue: int
+    concurrency: int
 
 
 @dataclass

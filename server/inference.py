@@ -27,9 +27,9 @@ from server.pipeline.types import CpuStep, DetectCall, DetectorInput, LandmarkCa
 class EngineLimits:
     """Batching of each model (see :class:`BatchLimits`)."""
 
-    detect: BatchLimits = BatchLimits()
-    embed: BatchLimits = BatchLimits()
-    landmarks: BatchLimits = BatchLimits()
+    detect: BatchLimits
+    embed: BatchLimits
+    landmarks: BatchLimits
     pad_to_buckets: bool = False  # see Settings.batch_buckets
 
 

@@ -38,6 +38,10 @@ class Model:
         return [x * 2 for x in items]
 
 
+# The batcher's limits in these tests, where one does not set its own.
+LIMITS = {"max_batch": 8, "max_wait": 0.0, "max_queue": 256, "concurrency": 2}
+
+
 @pytest.fixture
 def pool() -> Any:
     with ThreadPoolExecutor(4) as p:
@@ -46,7 +50,7 @@ def pool() -> Any:
 
 def batcher(model: Model, pool: ThreadPoolExecutor, metrics: Metrics | None = None,
             **limits: Any) -> Batcher[Any, Any]:
-    return Batcher("embed", model, pool, BatchLimits(**limits),
+    return Batcher("embed", model, pool, BatchLimits(**{**LIMITS, **limits}),
                    key=lambda x: isinstance(x, str), observer=metrics)
 
 
@@ -186,7 +190,7 @@ def test_batches_run_concurrently_up_to_the_limit(pool: Any) -> None:
 
     async def main() -> list[int]:
         b: Batcher[int, int] = Batcher("detect", model, pool,
-                                       BatchLimits(max_batch=1, max_wait=0, concurrency=2))
+                                       BatchLimits(**{**LIMITS, "max_batch": 1}))
         return await asyncio.gather(b.submit(1), b.submit(2))
 
     assert asyncio.run(main()) == [1, 2]
@@ -239,7 +243,7 @@ def test_queued_inputs_are_spread_over_idle_slots(pool: Any) -> None:
 
     async def main() -> list[int]:
         b: Batcher[int, int] = Batcher("detect", model, pool,
-                                       BatchLimits(max_batch=8, max_wait=0, concurrency=2))
+                                       BatchLimits(**LIMITS))
         return await asyncio.gather(*(b.submit(i) for i in range(4)))
 
     assert asyncio.run(main()) == [0, 1, 2, 3]

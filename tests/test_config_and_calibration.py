@@ -44,7 +44,7 @@ def test_default_model_dir_follows_xdg() -> None:
     ({"FACEVERIFY_MAX_QUEUE": "0"}, "max_queue"),
     ({"FACEVERIFY_DETECT_MAX_BATCH": "0"}, "detect_max_batch"),
     ({"FACEVERIFY_BATCH_WAIT_MS": "-1"}, "batch_wait_ms"),
-    ({"FACEVERIFY_METRICS_PORT": "70000"}, "metrics port"),
+    ({"FACEVERIFY_METRICS_PORT": "70000"}, "metrics_port"),
     ({"FACEVERIFY_PROCESSES": "2", "FACEVERIFY_PORT": "0"}, "fixed port"),
 ])
 def test_invalid_settings_name_the_problem(env: dict[str, str], message: str) -> None:

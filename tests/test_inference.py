@@ -34,7 +34,7 @@ def test_served_embeddings_equal_calibrated_ones(dlib_model_dir: Path, lfw_dir: 
 
     async def serve_all() -> list[np.ndarray]:
         limits = EngineLimits(BatchLimits(8, 0.005, 64, 1), BatchLimits(8, 0.005, 64, 1),
-                              pad_to_buckets=buckets)
+                              BatchLimits(8, 0.0, 256, 2), pad_to_buckets=buckets)
         with ThreadPoolExecutor(2) as cpu, ThreadPoolExecutor(2) as model:
             engine = InferenceEngine(models.pipeline, cpu, model, limits, Metrics())
             faces = await asyncio.gather(*(engine.analyse(lfw_image(lfw_dir, n, i), "selfie",
