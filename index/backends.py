@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from index.errors import ConfigurationError, StartupError
 from index.registry import Registry, redact
 from index.sealing import Sealer
-from server.errors import ConfigurationError, StartupError
 
 SQLITE_FILE = "registry.sqlite3"
 

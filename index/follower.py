@@ -16,9 +16,9 @@ from typing import Any
 
 import psycopg
 
+from index.errors import RegistryUnavailable
 from index.gallery import Gallery
 from index.postgres_registry import CHANNEL, PostgresRegistry
-from server.errors import RegistryUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ import numpy as np
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from index.errors import ConfigurationError, RegistryUnavailable, StartupError
 from index.registry import (
     COLUMNS,
     ERASED,
@@ -45,7 +46,6 @@ from index.registry import (
     redact,
 )
 from index.sealing import Sealer
-from server.errors import ConfigurationError, RegistryUnavailable, StartupError
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from index.errors import ConfigurationError, StartupError
 from index.sealing import Sealer, SealError
-from server.errors import ConfigurationError, StartupError
 
 # What an erased NIK becomes in other enrolments' candidate lists.
 ERASED = "erased"

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from server.errors import ConfigurationError
+from index.errors import ConfigurationError
 
 MAGIC = b"\x00fv1"
 _NONCE = 12

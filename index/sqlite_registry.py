@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from index.durable import private_dir, private_file
+from index.errors import StartupError
 from index.registry import (
     ERASED,
     Change,
@@ -33,8 +35,6 @@ from index.registry import (
     WriterLock,
 )
 from index.sealing import Sealer
-from server.durable import private_dir, private_file
-from server.errors import StartupError
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index.durable import private_dir, write_bytes_atomically
+from index.errors import ConfigurationError
 from index.sealing import Sealer, SealError
-from server.durable import private_dir, write_bytes_atomically
-from server.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 

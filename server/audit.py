@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from server.durable import private_file
+from index.durable import private_file
 from server.errors import ConfigurationError
 from server.rpcs import DURABLE
 

@@ -51,6 +51,33 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+# The one place a reason becomes a gRPC status code (tests/test_errors.py checks
+# that every RequestError's reason is here).
+_C = grpc.StatusCode
+STATUS: dict[str, grpc.StatusCode] = {
+    "INVALID_IMAGE": _C.INVALID_ARGUMENT, "IMAGE_TOO_LARGE": _C.INVALID_ARGUMENT,
+    "INVALID_NIK": _C.INVALID_ARGUMENT, "NO_FACE_DETECTED": _C.INVALID_ARGUMENT,
+    "MULTIPLE_FACES": _C.INVALID_ARGUMENT, "FACE_TOO_SMALL": _C.INVALID_ARGUMENT,
+    "INVALID_REQUEST": _C.INVALID_ARGUMENT,
+    "NOT_ENROLLED": _C.NOT_FOUND,
+    "NIK_CONFLICT": _C.ALREADY_EXISTS,
+    "REFERENCE_KIND_NOT_CALIBRATED": _C.FAILED_PRECONDITION,
+    "NOT_PENDING_REVIEW": _C.FAILED_PRECONDITION,
+    "OVERLOADED": _C.RESOURCE_EXHAUSTED, "REQUEST_TOO_LARGE": _C.RESOURCE_EXHAUSTED,
+    "RATE_LIMITED": _C.RESOURCE_EXHAUSTED,
+    "UNAUTHENTICATED": _C.UNAUTHENTICATED,
+    "PERMISSION_DENIED": _C.PERMISSION_DENIED,
+    "DEADLINE_EXPIRED_IN_QUEUE": _C.DEADLINE_EXCEEDED,
+    "REGISTRY_UNAVAILABLE": _C.UNAVAILABLE,
+    "INTERNAL": _C.INTERNAL,
+}
+
+
+def code_of(error: RequestError) -> grpc.StatusCode:
+    """The gRPC status code of ``error``'s reason (INTERNAL for one not in the table)."""
+    return STATUS.get(error.reason, grpc.StatusCode.INTERNAL)
+
+
 def status_for(error: RequestError, request_id: str) -> grpc.Status:
     """A rich gRPC status: code, 'REASON: message', and an ErrorInfo detail."""
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN,
@@ -63,7 +90,7 @@ def status_for(error: RequestError, request_id: str) -> grpc.Status:
         retry.retry_delay.FromMilliseconds(max(1, round(error.retry_after * 1000)))
         details.append(any_pb2.Any())
         details[-1].Pack(retry)
-    status = status_pb2.Status(code=getattr(code_pb2, error.code.name),
+    status = status_pb2.Status(code=getattr(code_pb2, code_of(error).name),
                                message=f"{error.reason}: {error.message}", details=details)
     return rpc_status.to_status(status)
 
@@ -210,7 +237,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 self._admit(method, request)
                 rid = _request_id(request, context, rid)
             except RequestError as exc:
-                account(exc.code)
+                account(code_of(exc))
                 status = status_for(exc, rid)
                 await context.abort(status.code, status.details, status.trailing_metadata)
             request_id_var.set(rid)
@@ -229,9 +256,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 account(grpc.StatusCode.OK)
                 return response
             if method.name in AUDITED:
-                await self._audit(method.name, identity, context, rid, error.code,
+                await self._audit(method.name, identity, context, rid, code_of(error),
                                   error.reason, request)
-            account(error.code)
+            account(code_of(error))
             status = status_for(error, rid)
             await context.abort(status.code, status.details,
                                 (*status.trailing_metadata, (REQUEST_ID_HEADER, rid)))
@@ -262,7 +289,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self.metrics.refused.labels(method.name, exc.reason).inc()
             log.warning("refused %s from %s (%s): %s", method.name, identity, context.peer(),
                         exc.reason)
-            await self._audit(method.name, identity, context, rid, exc.code, exc.reason,
+            await self._audit(method.name, identity, context, rid, code_of(exc), exc.reason,
                               request)
             raise
         return identity

@@ -16,6 +16,7 @@ import pytest
 
 from server.batching import Batcher, BatchLimits, deadline_var
 from server.errors import Overloaded, QueueTimeout
+from server.interceptor import code_of
 from server.metrics import Metrics
 
 
@@ -107,7 +108,7 @@ def test_a_full_queue_refuses_at_once_with_resource_exhausted(pool: Any) -> None
         await wait_queued(b, 2)
         with pytest.raises(Overloaded) as err:
             await b.submit(9)
-        assert err.value.code.name == "RESOURCE_EXHAUSTED"
+        assert code_of(err.value).name == "RESOURCE_EXHAUSTED"
         model.release.set()
         await first
         assert await asyncio.gather(*queued) == [0, 2]
@@ -150,7 +151,7 @@ def test_inputs_whose_deadline_passed_in_the_queue_get_deadline_exceeded(pool: A
         await first
         with pytest.raises(QueueTimeout) as err:
             await expired
-        assert err.value.code.name == "DEADLINE_EXCEEDED"
+        assert code_of(err.value).name == "DEADLINE_EXCEEDED"
         assert await kept == 4
 
     asyncio.run(main())

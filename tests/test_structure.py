@@ -118,3 +118,18 @@ def test_no_import_cycle_in_server_or_index() -> None:
     graph = _imports()
     assert "server.cli" in graph and "index.registry" in graph  # the walk found the code
     assert _cycles(graph) == []
+
+
+def test_the_storage_layer_imports_nothing_of_the_service() -> None:
+    graph = _imports()
+    assert {(m, d) for m, deps in graph.items() if m.startswith("index")
+            for d in deps if d.startswith("server")} == set()
+
+
+def test_no_error_carries_a_transport_status() -> None:
+    import index.errors
+    import server.errors
+
+    for module in (index.errors, server.errors):
+        assert "grpc" not in (ROOT / Path(*module.__name__.split("."))).with_suffix(
+            ".py").read_text()

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from server.durable import replace_atomically, write_bytes_atomically
+from index.durable import replace_atomically, write_bytes_atomically
 from server.errors import ModelError, RequestError
 from server.models.convert import mmod_to_onnx, resnet_to_onnx
 from server.models.convert_tflite import BLAZEFACE_MODELS, blazeface_to_onnx

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from server.durable import write_bytes_atomically
+from index.durable import write_bytes_atomically
 from server.errors import ModelError
 
 MANIFEST = "manifest.json"
