@@ -39,6 +39,7 @@ from index.registry import (
     COLUMNS,
     ERASED,
     Change,
+    ChangeListener,
     Enrollment,
     NotPending,
     RowCodec,
@@ -146,6 +147,30 @@ class AdvisoryLock:
         pass
 
 
+class _Listener:
+    """A connection that ``LISTEN``s on :data:`CHANNEL` (see :meth:`PostgresRegistry.listen`)."""
+
+    def __init__(self, url: str, connect_timeout: float) -> None:
+        try:
+            self._conn: psycopg.Connection[Any] = psycopg.connect(
+                url, autocommit=True, connect_timeout=max(1, round(connect_timeout)))
+            self._conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error as exc:
+            raise RegistryUnavailable(f"cannot listen to the registry's changes "
+                                      f"({type(exc).__name__})") from exc
+
+    def wait(self, timeout: float) -> None:
+        try:
+            for _ in self._conn.notifies(timeout=timeout, stop_after=1):
+                pass
+        except psycopg.Error as exc:
+            raise RegistryUnavailable(f"lost the registry's change notices "
+                                      f"({type(exc).__name__})") from exc
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 class PostgresRegistry(RowCodec):
     """Thread-safe access to a PostgreSQL registry shared by many servers.
 
@@ -169,6 +194,14 @@ class PostgresRegistry(RowCodec):
             raise StartupError(f"no readable registry at {redact(url)}: "
                                f"{str(exc).splitlines()[0]}") from exc
         return str(meta["model_version"]), int(meta["dim"])
+
+    def listen(self) -> ChangeListener:
+        """A connection of its own that ``LISTEN``s for the change notices.
+
+        Raises:
+            RegistryUnavailable: PostgreSQL cannot be reached.
+        """
+        return _Listener(self.url, self.connect_timeout)
 
     def __init__(self, url: str, model_version: str, dim: int, sealer: Sealer | None = None,
                  connect_timeout: float = 3.0) -> None:

@@ -94,6 +94,19 @@ class WriterLock(Protocol):
     def close(self) -> None: ...
 
 
+class ChangeListener(Protocol):
+    """Other servers' changes to a shared registry, as they happen."""
+
+    def wait(self, timeout: float) -> None:
+        """Return at the next change notice, or after ``timeout`` seconds.
+
+        Raises:
+            RegistryUnavailable: the connection is lost.
+        """
+
+    def close(self) -> None: ...
+
+
 class Registry(Protocol):
     """What the gallery needs of a registry.  Writes that log a change (add,
     remove) must be made under :attr:`lock`."""
@@ -102,6 +115,15 @@ class Registry(Protocol):
     lock: WriterLock
     registry_id: str  # tells one registry's snapshots from another's
     distributed: bool  # shared by servers on other machines (they NOTIFY changes)
+
+    def listen(self) -> ChangeListener | None:
+        """A connection of its own that waits for other servers' changes (see
+        :mod:`index.follower`), where the registry is shared; None where every
+        writer shares this machine's files.
+
+        Raises:
+            RegistryUnavailable: the registry cannot be reached now.
+        """
 
     def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
             candidates: list[tuple[str, float]] | None = None,

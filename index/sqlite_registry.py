@@ -168,6 +168,11 @@ class SqliteRegistry(RowCodec):
         self.registry_id = meta["registry_id"]
         self._check_meta_values(str(self.path), meta, model_version, dim)
 
+    def listen(self) -> None:
+        """None: every writer of a SQLite registry shares this machine's files, so
+        the gallery sees their changes when it next takes the writer lock."""
+        return None
+
     @staticmethod
     def read_meta(path: Path) -> tuple[str, int]:
         """The model version and dimension a registry file was written with.
