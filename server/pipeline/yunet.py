@@ -30,15 +30,16 @@ class YunetDetector:
     "upright" for every face it found), so its faces carry no ``down``: their
     orientation is told by the score instead.  Turned faces score lower: a
     quarter turn 0.72 (median; none of 150 at or above 0.9), a half turn 0.86
-    (10 % at or above 0.9), upright 0.94 (1.3 % below 0.9).  A best face under
-    :attr:`upright_score` is detected again at the other three turns and the
-    best-scoring turn kept (:meth:`~server.pipeline.faces.FacePipeline.upright_steps`).
+    (none of 300 at or above 0.92, 11 % at or above 0.9), upright 0.94 (2.7 %
+    of 300 below 0.92).  A best face under :attr:`upright_score` is detected
+    again at the other three turns and the best-scoring turn kept
+    (:meth:`~server.pipeline.faces.FacePipeline.upright_steps`).
     """
 
     landmark_scheme = ARCFACE5
     landmarker = None  # the model's own keypoints
     name = "yunet"
-    upright_score: float | None = 0.9
+    upright_score: float | None = 0.92
 
     def __init__(self, session: ort.InferenceSession, threshold: float = 0.6,
                  nms_iou: float = 0.3, input_size: int = 640) -> None:
