@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from index.backends import open_registry
-from index.durable import private_dir
+from index.durable import FileLock, private_dir
 from index.registry import Enrollment
 from index.sealing import Sealer
-from index.sqlite_registry import FileLock
 from index.vectors import IndexSpec, VectorIndex
 
 log = logging.getLogger(__name__)

@@ -12,19 +12,18 @@ data key, embeddings, candidate lists and metadata are sealed (AES-GCM, see
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from index.durable import private_dir, private_file
+from index.durable import FileLock, private_dir, private_file
 from index.errors import StartupError
 from index.registry import (
     ERASED,
@@ -74,38 +73,7 @@ ADDED_COLUMNS = {
 LOCK_FILE = "gallery.lock"
 
 
-class FileLock:
-    """The writer lock of a SQLite registry: a re-entrant thread lock, then an
-    ``flock`` on a file beside the database (see :class:`index.registry.WriterLock`).
-    """
 
-    def __init__(self, path: Path) -> None:
-        self._thread_lock = threading.RLock()
-        self._file = open(private_file(path), "a+b")  # noqa: SIM115 - held for the registry's life
-        self._depth = 0
-        self.on_acquire: Callable[[], None] = lambda: None
-
-    def __enter__(self) -> FileLock:
-        self._thread_lock.acquire()
-        if self._depth == 0:
-            try:
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
-                self.on_acquire()
-            except BaseException:
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-                self._thread_lock.release()
-                raise
-        self._depth += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-        self._thread_lock.release()
-
-    def close(self) -> None:
-        self._file.close()
 
 
 class SqliteRegistry(RowCodec):
