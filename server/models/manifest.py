@@ -49,7 +49,7 @@ def sha256_file(path: Path) -> str:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON so that readers never see half a file (see :mod:`server.durable`)."""
+    """Write JSON so that readers never see half a file (see :mod:`index.durable`)."""
     write_bytes_atomically(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
