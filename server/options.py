@@ -171,8 +171,9 @@ OPTIONS: tuple[Option, ...] = (
            check=_at_least(1), rule="must be >= 1"),
     Option("detect_max_batch", "most images in one detector call", int, check=_at_least(1),
            rule="must be >= 1"),
-    Option("embed_max_batch", "most faces in one recognizer call", int, check=_at_least(1),
-           rule="must be >= 1"),
+    Option("embed_max_batch", "most faces in one recognizer call (unless set: 1 for the "
+           "SFace set on a CPU, where batching makes each face dearer; 128 on a GPU)", int,
+           check=_at_least(1), rule="must be >= 1"),
     Option("batch_wait_ms", "how long an input may wait for its batch to fill while a "
            "model slot is free. 0: go at once (batches still form from what queues while "
            "every slot is busy), best on a CPU; on a GPU, 2-5 ms buys fuller batches",

@@ -109,6 +109,22 @@ def test_a_gpu_gets_gpu_serving_defaults_where_the_operator_set_none() -> None:
                         16).processes == 1
 
 
+def test_the_sface_set_on_a_cpu_embeds_one_face_a_call_unless_the_operator_says(
+        tmp_path: Path) -> None:
+    from server.config import for_provider
+    from server.models.manifest import recognizer_layout
+
+    s = build_settings({}, {})
+    assert for_provider(s, "cpu", 2, "sface").embed_max_batch == 1
+    assert for_provider(s, "cpu", 2, "").embed_max_batch == s.embed_max_batch  # dlib's
+    assert for_provider(s, "cuda", 2, "sface").embed_max_batch == 128  # the GPU profile's
+    mine = build_settings({"FACEVERIFY_EMBED_MAX_BATCH": "4"}, {})
+    assert for_provider(mine, "cpu", 2, "sface").embed_max_batch == 4
+    (tmp_path / "manifest.json").write_text('{"recognizer": {"layout": "sface"}}')
+    assert recognizer_layout(tmp_path) == "sface"
+    assert recognizer_layout(tmp_path / "missing") == ""
+
+
 def test_cudnn_search_mode_is_validated() -> None:
     with pytest.raises(ConfigurationError, match="cudnn_conv_algo_search"):
         build_settings({"FACEVERIFY_CUDNN_CONV_ALGO_SEARCH": "fast"}, {})

@@ -53,6 +53,16 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     write_bytes_atomically(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
+def recognizer_layout(model_dir: Path) -> str:
+    """The recognizer's layout preset recorded in ``model_dir``'s manifest, without
+    verifying the files (loading the models does); empty where there is none."""
+    try:
+        manifest = json.loads((model_dir / MANIFEST).read_text())
+        return str(manifest["recognizer"].get("layout", ""))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
+
+
 def read_manifest(model_dir: Path) -> dict[str, Any]:
     """Read and fully verify a model directory's manifest.
 
