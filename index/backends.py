@@ -22,7 +22,6 @@ SQLITE_FILE = "registry.sqlite3"
 class Backend:
     """How one URL scheme's registry is opened, and its stored model read."""
 
-    name: str
     open: Callable[[str, Path, str, int, Sealer, float], Registry]
     read_meta: Callable[[str, Path], tuple[str, int]]
 
@@ -57,8 +56,8 @@ def _postgres_meta(url: str, data_dir: Path) -> tuple[str, int]:
     return PostgresRegistry.read_meta(url)
 
 
-SQLITE = Backend("sqlite", _open_sqlite, _sqlite_meta)
-POSTGRES = Backend("postgresql", _open_postgres, _postgres_meta)
+SQLITE = Backend(_open_sqlite, _sqlite_meta)
+POSTGRES = Backend(_open_postgres, _postgres_meta)
 # URL prefix -> backend; the empty URL is the embedded default.
 SCHEMES: dict[str, Backend] = {"sqlite:///": SQLITE, "postgresql://": POSTGRES,
                                "postgres://": POSTGRES}
