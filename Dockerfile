@@ -53,11 +53,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     FACEVERIFY_HOST=[::] \
     FACEVERIFY_PORT=50051 \
     FACEVERIFY_METRICS_PORT=9464 \
+    FACEVERIFY_METRICS_HOST=0.0.0.0 \
     FACEVERIFY_HEALTH_PORT=50052 \
     FACEVERIFY_TLS_CERT=/etc/faceverify/tls.crt \
     FACEVERIFY_TLS_KEY=/etc/faceverify/tls.key \
     FACEVERIFY_ACCESS_POLICY=/etc/faceverify/policy.json
-# gRPC, and Prometheus metrics over HTTP (the plaintext health port stays on localhost).
+# gRPC, and Prometheus metrics over HTTP (unauthenticated: publish 9464 only to the
+# scraper's network; the plaintext health port stays on localhost).
 EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
   CMD ["faceverify", "health", "--plaintext", "--target", "localhost:50052"]

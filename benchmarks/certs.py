@@ -61,4 +61,5 @@ class Authority:
         issued.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                                  serialization.PrivateFormat.PKCS8,
                                                  serialization.NoEncryption()))
+        issued.key.chmod(0o600)  # the server refuses a key others can read
         return issued

@@ -13,7 +13,10 @@ while the other goes on, then both, and every one is checked):
 * every enrolment acknowledged as enrolled is present (GetEnrollment);
 * no face is enrolled under two NIKs;
 * the index agrees with the registry: the server reports SERVING (it does only
-  when they agree) and its gallery size equals the number of enrolled NIKs.
+  when they agree) and its gallery size equals the number of enrolled NIKs;
+* every enrolled NIK has its enrolment's record in an audit log (``kind:
+  change``, written in the enrolment's own transaction), and every log's chain
+  verifies.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +112,30 @@ def check(target: str, jobs: list[tuple[str, int, bytes]], acknowledged: set[str
         "faces_under_two_niks": sum(1 for n in per_person.values() if n > 1),
         "gallery_size": gallery_size,
         "enrolled": len(present),
+        "present": sorted(present),
     }
+
+
+def audit_gaps(dirs: list[Path], present: list[str]) -> dict[str, object]:
+    """Enrolled NIKs with no enrolment record in any server's audit log, and logs
+    whose chain does not verify (read after the servers stopped)."""
+    from server.audit import AUDIT_FILE, KEY_FILE, AuditKey, parse_record, verify_chain
+
+    recorded: set[str] = set()
+    broken = []
+    keys = []
+    for d in dirs:
+        key = AuditKey.load(d / KEY_FILE, create=False)
+        keys.append(key)
+        report = verify_chain(d / AUDIT_FILE, key)
+        if report.broken_at is not None:
+            broken.append(f"{d.name}: line {report.broken_at}: {report.why}")
+        for line in (d / AUDIT_FILE).read_bytes().splitlines():
+            record = parse_record(line)
+            if record["kind"] == "change" and record["method"] == "Enroll":
+                recorded.add(str(record.get("nik_hash")))
+    unaudited = [n for n in present if not any(k.nik(n) in recorded for k in keys)]
+    return {"enrolled_without_audit_record": len(unaudited), "audit_logs_broken": broken}
 
 
 def crash_test(model_dir: Path, lfw: Path, data_dir: Path, rounds: int, people_per_round: int,
@@ -157,9 +184,15 @@ def crash_test(model_dir: Path, lfw: Path, data_dir: Path, rounds: int, people_p
             for proc in procs:
                 proc.wait(timeout=60)
         state = states[0]
+        present = state.pop("present")
+        for st in states[1:]:
+            st.pop("present")
+        audit = audit_gaps(dirs, present)  # type: ignore[arg-type]
+        state.update(audit)
         ok = all(not st["lost"] and st["faces_under_two_niks"] == 0
                  and st["gallery_size"] == st["enrolled"] for st in states) \
-            and len({st["enrolled"] for st in states}) == 1
+            and len({st["enrolled"] for st in states}) == 1 \
+            and audit["enrolled_without_audit_record"] == 0 and not audit["audit_logs_broken"]
         failures += not ok
         rounds_list = report["rounds"]
         assert isinstance(rounds_list, list)
@@ -169,6 +202,51 @@ def crash_test(model_dir: Path, lfw: Path, data_dir: Path, rounds: int, people_p
     report["failures"] = failures
     report["acknowledged_total"] = len(acknowledged)
     return report
+
+
+def deadline_test(model_dir: Path, lfw: Path, data_dir: Path, enrolments: int,
+                  seed: int = 0) -> dict[str, object]:
+    """``enrolments`` enrolments from 4 threads, each with a client deadline of 20-310
+    ms (most expire while the server still works on them), then a clean stop:
+    every NIK enrolled, acknowledged or not, must have its audit record."""
+    import grpc
+
+    from server.gen import faceverify_pb2 as pb
+    from server.gen import faceverify_pb2_grpc as pb_grpc
+
+    rng = random.Random(seed)
+    identities = sorted(d for d in (lfw / "images").iterdir() if d.is_dir())
+    rng.shuffle(identities)
+    jobs = [(nik_for(p, 1), p, sorted(identities[p].glob("*.jpg"))[0].read_bytes(),
+             rng.uniform(0.02, 0.31)) for p in range(enrolments)]
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    proc = start_server(model_dir, data_dir, port, **SERVER_ENV)
+    codes: dict[str, int] = {}
+    try:
+        wait_serving(target, proc)
+        with grpc.insecure_channel(target) as ch:
+            stub = pb_grpc.FaceVerificationStub(ch)  # type: ignore[no-untyped-call]
+
+            def send(job: tuple[str, int, bytes, float]) -> str:
+                nik, _, image, deadline = job
+                try:
+                    stub.Enroll(pb.EnrollRequest(nik=nik, selfie=image), timeout=deadline)
+                    return "OK"
+                except grpc.RpcError as exc:
+                    return exc.code().name
+
+            with ThreadPoolExecutor(4) as pool:
+                for code in pool.map(send, jobs):
+                    codes[code] = codes.get(code, 0) + 1
+        time.sleep(2)  # let the server finish what it was doing when the deadlines passed
+        state = check(target, [(n, p, i) for n, p, i, _ in jobs], set())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    present = state.pop("present")
+    return {"enrolments": enrolments, "answers": codes, "enrolled": state["enrolled"],
+            **audit_gaps([data_dir], present)}  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,10 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--registry-url", default="", help="a shared registry (postgresql://...)")
     p.add_argument("--servers", type=int, default=1,
                    help="servers sharing --registry-url (the first is killed mid-stream)")
+    p.add_argument("--deadlines", type=int, default=0, metavar="N",
+                   help="instead: N enrolments with 20-310 ms deadlines, then check that "
+                   "each enrolled NIK has its audit record")
     args = p.parse_args(argv)
     import tempfile
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="faceverify-crash-"))
+    if args.deadlines:
+        result = deadline_test(args.model_dir, args.lfw, data_dir, args.deadlines)
+        json.dump(result, sys.stdout, indent=2)
+        print()
+        return 1 if result["enrolled_without_audit_record"] else 0
     report = crash_test(args.model_dir, args.lfw, data_dir, args.rounds, args.people,
                         registry_url=args.registry_url, servers=args.servers)
     json.dump(report, sys.stdout, indent=2)

@@ -1,17 +1,29 @@
 """Crash-safe files: replacement by temp file, fsync, rename, fsync the directory
 (a reader sees either the old file or the new one, never a torn write, and a
-rename that returned survives power loss); private files and directories; and
-the file lock that processes sharing a data directory hold.
+rename that returned survives power loss); private files and directories; the
+file lock that processes sharing a data directory hold; and control files that
+fail closed.
+
+Control files fail closed, as OpenSSH's StrictModes does: a file that decides
+who may do what (the access policy) or holds a secret (the data, audit and
+signing keys, the TLS private key) is refused when someone other than its owner
+could change it, or for a secret read it: writable by group or others, owned by
+a user other than the server's or root, or in a directory others may write
+without the sticky bit.  Checked at start and on every reload; a refused reload
+keeps what was loaded before.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+from index.errors import ConfigurationError
 
 
 def replace_atomically(path: Path, write: Callable[[str], None], mode: int = 0o644) -> None:
@@ -93,3 +105,31 @@ class FileLock:
 
     def close(self) -> None:
         self._file.close()
+
+
+def check_control(path: Path, what: str, secret: bool = False) -> None:
+    """Raises ConfigurationError, naming the fix, unless only its owner (the
+    server's user or root) can change ``path``, and, when ``secret``, read it."""
+    try:
+        st = path.stat()
+        parent = path.resolve().parent.stat()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    if st.st_uid not in (os.geteuid(), 0):
+        raise ConfigurationError(f"{what} {path} is owned by uid {st.st_uid}, not by the "
+                                 f"server's user (uid {os.geteuid()}) or root: refused")
+    loose = st.st_mode & (0o077 if secret else 0o022)
+    if loose:
+        fix = "chmod 600" if secret else "chmod go-w"
+        raise ConfigurationError(
+            f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}: "
+            f"{'others can read or change it' if secret else 'others can change it'}; "
+            f"refused (`{fix} {path}`)")
+    if parent.st_mode & 0o002 and not parent.st_mode & stat.S_ISVTX:
+        raise ConfigurationError(f"{what} {path} is in a directory anyone can write: "
+                                 "refused (anyone could replace it)")
+
+
+def check_private(path: Path, what: str) -> None:
+    """:func:`check_control` for a secret."""
+    check_control(path, what, secret=True)

@@ -44,6 +44,7 @@ from index.registry import (
     NotPending,
     RowCodec,
     WriterLock,
+    audit_var,
     redact,
 )
 from index.sealing import Sealer
@@ -76,6 +77,11 @@ CREATE TABLE IF NOT EXISTS faceverify_changes (
     seq BIGSERIAL PRIMARY KEY,
     op TEXT NOT NULL CHECK (op IN ('add', 'remove')),
     id BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS faceverify_audit_outbox (
+    id BIGSERIAL PRIMARY KEY,
+    origin TEXT NOT NULL,
+    record TEXT NOT NULL
 );
 """
 
@@ -316,6 +322,7 @@ class PostgresRegistry(RowCodec):
                  _bytes(self._sealed_json("metadata", nik, metadata or {})), now, review,
                  photos)).fetchone()[0])  # type: ignore[index]
             self._log_change(conn, "add", new_id)
+            self._audit(conn, "enrolled_flagged" if flagged else "enrolled")
         return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}),
                           now, review, photos=photos)
 
@@ -325,6 +332,28 @@ class PostgresRegistry(RowCodec):
                            "RETURNING seq", (op, rid)).fetchone()[0]  # type: ignore[index]
         # Delivered to listeners when the transaction commits.
         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
+
+    @staticmethod
+    def _audit(conn: psycopg.Connection[Any], outcome: str) -> None:
+        """The call's audit record, in the transaction under way (see
+        :class:`index.registry.AuditEntry`)."""
+        entry = audit_var.get()
+        if entry is not None:
+            entry.outbox_id = int(conn.execute(
+                "INSERT INTO faceverify_audit_outbox (origin, record) VALUES (%s, %s) "
+                "RETURNING id", (entry.origin, entry.record(outcome))
+            ).fetchone()[0])  # type: ignore[index]
+
+    def audit_pending(self, origin: str, limit: int) -> list[tuple[int, str]]:
+        with self._read("audit outbox") as conn:
+            rows = conn.execute("SELECT id, record FROM faceverify_audit_outbox WHERE "
+                                "origin = %s ORDER BY id LIMIT %s", (origin, limit)).fetchall()
+        return [(int(i), str(r)) for i, r in rows]
+
+    def audit_exported(self, origin: str, upto: int) -> None:
+        with self._read("audit outbox") as conn:
+            conn.execute("DELETE FROM faceverify_audit_outbox WHERE origin = %s AND id <= %s",
+                         (origin, upto))
 
     def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
                        ) -> Enrollment | None:
@@ -341,6 +370,7 @@ class PostgresRegistry(RowCodec):
                 "UPDATE faceverify_enrollments SET review = %s, reviewed_by = %s, "
                 f"reviewed_at = %s, review_note = %s WHERE id = %s RETURNING {COLUMNS}",
                 (decision, reviewer, time.time(), note, row[0])).fetchone()
+            self._audit(conn, decision)
         return self._row(row)
 
     def remove(self, nik: str) -> Enrollment | None:
@@ -352,6 +382,7 @@ class PostgresRegistry(RowCodec):
             if row is None:
                 return None
             self._log_change(conn, "remove", int(row[0]))
+            self._audit(conn, "erased")
             for other, other_nik, sealed in conn.execute(
                     "SELECT id, nik, candidates FROM faceverify_enrollments WHERE flagged"
             ).fetchall():

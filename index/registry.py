@@ -18,7 +18,9 @@ change-log entries commit in sequence order.  Chosen by ``--registry-url``
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -70,6 +72,39 @@ class Enrollment:
     reviewed_at: float | None = None
     review_note: str = ""
     photos: int = 1
+
+
+@dataclass
+class AuditEntry:
+    """Who asked for the state change under way: the registry writes its audit
+    record in the change's own transaction (table ``audit_outbox``), so that no
+    change commits without its record and no record claims a change that did not
+    commit.  The audit log (:mod:`server.audit`) exports the rows of its
+    ``origin`` into its chain and then deletes them.
+
+    Attributes:
+        nik_hash: the NIK's keyed hash (never the NIK itself).
+        origin: the audit log the record is for (one per data directory).
+        outbox_id: set by the registry once the record is written.
+    """
+
+    method: str
+    identity: str
+    peer: str
+    request_id: str
+    nik_hash: str
+    origin: str
+    outbox_id: int | None = None
+
+    def record(self, outcome: str) -> str:
+        return json.dumps({"method": self.method, "identity": self.identity, "peer": self.peer,
+                           "request_id": self.request_id, "nik_hash": self.nik_hash,
+                           "outcome": outcome, "time": time.time()}, sort_keys=True)
+
+
+# The audit entry of the call being served, if it changes state (set by the
+# gRPC edge; read by the registry's write methods, in the thread they run in).
+audit_var: ContextVar[AuditEntry | None] = ContextVar("audit_entry", default=None)
 
 
 @dataclass(frozen=True)
@@ -152,6 +187,13 @@ class Registry(Protocol):
                         ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
     def reseal(self, batch: int = 1000) -> int: ...
+
+    def audit_pending(self, origin: str, limit: int) -> list[tuple[int, str]]:
+        """The audit records of ``origin``'s committed changes not yet exported,
+        oldest first: (outbox id, record JSON)."""
+
+    def audit_exported(self, origin: str, upto: int) -> None:
+        """Forget ``origin``'s records up to outbox id ``upto`` (now in its log)."""
 
     def close(self) -> None: ...
 

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from index.durable import check_private
 from index.errors import ConfigurationError
 
 MAGIC = b"\x00fv1"
@@ -57,6 +58,8 @@ def parse_key(text: bytes, source: str) -> bytes:
 
 
 def read_key_file(path: Path) -> bytes:
+    """The data key in ``path``; refused if others can read or change the file."""
+    check_private(path, "the data key")
     try:
         return parse_key(path.read_bytes(), str(path))
     except OSError as exc:

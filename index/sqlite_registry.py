@@ -32,6 +32,7 @@ from index.registry import (
     NotPending,
     RowCodec,
     WriterLock,
+    audit_var,
 )
 from index.sealing import Sealer
 
@@ -58,6 +59,11 @@ CREATE TABLE IF NOT EXISTS changes (
     op TEXT NOT NULL CHECK (op IN ('add', 'remove')),
     id INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    origin TEXT NOT NULL,
+    record TEXT NOT NULL
+);
 """
 
 
@@ -71,9 +77,6 @@ ADDED_COLUMNS = {
     "photos": "INTEGER NOT NULL DEFAULT 1",
 }
 LOCK_FILE = "gallery.lock"
-
-
-
 
 
 class SqliteRegistry(RowCodec):
@@ -199,6 +202,7 @@ class SqliteRegistry(RowCodec):
                  self._sealed_json("metadata", nik, metadata or {}), now, review, photos))
             new_id = int(cur.lastrowid or 0)
             self._db.execute("INSERT INTO changes (op, id) VALUES ('add', ?)", (new_id,))
+            self._audit("enrolled_flagged" if flagged else "enrolled")
         return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}), now,
                           review, photos=photos)
 
@@ -222,6 +226,7 @@ class SqliteRegistry(RowCodec):
             self._db.execute("UPDATE enrollments SET review = ?, reviewed_by = ?, "
                              "reviewed_at = ?, review_note = ? WHERE id = ?",
                              (decision, reviewer, time.time(), note, row[0]))
+            self._audit(decision)
             row = self._db.execute("SELECT * FROM enrollments WHERE id = ?",
                                    (row[0],)).fetchone()
         return self._row(row)
@@ -254,6 +259,7 @@ class SqliteRegistry(RowCodec):
                 return None
             self._db.execute("DELETE FROM enrollments WHERE id = ?", (row[0],))
             self._db.execute("INSERT INTO changes (op, id) VALUES ('remove', ?)", (row[0],))
+            self._audit("erased")
             # Only flagged enrolments have candidates (sealed ones cannot be searched).
             flagged = self._db.execute(
                 "SELECT id, nik, candidates FROM enrollments WHERE flagged = 1").fetchall()
@@ -266,6 +272,26 @@ class SqliteRegistry(RowCodec):
                                  (self._sealed_json("candidates", other_nik, struck), other))
         self._truncate_wal()
         return self._row(row)
+
+    def _audit(self, outcome: str) -> None:
+        """The call's audit record, in the transaction under way (see
+        :class:`index.registry.AuditEntry`)."""
+        entry = audit_var.get()
+        if entry is not None:
+            cur = self._db.execute("INSERT INTO audit_outbox (origin, record) VALUES (?, ?)",
+                                   (entry.origin, entry.record(outcome)))
+            entry.outbox_id = int(cur.lastrowid or 0)
+
+    def audit_pending(self, origin: str, limit: int) -> list[tuple[int, str]]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, record FROM audit_outbox WHERE origin = ? "
+                                    "ORDER BY id LIMIT ?", (origin, limit)).fetchall()
+        return [(int(i), str(r)) for i, r in rows]
+
+    def audit_exported(self, origin: str, upto: int) -> None:
+        with self._tx():
+            self._db.execute("DELETE FROM audit_outbox WHERE origin = ? AND id <= ?",
+                             (origin, upto))
 
     def _truncate_wal(self) -> None:
         """Copy the write-ahead log into the database and empty it; another process

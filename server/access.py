@@ -14,29 +14,37 @@ roles and roles to RPCs::
       "roles": {"auditor": ["GetEnrollment", "GetServerInfo"]}
     }
 
-``roles`` adds to (or redefines) the built-in :data:`ROLES`.  A client entry
-with ``"certificate_cn": "*"`` matches every certificate the client CA signed.
-The health service is open to every caller (load balancers and probes).  The
-file is read again when it changes; a change that does not parse is logged and
-the previous policy stays.
+``roles`` adds roles to the built-in :data:`ROLES` (it may not redefine one).
+A client entry with ``"certificate_cn": "*"`` matches every certificate the
+client CA signed that no entry names; ``"revoked": [{"certificate_cn": ...},
+{"api_key_sha256": ...}]`` refuses those identities whatever else matches.
+The health service is open to every caller (load balancers and probes).
+
+The file fails closed: it is read strictly (an unknown field, a duplicated JSON
+key, two entries for one certificate or key, a redefined built-in role are
+refused), and refused when others could change it
+(:func:`index.durable.check_control`).  It is read again when it changes; a
+change that is refused is logged and counted, and the previous policy stays.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from index.durable import check_control
+from server import strict
 from server.errors import ConfigurationError, PermissionDenied, RateLimited, Unauthenticated
-from server.rpcs import ADMIN, RPCS, builtin_roles
+from server.rpcs import ADMIN, RPCS, SEES_CANDIDATES, builtin_roles
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +76,21 @@ class TokenBucket:
     tokens: float = 0.0
     updated: float = 0.0
 
-    def take(self, now: float) -> float:
-        """0 if a call may go ahead now (and count it), else seconds until one may."""
+    def _refill(self, now: float) -> None:
         if self.updated == 0.0:
             self.tokens, self.updated = self.burst, now
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
+
+    def charge(self, n: float, now: float) -> None:
+        """Count ``n`` more calls made now, going into debt if need be (the calls
+        that follow wait until it is paid)."""
+        self._refill(now)
+        self.tokens -= n
+
+    def take(self, now: float) -> float:
+        """0 if a call may go ahead now (and count it), else seconds until one may."""
+        self._refill(now)
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return 0.0
@@ -93,11 +110,25 @@ class Client:
     burst: float | None = None
 
 
+    @property
+    def sees_candidates(self) -> bool:
+        return bool(SEES_CANDIDATES.intersection(self.roles))
+
+
+# The identified caller of the call being served (set by the interceptor).
+caller_var: ContextVar[Client | None] = ContextVar("caller", default=None)
+
+
 @dataclass
 class Policy:
     clients: list[Client] = field(default_factory=list)
+    revoked_cns: frozenset[str] = frozenset()
+    revoked_keys: frozenset[str] = frozenset()
 
     def by_cn(self, cn: str) -> Client | None:
+        """The entry naming ``cn``, else the ``"*"`` entry (None if revoked)."""
+        if cn in self.revoked_cns:
+            return None
         exact = [c for c in self.clients if c.certificate_cn == cn]
         wildcard = [c for c in self.clients if c.certificate_cn == "*"]
         found = exact or wildcard
@@ -105,10 +136,44 @@ class Policy:
 
     def by_key(self, key: str) -> Client | None:
         digest = hash_key(key)
+        if digest in self.revoked_keys:
+            return None
         for c in self.clients:
             if c.api_key_sha256 and hmac.compare_digest(c.api_key_sha256, digest):
                 return c
         return None
+
+
+POLICY_FIELDS = frozenset({"clients", "roles", "revoked"})
+CLIENT_FIELDS = frozenset({"name", "certificate_cn", "api_key_sha256", "roles",
+                           "rate_per_second", "burst"})
+
+
+def _key_hash(value: object, where: str) -> str:
+    if not isinstance(value, str) or len(value) != 64 or any(
+            ch not in "0123456789abcdef" for ch in value):
+        raise ConfigurationError(f"{where}: api_key_sha256 must be 64 lower-case hex digits "
+                                 "(from `faceverify access new-key`)")
+    return value
+
+
+def _revoked(data: object, source: str) -> tuple[frozenset[str], frozenset[str]]:
+    if not isinstance(data, list):
+        raise ConfigurationError(f"{source}: 'revoked' must be a list")
+    cns, keys = set(), set()
+    for i, entry in enumerate(data):
+        where = f"{source}: revoked[{i}]"
+        if not isinstance(entry, Mapping) or len(entry) != 1 or not (
+                set(entry) <= {"certificate_cn", "api_key_sha256"}):
+            raise ConfigurationError(f"{where} must be {{\"certificate_cn\": ...}} or "
+                                     "{\"api_key_sha256\": ...}")
+        if "certificate_cn" in entry:
+            if not isinstance(entry["certificate_cn"], str) or not entry["certificate_cn"]:
+                raise ConfigurationError(f"{where}: certificate_cn must be a name")
+            cns.add(entry["certificate_cn"])
+        else:
+            keys.add(_key_hash(entry["api_key_sha256"], where))
+    return frozenset(cns), frozenset(keys)
 
 
 def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
@@ -119,11 +184,18 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
     """
     if not isinstance(data, Mapping) or not isinstance(data.get("clients"), list):
         raise ConfigurationError(f"{source}: expected an object with a 'clients' list")
+    unknown_fields = set(data) - POLICY_FIELDS
+    if unknown_fields:
+        raise ConfigurationError(f"{source}: unknown fields {sorted(unknown_fields)}; known: "
+                                 f"{sorted(POLICY_FIELDS)}")
     roles = dict(ROLES)
     extra = data.get("roles") or {}
     if not isinstance(extra, Mapping):
         raise ConfigurationError(f"{source}: 'roles' must map role names to lists of RPCs")
     for name, methods in extra.items():
+        if name in ROLES:
+            raise ConfigurationError(f"{source}: role {name!r} is built in and cannot be "
+                                     "redefined; give yours another name")
         if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
             raise ConfigurationError(f"{source}: role {name!r} must list RPC names")
         unknown = set(methods) - set(RPCS)
@@ -131,11 +203,15 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
             raise ConfigurationError(f"{source}: role {name!r} names unknown RPCs "
                                      f"{sorted(unknown)}")
         roles[name] = frozenset(methods)
-    clients, names = [], set()
+    clients, names, identities = [], set(), set()
     for i, entry in enumerate(data["clients"]):
         where = f"{source}: clients[{i}]"
         if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
             raise ConfigurationError(f"{where} needs a 'name'")
+        unknown_fields = set(entry) - CLIENT_FIELDS
+        if unknown_fields:
+            raise ConfigurationError(f"{where}: unknown fields {sorted(unknown_fields)}; "
+                                     f"known: {sorted(CLIENT_FIELDS)}")
         if entry["name"] in names:
             raise ConfigurationError(f"{where}: the name {entry['name']!r} is used twice")
         names.add(entry["name"])
@@ -143,10 +219,15 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
         if (cn is None) == (key is None):
             raise ConfigurationError(f"{where} needs exactly one of certificate_cn, "
                                      "api_key_sha256")
-        if key is not None and (not isinstance(key, str) or len(key) != 64
-                                or any(ch not in "0123456789abcdef" for ch in key)):
-            raise ConfigurationError(f"{where}: api_key_sha256 must be 64 lower-case hex "
-                                     "digits (from `faceverify access new-key`)")
+        if cn is not None and (not isinstance(cn, str) or not cn):
+            raise ConfigurationError(f"{where}: certificate_cn must be a name (or \"*\")")
+        if key is not None:
+            _key_hash(key, where)
+        identity = f"cn:{cn}" if cn is not None else f"key:{key}"
+        if identity in identities:
+            raise ConfigurationError(f"{where}: another entry already has this "
+                                     f"{'certificate_cn' if cn is not None else 'api_key_sha256'}")
+        identities.add(identity)
         given = entry.get("roles")
         if not isinstance(given, list) or not given:
             raise ConfigurationError(f"{where} needs a non-empty 'roles' list")
@@ -163,12 +244,20 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
         clients.append(Client(entry["name"], tuple(given), methods, cn, key,
                               None if rate is None else float(rate),
                               None if burst is None else float(burst)))
-    return Policy(clients)
+    revoked_cns, revoked_keys = _revoked(data.get("revoked", []), source)
+    return Policy(clients, revoked_cns, revoked_keys)
 
 
 def read_policy(path: Path) -> Policy:
+    """The policy in ``path``.
+
+    Raises:
+        ConfigurationError: unreadable, others may change it, or it does not parse
+            strictly.
+    """
+    check_control(path, "the access policy")
     try:
-        data = json.loads(path.read_text())
+        data = strict.loads(path.read_text())
     except OSError as exc:
         raise ConfigurationError(f"cannot read the access policy {path}: {exc.strerror}") from exc
     except ValueError as exc:
@@ -190,23 +279,26 @@ class AccessControl:
     is :data:`ANONYMOUS` with every RPC and no rate limit.
     """
 
-    def __init__(self, policy_path: Path | None, clock: Any = time.monotonic) -> None:
+    def __init__(self, policy_path: Path | None, clock: Any = time.monotonic,
+                 on_refused_reload: Any = lambda: None) -> None:
         self.path = policy_path
         self.clock = clock
+        self.on_refused_reload = on_refused_reload
         self.policy = read_policy(policy_path) if policy_path else None
         self._stamp = self._stat()
         self._checked = 0.0
         self._buckets: dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
 
-    def _stat(self) -> tuple[int, int] | None:
+    def _stat(self) -> tuple[int, ...] | None:
         if self.path is None:
             return None
         try:
             st = self.path.stat()
         except OSError:
             return None
-        return (st.st_mtime_ns, st.st_size)
+        # A chmod or chown alone is a change too: it may make the file refused.
+        return (st.st_mtime_ns, st.st_size, st.st_ctime_ns, st.st_mode, st.st_uid)
 
     def _maybe_reload(self) -> None:
         now = self.clock()
@@ -220,8 +312,9 @@ class AccessControl:
         try:
             self.policy = read_policy(self.path)
         except ConfigurationError as exc:
-            log.error("access policy changed but does not load; keeping the previous one: %s",
+            log.error("access policy changed but is refused; keeping the previous one: %s",
                       exc)
+            self.on_refused_reload()
             return
         with self._lock:
             self._buckets.clear()
@@ -249,7 +342,8 @@ class AccessControl:
         if key:
             client = policy.by_key(key)
             if client is None:
-                raise Unauthenticated("the API key is not in the access policy")
+                raise Unauthenticated("the API key is not in the access policy",
+                                      presented=f"key:{hash_key(key)[:12]}")
             return client
         cns = auth.get("x509_common_name") or ()
         if cns:
@@ -257,10 +351,19 @@ class AccessControl:
             client = policy.by_cn(cn)
             if client is None:
                 raise Unauthenticated("the client certificate's common name is not in the "
-                                      "access policy")
+                                      "access policy", presented=f"cn:{cn[:128]}")
             return client
         raise Unauthenticated("no credentials: present a client certificate (mutual TLS) or "
                               "an API key (authorization: Bearer <key>)")
+
+    def charge(self, client: Client, calls: int) -> None:
+        """Count ``calls`` more against ``client``'s rate (see :meth:`TokenBucket.charge`)."""
+        if client.rate_per_second is None or calls <= 0:
+            return
+        with self._lock:
+            bucket = self._buckets.get(client.name)
+            if bucket is not None:
+                bucket.charge(calls, self.clock())
 
     def authorize(self, client: Client, method: str) -> None:
         """Raises PermissionDenied (role) or RateLimited (rate) for ``client`` calling

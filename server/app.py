@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import grpc
@@ -26,7 +26,16 @@ from index.gallery import Gallery
 from index.registry import redact
 from server import __version__
 from server.access import AccessControl
-from server.audit import AUDIT_FILE, KEY_FILE, AuditKey, AuditLog
+from server.audit import (
+    AUDIT_FILE,
+    KEY_FILE,
+    PUBLIC_KEY_FILE,
+    SIGNING_KEY_FILE,
+    AuditKey,
+    AuditLog,
+    SigningKey,
+    load_origin,
+)
 from server.config import Settings, check_secured, data_sealer, serving_summary
 from server.duplicates import DuplicateThreshold
 from server.enrolment import DuplicatePolicy, EnrolmentService
@@ -75,7 +84,9 @@ class RunningServer:
     services: Services
     metrics_server: MetricsServer | None = None
     health_server: grpc.aio.Server | None = None
-    watcher: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # What keeps health NOT_SERVING now (index_sync, index_lag, audit, stopping).
+    faults: set[str] = field(default_factory=set)
 
     @property
     def service(self) -> VerificationService:
@@ -87,6 +98,35 @@ class RunningServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
         self.services.metrics.serving.set(1 if serving else 0)
+
+    async def mark(self, fault: str, present: bool) -> None:
+        """Health is SERVING while no fault is present."""
+        before = not self.faults
+        (self.faults.add if present else self.faults.discard)(fault)
+        if before != (not self.faults):
+            await self.set_serving(not self.faults)
+
+    async def tick_audit(self, every: float) -> None:
+        """Export committed changes' records, flush aggregated refusals and sign
+        checkpoints while the server runs; health follows the audit log's."""
+        audit = self.services.audit
+        metrics = self.services.metrics
+        loop = asyncio.get_running_loop()
+
+        def changed(healthy: bool) -> None:
+            metrics.audit_healthy.set(1 if healthy else 0)
+            log.error("the audit log %s", "is written again: SERVING" if healthy else
+                      "keeps failing: NOT_SERVING until it is written again")
+            loop.create_task(self.mark("audit", not healthy))
+
+        audit.watch(changed)
+        metrics.audit_healthy.set(1)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await audit.tick()
+            except Exception:
+                metrics.audit_failures.labels("tick").inc()
 
     async def watch_lag(self, max_lag: int, every: float = 1.0) -> None:
         """A replica of a shared registry: health NOT_SERVING while its index lags more
@@ -103,14 +143,14 @@ class RunningServer:
             if serving != (lag <= max_lag):
                 serving = lag <= max_lag
                 log.warning("index lags the registry by %d changes: %s", lag,
-                            "SERVING again" if serving else "NOT_SERVING until it catches up")
-                await self.set_serving(serving)
+                            "caught up" if serving else "NOT_SERVING until it catches up")
+                await self.mark("index_lag", not serving)
 
     async def stop(self, grace: float) -> None:
         """Refuse new calls, drain in-flight ones for up to ``grace`` seconds, persist."""
-        if self.watcher is not None:
-            self.watcher.cancel()
-        await self.set_serving(False)
+        for task in self.tasks:
+            task.cancel()
+        await self.mark("stopping", True)
         await self.server.stop(grace)
         if self.health_server is not None:
             await self.health_server.stop(0)
@@ -119,8 +159,8 @@ class RunningServer:
             pool.shutdown(wait=True)
         if self.services.follower is not None:
             self.services.follower.close()
+        self.services.audit.close()  # before the registry: it exports from there
         self.services.gallery.close()
-        self.services.audit.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
 
@@ -153,8 +193,11 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
     engine = InferenceEngine(models.pipeline, image_pool, model_pool, settings.engine_limits,
                              metrics)
     verification = VerificationService(models, points, engine, metrics)
+    floor = (operating_points(calibration, settings.search_floor_fmr)["photo"].threshold
+             if settings.search_floor_fmr else None)
     enrolment = EnrolmentService(gallery, engine, index_pool, verification.point_for, dedup,
-                                 DuplicatePolicy(settings.duplicate_policy), metrics)
+                                 DuplicatePolicy(settings.duplicate_policy), metrics,
+                                 search_floor=floor)
     dup = enrolment.duplicate_point()
     log.info("decision threshold %.4f for FMR %g (calibrated on %s); duplicate threshold "
              "%.4f for FPIR %g at %d enrolments (from the calibration's %s; pairwise FMR "
@@ -177,9 +220,7 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
     metrics.track_index(lambda: len(gallery), lambda: 1.0 if gallery.in_sync() else 0.0,
                         gallery.registry.count_pending)
     metrics.track_duplicates(enrolment.duplicate_point, dedup.fpir)
-    audit_key = AuditKey.load(settings.audit_key_file or settings.data_dir / KEY_FILE,
-                              create=settings.audit_key_file is None)
-    audit = AuditLog(settings.data_dir / AUDIT_FILE, audit_key)
+    audit = open_audit(settings, gallery, metrics)
     follower = None
     if gallery.registry.distributed:  # last: nothing after it can fail and leave it running
         # Imported here: psycopg is needed only with a PostgreSQL registry.
@@ -190,6 +231,28 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
         follower = Follower(gallery).start()
         metrics.track_follower(lambda: follower.lag, lambda: float(follower.connected))
     return Services(verification, enrolment, gallery, engine, metrics, audit, follower)
+
+
+def open_audit(settings: Settings, gallery: Gallery, metrics: Metrics) -> AuditLog:
+    """The audit log, its damaged tail set aside and the records of changes a
+    crash left in the registry exported, before any call is served."""
+    audit_key = AuditKey.load(settings.audit_key_file or settings.data_dir / KEY_FILE,
+                              create=settings.audit_key_file is None)
+    signing = SigningKey.load(settings.audit_signing_key_file
+                              or settings.data_dir / SIGNING_KEY_FILE,
+                              create=settings.audit_signing_key_file is None,
+                              public_out=None if settings.audit_signing_key_file
+                              else settings.data_dir / PUBLIC_KEY_FILE)
+    if settings.audit_signing_key_file is None and not settings.insecure:
+        log.warning("audit checkpoints are signed with %s in the data directory: whoever "
+                    "holds a copy of it can rewrite the log; give the server a key kept "
+                    "elsewhere (--audit-signing-key-file)", SIGNING_KEY_FILE)
+    audit = AuditLog(settings.data_dir / AUDIT_FILE, audit_key, signing,
+                     load_origin(settings.data_dir), gallery.registry,
+                     checkpoint_seconds=settings.audit_checkpoint_seconds,
+                     on_damage=metrics.audit_damaged.inc)
+    audit.recover()
+    return audit
 
 
 def transport_security(settings: Settings, metrics: Metrics
@@ -205,12 +268,14 @@ def transport_security(settings: Settings, metrics: Metrics
     credentials = None
     if settings.tls_cert is not None and settings.tls_key is not None:
         credentials = ReloadingCredentials(
-            TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
+            TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca,
+                     settings.tls_client_auth == "require"),
             on_reload=metrics.tls_reloads.inc).server_credentials()
     else:
         log.warning("PLAINTEXT: no TLS (--insecure); requests, images and API keys cross the "
                     "network in clear. Use only on a trusted machine")
-    access = AccessControl(settings.access_policy)
+    access = AccessControl(settings.access_policy,
+                           on_refused_reload=metrics.policy_refused.inc)
     if access.policy is None:
         log.warning("NO ACCESS CONTROL (--insecure): every caller may make every call, "
                     "erasures included")
@@ -282,11 +347,16 @@ async def start(settings: Settings) -> RunningServer:
     await server.start()
     # Serve only once the derived index holds exactly what the registry holds.
     in_sync = services.gallery.in_sync()
-    await running.set_serving(in_sync)
+    running.faults.add("index_sync")
+    await running.mark("index_sync", not in_sync)
+    running.tasks.append(asyncio.create_task(running.tick_audit(
+        min(1.0, settings.audit_checkpoint_seconds))))
     if services.follower is not None:
-        running.watcher = asyncio.create_task(running.watch_lag(settings.max_index_lag))
+        running.tasks.append(asyncio.create_task(running.watch_lag(settings.max_index_lag)))
     transport = ("plaintext" if credentials is None
-                 else "mutual TLS" if settings.tls_client_ca else "TLS")
+                 else "TLS" if not settings.tls_client_ca
+                 else "mutual TLS" if settings.tls_client_auth == "require"
+                 else "TLS, client certificates optional")
     where = (f"{SERVICE_NAME} on {settings.address.rsplit(':', 1)[0]} port {running.port} "
              f"({transport})")
     if in_sync:

@@ -2,43 +2,104 @@
 
 One JSON line per audited call: every enrolment, erasure, review decision,
 lookup of personal data (GetEnrollment, Search), and every call refused by
-access control.  A record holds who (the policy identity and the peer address),
-what (the RPC and its outcome), when, and the request id; never an image, an
-embedding or a NIK in clear.  A NIK appears only as a keyed hash
-(:meth:`AuditKey.nik`), so an auditor holding the key can find a person's
-records and nobody else can read them.
+access control.  A record holds who (the policy identity, or what an unknown
+caller presented, and the peer address), what (the RPC and its outcome), when,
+and the request id; never an image, an embedding or a NIK in clear.  A NIK
+appears only as a keyed hash (:meth:`AuditKey.nik`), so an auditor holding the
+key can find a person's records and nobody else can read them.
 
-Each record carries the MAC of the one before and its own MAC over both
-(HMAC-SHA256 with the audit key): changing, removing or reordering any record
-breaks the chain from there on, and without the key the chain cannot be
-rewritten.  ``faceverify audit verify`` checks it.  Several server processes
-append to one file under an exclusive file lock, each reading the last record
-before writing the next.
+Part of the transaction.  The record of a state change is written by the
+registry in the change's own transaction (:class:`index.registry.AuditEntry`)
+and exported from there into this log (``kind: change``): no change commits
+without its record, and no record claims a change that did not commit.  A
+change whose export failed (a full disk, a crash) stays in the registry and is
+exported at the next append and at start-up.  A lookup (GetEnrollment, Search)
+whose record cannot be written is not answered (``AUDIT_UNAVAILABLE``).
+
+Tamper evidence, three layers:
+
+* Each record carries ``prev``, the MAC of the one before, and ``mac``, its
+  own HMAC-SHA256 over both with the audit key: without the key no record
+  can be changed, removed or reordered unseen.
+* ``hash`` chains the records with plain SHA-256: anyone can recompute it.
+* Signed checkpoints (``audit.checkpoints``): every :data:`CHECKPOINT_RECORDS`
+  records or :data:`CHECKPOINT_SECONDS` seconds, the count and the head's
+  ``hash``, signed with an Ed25519 key whose private half may live off the
+  data volume (``--audit-signing-key-file``).  The public key is all
+  ``faceverify audit verify`` needs to find records missing or rewritten up to
+  the last checkpoint, as Certificate Transparency's signed tree heads or
+  CloudTrail's digest files do; records after it are reported as not covered.
+
+Records are read strictly: a duplicated key, an unknown field, a wrong type or a
+line not in canonical form is not a record.  A damaged tail (a torn last line, a
+file cut short) is found when the log is opened and at each append: the bytes
+are set aside in a file beside it, and a ``damaged`` record chains over the
+gap saying what was found.  Several server processes append to one file under
+an exclusive file lock, each catching up with the others' records first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from index.durable import private_file
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from index.durable import check_private, private_file
+from index.registry import Registry
+from server import strict
 from server.errors import ConfigurationError
-from server.rpcs import DURABLE
+
+log = logging.getLogger(__name__)
 
 AUDIT_FILE = "audit.log"
 KEY_FILE = "audit.key"
+CHECKPOINT_FILE = "audit.checkpoints"
+SIGNING_KEY_FILE = "audit-signing.key"
+PUBLIC_KEY_FILE = "audit-signing.pub"
+ORIGIN_FILE = "audit.origin"
 GENESIS = "0" * 64
+CHECKPOINT_RECORDS = 100
+CHECKPOINT_SECONDS = 10.0
+# Consecutive failures of the audit path after which health turns NOT_SERVING.
+UNHEALTHY_AFTER = 3
+
+# Every field a record may have, with its type, by kind (``kind`` and the
+# chain's fields aside).  Anything else is not a record.
+_CHAIN: dict[str, type] = {"seq": int, "time": str, "kind": str, "prev": str, "mac": str,
+                           "hash": str}
+_CALL: dict[str, type] = {"method": str, "identity": str, "peer": str, "request_id": str,
+                          "code": str, "reason": str}
+KINDS: dict[str, tuple[dict[str, type], dict[str, type]]] = {
+    # kind: (required fields, optional fields)
+    "call": (_CALL, {"outcome": str, "nik_hash": str, "presented": str}),
+    "change": ({**_CALL, "outcome": str, "outbox": int, "committed": str},
+               {"nik_hash": str}),
+    "refusals": ({"peer": str, "method": str, "reason": str, "count": int, "since": str},
+                 {"presented": str}),
+    "damaged": ({"bytes": int, "sha256": str, "set_aside": str, "missing": int}, {}),
+}
+
+
+class AuditUnavailable(Exception):
+    """The audit log cannot be written now (the caller answers AUDIT_UNAVAILABLE)."""
 
 
 class AuditKey:
@@ -52,17 +113,15 @@ class AuditKey:
     @classmethod
     def load(cls, path: Path, create: bool) -> AuditKey:
         """The key in ``path``; a new random one written there (0600) when ``create``
-        and the file does not exist."""
+        and the file does not exist.
+
+        Raises:
+            ConfigurationError: unreadable, or writable by others (see
+                :func:`server.control.check_private`).
+        """
         if create and not path.exists():
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # another process made it first
-                pass
-            else:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(secrets.token_bytes(32))
-                    f.flush()
-                    os.fsync(f.fileno())
+            _create_private(path, secrets.token_bytes(32))
+        check_private(path, "the audit key")
         try:
             return cls(path.read_bytes())
         except OSError as exc:
@@ -75,24 +134,150 @@ class AuditKey:
         return hmac.new(self.key, prev.encode() + b"\n" + body, hashlib.sha256).hexdigest()
 
 
+def _create_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new 0600 file (no-op if another process made it first)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class SigningKey:
+    """The Ed25519 key that signs checkpoints (private half) or checks them (public)."""
+
+    def __init__(self, private: Ed25519PrivateKey | None, public: Ed25519PublicKey) -> None:
+        self.private = private
+        self.public = public
+        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.key_id = hashlib.sha256(raw).hexdigest()[:16]
+
+    @classmethod
+    def load(cls, path: Path, create: bool, public_out: Path | None = None) -> SigningKey:
+        """The private key in ``path`` (PEM, PKCS#8); a new one made there when
+        ``create`` and missing, its public half written to ``public_out``.
+
+        Raises:
+            ConfigurationError: unreadable, not an Ed25519 key, or writable by others.
+        """
+        if create and not path.exists():
+            new = Ed25519PrivateKey.generate()
+            _create_private(path, new.private_bytes(serialization.Encoding.PEM,
+                                                    serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()))
+        check_private(path, "the audit signing key")
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigurationError(f"cannot read the audit signing key {path}: {exc}") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigurationError(f"{path} is not an Ed25519 private key")
+        signing = cls(key, key.public_key())
+        if public_out is not None and not public_out.exists():
+            public_out.write_bytes(signing.public_pem())
+        return signing
+
+    @classmethod
+    def load_public(cls, path: Path) -> SigningKey:
+        try:
+            key = serialization.load_pem_public_key(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"cannot read the audit public key {path}: {exc}") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ConfigurationError(f"{path} is not an Ed25519 public key")
+        return cls(None, key)
+
+    def public_pem(self) -> bytes:
+        return self.public.public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def sign(self, message: bytes) -> str:
+        assert self.private is not None
+        return base64.b64encode(self.private.sign(message)).decode()
+
+    def verify(self, message: bytes, signature: str) -> bool:
+        try:
+            self.public.verify(base64.b64decode(signature, validate=True), message)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+# -- the record format ---------------------------------------------------------------------
+
+
+def _canonical(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
 def _body(record: dict[str, Any]) -> bytes:
-    fields = {k: v for k, v in record.items() if k != "mac"}
-    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    """What ``mac`` covers: every field but ``mac`` and ``hash``."""
+    return _canonical({k: v for k, v in record.items() if k not in ("mac", "hash")})
 
 
-def _last_line(f: BinaryIO) -> bytes:
-    f.seek(0, os.SEEK_END)
-    end = f.tell()
-    pos, tail = end, b""
-    while pos > 0:
-        step = min(4096, pos)
-        pos -= step
-        f.seek(pos)
-        tail = f.read(step) + tail
-        lines = tail.rstrip(b"\n").split(b"\n")
-        if len(lines) > 1 or pos == 0:
-            return lines[-1]
-    return b""
+def _hash(prev_hash: str, record: dict[str, Any]) -> str:
+    """What ``hash`` is: SHA-256 over the previous hash and every other field."""
+    fields = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(prev_hash.encode() + b"\n" + _canonical(fields)).hexdigest()
+
+
+def parse_record(line: bytes) -> dict[str, Any]:
+    """One record, read strictly.
+
+    Raises:
+        ValueError: not JSON, a duplicated key, a field unknown for its kind or
+            of the wrong type, or a line that is not the record's canonical form.
+    """
+    record = strict.loads(line)
+    if not isinstance(record, dict):
+        raise ValueError("not an object")
+    kind = record.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}")
+    required, optional = KINDS[kind]
+    allowed = {**_CHAIN, **required, **optional}
+    unknown = set(record) - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}")
+    missing = set(_CHAIN) | set(required)
+    missing -= set(record)
+    if missing:
+        raise ValueError(f"missing fields {sorted(missing)}")
+    for k, v in record.items():
+        want = allowed[k]
+        if type(v) is not want:  # bool is not int here
+            raise ValueError(f"{k} is not {want.__name__}")
+    if _canonical(record) != line:
+        raise ValueError("not in canonical form")
+    return record
+
+
+@dataclass
+class Head:
+    """The last record of the chain (genesis: seq 0)."""
+
+    seq: int = 0
+    mac: str = GENESIS
+    hash: str = GENESIS
+    time: str = ""
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Head:
+        return cls(record["seq"], record["mac"], record["hash"], record["time"])
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _checkpoint_message(seq: int, head_hash: str, at: str, key_id: str) -> bytes:
+    return _canonical({"seq": seq, "hash": head_hash, "time": at, "key_id": key_id})
+
+
+# -- writing -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -107,58 +292,540 @@ class Event:
     reason: str
     outcome: str = ""
     nik: str = ""
+    presented: str = ""  # what an unidentified caller presented (CN, key hash prefix)
+
+
+@dataclass
+class _Aggregate:
+    count: int = 0
+    since: str = ""
+    presented: str = ""
+
+
+@dataclass
+class _Health:
+    failures: int = 0
+    healthy: bool = True
+    listeners: list[Callable[[bool], None]] = field(default_factory=list)
 
 
 class AuditLog:
-    """Appends events to ``path`` (see the module docstring).  Writes run on one
-    thread of their own so that the event loop never waits for the disk."""
+    """Appends records to ``path`` (see the module docstring).  Writes run on one
+    thread of their own so that the event loop never waits for the disk.
 
-    def __init__(self, path: Path, key: AuditKey) -> None:
+    Args:
+        registry: where committed changes' records wait to be exported.
+        signing: the checkpoint key (its private half).
+        refusals_per_peer: refusals of unidentified callers recorded one by one
+            per peer and reason in each ``refusal_interval``; beyond that they are
+            counted and written as one ``refusals`` record at the interval's end.
+    """
+
+    def __init__(self, path: Path, key: AuditKey, signing: SigningKey, origin: str,
+                 registry: Registry | None = None, checkpoint_records: int = CHECKPOINT_RECORDS,
+                 checkpoint_seconds: float = CHECKPOINT_SECONDS, refusals_per_peer: int = 10,
+                 refusal_interval: float = 60.0, on_damage: Callable[[], None] = lambda: None
+                 ) -> None:
         self.path = path
+        self.checkpoint_path = path.with_name(CHECKPOINT_FILE)
         self.key = key
+        self.signing = signing
+        self.origin = origin
+        self.registry = registry
+        self.checkpoint_records = checkpoint_records
+        self.checkpoint_seconds = checkpoint_seconds
+        self.refusals_per_peer = refusals_per_peer
+        self.refusal_interval = refusal_interval
+        self.on_damage = on_damage
         private_file(path)
+        private_file(self.checkpoint_path)
+        self._file: BinaryIO = open(path, "r+b")  # noqa: SIM115 - held for the log's life
+        self._inode = os.fstat(self._file.fileno()).st_ino
+        self._offset = 0  # bytes of the file read and found to be records
+        self._head = Head()
+        self._checkpointed = 0  # seq of the last checkpoint, any process's
+        self._checkpointed_at = 0.0
+        self._outbox_done: int | None = None  # highest outbox id in the log (None: not read)
+        self._refusals: dict[tuple[str, str, str], _Aggregate] = {}
+        self._interval_start = time.monotonic()
+        self._health = _Health()
+        self._mutex = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="audit")
+        with self._locked():
+            self._read_checkpoint_tail()
+            self._open_tail()
 
-    def _append(self, event: Event, durable: bool) -> None:
-        with open(self.path, "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    # -- state shared with other processes ---------------------------------------------
+
+    def _locked(self) -> _FileLocked:
+        return _FileLocked(self._file, self._mutex)
+
+    def _open_tail(self) -> None:
+        """At open: the last valid record is the head; anything after it is set aside.
+
+        Raises:
+            ConfigurationError: the last two records do not verify with this audit
+                key (the wrong key, rather than a damaged tail).
+        """
+        f = self._file
+        end = f.seek(0, os.SEEK_END)
+        pos, refuted = 0, 0
+        for start, line in _lines_backwards(f, end):
             try:
-                last = _last_line(f)
-                prev: dict[str, Any] = (json.loads(last) if last
-                                        else {"seq": 0, "mac": GENESIS})
-                record: dict[str, Any] = {
-                    "seq": prev["seq"] + 1,
-                    "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                    "method": event.method, "identity": event.identity, "peer": event.peer,
-                    "request_id": event.request_id, "code": event.code, "reason": event.reason,
-                    "prev": prev["mac"],
-                }
-                if event.outcome:
-                    record["outcome"] = event.outcome
-                if event.nik:
-                    record["nik_hash"] = self.key.nik(event.nik)
-                record["mac"] = self.key.mac(prev["mac"], _body(record))
-                f.seek(0, os.SEEK_END)
-                f.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+                record = parse_record(line)
+            except ValueError as exc:
+                log.error("audit log %s: the line at byte %d is not a record (%s)",
+                          self.path, start, exc)
+                continue
+            if not hmac.compare_digest(record["mac"],
+                                       self.key.mac(record["prev"], _body(record))):
+                refuted += 1
+                if refuted >= 2:
+                    raise ConfigurationError(
+                        f"the audit log {self.path} does not verify with the configured audit "
+                        "key (the wrong key?); `faceverify audit verify` tells more")
+                continue
+            self._head = Head.of(record)
+            pos = start + len(line)
+            if pos == end:  # a valid record whose newline was lost
+                f.seek(end)
+                f.write(b"\n")
                 f.flush()
-                if durable:
-                    os.fsync(f.fileno())
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                end += 1
+            pos += 1
+            break
+        self._offset = pos
+        if pos < end:
+            self._set_aside(pos, end, missing=0)
 
-    async def record(self, event: Event) -> None:
-        await asyncio.get_running_loop().run_in_executor(
-            self._pool, self._append, event, event.method in DURABLE)
+    def _catch_up(self) -> None:
+        """Read what other processes appended since we last looked (the lock held);
+        set aside what does not follow the chain."""
+        f = self._file
+        st = os.fstat(f.fileno())
+        if st.st_ino != self._inode or Path(self.path).stat().st_ino != self._inode:
+            raise AuditUnavailable(f"{self.path} was replaced while the server ran")
+        end = st.st_size
+        if end == self._offset:
+            return
+        if end < self._offset:  # cut short under us: what we had seen is gone
+            seen = self._head.seq
+            log.error("audit log %s shrank from %d to %d bytes while the server ran",
+                      self.path, self._offset, end)
+            self._head = Head()
+            self._open_tail()
+            if self._offset == end:  # _open_tail set nothing aside: record the gap
+                self._write_damaged(b"", missing=seen - self._head.seq)
+            return
+        f.seek(self._offset)
+        data = f.read(end - self._offset)
+        pos = 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                break
+            line = data[pos:nl]
+            try:
+                record = parse_record(line)
+                self._check_follows(record)
+            except ValueError as exc:
+                log.error("audit log %s: bytes appended at %d do not follow the chain (%s)",
+                          self.path, self._offset + pos, exc)
+                break
+            self._learn(record)
+            pos = nl + 1
+        self._offset += pos
+        if self._offset < end:
+            self._set_aside(self._offset, end, missing=0)
+
+    def _check_follows(self, record: dict[str, Any]) -> None:
+        if record["seq"] != self._head.seq + 1 or record["prev"] != self._head.mac:
+            raise ValueError(f"sequence {record['seq']} does not follow {self._head.seq}")
+        if record["hash"] != _hash(self._head.hash, record):
+            raise ValueError("hash does not match")
+        if not hmac.compare_digest(record["mac"], self.key.mac(record["prev"], _body(record))):
+            raise ValueError("MAC does not match")
+
+    def _learn(self, record: dict[str, Any]) -> None:
+        self._head = Head.of(record)
+        if record["kind"] == "change" and self._outbox_done is not None:
+            self._outbox_done = max(self._outbox_done, record["outbox"])
+
+    def _set_aside(self, start: int, end: int, missing: int) -> None:
+        """Move bytes ``start:end`` of the log to a file beside it, cut them off, and
+        chain a ``damaged`` record over them."""
+        f = self._file
+        f.seek(start)
+        data = f.read(end - start)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        _create_private(aside, data)
+        f.truncate(start)
+        os.fsync(f.fileno())
+        self._offset = start
+        log.error("audit log %s: %d bytes after record %d were not valid records; set aside "
+                  "in %s", self.path, len(data), self._head.seq, aside.name)
+        self.on_damage()
+        # Records a checkpoint signed that are gone with the damage.
+        self._write_damaged(data, max(missing, self._checkpointed - self._head.seq),
+                            aside.name)
+
+    def _write_damaged(self, data: bytes, missing: int, aside: str = "") -> None:
+        self._write([{"kind": "damaged", "bytes": len(data),
+                      "sha256": hashlib.sha256(data).hexdigest(), "set_aside": aside,
+                      "missing": missing}], durable=True)
+
+    def _read_checkpoint_tail(self) -> None:
+        with open(self.checkpoint_path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            for _, line in _lines_backwards(f, end):
+                try:
+                    cp = parse_checkpoint(line)
+                except ValueError:
+                    continue
+                if cp["seq"] > self._checkpointed:
+                    self._checkpointed = cp["seq"]
+                    self._checkpointed_at = time.time()
+                return
+
+    # -- appending ----------------------------------------------------------------------
+
+    def _write(self, records: list[dict[str, Any]], durable: bool) -> None:
+        """Chain and append ``records`` (the lock held, caught up)."""
+        out = []
+        head = self._head
+        for fields in records:
+            record: dict[str, Any] = {"seq": head.seq + 1, "time": _now(), **fields,
+                                      "prev": head.mac}
+            record["mac"] = self.key.mac(head.mac, _body(record))
+            record["hash"] = _hash(head.hash, record)
+            line = _canonical(record)
+            out.append(line + b"\n")
+            head = Head.of(record)
+        f = self._file
+        f.seek(self._offset)
+        data = b"".join(out)
+        try:
+            f.write(data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        except OSError:
+            # Whatever part reached the file is a damaged tail for the next append.
+            raise
+        self._offset += len(data)
+        self._head = head
+        for r in records:
+            if r.get("kind") == "change" and self._outbox_done is not None:
+                self._outbox_done = max(self._outbox_done, int(r["outbox"]))
+        if head.seq - self._checkpointed >= self.checkpoint_records:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Sign the head into the checkpoint file (the lock held)."""
+        if self.signing.private is None or self._head.seq <= self._checkpointed:
+            return
+        at = _now()
+        message = _checkpoint_message(self._head.seq, self._head.hash, at, self.signing.key_id)
+        line = _canonical({"seq": self._head.seq, "hash": self._head.hash, "time": at,
+                           "key_id": self.signing.key_id,
+                           "signature": self.signing.sign(message)})
+        with open(self.checkpoint_path, "ab") as f:
+            f.write(line + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._checkpointed = self._head.seq
+        self._checkpointed_at = time.time()
+
+    def _append(self, fields: list[dict[str, Any]], durable: bool) -> None:
+        with self._locked():
+            self._catch_up()
+            self._write(fields, durable)
+
+    def _export(self) -> int:
+        """Move committed changes' records from the registry into the log; how many."""
+        if self.registry is None:
+            return 0
+        moved = 0
+        with self._locked():
+            self._catch_up()
+            while True:
+                rows = self.registry.audit_pending(self.origin, 500)
+                if rows and self._outbox_done is None:
+                    # The first rows since opening: the log may already hold some (a
+                    # crash between appending them and forgetting them).
+                    self._outbox_done = _last_outbox(self._file, self._offset, rows[0][0])
+                done = self._outbox_done or 0
+                fresh = [(i, r) for i, r in rows if i > done]
+                if fresh:
+                    self._write([_change(i, r) for i, r in fresh], durable=True)
+                    moved += len(fresh)
+                if rows:
+                    self.registry.audit_exported(self.origin, rows[-1][0])
+                if len(rows) < 500:
+                    return moved
+
+    def _tick(self) -> None:
+        """Periodic: export, flush aggregated refusals, checkpoint if due."""
+        self._export()
+        with self._locked():
+            self._catch_up()
+            if time.monotonic() - self._interval_start >= self.refusal_interval:
+                self._flush_refusals()
+            if (self._head.seq > self._checkpointed
+                    and time.time() - self._checkpointed_at >= self.checkpoint_seconds):
+                self._read_checkpoint_tail()
+                self._checkpoint()
+
+    def _flush_refusals(self) -> None:
+        records = [{"kind": "refusals", "peer": peer, "method": method, "reason": reason,
+                    "count": agg.count, "since": agg.since,
+                    **({"presented": agg.presented} if agg.presented else {})}
+                   for (peer, method, reason), agg in self._refusals.items()
+                   if agg.count > self.refusals_per_peer]
+        self._refusals.clear()
+        self._interval_start = time.monotonic()
+        if records:
+            self._write(records, durable=False)
+
+    def _refusal(self, event: Event) -> None:
+        """A refusal of a caller without a valid identity: recorded one by one up to
+        the per-peer allowance, then only counted."""
+        with self._locked():
+            self._catch_up()
+            if time.monotonic() - self._interval_start >= self.refusal_interval:
+                self._flush_refusals()
+            agg = self._refusals.setdefault((event.peer, event.method, event.reason),
+                                            _Aggregate(since=_now()))
+            agg.count += 1
+            agg.presented = agg.presented or event.presented
+            if agg.count <= self.refusals_per_peer:
+                self._write([self._call(event)], durable=False)
+
+    def _call(self, event: Event) -> dict[str, Any]:
+        fields: dict[str, Any] = {"kind": "call", "method": event.method,
+                                  "identity": event.identity, "peer": event.peer,
+                                  "request_id": event.request_id, "code": event.code,
+                                  "reason": event.reason}
+        if event.outcome:
+            fields["outcome"] = event.outcome
+        if event.nik:
+            fields["nik_hash"] = self.key.nik(event.nik)
+        if event.presented:
+            fields["presented"] = event.presented
+        return fields
+
+    # -- the asynchronous interface ------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except Exception as exc:
+            self._failed(exc)
+            raise AuditUnavailable(str(exc)) from exc
+        self._succeeded()
+        return result
+
+    async def record(self, event: Event, durable: bool = False) -> None:
+        """Append one call's record.
+
+        Raises:
+            AuditUnavailable: it could not be written (counted; see :meth:`watch`).
+        """
+        await self._run(self._append, [self._call(event)], durable)
+
+    async def refusal(self, event: Event) -> None:
+        """Append (or count, see :meth:`_refusal`) a refusal of an unidentified caller."""
+        await self._run(self._refusal, event)
+
+    async def export(self) -> int:
+        """Export committed changes' records now (after a state change)."""
+        return int(await self._run(self._export))
+
+    async def tick(self) -> None:
+        await self._run(self._tick)
+
+    def recover(self) -> int:
+        """At start-up, before serving: export what a crash left in the registry."""
+        moved = self._export()
+        with self._locked():
+            self._catch_up()
+            self._checkpoint()
+        if moved:
+            log.warning("audit: exported %d records of changes committed before the last "
+                        "stop (the server stopped before exporting them)", moved)
+        return moved
+
+    # -- health ---------------------------------------------------------------------------
+
+    def watch(self, listener: Callable[[bool], None]) -> None:
+        """``listener(healthy)`` on each change: unhealthy after
+        :data:`UNHEALTHY_AFTER` consecutive failures, healthy at the next success."""
+        self._health.listeners.append(listener)
+
+    @property
+    def healthy(self) -> bool:
+        return self._health.healthy
+
+    def _failed(self, exc: BaseException) -> None:
+        log.error("the audit log could not be written: %s", exc)
+        h = self._health
+        h.failures += 1
+        if h.healthy and h.failures >= UNHEALTHY_AFTER:
+            h.healthy = False
+            for listener in h.listeners:
+                listener(False)
+
+    def _succeeded(self) -> None:
+        h = self._health
+        h.failures = 0
+        if not h.healthy:
+            h.healthy = True
+            for listener in h.listeners:
+                listener(True)
 
     def close(self) -> None:
+        """Export, flush refusals, checkpoint, close."""
+        def final() -> None:
+            self._export()
+            with self._locked():
+                self._catch_up()
+                self._flush_refusals()
+                self._checkpoint()
+        try:
+            self._pool.submit(final).result()
+        except Exception as exc:
+            log.error("audit: the final checkpoint could not be written: %s", exc)
         self._pool.shutdown(wait=True)
+        self._file.close()
 
 
-@dataclass(frozen=True)
+class _FileLocked:
+    """The thread mutex, then an exclusive ``flock`` on the log."""
+
+    def __init__(self, f: BinaryIO, mutex: threading.Lock) -> None:
+        self.f = f
+        self.mutex = mutex
+
+    def __enter__(self) -> None:
+        self.mutex.acquire()
+        try:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX)
+        except BaseException:
+            self.mutex.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_UN)
+        finally:
+            self.mutex.release()
+
+
+def _change(outbox_id: int, text: str) -> dict[str, Any]:
+    """A ``change`` record from a registry outbox row."""
+    row = json.loads(text)
+    fields: dict[str, Any] = {
+        "kind": "change", "method": row["method"], "identity": row["identity"],
+        "peer": row["peer"], "request_id": row["request_id"], "code": "OK", "reason": "",
+        "outcome": row["outcome"], "outbox": outbox_id,
+        "committed": datetime.fromtimestamp(row["time"], timezone.utc).isoformat(
+            timespec="milliseconds")}
+    if row.get("nik_hash"):
+        fields["nik_hash"] = row["nik_hash"]
+    return fields
+
+
+def _lines_backwards(f: BinaryIO, end: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) for each line of ``f[:end]``, last first, newlines stripped;
+    a final line without its newline included, blank lines skipped."""
+    pos, tail = end, b""
+    while True:
+        cut = tail.rfind(b"\n", 0, max(0, len(tail) - 1))  # ends the line before the last
+        if cut >= 0:
+            line, tail, start = tail[cut + 1:], tail[:cut + 1], pos + cut + 1
+        elif pos > 0:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            tail = f.read(step) + tail
+            continue
+        else:
+            line, tail, start = tail, b"", 0
+        text = line[:-1] if line.endswith(b"\n") else line
+        if text.strip():
+            yield start, text
+        if not tail and pos == 0:
+            return
+
+
+def _last_outbox(f: BinaryIO, end: int, below: int) -> int:
+    """The highest outbox id among the log's change records, searching back from
+    the end until one below ``below`` is found (0 if none)."""
+    best = 0
+    for _, line in _lines_backwards(f, end):
+        try:
+            record = parse_record(line)
+        except ValueError:
+            continue
+        if record["kind"] == "change":
+            best = max(best, record["outbox"])
+            if record["outbox"] < below:
+                break
+    return best
+
+
+def parse_checkpoint(line: bytes) -> dict[str, Any]:
+    cp = strict.loads(line)
+    want = {"seq": int, "hash": str, "time": str, "key_id": str, "signature": str}
+    if not isinstance(cp, dict) or set(cp) != set(want) or any(
+            type(cp[k]) is not t for k, t in want.items()):
+        raise ValueError("not a checkpoint")
+    if _canonical(cp) != line:
+        raise ValueError("not in canonical form")
+    return cp
+
+
+def load_origin(data_dir: Path) -> str:
+    """This data directory's audit origin: the id under which the registry keeps
+    its records until exported (several servers may share one PostgreSQL registry)."""
+    path = data_dir / ORIGIN_FILE
+    if not path.exists():
+        _create_private(path, secrets.token_hex(16).encode())
+    return path.read_text().strip()
+
+
+# -- verifying ------------------------------------------------------------------------------
+
+
+@dataclass
 class ChainReport:
-    records: int
-    broken_at: int | None  # line number (1-based) of the first bad record
+    records: int = 0
+    broken_at: int | None = None  # line number (1-based) of the first bad record
     why: str = ""
+    checkpoints: int = 0
+    checkpointed: int = 0  # the seq the last valid checkpoint covers
+    checkpointed_at: str = ""
+    missing: int = 0  # records the last checkpoint covers that the log lacks
+    damaged: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        return self.broken_at is None and not self.problems
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "records": self.records, "intact": self.intact, "checkpoints": self.checkpoints,
+            "checkpointed_records": self.checkpointed,
+            "last_checkpoint": self.checkpointed_at or None,
+            "not_covered": max(0, self.records - self.checkpointed),
+            "missing": self.missing, "damaged_tails": self.damaged}
+        if self.broken_at is not None:
+            out.update(broken_at_line=self.broken_at, why=self.why)
+        if self.problems:
+            out["problems"] = self.problems
+        return out
 
 
 def read_records(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -168,26 +835,73 @@ def read_records(path: Path) -> Iterator[tuple[int, bytes]]:
                 yield n, line.rstrip(b"\n")
 
 
-def verify_chain(path: Path, key: AuditKey) -> ChainReport:
-    """Check every record's MAC and its link to the one before."""
-    prev, seq, count = GENESIS, 0, 0
+def verify_chain(path: Path, key: AuditKey | None, public: SigningKey | None = None,
+                 checkpoints: Path | None = None) -> ChainReport:
+    """Check every record (strictly read, linked, hashed; its MAC with ``key``),
+    then the checkpoints with ``public``: each signed, and the log's record at
+    each checkpoint's sequence number carrying the signed hash."""
+    report = ChainReport()
+    head = Head()
+    hashes: dict[int, str] = {}
     for n, line in read_records(path):
         try:
-            record = json.loads(line)
-            ok_shape = isinstance(record, dict) and "mac" in record
-        except ValueError:
-            ok_shape = False
-        if not ok_shape:
-            return ChainReport(count, n, "not a record")
-        if record.get("prev") != prev:
-            return ChainReport(count, n, "does not follow the record before it")
-        if record.get("seq") != seq + 1:
-            return ChainReport(count, n, f"sequence {record.get('seq')} after {seq}")
-        if not hmac.compare_digest(record["mac"], key.mac(prev, _body(record))):
-            return ChainReport(count, n, "MAC does not match its contents (altered, or "
-                                         "another key)")
-        prev, seq, count = record["mac"], record["seq"], count + 1
-    return ChainReport(count, None)
+            record = parse_record(line)
+        except ValueError as exc:
+            report.broken_at, report.why = n, f"not a record: {exc}"
+            break
+        if record["prev"] != head.mac or record["seq"] != head.seq + 1:
+            report.broken_at = n
+            report.why = (f"does not follow the record before it (sequence {record['seq']} "
+                          f"after {head.seq})")
+            break
+        if record["hash"] != _hash(head.hash, record):
+            report.broken_at, report.why = n, "hash does not match its contents"
+            break
+        if key is not None and not hmac.compare_digest(record["mac"],
+                                                        key.mac(head.mac, _body(record))):
+            report.broken_at = n
+            report.why = "MAC does not match its contents (altered, or another key)"
+            break
+        if record["kind"] == "damaged":
+            report.damaged.append({"line": n, "bytes": record["bytes"],
+                                   "set_aside": record["set_aside"],
+                                   "missing": record["missing"]})
+        head = Head.of(record)
+        hashes[head.seq] = head.hash
+        report.records += 1
+    if public is None or checkpoints is None:
+        return report
+    if not checkpoints.exists():
+        report.problems.append(f"no checkpoint file {checkpoints.name}")
+        return report
+    last = 0
+    for n, line in read_records(checkpoints):
+        try:
+            cp = parse_checkpoint(line)
+        except ValueError as exc:
+            report.problems.append(f"checkpoint line {n}: {exc}")
+            continue
+        message = _checkpoint_message(cp["seq"], cp["hash"], cp["time"], cp["key_id"])
+        if cp["key_id"] != public.key_id or not public.verify(message, cp["signature"]):
+            report.problems.append(f"checkpoint line {n}: signature does not verify")
+            continue
+        if cp["seq"] < last:
+            report.problems.append(f"checkpoint line {n}: sequence {cp['seq']} after {last}")
+        last = max(last, cp["seq"])
+        report.checkpoints += 1
+        report.checkpointed, report.checkpointed_at = last, cp["time"]
+        have = hashes.get(cp["seq"])
+        if have is None and report.broken_at is None:
+            report.missing = max(report.missing, cp["seq"] - report.records)
+        elif have is not None and have != cp["hash"]:
+            report.problems.append(
+                f"record {cp['seq']} is not the one checkpoint line {n} signed ("
+                + ("lost with a damaged tail, or rewritten)" if report.damaged
+                   else "rewritten)"))
+    if report.missing:
+        report.problems.append(f"{report.missing} records the last checkpoint covers are "
+                               "missing (the log was cut short)")
+    return report
 
 
 def find_nik(path: Path, key: AuditKey, nik: str) -> list[dict[str, Any]]:
@@ -195,7 +909,10 @@ def find_nik(path: Path, key: AuditKey, nik: str) -> list[dict[str, Any]]:
     digest = key.nik(nik)
     out = []
     for _, line in read_records(path):
-        record = json.loads(line)
+        try:
+            record = parse_record(line)
+        except ValueError:
+            continue
         if record.get("nik_hash") == digest:
             out.append(record)
     return out

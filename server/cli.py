@@ -273,23 +273,29 @@ def cmd_access_new_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_files(args: argparse.Namespace) -> tuple[Path, Any]:
+def _audit_files(args: argparse.Namespace, required: bool = True) -> tuple[Path, Any]:
+    """The audit log and its MAC key (None, where not ``required`` and there is none)."""
     from server.audit import AUDIT_FILE, KEY_FILE, AuditKey
 
     settings = _settings(args)
     key_file = args.key_file or settings.audit_key_file or settings.data_dir / KEY_FILE
+    if not required and args.key_file is None and not key_file.exists():
+        return settings.data_dir / AUDIT_FILE, None
     return settings.data_dir / AUDIT_FILE, AuditKey.load(key_file, create=False)
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from server.audit import verify_chain
+    from server.audit import CHECKPOINT_FILE, PUBLIC_KEY_FILE, SigningKey, verify_chain
 
-    path, key = _audit_files(args)
-    report = verify_chain(path, key)
-    _print({"file": str(path), "records": report.records, "intact": report.broken_at is None,
-            **({"broken_at_line": report.broken_at, "why": report.why}
-               if report.broken_at is not None else {})})
-    return 0 if report.broken_at is None else 1
+    path, key = _audit_files(args, required=False)
+    public_file = args.public_key or path.with_name(PUBLIC_KEY_FILE)
+    public = SigningKey.load_public(public_file) if public_file.exists() else None
+    report = verify_chain(path, key, public, path.with_name(CHECKPOINT_FILE))
+    if public is None:
+        report.problems.append(f"no public key ({public_file}): checkpoints not checked, "
+                               "so records cut from the end would go unseen")
+    _print({"file": str(path), **report.as_json(), "macs_checked": key is not None})
+    return 0 if report.intact else 1
 
 
 def cmd_audit_find(args: argparse.Namespace) -> int:
@@ -511,8 +517,9 @@ def parser() -> argparse.ArgumentParser:
 
     au = sub.add_parser("audit", help="check or search the audit log")
     ausub = au.add_subparsers(dest="audit_command", required=True)
-    for name, func, what in (("verify", cmd_audit_verify, "check the chain of MACs; exit 1 "
-                              "at the first altered, missing or reordered record"),
+    for name, func, what in (("verify", cmd_audit_verify, "check every record, the chain and "
+                              "the signed checkpoints; exit 1 at an altered, missing, reordered "
+                              "or forged record, or a log cut short"),
                              ("find", cmd_audit_find, "every record about one NIK")):
         ap = ausub.add_parser(name, help=what)
         if name == "find":
@@ -520,7 +527,11 @@ def parser() -> argparse.ArgumentParser:
         ap.add_argument("--data-dir", type=Path, help="the server's data directory "
                         "(FACEVERIFY_DATA_DIR)")
         ap.add_argument("--key-file", type=Path, help="the audit key (default: "
-                        "FACEVERIFY_AUDIT_KEY_FILE, else audit.key in the data directory)")
+                        "FACEVERIFY_AUDIT_KEY_FILE, else audit.key in the data directory; "
+                        "verify checks the MACs only where there is one)")
+        if name == "verify":
+            ap.add_argument("--public-key", type=Path, help="the checkpoints' Ed25519 "
+                            "public key (default: audit-signing.pub beside the log)")
         ap.set_defaults(func=func)
 
     dt = sub.add_parser("data", help="the data directory at rest")

@@ -91,8 +91,16 @@ class Settings:
         insecure: allow plaintext and no access policy (development on a trusted
             machine); without it the server refuses to start lacking either.
         reflection: serve gRPC reflection (off: the API is described by the .proto).
+        tls_client_auth: with ``tls_client_ca``, ``require`` a client certificate
+            at the handshake or make it ``optional`` (API-key clients connect).
         audit_key_file: the key of the audit log's MACs and NIK hashes (None: one
             made in the data directory).
+        audit_signing_key_file: the Ed25519 key signing the audit checkpoints
+            (None: one made in the data directory).
+        audit_checkpoint_seconds: the longest a record waits for a checkpoint.
+        search_floor_fmr: Search returns candidates scoring at or above the
+            calibrated threshold of this false-match rate (0: only suspected
+            duplicates, at the duplicate threshold).
         metrics_host: where the metrics endpoint listens.
         health_port: also serve the health service alone, in plaintext, on this port
             of ``health_host`` (default localhost): for probes that cannot present
@@ -105,8 +113,10 @@ class Settings:
         explicit: the settings given by flags or environment (the others may be
             tuned for the execution provider, see :func:`for_provider`).
 
-    ``host`` and ``metrics_host`` left empty mean every interface when the server
-    is secured, and loopback only in insecure mode.
+    ``host`` left empty means every interface when the server is secured, and
+    loopback only in insecure mode; ``metrics_host`` left empty means loopback
+    (the metrics endpoint has no authentication: expose it where Prometheus
+    scrapes it, on a network only it reaches).
     """
 
     host: str = ""
@@ -131,6 +141,7 @@ class Settings:
     max_index_lag: int = 1000
     index: IndexSpec = field(default_factory=IndexSpec)
     dedup_fpir: float = 1e-3
+    search_floor_fmr: float = 0.0
     duplicate_policy: str = "flag"
     snapshot_every: int = 1000
     grace_seconds: float = 10.0
@@ -146,7 +157,10 @@ class Settings:
     access_policy: Path | None = None
     insecure: bool = False
     reflection: bool = False
+    tls_client_auth: str = "require"
     audit_key_file: Path | None = None
+    audit_signing_key_file: Path | None = None
+    audit_checkpoint_seconds: float = 10.0
     metrics_host: str = ""
     health_port: int | None = None
     health_host: str = "localhost"
@@ -161,7 +175,7 @@ class Settings:
 
     @property
     def metrics_address(self) -> str:
-        return self.metrics_host or ("localhost" if self.insecure else "0.0.0.0")
+        return self.metrics_host or "localhost"
 
     @property
     def max_message_bytes(self) -> int:

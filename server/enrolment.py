@@ -9,7 +9,9 @@ that do not insert run concurrently.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
+import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -85,12 +87,17 @@ class EnrolmentService:
         dedup: the score at or above which a gallery face under another NIK is a
             suspected duplicate, for the gallery's size at each attempt.
         candidates_k: how many gallery neighbours to examine.
+        search_floor: the score below which Search returns no candidate (None: the
+            duplicate threshold of each comparison), so that a stranger's face
+            cannot list the gallery.
     """
 
     def __init__(self, gallery: Gallery, engine: InferenceEngine,
                  index_executor: ThreadPoolExecutor,
                  point_for: Callable[[str], OperatingPoint], dedup: DuplicateThreshold,
-                 policy: DuplicatePolicy, metrics: Metrics, candidates_k: int = 10) -> None:
+                 policy: DuplicatePolicy, metrics: Metrics, candidates_k: int = 10,
+                 search_floor: float | None = None) -> None:
+        self.search_floor = search_floor
         self.metrics = metrics
         self.gallery = gallery
         self.engine = engine
@@ -106,10 +113,12 @@ class EnrolmentService:
         return self.dedup.at(len(self.gallery))
 
     async def _index(self, stage: str, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn`` in the index pool, timed as ``stage``."""
+        """Run ``fn`` in the index pool, timed as ``stage``, in the call's context (the
+        registry reads the call's audit entry there: :data:`index.registry.audit_var`)."""
+        context = contextvars.copy_context()
         with self.metrics.stage.labels(stage).time():
-            return await asyncio.get_running_loop().run_in_executor(self.index_executor, fn,
-                                                                    *args)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.index_executor, functools.partial(context.run, fn, *args))
 
     async def _analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool) -> AnalysedFace:
         if not data:
@@ -178,15 +187,19 @@ class EnrolmentService:
 
     async def search(self, image: bytes, top_k: int
                      ) -> tuple[AnalysedFace, list[tuple[Match, bool]]]:
-        """The ``top_k`` most similar enrolments to the image's face, each with whether
-        it reaches the duplicate threshold for its comparison (nothing stored)."""
+        """Of the ``top_k`` most similar enrolments to the image's face, those at or
+        above the search floor, each with whether it reaches the duplicate
+        threshold for its comparison (nothing stored)."""
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidRequest(f"top_k must be between 1 and {MAX_TOP_K}", field="top_k")
         face = await self._analyse(image, "image", True)
         matches = await self._index("index_search", self.gallery.search, face.embedding, top_k)
         size = len(self.gallery)
-        return face, [(m, m.score >= self.dedup.at(size, kind(1, m.photos)).threshold)
-                      for m in matches]
+        found = [(m, m.score >= self.dedup.at(size, kind(1, m.photos)).threshold)
+                 for m in matches]
+        floor = self.search_floor
+        return face, [(m, suspected) for m, suspected in found
+                      if (suspected if floor is None else m.score >= floor)]
 
     async def get(self, nik: str) -> Enrollment:
         validate_nik(nik)

@@ -24,7 +24,8 @@ from index.errors import (
 )
 
 __all__ = [
-    "DOMAIN", "ConfigurationError", "EnrollmentConflict", "FaceTooSmall", "FaceVerifyError",
+    "DOMAIN", "AuditUnavailable", "ConfigurationError", "EnrollmentConflict", "FaceTooSmall",
+    "FaceVerifyError",
     "ImageTooLarge", "InternalError", "InvalidImage", "InvalidNik", "InvalidRequest",
     "ModelError", "MultipleFaces", "NoFaceDetected", "NotEnrolled", "NotPendingReview",
     "Overloaded", "PermissionDenied", "QueueTimeout", "RateLimited", "ReferenceKindNotCalibrated",
@@ -32,9 +33,6 @@ __all__ = [
 ]
 
 DOMAIN = "faceverify.v1"
-
-
-
 
 
 class ModelError(StartupError):
@@ -121,9 +119,18 @@ class RequestTooLarge(RequestError):
 
 
 class Unauthenticated(RequestError):
-    """The caller presented no identity, or one the access policy does not know."""
+    """The caller presented no identity, or one the access policy does not know.
+
+    Attributes:
+        presented: what it presented, for the audit (``cn:<common name>``,
+            ``key:<first 12 hex digits of the key's SHA-256>``; empty: nothing).
+    """
 
     reason = "UNAUTHENTICATED"
+
+    def __init__(self, message: str, presented: str = "", **metadata: str) -> None:
+        super().__init__(message, **metadata)
+        self.presented = presented
 
 
 class PermissionDenied(RequestError):
@@ -143,11 +150,17 @@ class RateLimited(RequestError):
         self.retry_after = retry_after
 
 
+class AuditUnavailable(RequestError):
+    """The audit log cannot be written now, so an audited call is not answered."""
+
+    reason = "AUDIT_UNAVAILABLE"
+    retry_after = 1.0
+
+
 class QueueTimeout(RequestError):
     """The call's deadline passed while it waited for inference."""
 
     reason = "DEADLINE_EXPIRED_IN_QUEUE"
-
 
 
 class InternalError(RequestError):

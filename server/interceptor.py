@@ -19,11 +19,14 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from server.access import AccessControl
+from index.registry import AuditEntry, audit_var
+from server.access import AccessControl, Client, caller_var
 from server.audit import AuditLog, Event
+from server.audit import AuditUnavailable as AuditDown
 from server.batching import deadline_var
 from server.errors import (
     DOMAIN,
+    AuditUnavailable,
     InternalError,
     InvalidRequest,
     Overloaded,
@@ -34,7 +37,7 @@ from server.errors import (
     Unauthenticated,
 )
 from server.metrics import Metrics
-from server.rpcs import AUDITED, OPEN_SERVICES
+from server.rpcs import ADMIN, AUDITED, DURABLE, OPEN_SERVICES, RPCS
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ STATUS: dict[str, grpc.StatusCode] = {
     "UNAUTHENTICATED": _C.UNAUTHENTICATED,
     "PERMISSION_DENIED": _C.PERMISSION_DENIED,
     "DEADLINE_EXPIRED_IN_QUEUE": _C.DEADLINE_EXCEEDED,
-    "REGISTRY_UNAVAILABLE": _C.UNAVAILABLE,
+    "REGISTRY_UNAVAILABLE": _C.UNAVAILABLE, "AUDIT_UNAVAILABLE": _C.UNAVAILABLE,
     "INTERNAL": _C.INTERNAL,
 }
 
@@ -153,22 +156,35 @@ class _Method:
     handler: Handler
     latency: Any  # its latency histogram
 
+    @property
+    def audited(self) -> bool:
+        return self.name in AUDITED
+
+    @property
+    def durable(self) -> bool:
+        return self.name in DURABLE
+
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """The one place every unary call passes, in named stages:
+    """The one place every call passes, in named stages:
 
     1. :meth:`_identify`: who calls, and whether their role and rate allow the
        call (:class:`~server.access.AccessControl`; the health service is open
-       to all).  A refusal is logged, counted and audited.
+       to all; any other service, reflection included, is for ``admin``).  A
+       refusal is logged, counted and audited with what the caller presented.
     2. :meth:`_admit`: beyond ``max_in_flight`` calls, OVERLOADED; a malformed
        or oversized message, INVALID_ARGUMENT / REQUEST_TOO_LARGE.
     3. :meth:`_request_id`: the caller's request id if it sent a valid one, else
        the one generated when the call arrived (so every refusal carries one).
     4. The handler.  ``RequestError`` -> its code and reason; anything else ->
        ``INTERNAL`` with a generic message, the stack trace logged under the
-       request id.  Every outcome of the calls in :data:`server.rpcs.AUDITED`
-       goes to the audit log.
-    5. :meth:`_account`, on every path, once, before the status is sent: the
+       request id.
+    5. :meth:`_audit_outcome`, for the calls in :data:`server.rpcs.AUDITED`: a
+       state change's record was written in its own transaction (see
+       :mod:`server.audit`) and is exported now; any other outcome is recorded,
+       and a call whose record cannot be written is answered
+       ``AUDIT_UNAVAILABLE`` instead.
+    6. :meth:`_account`, on every path, once, before the status is sent: the
        call counted by method and status code, timed, and out of the in-flight
        count.
 
@@ -193,11 +209,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if (handler is None or handler.unary_unary is None
-                or not inspect.iscoroutinefunction(handler.unary_unary)):
+        if handler is None:
             return handler
         path = handler_call_details.method
         name = path.rsplit("/", 1)[-1]
+        if (handler.unary_unary is None
+                or not inspect.iscoroutinefunction(handler.unary_unary)):
+            return self._guard_stream(path, name, handler)
         method = _Method(name, path.startswith(OPEN_SERVICES), handler.unary_unary,
                          self.metrics.latency.labels(name))
 
@@ -209,6 +227,32 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             request_deserializer=lenient(handler.request_deserializer, self.max_message_bytes),
             response_serializer=handler.response_serializer,
         )
+
+    def _guard_stream(self, path: str, name: str, handler: grpc.RpcMethodHandler
+                      ) -> grpc.RpcMethodHandler:
+        """A streaming service (reflection): open services as they are; any other
+        only for a caller with the admin role."""
+        stream = handler.stream_stream
+        if path.startswith(OPEN_SERVICES) or not inspect.isasyncgenfunction(stream):
+            if not path.startswith(OPEN_SERVICES) and handler.stream_stream is not None:
+                raise RuntimeError(f"{path}: a streaming handler the access control cannot "
+                                   "guard")
+            return handler
+        method = _Method(name, False, stream, self.metrics.latency.labels(name))
+
+        async def guarded(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            rid = uuid.uuid4().hex
+            try:
+                await self._identify(method, None, context, rid)
+            except RequestError as exc:
+                status = status_for(exc, rid)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            async for response in stream(requests, context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(
+            guarded, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
 
     async def _call(self, method: _Method, request: Any,
                     context: grpc.aio.ServicerContext) -> Any:
@@ -231,17 +275,35 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 self._account(method, final, start)
 
         identity = "-"
+        entry_token = None
+        caller_token = None
         try:
             try:
-                identity = await self._identify(method, request, context, rid)
-                self._admit(method, request)
-                rid = _request_id(request, context, rid)
+                client = await self._identify(method, request, context, rid)
+                if client is not None:
+                    identity = client.name
+                    caller_token = caller_var.set(client)
+                try:
+                    self._admit(method, request)
+                    rid = _request_id(request, context, rid)
+                except RequestError as exc:
+                    if method.audited:
+                        await self._record(Event(method.name, identity, context.peer() or "",
+                                                 rid, code_of(exc).name, exc.reason),
+                                           method.durable)
+                    raise
             except RequestError as exc:
                 account(code_of(exc))
                 status = status_for(exc, rid)
                 await context.abort(status.code, status.details, status.trailing_metadata)
             request_id_var.set(rid)
             context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+            entry = None
+            if method.durable and self.audit is not None:
+                nik = getattr(request, "nik", "")
+                entry = AuditEntry(method.name, identity, context.peer() or "", rid,
+                                   self.audit.key.nik(nik) if nik else "", self.audit.origin)
+                entry_token = audit_var.set(entry)
             try:
                 response = await method.handler(request, context)
             except RequestError as exc:
@@ -250,14 +312,22 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 log.exception("unhandled error in %s", method.name)
                 error = InternalError("internal error; quote the request id to the operator")
             else:
-                if method.name in AUDITED:
-                    await self._audit(method.name, identity, context, rid, grpc.StatusCode.OK,
-                                      "", request, getattr(response, "outcome", ""))
-                account(grpc.StatusCode.OK)
-                return response
-            if method.name in AUDITED:
-                await self._audit(method.name, identity, context, rid, code_of(error),
-                                  error.reason, request)
+                if method.audited:
+                    refused = await self._audit_outcome(
+                        method, entry, Event(method.name, identity, context.peer() or "", rid,
+                                             "OK", "", _outcome(response), _nik(request)))
+                    if refused is not None:
+                        error = refused
+                        response = None
+                if response is not None:
+                    self._charge(method, response)
+                    account(grpc.StatusCode.OK)
+                    return response
+            if method.audited and not isinstance(error, AuditUnavailable):
+                refused = await self._audit_outcome(
+                    method, entry, Event(method.name, identity, context.peer() or "", rid,
+                                         code_of(error).name, error.reason, "", _nik(request)))
+                error = refused or error
             account(code_of(error))
             status = status_for(error, rid)
             await context.abort(status.code, status.details,
@@ -267,32 +337,87 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             raise
         finally:
             account(grpc.StatusCode.INTERNAL)  # on every other path, once
+            if entry_token is not None:
+                audit_var.reset(entry_token)
+            if caller_token is not None:
+                caller_var.reset(caller_token)
             deadline_var.reset(deadline_token)
             request_id_var.reset(rid_token)
 
+    async def _audit_outcome(self, method: _Method, entry: AuditEntry | None,
+                             event: Event) -> AuditUnavailable | None:
+        """Record an audited call's outcome; the error to answer instead if that fails.
+
+        A state change's record is already in the registry (written in its
+        transaction): it is exported now, and a failure to export only delays it
+        (counted; exported at the next append or start-up).
+        """
+        if self.audit is None:
+            return None
+        if entry is not None and entry.outbox_id is not None:
+            try:
+                await self.audit.export()
+            except AuditDown:
+                self.metrics.audit_failures.labels("export").inc()
+            return None
+        return await self._record(event, method.durable)
+
+    async def _record(self, event: Event, durable: bool) -> AuditUnavailable | None:
+        if self.audit is None:
+            return None
+        try:
+            await self.audit.record(event, durable)
+        except AuditDown:
+            self.metrics.audit_failures.labels("record").inc()
+            return AuditUnavailable("the audit log cannot be written now, so this call is "
+                                    "not answered; retry shortly")
+        return None
+
     async def _identify(self, method: _Method, request: Any,
-                        context: grpc.aio.ServicerContext, rid: str) -> str:
-        """The caller's identity, allowed to make this call now.
+                        context: grpc.aio.ServicerContext, rid: str) -> Client | None:
+        """The caller (None for the open services), allowed to make this call now.
 
         Raises:
-            Unauthenticated, PermissionDenied, RateLimited: logged, counted, audited.
+            Unauthenticated, PermissionDenied, RateLimited: logged, counted, audited
+            (an unidentified caller's refusals are aggregated per peer, see
+            :meth:`server.audit.AuditLog.refusal`).
         """
         if method.open:
-            return "-"
+            return None
         identity = "-"
         try:
             client = self.access.identify(_auth_context(context),
                                           context.invocation_metadata() or ())
             identity = client.name
-            self.access.authorize(client, method.name)
+            if method.name in RPCS:
+                self.access.authorize(client, method.name)
+            elif ADMIN not in client.roles:
+                raise PermissionDenied(f"{client.name} may not call {method.name} (only the "
+                                       "admin role may)", method=method.name)
         except (Unauthenticated, PermissionDenied, RateLimited) as exc:
             self.metrics.refused.labels(method.name, exc.reason).inc()
             log.warning("refused %s from %s (%s): %s", method.name, identity, context.peer(),
                         exc.reason)
-            await self._audit(method.name, identity, context, rid, code_of(exc), exc.reason,
-                              request)
+            if self.audit is not None:
+                event = Event(method.name, identity, context.peer() or "", rid,
+                              code_of(exc).name, exc.reason, "", _nik(request),
+                              getattr(exc, "presented", ""))
+                try:
+                    if identity == "-":
+                        await self.audit.refusal(event)
+                    else:
+                        await self.audit.record(event)
+                except AuditDown:
+                    self.metrics.audit_failures.labels("record").inc()
             raise
-        return identity
+        return client
+
+    def _charge(self, method: _Method, response: Any) -> None:
+        """Charge a response's listed NIKs past the first to the caller's rate."""
+        charged = RPCS[method.name].charged if method.name in RPCS else ""
+        client = caller_var.get()
+        if charged and client is not None:
+            self.access.charge(client, len(getattr(response, charged)) - 1)
 
     def _admit(self, method: _Method, request: Any) -> None:
         """Raises Overloaded beyond ``max_in_flight``, RequestTooLarge or
@@ -316,18 +441,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.metrics.requests.labels(method.name, code.name).inc()
         method.latency.observe(time.perf_counter() - start)
 
-    async def _audit(self, name: str, identity: str, context: grpc.aio.ServicerContext,
-                     rid: str, code: grpc.StatusCode, reason: str, request: Any = None,
-                     outcome: str = "") -> None:
-        if self.audit is None:
-            return
-        nik = getattr(request, "nik", "") if not isinstance(request, Malformed) else ""
-        try:
-            await self.audit.record(Event(name, identity, context.peer() or "", rid, code.name,
-                                          reason, outcome, nik if isinstance(nik, str) else ""))
-        except Exception:
-            # The call's effect stands (an enrolment is already committed): answer it,
-            # and make the gap in the trail loud.  Whatever broke the trail (a full
-            # disk, a torn last line) must not turn the answer into UNKNOWN.
-            log.exception("the audit log could not be written for %s", name)
-            self.metrics.audit_failures.inc()
+
+def _nik(request: Any) -> str:
+    nik = getattr(request, "nik", "") if not isinstance(request, Malformed) else ""
+    return nik if isinstance(nik, str) else ""
+
+
+def _outcome(response: Any) -> str:
+    """A response's outcome as its enum name (``ENROLLED``), if it has one."""
+    value = getattr(response, "outcome", None)
+    if value is None or isinstance(value, str):
+        return value or ""
+    field = response.DESCRIPTOR.fields_by_name["outcome"]
+    enum = field.enum_type
+    return enum.values_by_number[value].name if enum is not None else str(value)

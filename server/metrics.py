@@ -103,7 +103,20 @@ class Metrics:
                                "(UNAUTHENTICATED, PERMISSION_DENIED, RATE_LIMITED)",
                                ("method", "reason"), registry=r)
         self.audit_failures = Counter("faceverify_audit_failures",
-                                      "Audited calls whose record could not be written",
+                                      "Failures of the audit path, by stage: record (the call "
+                                      "was answered AUDIT_UNAVAILABLE, or a refusal went "
+                                      "unrecorded), export (a committed change's record "
+                                      "waits in the registry), tick (periodic export and "
+                                      "checkpoint)", ("stage",), registry=r)
+        self.audit_damaged = Counter("faceverify_audit_damaged_tails",
+                                     "Damaged audit log tails found, set aside and chained "
+                                     "over", registry=r)
+        self.audit_healthy = Gauge("faceverify_audit_healthy",
+                                   "1 while the audit log is written; 0 after repeated "
+                                   "failures (health is then NOT_SERVING)", registry=r)
+        self.policy_refused = Counter("faceverify_policy_reloads_refused",
+                                      "Changed access policies refused (malformed, or others "
+                                      "could change the file); the previous policy stays",
                                       registry=r)
         self.tls_reloads = Counter("faceverify_tls_reloads",
                                    "Times the TLS certificate files were reloaded", registry=r)

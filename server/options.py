@@ -29,6 +29,7 @@ PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
 DUPLICATE_POLICY_CHOICES = ("flag", "refuse")
 CUDNN_SEARCH_CHOICES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 LOG_LEVEL_CHOICES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+TLS_CLIENT_AUTH_CHOICES = ("require", "optional")
 
 
 def boolean(value: str) -> bool:
@@ -112,6 +113,10 @@ def _at_least(n: float) -> Check:
     return lambda v: v >= n
 
 
+def _positive(v: float) -> bool:
+    return v > 0
+
+
 def _port(v: int) -> bool:
     return 0 <= v < 65536
 
@@ -147,8 +152,20 @@ OPTIONS: tuple[Option, ...] = (
            "of the health host (for probes without certificates)", int, check=_port,
            rule="is out of range", default="off"),
     Option("health_host", "where the health-only port listens"),
-    Option("audit_key_file", "key of the audit log's MAC chain and NIK hashes", Path,
+    Option("tls_client_auth", "with a client CA: `require` a client certificate at the "
+           "handshake, or make it `optional` so that clients with an API key alone may "
+           "connect (an API key, when sent, identifies the caller)",
+           choices=TLS_CLIENT_AUTH_CHOICES),
+    Option("audit_key_file", "key of the audit log's MAC chain and NIK hashes (0600)", Path,
            default="`audit.key` in the data directory (made at first start)"),
+    Option("audit_signing_key_file", "Ed25519 private key (PEM) signing the audit log's "
+           "checkpoints; keep it off the data volume so a backup cannot rewrite the log "
+           "(`audit verify` needs only the public half)", Path,
+           default="`audit-signing.key` in the data directory (made at first start, with "
+           "`audit-signing.pub`)"),
+    Option("audit_checkpoint_seconds", "sign a checkpoint of the audit log at most this "
+           "long after a record (and every 100 records)", float, check=_positive,
+           rule="must be > 0"),
     Option("data_key_file", "32-byte key (raw or base64) sealing embeddings, candidate "
            "lists, metadata and index snapshots with AES-256-GCM", Path,
            default="none (no encryption)"),
@@ -186,12 +203,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics_port", "serve Prometheus metrics on this HTTP port (`/metrics`)", int,
            check=_port, rule="is out of range", default="off"),
     Option("metrics_host", "metrics listen address (metrics hold counts, never personal "
-           "data)", default="`0.0.0.0` (`localhost` with `--insecure`)"),
+           "data, and have no authentication: open them only to the scraper's network)",
+           default="`localhost`"),
     Option("processes", "server processes sharing the port (`SO_REUSEPORT`) and the data "
            "directory; process *i* serves metrics on `metrics-port + i`", int,
            check=_at_least(1), rule="must be >= 1"),
     Option("intra_op_threads", "onnxruntime threads per model call (0 = all cores)", int,
            check=_at_least(0), rule="must be >= 0"),
+    Option("search_floor_fmr", "Search returns no candidate below the calibrated threshold "
+           "of this false-match rate (`1e-2`: likely matches too); 0: only suspected "
+           "duplicates. No padding to `top_k`, so a stranger's face lists nobody", float,
+           check=lambda v: 0 <= v < 1, rule="must be 0, or between 0 and 1",
+           default="0 (the duplicate threshold)"),
     Option("decision_fmr", "the calibrated false-match rate to decide at", float,
            check=_rate, rule="must be between 0 and 1"),
     Option("flip", "average each embedding with the mirrored face's (calibrations are "

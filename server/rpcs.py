@@ -23,21 +23,25 @@ class Rpc:
             when access control refuses them).
         durable: a state change, whose audit record is on disk (fsynced) before
             the call is answered; the other records are flushed.
+        charged: the response's repeated field whose length, past the first,
+            is charged to the caller's rate limit as calls (each NIK returned
+            costs a call, so that the limit bounds what can be listed).
     """
 
     roles: frozenset[str]
     audited: bool
     durable: bool
+    charged: str = ""
 
 
-def _rpc(*roles: str, audited: bool = False, durable: bool = False) -> Rpc:
-    return Rpc(frozenset(roles), audited or durable, durable)
+def _rpc(*roles: str, audited: bool = False, durable: bool = False, charged: str = "") -> Rpc:
+    return Rpc(frozenset(roles), audited or durable, durable, charged)
 
 
 RPCS: Mapping[str, Rpc] = {
     "Verify": _rpc("verifier"),
     "Enroll": _rpc("registrar", durable=True),
-    "Search": _rpc("registrar", audited=True),
+    "Search": _rpc("registrar", audited=True, charged="candidates"),
     "GetEnrollment": _rpc("registrar", "reviewer", audited=True),
     "DeleteEnrollment": _rpc(durable=True),
     "ListReviews": _rpc("reviewer"),
@@ -48,6 +52,10 @@ RPCS: Mapping[str, Rpc] = {
 # Services open to every caller without identity or rate checks: load balancers
 # and probes must reach health whatever the policy says.
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+
+# Who sees other people's NIKs in an enrolment's candidate list (GetEnrollment):
+# the people who decide on duplicates.
+SEES_CANDIDATES = frozenset({"reviewer", ADMIN})
 
 AUDITED = frozenset(name for name, rpc in RPCS.items() if rpc.audited)
 DURABLE = frozenset(name for name, rpc in RPCS.items() if rpc.durable)

@@ -9,6 +9,7 @@ import grpc
 from index.gallery import Match
 from index.registry import Enrollment
 from server import __version__
+from server.access import ANONYMOUS, caller_var
 from server.enrolment import EnrolmentService
 from server.errors import InvalidRequest
 from server.gen import faceverify_pb2 as pb
@@ -68,10 +69,13 @@ REVIEW_STATES = {"none": pb.NOT_FLAGGED, "pending": pb.PENDING_REVIEW,
                  "confirmed": pb.CONFIRMED_DUPLICATE, "cleared": pb.CLEARED}
 
 
-def enrollment_pb(e: Enrollment, model_version: str) -> pb.Enrollment:
+def enrollment_pb(e: Enrollment, model_version: str, candidates: bool = True
+                  ) -> pb.Enrollment:
+    """The enrolment as a message; other people's NIKs (``candidates``) only where
+    the caller may see them."""
     return pb.Enrollment(nik=e.nik, flagged=e.flagged,
                          candidates=[pb.Candidate(nik=n, score=s, suspected_duplicate=True)
-                                     for n, s in e.candidates],
+                                     for n, s in e.candidates] if candidates else [],
                          metadata=e.metadata, enrolled_at=e.created_at,
                          model_version=model_version, review_state=REVIEW_STATES[e.review],
                          reviewed_by=e.reviewed_by, reviewed_at=e.reviewed_at or 0.0,
@@ -140,7 +144,9 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
 
     async def GetEnrollment(self, request: pb.GetEnrollmentRequest,
                             context: grpc.aio.ServicerContext) -> pb.Enrollment:
-        return enrollment_pb(await self.enrolment.get(request.nik), self.service.model_version)
+        caller = caller_var.get()
+        return enrollment_pb(await self.enrolment.get(request.nik), self.service.model_version,
+                             candidates=caller is None or caller.sees_candidates)
 
     async def DeleteEnrollment(self, request: pb.DeleteEnrollmentRequest,
                                context: grpc.aio.ServicerContext
@@ -163,9 +169,16 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         if decision == pb.ResolveReviewRequest.DECISION_UNSPECIFIED:
             raise InvalidRequest("decision is required: CONFIRM_DUPLICATE or CLEAR",
                                  field="decision")
+        # Who decided is the caller's authenticated identity; a name it gives is
+        # kept in the note.  Without access control there is none: the name given.
+        caller = caller_var.get()
+        reviewer, note = request.reviewer, request.note
+        if caller is not None and caller.name != ANONYMOUS:
+            if reviewer.strip() and reviewer.strip() != caller.name:
+                note = f"[reviewer given: {reviewer.strip()[:128]}] {note}".strip()
+            reviewer = caller.name
         e = await self.enrolment.resolve_review(
-            request.nik, decision == pb.ResolveReviewRequest.CONFIRM_DUPLICATE,
-            request.reviewer, request.note)
+            request.nik, decision == pb.ResolveReviewRequest.CONFIRM_DUPLICATE, reviewer, note)
         return enrollment_pb(e, self.service.model_version)
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest,

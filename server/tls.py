@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from index.durable import check_private
 from server.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -24,11 +25,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TlsFiles:
     """The server's certificate chain and key, and the CA its clients' certificates
-    must chain to (None: clients are not asked for one)."""
+    must chain to (None: clients are not asked for one); with ``require_client_cert``
+    off, a client without a certificate is let through the handshake (to identify
+    itself with an API key instead)."""
 
     cert: Path
     key: Path
     client_ca: Path | None = None
+    require_client_cert: bool = True
 
     def paths(self) -> tuple[Path, ...]:
         return (self.cert, self.key) + ((self.client_ca,) if self.client_ca else ())
@@ -67,8 +71,10 @@ def certificate_configuration(files: TlsFiles) -> grpc.ServerCertificateConfigur
     """The files as gRPC's certificate configuration.
 
     Raises:
-        ConfigurationError: a file is missing, not PEM, or the key does not match.
+        ConfigurationError: a file is missing, not PEM, or the key does not match,
+            or others can read or change the key (see :func:`index.durable.check_control`).
     """
+    check_private(files.key, "the TLS key")
     cert = _read(files.cert, "TLS certificate")
     key = _read(files.key, "TLS key")
     _check_pair(cert, key, files)
@@ -116,7 +122,8 @@ class ReloadingCredentials:
     def server_credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
             self.initial, self.fetch,
-            require_client_authentication=self.files.client_ca is not None)
+            require_client_authentication=(self.files.client_ca is not None
+                                           and self.files.require_client_cert))
 
 
 @dataclass(frozen=True)

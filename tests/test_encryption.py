@@ -27,6 +27,7 @@ NIKS = ("3174011505900001", "3273015505900002")
 def _key(path: Path) -> bytes:
     key = os.urandom(32)
     path.write_text(base64.b64encode(key).decode())
+    path.chmod(0o600)
     return key
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -102,7 +104,7 @@ def test_a_full_queue_sheds_load_with_resource_exhausted(calibrated_dlib_model_d
                       code="RESOURCE_EXHAUSTED") == len(errors)
 
 
-def test_a_torn_audit_tail_is_counted_and_never_an_unknown_or_a_leak(
+def test_a_torn_audit_tail_is_set_aside_and_never_an_unknown_or_a_leak(
         calibrated_dlib_model_dir: Path, tmp_path: Path) -> None:
     # What a crash mid-write or a full disk leaves: the last record cut short.
     settings = server_settings(calibrated_dlib_model_dir, tmp_path / "data", metrics_port=0)
@@ -119,6 +121,38 @@ def test_a_torn_audit_tail_is_counted_and_never_an_unknown_or_a_leak(
             assert err.value.metadata["request_id"]
         assert s.running is not None and s.running.metrics_server is not None
         m = scrape(s.running.metrics_server.port)
-    assert sample(m, "faceverify_audit_failures_total") == 3
+    assert sample(m, "faceverify_audit_damaged_tails_total") == 1
     assert sample(m, "faceverify_requests_in_flight") == 0
     assert sample(m, "faceverify_requests_total", method="GetEnrollment", code="NOT_FOUND") == 4
+    kinds = [json.loads(line)["kind"] for line in log_file.read_text().splitlines()]
+    assert kinds == ["damaged", "call", "call", "call"]
+    assert list(settings.data_dir.glob("audit.log.damaged-*"))
+
+
+def test_an_audit_log_that_cannot_be_written_fails_closed(
+        calibrated_dlib_model_dir: Path, tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    settings = server_settings(calibrated_dlib_model_dir, tmp_path / "data", metrics_port=0)
+    with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
+        log_file = settings.data_dir / "audit.log"
+        log_file.rename(log_file.with_name("moved.log"))  # the log is gone from under it
+        for _ in range(3):
+            with pytest.raises(CallError) as err:
+                client.get_enrollment("3174011505900001")
+            assert (err.value.code, err.value.reason) == ("UNAVAILABLE", "AUDIT_UNAVAILABLE")
+        health = health_pb2_grpc.HealthStub(client.channel)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            time.sleep(0.1)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert s.running is not None and s.running.metrics_server is not None
+        m = scrape(s.running.metrics_server.port)
+    assert sample(m, "faceverify_audit_failures_total", stage="record") == 3
+    assert sample(m, "faceverify_audit_healthy") == 0
+    assert sample(m, "faceverify_requests_in_flight") == 0
+    assert sample(m, "faceverify_requests_total", method="GetEnrollment",
+                  code="UNAVAILABLE") == 3

@@ -100,14 +100,14 @@ def test_every_written_graph_has_the_ir_version_its_opset_needs(
 
 
 def test_the_server_runs_without_the_optional_packages() -> None:
-    """psycopg (a PostgreSQL registry) and cryptography (TLS checks, data keys) are
-    imported only when configured: a host without them (the offline GPU bundle)
-    still serves the embedded default."""
+    """psycopg (a PostgreSQL registry) is imported only when configured: a host
+    without it still serves the embedded default.  (cryptography is required: the
+    audit log's checkpoints are signed with Ed25519.)"""
     code = (
         "import sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('psycopg', 'psycopg_pool', 'cryptography'):\n"
+        "        if name.split('.')[0] in ('psycopg', 'psycopg_pool'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import server.app, server.cli\n"

@@ -223,16 +223,23 @@ def test_bad_input_is_refused_before_anything_is_stored(tmp_path: Path,
     assert len(svc.gallery) == 0
 
 
-def test_search_marks_who_reaches_the_duplicate_threshold(tmp_path: Path,
-                                                          pool: ThreadPoolExecutor) -> None:
-    svc, faces = service(tmp_path, pool, DuplicatePolicy.REFUSE)
+def test_search_lists_no_one_below_the_floor(tmp_path: Path, pool: ThreadPoolExecutor
+                                             ) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.FLAG)
     probe = unit(1)
-    t = threshold(svc)
+    for i in range(3, 40):  # strangers
+        asyncio.run(svc.enroll(nik(i), faces.photo(unit(100 + i)), None, {}))
+    t = threshold(svc)  # (the threshold grows with the gallery: taken at its size)
     asyncio.run(svc.enroll(nik(1), faces.photo(like(probe, min(t + 0.05, 0.99), 2)), None, {}))
-    asyncio.run(svc.enroll(nik(2), faces.photo(unit(3)), None, {}))
-    _, found = asyncio.run(svc.search(faces.photo(probe), 5))
-    assert [(m.nik, duplicate) for m, duplicate in found][:1] == [(nik(1), True)]
-    assert all(not duplicate for m, duplicate in found if m.nik == nik(2))
+    asyncio.run(svc.enroll(nik(2), faces.photo(like(probe, t - 0.05, 3)), None, {}))
+    _, found = asyncio.run(svc.search(faces.photo(probe), 100))
+    assert [(m.nik, duplicate) for m, duplicate in found] == [(nik(1), True)]
+    _, found = asyncio.run(svc.search(faces.photo(unit(999)), 100))  # a stranger's face
+    assert found == []
+    # An operator's lower floor (a calibrated FMR) lists likely matches too, no padding.
+    svc.search_floor = t - 0.1
+    _, found = asyncio.run(svc.search(faces.photo(probe), 100))
+    assert [(m.nik, duplicate) for m, duplicate in found] == [(nik(1), True), (nik(2), False)]
 
 
 def test_erasure_removes_the_face_and_strikes_the_nik_from_candidates(

@@ -4,6 +4,7 @@ reload, the audit trail, and the refusals of an unsecured start."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -338,3 +339,66 @@ def test_certificate_files_are_checked_and_a_bad_replacement_is_ignored(
     shutil.copy(two.key, key)
     os.utime(key)
     assert creds.fetch() is not None and reloads == [1]
+
+
+def test_other_peoples_niks_and_the_reviewer_come_from_the_identity(
+        tls_server: ServerThread, pki: Authority, keys: dict[str, tuple[str, str]],
+        lfw_dir: Path) -> None:
+    first, second = "3273015505900011", "3273015505900012"
+    face = lfw_image(lfw_dir, "Colin_Powell", 1)
+    with _client(tls_server, pki, keys["registrar"][0]) as registrar:
+        registrar.enroll(first, face)
+        flagged = registrar.enroll(second, face)  # the same face: flagged, for review
+        assert flagged.enrollment.flagged
+        # The registrar learns that it is flagged, not whose NIK it resembles.
+        seen = registrar.get_enrollment(second)
+        assert seen.flagged and list(seen.candidates) == []
+    with _client(tls_server, pki, keys["admin"][0]) as admin:
+        assert [c.nik for c in admin.get_enrollment(second).candidates] == [first]
+        decided = admin.resolve_review(second, confirm=True, reviewer="somebody-else",
+                                       note="same person")
+        assert decided.reviewed_by == "ops-admin"
+        assert decided.review_note == "[reviewer given: somebody-else] same person"
+        for nik in (first, second):
+            admin.delete_enrollment(nik)
+
+
+def test_an_unknown_callers_refusal_is_audited_with_what_it_presented(
+        tls_server: ServerThread, pki: Authority) -> None:
+    stranger, _ = new_api_key()
+    with _client(tls_server, pki, stranger) as c, pytest.raises(CallError) as err:
+        c.get_enrollment(NIK)
+    assert err.value.reason == "UNAUTHENTICATED"
+    records = [json.loads(line) for line in
+               (tls_server.settings.data_dir / "audit.log").read_text().splitlines()]
+    mine = [r for r in records if r.get("request_id") == err.value.metadata["request_id"]]
+    assert [(r["identity"], r["presented"]) for r in mine] == [
+        ("-", "key:" + hashlib.sha256(stranger.encode()).hexdigest()[:12])]
+
+
+def test_reflection_passes_access_control(calibrated_dlib_model_dir: Path, pki: Authority,
+                                          keys: dict[str, tuple[str, str]],
+                                          tmp_path: Path) -> None:
+    server = pki.issue("reflect", "localhost", server=True)
+    policy = _write_policy(tmp_path / "policy.json", [
+        {"name": "kyc-verifier", "api_key_sha256": keys["verifier"][1], "roles": ["verifier"]},
+        {"name": "ops-admin", "api_key_sha256": keys["admin"][1], "roles": ["admin"]}])
+    settings = server_settings(calibrated_dlib_model_dir, tmp_path / "data", insecure=False,
+                               tls_cert=server.cert, tls_key=server.key,
+                               access_policy=policy, reflection=True)
+    tls = ClientTls(pki.pem, server_name="localhost")
+    request = b"\x3a\x00"  # list_services
+    with ServerThread(settings) as s, \
+            grpc.secure_channel(s.target, tls.credentials(), tls.options()) as ch:
+        reflect = ch.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        for key, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                          (keys["verifier"][0], grpc.StatusCode.PERMISSION_DENIED)):
+            metadata = [("x-api-key", key)] if key else []
+            with pytest.raises(grpc.RpcError) as err:
+                list(reflect(iter([request]), timeout=10, metadata=metadata))
+            assert err.value.code() == code
+        replies = list(reflect(iter([request]), timeout=10,
+                               metadata=[("x-api-key", keys["admin"][0])]))
+        assert b"faceverify.v1.FaceVerification" in replies[0]

@@ -1,0 +1,105 @@
+"""The access policy fails closed: read strictly, refused when others could change
+it (at start and on reload, the previous policy staying), revocation over the
+``"*"`` entry, and rate limits that count the NIKs a search returns."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from server.access import AccessControl, TokenBucket, hash_key, new_api_key, parse_policy
+from server.errors import ConfigurationError, Unauthenticated
+
+KEY, KEY_HASH = new_api_key()
+
+
+def _entry(name: str = "kyc", **extra: object) -> dict[str, object]:
+    return {"name": name, "api_key_sha256": KEY_HASH, "roles": ["verifier"], **extra}
+
+
+@pytest.mark.parametrize(("policy", "message"), [
+    ({"clients": [_entry(rate_per_sec=10)]}, "unknown fields \\['rate_per_sec'\\]"),
+    ({"clients": [], "client": []}, "unknown fields \\['client'\\]"),
+    ({"clients": [_entry("a"), _entry("b")]}, "another entry already has this api_key"),
+    ({"clients": [{"name": "a", "certificate_cn": "x", "roles": ["admin"]},
+                  {"name": "b", "certificate_cn": "x", "roles": ["verifier"]}]},
+     "another entry already has this certificate_cn"),
+    ({"clients": [], "roles": {"verifier": ["DeleteEnrollment"]}}, "built in"),
+    ({"clients": [], "revoked": [{"name": "x"}]}, "revoked\\[0\\]"),
+])
+def test_the_policy_is_read_strictly(policy: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        parse_policy(policy, "policy.json")
+
+
+def _write(path: Path, policy: dict[str, object], mode: int = 0o600) -> Path:
+    path.write_text(json.dumps(policy))
+    path.chmod(mode)
+    return path
+
+
+def test_a_duplicated_json_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text('{"clients": [], "clients": [{"name": "x", "certificate_cn": "*", '
+                    '"roles": ["admin"]}]}')
+    path.chmod(0o600)
+    with pytest.raises(ConfigurationError, match="appears twice"):
+        AccessControl(path)
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o620, 0o602])
+def test_a_policy_others_can_change_is_refused_at_start(tmp_path: Path, mode: int) -> None:
+    path = _write(tmp_path / "policy.json", {"clients": [_entry()]}, mode)
+    with pytest.raises(ConfigurationError, match="others can change it"):
+        AccessControl(path)
+
+
+def test_a_refused_reload_keeps_the_previous_policy(tmp_path: Path) -> None:
+    now = [0.0]
+    refused: list[int] = []
+    path = _write(tmp_path / "policy.json", {"clients": [_entry()]}, 0o644)
+    access = AccessControl(path, clock=lambda: now[0], on_refused_reload=lambda: refused.append(1))
+    # Someone makes the file world-writable and appends an admin for every certificate.
+    path.chmod(0o666)
+    path.write_text(json.dumps({"clients": [_entry(), {"name": "any", "certificate_cn": "*",
+                                                       "roles": ["admin"]}]}))
+    os.chmod(path, 0o666)
+    now[0] = 5.0
+    with pytest.raises(Unauthenticated):
+        access.identify({"x509_common_name": [b"intruder"]}, ())
+    assert refused == [1]
+    assert access.identify({}, [("x-api-key", KEY)]).name == "kyc"
+    # Put right, it is taken.
+    path.chmod(0o644)
+    now[0] = 10.0
+    assert access.identify({"x509_common_name": [b"intruder"]}, ()).name == "any"
+
+
+def test_revocation_wins_over_the_wildcard_and_an_explicit_entry_over_it(
+        tmp_path: Path) -> None:
+    other, other_hash = new_api_key()
+    path = _write(tmp_path / "policy.json", {
+        "clients": [{"name": "any", "certificate_cn": "*", "roles": ["verifier"]},
+                    {"name": "ops", "certificate_cn": "ops.prakerja", "roles": ["admin"]},
+                    _entry()],
+        "revoked": [{"certificate_cn": "laptop-stolen"}, {"api_key_sha256": other_hash}]})
+    access = AccessControl(path)
+    assert access.identify({"x509_common_name": [b"ops.prakerja"]}, ()).name == "ops"
+    assert access.identify({"x509_common_name": [b"someone"]}, ()).name == "any"
+    with pytest.raises(Unauthenticated) as err:
+        access.identify({"x509_common_name": [b"laptop-stolen"]}, ())
+    assert err.value.presented == "cn:laptop-stolen"
+    with pytest.raises(Unauthenticated) as err:
+        access.identify({}, [("x-api-key", other)])
+    assert err.value.presented == f"key:{hash_key(other)[:12]}"
+
+
+def test_nik_returned_by_a_search_count_against_the_rate() -> None:
+    bucket = TokenBucket(rate=10, burst=10)
+    assert bucket.take(100.0) == 0
+    bucket.charge(29, 100.0)  # a search that listed 30 NIKs
+    wait = bucket.take(100.0)
+    assert wait == pytest.approx(2.1)  # 20 in debt, plus the call itself, at 10/s
