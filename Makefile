@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup serve test test-fast lint proto clean
+.PHONY: setup serve serve-secure test test-fast lint proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,18 @@ setup: $(STAMP)
 FACEVERIFY_METRICS_PORT ?= 9464
 serve: setup
 	FACEVERIFY_METRICS_PORT=$(FACEVERIFY_METRICS_PORT) $(BIN)/faceverify serve --insecure
+
+## serve-secure: the same with mutual TLS on 50051, TLS for API-key clients on
+##        50053, and an access policy, from development certificates made once in
+##        .secure/ (`faceverify access certs`); see README "Running it securely"
+SECURE_DIR ?= .secure
+serve-secure: setup
+	test -f $(SECURE_DIR)/server.crt || \
+	  $(BIN)/faceverify access certs --out $(SECURE_DIR) --client admin.local
+	FACEVERIFY_METRICS_PORT=$(FACEVERIFY_METRICS_PORT) $(BIN)/faceverify serve \
+	  --tls-cert $(SECURE_DIR)/server.crt --tls-key $(SECURE_DIR)/server.key \
+	  --tls-client-ca $(SECURE_DIR)/faceverify-dev-ca.pem --api-key-port 50053 \
+	  --access-policy $(SECURE_DIR)/policy.json
 
 ## test: set everything up, then run the test suite (what CI runs)
 test: setup

@@ -11,6 +11,11 @@ audited and fsynced before the answer) and ``GetEnrollment`` (audited).  The
 clients keep their connections, as services do; a handshake per call is
 measured separately (``connect``).  Prints per-call medians and the ratio
 secured / open.
+
+    python -m benchmarks.security --model-dir ~/.cache/faceverify/models --rate-processes 4
+
+A client limited to 10 calls/s against ``serve --processes 4``: how many calls
+got through in 20 s (the rate is shared by the processes of one server).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,9 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.certs import Authority
 from benchmarks.lfw import default_lfw_dir
 from benchmarks.serverproc import free_port, start_server, wait_serving
+from server.certs import Authority
 from server.client import FaceVerifyClient
 from server.tls import ClientTls
 
@@ -60,6 +67,67 @@ def _level(clients: list[FaceVerifyClient], calls: list[Callable[[FaceVerifyClie
     return len(calls) / (time.perf_counter() - start)
 
 
+def rate_across_processes(model_dir: Path, processes: int, rate: float, seconds: float
+                          ) -> dict[str, object]:
+    """A client limited to ``rate`` calls/s (burst ``rate``) against ``serve
+    --processes N``, calling as fast as 16 threads can, each call on a new
+    connection (so the kernel spreads them over the processes): how many got
+    through, against the most the limit allows."""
+    from server.access import new_api_key
+    from server.client import CallError
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        ca = Authority(tmp / "pki")
+        server_cert = ca.issue("server", "localhost", server=True)
+        key, digest = new_api_key()
+        policy = tmp / "policy.json"
+        policy.write_text(json.dumps({"clients": [
+            {"name": "registrar", "api_key_sha256": digest, "roles": ["registrar"],
+             "rate_per_second": rate, "burst": rate}]}))
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port",
+             str(port), "--processes", str(processes), "--provider", "cpu"],
+            env={**os.environ, "FACEVERIFY_MODEL_DIR": str(model_dir),
+                 "FACEVERIFY_DATA_DIR": str(tmp / "data"),
+                 "FACEVERIFY_TLS_CERT": str(server_cert.cert),
+                 "FACEVERIFY_TLS_KEY": str(server_cert.key),
+                 "FACEVERIFY_ACCESS_POLICY": str(policy), "FACEVERIFY_LOG_LEVEL": "WARNING"})
+        tls = ClientTls(ca.pem, server_name="localhost")
+        target = f"127.0.0.1:{port}"
+        try:
+            wait_serving(target, proc, client_flags=("--tls-ca", str(ca.pem),
+                                                     "--tls-server-name", "localhost",
+                                                     "--api-key", key))
+            time.sleep(3 * processes)  # the other processes bind once their models load
+            counts = {"OK": 0, "RATE_LIMITED": 0, "other": 0}
+            end = time.monotonic() + seconds
+
+            def worker() -> None:
+                while time.monotonic() < end:
+                    with FaceVerifyClient(target, timeout=10, tls=tls, api_key=key) as c:
+                        try:
+                            c.server_info()
+                            outcome = "OK"
+                        except CallError as exc:
+                            outcome = exc.reason if exc.reason == "RATE_LIMITED" else "other"
+                    counts[outcome] += 1
+
+            start = time.monotonic()
+            with ThreadPoolExecutor(16) as pool:
+                for f in [pool.submit(worker) for _ in range(16)]:
+                    f.result()
+            elapsed = time.monotonic() - start
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+    return {"processes": processes, "rate_per_second": rate, "burst": rate,
+            "seconds": round(elapsed, 1), **counts,
+            "allowed_at_most": round(rate * elapsed + rate),
+            "got_per_second": round(counts["OK"] / elapsed, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seal", action="store_true", help="the secured server also seals its "
                    "data at rest")
+    p.add_argument("--rate-processes", type=int, default=0, metavar="N",
+                   help="instead: a client limited to 10 calls/s against `serve --processes "
+                   "N` for 20 s; how many calls got through")
     args = p.parse_args(argv)
+    if args.rate_processes:
+        json.dump(rate_across_processes(args.model_dir, args.rate_processes, 10.0, 20.0),
+                  sys.stdout, indent=2)
+        print()
+        return 0
     pairs = _pairs(args.lfw, args.pairs)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -87,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.seal:
             key = tmp / "data.key"
             key.write_bytes(os.urandom(32))
+            key.chmod(0o600)
             secured_env["FACEVERIFY_DATA_KEY_FILE"] = str(key)
         tls = ClientTls(ca.pem, client_cert.cert, client_cert.key, "localhost")
         tls_flags = ("--tls-ca", str(ca.pem), "--tls-cert", str(client_cert.cert),

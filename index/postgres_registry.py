@@ -375,7 +375,8 @@ class PostgresRegistry(RowCodec):
 
     def remove(self, nik: str) -> Enrollment | None:
         """Erase an enrolment, log the removal, strike the NIK from other enrolments'
-        candidate lists (``erased`` stands in); None if the NIK is not enrolled."""
+        candidate lists and review notes (``erased`` stands in); None if the NIK is
+        not enrolled."""
         with self._write("erase") as conn:
             row = conn.execute(f"DELETE FROM faceverify_enrollments WHERE nik = %s "
                                f"RETURNING {COLUMNS}", (nik,)).fetchone()
@@ -393,6 +394,9 @@ class PostgresRegistry(RowCodec):
                                  "WHERE id = %s",
                                  (_bytes(self._sealed_json("candidates", other_nik, struck)),
                                   other))
+            conn.execute("UPDATE faceverify_enrollments SET review_note = "
+                         "replace(review_note, %s, %s) WHERE strpos(review_note, %s) > 0",
+                         (nik, ERASED, nik))
         return self._row(row)
 
     def reseal(self, batch: int = 1000) -> int:

@@ -249,7 +249,8 @@ class SqliteRegistry(RowCodec):
 
         When this returns the NIK and the embedding are in no file: the row's
         bytes are overwritten (``secure_delete``), the NIK is struck from the
-        candidate lists of enrolments flagged against it (``erased`` stands in),
+        candidate lists of enrolments flagged against it and from review notes
+        (``erased`` stands in),
         and the write-ahead log, which still held the old pages, is checkpointed
         into the database and truncated.
         """
@@ -270,6 +271,9 @@ class SqliteRegistry(RowCodec):
                 struck = [[ERASED if n == nik else n, s] for n, s in candidates]
                 self._db.execute("UPDATE enrollments SET candidates = ? WHERE id = ?",
                                  (self._sealed_json("candidates", other_nik, struck), other))
+            # A reviewer's note may name it too.
+            self._db.execute("UPDATE enrollments SET review_note = replace(review_note, ?, ?) "
+                             "WHERE instr(review_note, ?) > 0", (nik, ERASED, nik))
         self._truncate_wal()
         return self._row(row)
 

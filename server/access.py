@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import threading
 import time
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 # The built-in roles, from the table of RPCs (:data:`server.rpcs.RPCS`).
 ROLES: dict[str, frozenset[str]] = builtin_roles()
 API_KEY_PREFIX = "fv_"
+RATE_FILE = "ratelimits.sqlite3"  # in the data directory: see SharedBuckets
 # Without an access policy (insecure mode): one identity with every role.
 ANONYMOUS = "anonymous"
 
@@ -95,6 +97,79 @@ class TokenBucket:
             self.tokens -= 1.0
             return 0.0
         return (1.0 - self.tokens) / self.rate
+
+
+class LocalBuckets:
+    """The token buckets of one process, by client name."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self.clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+        self._lock = threading.Lock()
+
+    def take(self, name: str, rate: float, burst: float, calls: float = 1.0,
+             debt: bool = False) -> float:
+        """0 if ``calls`` may go ahead now (counted), else seconds to wait; with
+        ``debt`` they are counted whatever the balance (see :meth:`TokenBucket.charge`)."""
+        with self._lock:
+            bucket = self._buckets.get(name)
+            if bucket is None or (bucket.rate, bucket.burst) != (rate, burst):
+                bucket = self._buckets[name] = TokenBucket(rate, burst)
+            if debt:
+                bucket.charge(calls, self.clock())
+                return 0.0
+            return bucket.take(self.clock())
+
+    def close(self) -> None:
+        pass
+
+
+class SharedBuckets:
+    """Token buckets shared by every process of a server on this machine (a SQLite
+    file in the data directory, one immediate transaction a call), so that
+    ``--processes N`` does not multiply a client's rate by N.  Across machines
+    each server has its own: see the README for where a global limiter goes."""
+
+    def __init__(self, path: Path, clock: Any = time.time) -> None:
+        import sqlite3
+
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                   timeout=5.0)
+        os.chmod(path, 0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")  # a lost update costs a few tokens
+        self._db.execute("CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, "
+                         "rate REAL, burst REAL, tokens REAL, updated REAL)")
+
+    def take(self, name: str, rate: float, burst: float, calls: float = 1.0,
+             debt: bool = False) -> float:
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT rate, burst, tokens, updated FROM buckets "
+                                 "WHERE name = ?", (name,)).fetchone()
+                bucket = TokenBucket(rate, burst)
+                if row is not None and (row[0], row[1]) == (rate, burst):
+                    bucket.tokens, bucket.updated = row[2], row[3]
+                now = self.clock()
+                if debt:
+                    bucket.charge(calls, now)
+                    wait = 0.0
+                else:
+                    wait = bucket.take(now)
+                db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?, ?)",
+                           (name, rate, burst, bucket.tokens, bucket.updated))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        return wait
+
+    def close(self) -> None:
+        self._db.close()
 
 
 @dataclass(frozen=True)
@@ -265,6 +340,10 @@ def read_policy(path: Path) -> Policy:
     return parse_policy(data, str(path))
 
 
+def _burst(client: Client) -> float:
+    return client.burst or max(1.0, client.rate_per_second or 1.0)
+
+
 def _first(metadata: Sequence[tuple[str, Any]], *keys: str) -> str | None:
     for k, v in metadata:
         if k in keys and isinstance(v, str):
@@ -280,15 +359,15 @@ class AccessControl:
     """
 
     def __init__(self, policy_path: Path | None, clock: Any = time.monotonic,
-                 on_refused_reload: Any = lambda: None) -> None:
+                 on_refused_reload: Any = lambda: None,
+                 buckets: LocalBuckets | SharedBuckets | None = None) -> None:
         self.path = policy_path
         self.clock = clock
         self.on_refused_reload = on_refused_reload
         self.policy = read_policy(policy_path) if policy_path else None
         self._stamp = self._stat()
         self._checked = 0.0
-        self._buckets: dict[str, TokenBucket] = {}
-        self._lock = threading.Lock()
+        self.buckets = buckets or LocalBuckets(clock)
 
     def _stat(self) -> tuple[int, ...] | None:
         if self.path is None:
@@ -316,8 +395,6 @@ class AccessControl:
                       exc)
             self.on_refused_reload()
             return
-        with self._lock:
-            self._buckets.clear()
         log.info("access policy reloaded from %s (%d clients)", self.path,
                  len(self.policy.clients))
 
@@ -360,10 +437,8 @@ class AccessControl:
         """Count ``calls`` more against ``client``'s rate (see :meth:`TokenBucket.charge`)."""
         if client.rate_per_second is None or calls <= 0:
             return
-        with self._lock:
-            bucket = self._buckets.get(client.name)
-            if bucket is not None:
-                bucket.charge(calls, self.clock())
+        self.buckets.take(client.name, client.rate_per_second, _burst(client), calls,
+                          debt=True)
 
     def authorize(self, client: Client, method: str) -> None:
         """Raises PermissionDenied (role) or RateLimited (rate) for ``client`` calling
@@ -373,12 +448,7 @@ class AccessControl:
                                    f"call {method}", method=method)
         if client.rate_per_second is None:
             return
-        with self._lock:
-            bucket = self._buckets.get(client.name)
-            if bucket is None:
-                bucket = self._buckets[client.name] = TokenBucket(
-                    client.rate_per_second, client.burst or max(1.0, client.rate_per_second))
-            wait = bucket.take(self.clock())
+        wait = self.buckets.take(client.name, client.rate_per_second, _burst(client))
         if wait > 0:
             raise RateLimited(f"{client.name} is over its rate of {client.rate_per_second:g} "
                               f"calls/s; retry in {wait * 1000:.0f} ms", retry_after=wait)

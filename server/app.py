@@ -22,10 +22,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health
 from grpc_reflection.v1alpha import reflection
 
+from index.durable import private_dir
 from index.gallery import Gallery
 from index.registry import redact
 from server import __version__
-from server.access import AccessControl
+from server.access import RATE_FILE, AccessControl, SharedBuckets
 from server.audit import (
     AUDIT_FILE,
     KEY_FILE,
@@ -83,6 +84,7 @@ class RunningServer:
     port: int
     services: Services
     metrics_server: MetricsServer | None = None
+    key_port: int | None = None  # the API-key port beside mutual TLS, once bound
     health_server: grpc.aio.Server | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # What keeps health NOT_SERVING now (index_sync, index_lag, audit, stopping).
@@ -268,14 +270,17 @@ def transport_security(settings: Settings, metrics: Metrics
     credentials = None
     if settings.tls_cert is not None and settings.tls_key is not None:
         credentials = ReloadingCredentials(
-            TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca,
-                     settings.tls_client_auth == "require"),
+            TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
             on_reload=metrics.tls_reloads.inc).server_credentials()
     else:
         log.warning("PLAINTEXT: no TLS (--insecure); requests, images and API keys cross the "
                     "network in clear. Use only on a trusted machine")
+    buckets = None
+    if settings.access_policy is not None:
+        # Shared by every process of this server: --processes N keeps each rate.
+        buckets = SharedBuckets(private_dir(settings.data_dir) / RATE_FILE)
     access = AccessControl(settings.access_policy,
-                           on_refused_reload=metrics.policy_refused.inc)
+                           on_refused_reload=metrics.policy_refused.inc, buckets=buckets)
     if access.policy is None:
         log.warning("NO ACCESS CONTROL (--insecure): every caller may make every call, "
                     "erasures included")
@@ -324,6 +329,15 @@ async def start(settings: Settings) -> RunningServer:
     try:
         running.port = (server.add_insecure_port(settings.address) if credentials is None
                         else server.add_secure_port(settings.address, credentials))
+        if settings.api_key_port is not None:
+            assert settings.tls_cert is not None and settings.tls_key is not None
+            # The same service, TLS without client certificates: callers identify
+            # with an API key (the interceptor refuses any other).
+            keys_only = ReloadingCredentials(TlsFiles(settings.tls_cert, settings.tls_key),
+                                             on_reload=metrics.tls_reloads.inc)
+            host = settings.address.rsplit(":", 1)[0]
+            running.key_port = server.add_secure_port(f"{host}:{settings.api_key_port}",
+                                                      keys_only.server_credentials())
         if settings.metrics_port is not None:
             running.metrics_server = MetricsServer(metrics, settings.metrics_port,
                                                    settings.metrics_address)
@@ -355,8 +369,8 @@ async def start(settings: Settings) -> RunningServer:
         running.tasks.append(asyncio.create_task(running.watch_lag(settings.max_index_lag)))
     transport = ("plaintext" if credentials is None
                  else "TLS" if not settings.tls_client_ca
-                 else "mutual TLS" if settings.tls_client_auth == "require"
-                 else "TLS, client certificates optional")
+                 else "mutual TLS" if running.key_port is None
+                 else f"mutual TLS; API keys over TLS on port {running.key_port}")
     where = (f"{SERVICE_NAME} on {settings.address.rsplit(':', 1)[0]} port {running.port} "
              f"({transport})")
     if in_sync:

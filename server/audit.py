@@ -63,6 +63,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from index.durable import check_private, private_file
+from index.errors import RegistryUnavailable
 from index.registry import Registry
 from server import strict
 from server.errors import ConfigurationError
@@ -543,9 +544,21 @@ class AuditLog:
             self._write(fields, durable)
 
     def _export(self) -> int:
-        """Move committed changes' records from the registry into the log; how many."""
+        """Move committed changes' records from the registry into the log; how many.
+
+        A shared registry that cannot be reached holds them until it can: that is
+        no failure of the log (and nothing commits meanwhile)."""
         if self.registry is None:
             return 0
+        try:
+            return self._move()
+        except RegistryUnavailable:
+            log.info("audit: the registry cannot be reached; its pending records are "
+                     "exported once it can")
+            return 0
+
+    def _move(self) -> int:
+        assert self.registry is not None
         moved = 0
         with self._locked():
             self._catch_up()
@@ -687,11 +700,13 @@ class AuditLog:
     def close(self) -> None:
         """Export, flush refusals, checkpoint, close."""
         def final() -> None:
-            self._export()
-            with self._locked():
-                self._catch_up()
-                self._flush_refusals()
-                self._checkpoint()
+            try:
+                self._export()
+            finally:
+                with self._locked():
+                    self._catch_up()
+                    self._flush_refusals()
+                    self._checkpoint()
         try:
             self._pool.submit(final).result()
         except Exception as exc:

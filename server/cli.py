@@ -163,18 +163,38 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client_error(exc: Exception) -> int:
+def handshake_hint(message: str, tls: ClientTls | None) -> str | None:
+    """What a connection failure most likely means, given how the client connected
+    (``tls`` None: plaintext)."""
+    if "WRONG_VERSION_NUMBER" in message:
+        return ("the server speaks plaintext (started with --insecure): add --plaintext, or "
+                "set FACEVERIFY_PLAINTEXT=1")
+    if "Hostname Verification" in message or "Peer name" in message:
+        return ("the server's certificate does not name the address dialled: pass the name "
+                "it has with --tls-server-name, or give the server a certificate with this "
+                "DNS name or IP address (`faceverify access certs --host/--ip`)")
+    if "Socket closed" in message or "handshake" in message.lower():
+        if tls is None:
+            return ("the server speaks TLS: drop --plaintext and give --tls-ca (the CA of "
+                    "its certificate)")
+        if tls.cert is None:
+            return ("the server may require a client certificate (mutual TLS): give "
+                    "--tls-cert and --tls-key, or, with an API key, use its API-key port "
+                    "(--api-key-port of the server)")
+        return ("the TLS handshake failed: check --tls-ca (the server's CA) and that the "
+                "client CA of the server signed --tls-cert")
+    return None
+
+
+def _client_error(exc: Exception, tls: ClientTls | None = None) -> int:
     from server.client import CallError
 
     if isinstance(exc, CallError):
         error: dict[str, Any] = {"code": exc.code, "reason": exc.reason,
                                  "message": exc.message, "metadata": exc.metadata}
-        if exc.code == "UNAVAILABLE" and "WRONG_VERSION_NUMBER" in exc.message:
-            error["hint"] = ("the server speaks plaintext (started with --insecure): add "
-                             "--plaintext, or set FACEVERIFY_PLAINTEXT=1")
-        elif exc.code == "UNAVAILABLE" and "handshake" in exc.message.lower():
-            error["hint"] = ("the TLS handshake failed: check --tls-ca (the server's CA), "
-                             "--tls-cert/--tls-key (mutual TLS) and --tls-server-name")
+        hint = handshake_hint(exc.message, tls) if exc.code == "UNAVAILABLE" else None
+        if hint:
+            error["hint"] = hint
         _print({"error": error})
         return 1
     raise exc
@@ -192,12 +212,13 @@ def _client_call(args: argparse.Namespace, call: Callable[[Any], Any]) -> int:
     """Run one client call and print its response as JSON (all fields, defaults too)."""
     from server.client import CallError, FaceVerifyClient
 
-    with FaceVerifyClient(args.target, timeout=args.timeout, tls=client_tls(args),
+    tls = client_tls(args)
+    with FaceVerifyClient(args.target, timeout=args.timeout, tls=tls,
                           api_key=args.api_key) as client:
         try:
             response = call(client)
         except CallError as exc:
-            return _client_error(exc)
+            return _client_error(exc, tls)
     _print(MessageToDict(response, preserving_proto_field_name=True,
                          always_print_fields_with_no_presence=True))
     return 0
@@ -270,6 +291,38 @@ def cmd_access_new_key(args: argparse.Namespace) -> int:
           f"  {key}", file=sys.stderr)
     print("Add this entry to the access policy's \"clients\" list:", file=sys.stderr)
     _print({"name": args.name, "api_key_sha256": digest, "roles": args.role})
+    return 0
+
+
+def cmd_access_certs(args: argparse.Namespace) -> int:
+    """A development CA, a server certificate and client certificates, and a policy
+    naming each client (admin) where there is none yet."""
+    from index.durable import private_dir
+    from server.certs import Authority
+
+    out = private_dir(args.out)
+    hosts, ips = args.host or ["localhost"], args.ip or ["127.0.0.1", "::1"]
+    ca = Authority(out, "faceverify-dev-ca", days=args.days)
+    server = ca.issue("server", hosts[0], server=True, dns=hosts, ips=ips)
+    clients = {cn: ca.issue(cn, cn) for cn in args.client}
+    policy = out / "policy.json"
+    if not policy.exists():
+        policy.write_text(json.dumps({"clients": [
+            {"name": cn, "certificate_cn": cn, "roles": ["admin"]} for cn in args.client]},
+            indent=2) + "\n")
+        policy.chmod(0o600)
+    first = next(iter(clients.values()), None)
+    _print({
+        "ca": str(ca.pem), "server_cert": str(server.cert), "server_key": str(server.key),
+        "clients": {cn: {"cert": str(c.cert), "key": str(c.key)} for cn, c in clients.items()},
+        "policy": str(policy),
+        "serve": f"faceverify serve --tls-cert {server.cert} --tls-key {server.key} "
+                 f"--tls-client-ca {ca.pem} --api-key-port 50053 "
+                 f"--access-policy {policy}",
+        "client_flags": f"--tls-ca {ca.pem}" + (f" --tls-cert {first.cert} --tls-key "
+                                                f"{first.key}" if first else "")})
+    print(f"Development certificates, valid {args.days} days, for {', '.join(hosts)} and "
+          f"{', '.join(ips)}; production certificates come from your CA.", file=sys.stderr)
     return 0
 
 
@@ -514,6 +567,17 @@ def parser() -> argparse.ArgumentParser:
     nk.add_argument("--role", action="append", required=True,
                     help="a role to grant (repeat): verifier, registrar, reviewer, admin")
     nk.set_defaults(func=cmd_access_new_key)
+    ce = asub.add_parser("certs", help="make a development CA, a server certificate (with DNS "
+                         "and IP names) and client certificates, and a starter policy")
+    ce.add_argument("--out", type=Path, required=True, help="where to write them (0700)")
+    ce.add_argument("--host", action="append", help="a DNS name of the server (repeat; "
+                    "default: localhost)")
+    ce.add_argument("--ip", action="append", help="an IP address of the server (repeat; "
+                    "default: 127.0.0.1 and ::1)")
+    ce.add_argument("--client", action="append", default=[],
+                    help="a client certificate's common name (repeat)")
+    ce.add_argument("--days", type=int, default=30, help="validity (default 30)")
+    ce.set_defaults(func=cmd_access_certs)
 
     au = sub.add_parser("audit", help="check or search the audit log")
     ausub = au.add_subparsers(dest="audit_command", required=True)

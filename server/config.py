@@ -91,8 +91,9 @@ class Settings:
         insecure: allow plaintext and no access policy (development on a trusted
             machine); without it the server refuses to start lacking either.
         reflection: serve gRPC reflection (off: the API is described by the .proto).
-        tls_client_auth: with ``tls_client_ca``, ``require`` a client certificate
-            at the handshake or make it ``optional`` (API-key clients connect).
+        api_key_port: with mutual TLS, also listen on this port with TLS but no
+            client certificate, for clients that identify with an API key (gRPC's
+            Python server either requires a client certificate or asks for none).
         audit_key_file: the key of the audit log's MACs and NIK hashes (None: one
             made in the data directory).
         audit_signing_key_file: the Ed25519 key signing the audit checkpoints
@@ -157,7 +158,7 @@ class Settings:
     access_policy: Path | None = None
     insecure: bool = False
     reflection: bool = False
-    tls_client_auth: str = "require"
+    api_key_port: int | None = None
     audit_key_file: Path | None = None
     audit_signing_key_file: Path | None = None
     audit_checkpoint_seconds: float = 10.0
@@ -294,6 +295,9 @@ def validate(s: Settings) -> None:
                                  "FACEVERIFY_TLS_KEY)")
     if s.tls_client_ca is not None and s.tls_cert is None:
         raise ConfigurationError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+    if s.api_key_port is not None and s.tls_client_ca is None:
+        raise ConfigurationError("api_key_port is for mutual TLS (tls_client_ca): without a "
+                                 "client CA every port already takes API keys")
 
 
 def check_secured(s: Settings) -> None:

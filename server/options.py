@@ -29,7 +29,6 @@ PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
 DUPLICATE_POLICY_CHOICES = ("flag", "refuse")
 CUDNN_SEARCH_CHOICES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 LOG_LEVEL_CHOICES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-TLS_CLIENT_AUTH_CHOICES = ("require", "optional")
 
 
 def boolean(value: str) -> bool:
@@ -152,10 +151,9 @@ OPTIONS: tuple[Option, ...] = (
            "of the health host (for probes without certificates)", int, check=_port,
            rule="is out of range", default="off"),
     Option("health_host", "where the health-only port listens"),
-    Option("tls_client_auth", "with a client CA: `require` a client certificate at the "
-           "handshake, or make it `optional` so that clients with an API key alone may "
-           "connect (an API key, when sent, identifies the caller)",
-           choices=TLS_CLIENT_AUTH_CHOICES),
+    Option("api_key_port", "with mutual TLS, also listen on this port (same host) with TLS "
+           "but no client certificate, for clients that identify with an API key", int,
+           check=_port, rule="is out of range", default="off"),
     Option("audit_key_file", "key of the audit log's MAC chain and NIK hashes (0600)", Path,
            default="`audit.key` in the data directory (made at first start)"),
     Option("audit_signing_key_file", "Ed25519 private key (PEM) signing the audit log's "

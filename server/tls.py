@@ -25,14 +25,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TlsFiles:
     """The server's certificate chain and key, and the CA its clients' certificates
-    must chain to (None: clients are not asked for one); with ``require_client_cert``
-    off, a client without a certificate is let through the handshake (to identify
-    itself with an API key instead)."""
+    must chain to (None: clients are not asked for one)."""
 
     cert: Path
     key: Path
     client_ca: Path | None = None
-    require_client_cert: bool = True
 
     def paths(self) -> tuple[Path, ...]:
         return (self.cert, self.key) + ((self.client_ca,) if self.client_ca else ())
@@ -122,8 +119,7 @@ class ReloadingCredentials:
     def server_credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
             self.initial, self.fetch,
-            require_client_authentication=(self.files.client_ca is not None
-                                           and self.files.require_client_cert))
+            require_client_authentication=self.files.client_ca is not None)
 
 
 @dataclass(frozen=True)

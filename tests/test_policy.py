@@ -1,17 +1,31 @@
 """The access policy fails closed: read strictly, refused when others could change
 it (at start and on reload, the previous policy staying), revocation over the
-``"*"`` entry, and rate limits that count the NIKs a search returns."""
+``"*"`` entry, rate limits that count the NIKs a search returns and hold across
+a server's processes, and the CLI's hints for a refused handshake."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from server.access import AccessControl, TokenBucket, hash_key, new_api_key, parse_policy
+from server.access import (
+    RATE_FILE,
+    AccessControl,
+    SharedBuckets,
+    TokenBucket,
+    hash_key,
+    new_api_key,
+    parse_policy,
+)
+from server.cli import handshake_hint
 from server.errors import ConfigurationError, Unauthenticated
+from server.tls import ClientTls
 
 KEY, KEY_HASH = new_api_key()
 
@@ -103,3 +117,47 @@ def test_nik_returned_by_a_search_count_against_the_rate() -> None:
     bucket.charge(29, 100.0)  # a search that listed 30 NIKs
     wait = bucket.take(100.0)
     assert wait == pytest.approx(2.1)  # 20 in debt, plus the call itself, at 10/s
+
+
+def _hammer(path: str, seconds: float, out: Any) -> None:
+    buckets = SharedBuckets(Path(path))
+    ok, end = 0, time.time() + seconds
+    while time.time() < end:
+        ok += buckets.take("kyc-registrar", 10.0, 10.0) == 0
+    out.put(ok)
+
+
+def test_a_rate_holds_across_the_processes_of_a_server(tmp_path: Path) -> None:
+    # Four processes, as `serve --processes 4`, each taking as fast as it can for 3 s.
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_hammer, args=(str(tmp_path / RATE_FILE), 3.0, out))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    allowed = sum(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    # 10/s for ~3 s plus the burst of 10 (the processes start a little apart).
+    assert 25 <= allowed <= 10 * 3.5 + 10, allowed
+
+
+# What gRPC said to the CLI for each mistake, against a mutual-TLS server (measured).
+_CLOSED = ("failed to connect to all addresses; last error: UNAVAILABLE: "
+           "ipv4:127.0.0.1:45297: Socket closed")
+_HOSTNAME = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:45297: "
+             "Custom verification check failed with error: UNAUTHENTICATED: Hostname "
+             "Verification Check failed.")
+
+
+@pytest.mark.parametrize(("message", "tls", "says"), [
+    (_CLOSED, None, "drop --plaintext"),
+    (_CLOSED, ClientTls(Path("ca.pem")), "client certificate"),
+    (_CLOSED, ClientTls(Path("ca.pem"), Path("c.crt"), Path("c.key")), "client CA"),
+    (_HOSTNAME, ClientTls(Path("ca.pem")), "--tls-server-name"),
+    ("... SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER", ClientTls(), "--plaintext"),
+])
+def test_the_cli_says_what_a_refused_handshake_means(message: str, tls: ClientTls | None,
+                                                     says: str) -> None:
+    hint = handshake_hint(message, tls)
+    assert hint is not None and says in hint

@@ -242,14 +242,16 @@ def test_search_lists_no_one_below_the_floor(tmp_path: Path, pool: ThreadPoolExe
     assert [(m.nik, duplicate) for m, duplicate in found] == [(nik(1), True), (nik(2), False)]
 
 
-def test_erasure_removes_the_face_and_strikes_the_nik_from_candidates(
+def test_erasure_removes_the_face_and_strikes_the_nik_from_candidates_and_notes(
         tmp_path: Path, pool: ThreadPoolExecutor) -> None:
     svc, faces = service(tmp_path, pool, DuplicatePolicy.FLAG)
     face = unit(1)
     asyncio.run(svc.enroll(nik(1), faces.photo(face), None, {}))
     asyncio.run(svc.enroll(nik(2), faces.photo(like(face, 0.97, 2)), None, {}))
+    asyncio.run(svc.resolve_review(nik(2), True, "desk-3", f"same person as {nik(1)}"))
     erased = asyncio.run(svc.delete(nik(1)))
     assert erased.nik == nik(1) and len(svc.gallery) == 1
+    assert asyncio.run(svc.get(nik(2))).review_note == f"same person as {ERASED}"
     with pytest.raises(NotEnrolled):
         asyncio.run(svc.get(nik(1)))
     with pytest.raises(NotEnrolled):

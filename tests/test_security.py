@@ -18,9 +18,9 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from benchmarks.certs import Authority
 from benchmarks.serverproc import free_port
 from server.access import new_api_key
+from server.certs import Authority
 from server.client import CallError, FaceVerifyClient
 from server.config import check_secured
 from server.errors import ConfigurationError
@@ -402,3 +402,37 @@ def test_reflection_passes_access_control(calibrated_dlib_model_dir: Path, pki: 
         replies = list(reflect(iter([request]), timeout=10,
                                metadata=[("x-api-key", keys["admin"][0])]))
         assert b"faceverify.v1.FaceVerification" in replies[0]
+
+
+def test_a_new_operators_secured_start(calibrated_dlib_model_dir: Path, tmp_path: Path) -> None:
+    # `faceverify access certs`, as `make serve-secure` runs it, then the server it prints.
+    made = subprocess.run([sys.executable, "-m", "server.cli", "access", "certs", "--out",
+                           str(tmp_path / "secure"), "--client", "admin.local"],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    files = json.loads(made.stdout)
+    assert oct(Path(files["server_key"]).stat().st_mode & 0o777) == "0o600"
+    settings = server_settings(calibrated_dlib_model_dir, tmp_path / "data", insecure=False,
+                               tls_cert=Path(files["server_cert"]),
+                               tls_key=Path(files["server_key"]),
+                               tls_client_ca=Path(files["ca"]), api_key_port=free_port(),
+                               access_policy=Path(files["policy"]), host="127.0.0.1")
+    admin = files["clients"]["admin.local"]
+    with ServerThread(settings) as s:
+        # Dialled by IP: the certificate names 127.0.0.1 as well as localhost.
+        tls = ClientTls(Path(files["ca"]), Path(admin["cert"]), Path(admin["key"]))
+        with FaceVerifyClient(s.target, timeout=20, tls=tls) as c:
+            assert c.server_info().gallery_size == 0
+        # A caller with an API key and no certificate has its own port: it gets
+        # through the handshake and is told what is wrong, not "Socket closed".
+        assert s.running is not None and s.running.key_port == settings.api_key_port
+        key_only = ClientTls(Path(files["ca"]))
+        with FaceVerifyClient(f"127.0.0.1:{s.running.key_port}", timeout=20, tls=key_only,
+                              api_key="fv_unknown") as c, pytest.raises(CallError) as err:
+            c.server_info()
+        assert (err.value.code, err.value.reason) == ("UNAUTHENTICATED", "UNAUTHENTICATED")
+        # A certificate is not asked for there: a certificate client is refused too.
+        with FaceVerifyClient(f"127.0.0.1:{s.running.key_port}", timeout=20, tls=tls) as c, \
+                pytest.raises(CallError) as err:
+            c.server_info()
+        assert err.value.reason == "UNAUTHENTICATED"
