@@ -340,7 +340,8 @@ class AuditLog:
         self.on_damage = on_damage
         private_file(path)
         private_file(self.checkpoint_path)
-        self._file: BinaryIO = open(path, "r+b")  # noqa: SIM115 - held for the log's life
+        # Unbuffered: reads see what other processes appended, writes go straight out.
+        self._file: BinaryIO = open(path, "r+b", buffering=0)  # noqa: SIM115 - held for the log's life
         self._inode = os.fstat(self._file.fileno()).st_ino
         self._offset = 0  # bytes of the file read and found to be records
         self._head = Head()
@@ -503,17 +504,16 @@ class AuditLog:
             line = _canonical(record)
             out.append(line + b"\n")
             head = Head.of(record)
-        f = self._file
-        f.seek(self._offset)
+        # At the end of what is known to be records, unbuffered: whatever part of a
+        # failed write reached the file is a damaged tail for the next append, and
+        # nothing is left in a buffer to land later.
         data = b"".join(out)
-        try:
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        except OSError:
-            # Whatever part reached the file is a damaged tail for the next append.
-            raise
+        fd = self._file.fileno()
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], self._offset + written)
+        if durable:
+            os.fsync(fd)
         self._offset += len(data)
         self._head = head
         for r in records:
