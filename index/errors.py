@@ -48,3 +48,11 @@ class RegistryUnavailable(RequestError):
 
     reason = "REGISTRY_UNAVAILABLE"
     retry_after = 1.0
+
+
+class Quarantined(RequestError):
+    """A stored enrolment failed authentication (with sealing on, its fields or
+    sealed values were changed outside the service): it is not served until an
+    operator restores it from a backup or erases it."""
+
+    reason = "ENROLLMENT_QUARANTINED"

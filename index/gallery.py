@@ -148,9 +148,10 @@ class Gallery:
         return max(0, self.registry.last_seq() - self._applied)
 
     def in_sync(self) -> bool:
-        """True when the index holds exactly the registry's enrolments."""
+        """True when the index holds exactly the registry's enrolments (but those
+        quarantined whose embedding could not be opened)."""
         with self.write_lock:
-            return len(self.index) == self.registry.count()
+            return len(self.index) == self.registry.count() - len(self.registry.unindexed)
 
     def __len__(self) -> int:
         return len(self.index)

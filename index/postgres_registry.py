@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS faceverify_enrollments (
     review_note TEXT NOT NULL DEFAULT '',
     photos INTEGER NOT NULL DEFAULT 1
 );
+ALTER TABLE faceverify_enrollments ADD COLUMN IF NOT EXISTS tag BYTEA;
 CREATE INDEX IF NOT EXISTS faceverify_enrollments_review
     ON faceverify_enrollments (review, id);
 CREATE TABLE IF NOT EXISTS faceverify_changes (
@@ -214,6 +215,8 @@ class PostgresRegistry(RowCodec):
         self.url = url
         self.dim = dim
         self.sealer = sealer or Sealer()
+        self.quarantined = set()
+        self.unindexed = set()
         self.connect_timeout = connect_timeout
         self._connect_kwargs: dict[str, Any] = {
             "autocommit": True, "connect_timeout": max(1, round(connect_timeout)),
@@ -235,6 +238,7 @@ class PostgresRegistry(RowCodec):
         try:
             self._create(model_version, dim)
             self._check_key()
+            self._tag_untagged()
         except BaseException:
             self.close()
             raise
@@ -300,6 +304,50 @@ class PostgresRegistry(RowCodec):
                                "ORDER BY id DESC LIMIT 1").fetchone()
         self._check_key_opens(f"at {redact(self.url)}", row)
 
+    def _tag_untagged(self) -> None:
+        """See :meth:`index.sqlite_registry.SqliteRegistry._tag_untagged`."""
+        if not self.sealer.enabled:
+            return
+        with self.lock, self._write("tag") as conn:
+            untagged = [r[0] for r in conn.execute(
+                "SELECT id FROM faceverify_enrollments WHERE tag IS NULL").fetchall()]
+            if not untagged:
+                return
+            if conn.execute("SELECT 1 FROM faceverify_enrollments WHERE tag IS NOT NULL "
+                            "LIMIT 1").fetchone() is not None:
+                log.error("%d enrolments have no tag beside tagged ones: quarantined",
+                          len(untagged))
+                return
+            log.warning("tagging %d enrolments (a registry from before row tags, or sealing "
+                        "just turned on)", len(untagged))
+            for rid in untagged:
+                self._retag(conn, rid)
+
+    def _retag(self, conn: psycopg.Connection[Any], rid: int) -> None:
+        """Write row ``rid``'s tag (in the transaction under way)."""
+        if not self.sealer.enabled:
+            return
+        row = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments WHERE id = %s",
+                           (rid,)).fetchone()
+        if row is not None:
+            conn.execute("UPDATE faceverify_enrollments SET tag = %s WHERE id = %s",
+                         (self._tag(row), rid))
+
+    def scan_rows(self, batch: int = 10_000) -> int:
+        """Check every row's integrity; how many are quarantined."""
+        def batches() -> Iterator[list[Any]]:
+            last = 0
+            while True:
+                with self._read("integrity scan") as conn:
+                    rows = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments "
+                                        "WHERE id > %s ORDER BY id LIMIT %s",
+                                        (last, batch)).fetchall()
+                if not rows:
+                    return
+                yield rows
+                last = rows[-1][0]
+        return self.scan(batches())
+
     # -- writes (under the lock) ------------------------------------------------------------
 
     def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
@@ -321,6 +369,7 @@ class PostgresRegistry(RowCodec):
                  _bytes(self._sealed_json("candidates", nik, cands)),
                  _bytes(self._sealed_json("metadata", nik, metadata or {})), now, review,
                  photos)).fetchone()[0])  # type: ignore[index]
+            self._retag(conn, new_id)
             self._log_change(conn, "add", new_id)
             self._audit(conn, "enrolled_flagged" if flagged else "enrolled")
         return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}),
@@ -364,12 +413,17 @@ class PostgresRegistry(RowCodec):
                                "FOR UPDATE", (nik,)).fetchone()
             if row is None:
                 return None
+            if not self._authentic(row):
+                raise self._quarantine(row, "its tag does not match its columns")
             if row[7] != "pending":
                 raise NotPending(f"this enrolment awaits no review (it is {row[7]})")
-            row = conn.execute(
+            conn.execute(
                 "UPDATE faceverify_enrollments SET review = %s, reviewed_by = %s, "
-                f"reviewed_at = %s, review_note = %s WHERE id = %s RETURNING {COLUMNS}",
-                (decision, reviewer, time.time(), note, row[0])).fetchone()
+                "reviewed_at = %s, review_note = %s WHERE id = %s",
+                (decision, reviewer, time.time(), note, row[0]))
+            self._retag(conn, row[0])
+            row = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments WHERE id = %s",
+                               (row[0],)).fetchone()
             self._audit(conn, decision)
         return self._row(row)
 
@@ -387,17 +441,20 @@ class PostgresRegistry(RowCodec):
             for other, other_nik, sealed in conn.execute(
                     "SELECT id, nik, candidates FROM faceverify_enrollments WHERE flagged"
             ).fetchall():
-                candidates = json.loads(self._open("candidates", other_nik, sealed))
+                candidates = self._candidates(other, other_nik, sealed)
                 if any(n == nik for n, _ in candidates):
                     struck = [[ERASED if n == nik else n, s] for n, s in candidates]
                     conn.execute("UPDATE faceverify_enrollments SET candidates = %s "
                                  "WHERE id = %s",
                                  (_bytes(self._sealed_json("candidates", other_nik, struck)),
                                   other))
-            conn.execute("UPDATE faceverify_enrollments SET review_note = "
-                         "replace(review_note, %s, %s) WHERE strpos(review_note, %s) > 0",
-                         (nik, ERASED, nik))
-        return self._row(row)
+                    self._retag(conn, other)
+            for (other,) in conn.execute(
+                    "UPDATE faceverify_enrollments SET review_note = replace(review_note, %s, "
+                    "%s) WHERE strpos(review_note, %s) > 0 RETURNING id",
+                    (nik, ERASED, nik)).fetchall():
+                self._retag(conn, other)
+        return self._match_row(row)  # erasing a quarantined enrolment is allowed
 
     def reseal(self, batch: int = 1000) -> int:
         """Seal every value with the current data key; how many rows changed."""
@@ -405,11 +462,16 @@ class PostgresRegistry(RowCodec):
         while True:
             with self._write("reseal") as conn:
                 rows = conn.execute(
-                    "SELECT id, nik, embedding, candidates, metadata FROM "
-                    "faceverify_enrollments WHERE id > %s ORDER BY id LIMIT %s",
-                    (last, batch)).fetchall()
-                for rid, nik, emb, cands, meta in rows:
-                    if not any(self.sealer.needs_reseal(_bytes(v)) for v in (emb, cands, meta)):
+                    f"SELECT {COLUMNS} FROM faceverify_enrollments WHERE id > %s "
+                    "ORDER BY id LIMIT %s", (last, batch)).fetchall()
+                for row in rows:
+                    rid, nik, emb, cands, meta, tag = row[0], row[1], row[2], row[4], row[5], \
+                        row[12]
+                    if not self._authentic(row):  # never launder an altered row
+                        self._quarantine(row, "its tag does not match its columns")
+                        continue
+                    if not any(self.sealer.needs_reseal(_bytes(v))
+                               for v in (emb, cands, meta, tag or b"")):
                         continue
                     conn.execute(
                         "UPDATE faceverify_enrollments SET embedding = %s, candidates = %s, "
@@ -420,6 +482,7 @@ class PostgresRegistry(RowCodec):
                          _bytes(self._sealed_json(
                              "metadata", nik, json.loads(self._open("metadata", nik, meta)))),
                          rid))
+                    self._retag(conn, rid)
                     changed += 1
             if not rows:
                 return changed
@@ -451,7 +514,7 @@ class PostgresRegistry(RowCodec):
         with self._read("look-up") as conn:
             rows = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments "
                                 "WHERE id = ANY(%s)", (ids,)).fetchall()
-        return {int(r[0]): self._row(r) for r in rows}
+        return {int(r[0]): self._match_row(r) for r in rows}
 
     def count(self) -> int:
         with self._read("count") as conn:

@@ -17,7 +17,10 @@ change-log entries commit in sequence order.  Chosen by ``--registry-url``
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -26,8 +29,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from index.errors import ConfigurationError, StartupError
-from index.sealing import Sealer, SealError
+from index.errors import ConfigurationError, Quarantined, StartupError
+from index.sealing import SealAltered, Sealer, SealError
+
+log = logging.getLogger(__name__)
 
 # What an erased NIK becomes in other enrolments' candidate lists.
 ERASED = "erased"
@@ -36,7 +41,7 @@ ERASED = "erased"
 REVIEW_STATES = ("none", "pending", "confirmed", "cleared")
 # The columns every implementation selects, in this order (see RowCodec.row).
 COLUMNS = ("id, nik, embedding, flagged, candidates, metadata, created_at, review, "
-           "reviewed_by, reviewed_at, review_note, photos")
+           "reviewed_by, reviewed_at, review_note, photos, tag")
 
 
 class NotPending(Exception):
@@ -148,6 +153,8 @@ class Registry(Protocol):
 
     sealer: Sealer
     lock: WriterLock
+    quarantined: set[int]  # ids of enrolments that failed authentication
+    unindexed: set[int]  # those of them whose embedding is not in the index
     registry_id: str  # tells one registry's snapshots from another's
     distributed: bool  # shared by servers on other machines (they NOTIFY changes)
 
@@ -188,6 +195,9 @@ class Registry(Protocol):
 
     def reseal(self, batch: int = 1000) -> int: ...
 
+    def scan_rows(self, batch: int = 10_000) -> int:
+        """Check every row's integrity (with a data key); how many are quarantined."""
+
     def audit_pending(self, origin: str, limit: int) -> list[tuple[int, str]]:
         """The audit records of ``origin``'s committed changes not yet exported,
         oldest first: (outbox id, record JSON)."""
@@ -198,11 +208,69 @@ class Registry(Protocol):
     def close(self) -> None: ...
 
 
+def _raw(value: bytes | str | memoryview | None) -> bytes:
+    if value is None:
+        return b""
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
 class RowCodec:
     """Rows to :class:`Enrollment` and back, sealing the embedding, candidate list
-    and metadata with the data key when there is one (see :mod:`index.sealing`)."""
+    and metadata with the data key when there is one (see :mod:`index.sealing`).
+
+    With a data key every row also carries ``tag``: a digest of all its other
+    columns (the sealed bytes as stored), sealed and bound to the NIK.  A row
+    whose tag does not match, or whose sealed values do not open with a
+    configured key, has been changed outside the service (a flag cleared, a
+    review state set, embeddings swapped between rows): it is quarantined
+    (:class:`~index.errors.Quarantined` for the calls that would show it, left
+    out of a rebuilt index, counted in :attr:`quarantined`), and the rest is
+    served."""
 
     sealer: Sealer
+    quarantined: set[int]
+    unindexed: set[int]  # quarantined ids whose embedding could not be indexed
+
+    def _digest(self, row: tuple[Any, ...] | Any) -> bytes:
+        fields = [int(row[0]), row[1], hashlib.sha256(_raw(row[2])).hexdigest(),
+                  bool(row[3]), hashlib.sha256(_raw(row[4])).hexdigest(),
+                  hashlib.sha256(_raw(row[5])).hexdigest(), float(row[6]), row[7], row[8],
+                  None if row[9] is None else float(row[9]), row[10], int(row[11])]
+        return hashlib.sha256(json.dumps(fields).encode()).digest()
+
+    def _tag(self, row: tuple[Any, ...] | Any) -> bytes | None:
+        """The tag of a row of :data:`COLUMNS` (its own tag aside); None unsealed."""
+        if not self.sealer.enabled:
+            return None
+        return self.sealer.seal(self._digest(row), f"row:{row[1]}".encode())
+
+    def _authentic(self, row: tuple[Any, ...] | Any) -> bool:
+        tag = row[12]
+        if not self.sealer.enabled:
+            return True
+        if tag is None:
+            return False
+        try:
+            return self.sealer.open(_raw(tag), f"row:{row[1]}".encode()) == self._digest(row)
+        except SealAltered:
+            return False
+
+    def _quarantine(self, row: tuple[Any, ...] | Any, why: str) -> Quarantined:
+        rid = int(row[0])
+        if rid not in self.quarantined:
+            self.quarantined.add(rid)
+            log.error("enrolment id %d fails authentication (%s): quarantined; restore it "
+                      "from a backup or erase it", rid, why)
+        return Quarantined("this enrolment's stored record fails authentication; the operator "
+                           "has been alerted")
+
+    def scan(self, rows: Iterator[list[Any]]) -> int:
+        """Check every row (batches of rows of :data:`COLUMNS`); how many fail."""
+        for batch in rows:
+            for row in batch:
+                with contextlib.suppress(Quarantined):
+                    self._row(row)
+        return len(self.quarantined)
 
     def _seal(self, column: str, nik: str, value: bytes) -> bytes:
         return self.sealer.seal(value, f"{column}:{nik}".encode())
@@ -216,7 +284,28 @@ class RowCodec:
         return self._seal(column, nik, text.encode()) if self.sealer.enabled else text
 
     def _row(self, row: tuple[Any, ...] | Any) -> Enrollment:
-        """An enrolment from a row of :data:`COLUMNS`."""
+        """An enrolment from a row of :data:`COLUMNS`.
+
+        Raises:
+            Quarantined: the row fails authentication (see the class docstring).
+        """
+        if not self._authentic(row):
+            raise self._quarantine(row, "its tag does not match its columns")
+        try:
+            return self._decode(row)
+        except SealAltered as exc:
+            raise self._quarantine(row, str(exc)) from exc
+
+    def _match_row(self, row: tuple[Any, ...] | Any) -> Enrollment:
+        """What a search needs of a row (NIK, photos), even a quarantined one: a face
+        near it must still be held to it as a duplicate."""
+        try:
+            return self._row(row)
+        except Quarantined:
+            return Enrollment(int(row[0]), row[1], np.zeros(0, np.float32), bool(row[3]), [],
+                              {}, float(row[6]), str(row[7]), photos=int(row[11]))
+
+    def _decode(self, row: tuple[Any, ...] | Any) -> Enrollment:
         nik = row[1]
         return Enrollment(id=int(row[0]), nik=nik,
                           embedding=np.frombuffer(self._open("embedding", nik, row[2]),
@@ -229,17 +318,38 @@ class RowCodec:
                           reviewed_at=row[9], review_note=row[10], photos=int(row[11]))
 
     def _changes(self, rows: list[Any]) -> list[Change]:
-        """Changes from rows of (seq, op, id, nik, embedding or None)."""
+        """Changes from rows of (seq, op, id, nik, embedding or None); an added
+        embedding that does not open is left out (as if erased), quarantined."""
         return [Change(int(s), op, int(i), None if emb is None else
-                       np.frombuffer(self._open("embedding", nik, emb), np.float32).copy())
+                       self._embedding(int(i), nik, emb))
                 for s, op, i, nik, emb in rows]
 
+    def _candidates(self, rid: int, nik: str, value: Any) -> list[list[Any]]:
+        """A row's candidate list; empty (the row quarantined) if it does not open."""
+        try:
+            candidates: list[list[Any]] = json.loads(self._open("candidates", nik, value))
+        except SealAltered as exc:
+            self._quarantine((rid,), str(exc))
+            return []
+        return candidates
+
+    def _embedding(self, rid: int, nik: str, value: Any) -> np.ndarray | None:
+        try:
+            return np.frombuffer(self._open("embedding", nik, value), np.float32).copy()
+        except SealAltered as exc:
+            self._quarantine((rid,), str(exc))
+            self.unindexed.add(rid)
+            return None
+
     def _embeddings(self, rows: list[Any], dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, embeddings) from rows of (id, nik, embedding)."""
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        embs = np.frombuffer(b"".join(self._open("embedding", r[1], r[2]) for r in rows),
-                             dtype=np.float32)
-        return ids, embs.reshape(len(rows), dim)
+        """(ids, embeddings) from rows of (id, nik, embedding), leaving out (and
+        quarantining) any whose embedding does not open."""
+        opened = [(int(r[0]), self._embedding(int(r[0]), r[1], r[2])) for r in rows]
+        kept = [(i, e) for i, e in opened if e is not None]
+        ids = np.fromiter((i for i, _ in kept), dtype=np.int64, count=len(kept))
+        embs = (np.stack([e for _, e in kept]) if kept
+                else np.zeros((0, dim), np.float32))
+        return ids, embs.reshape(len(kept), dim)
 
     def _check_key_opens(self, where: str, newest: tuple[Any, ...] | Any | None) -> None:
         """Refuse to start with no data key, or the wrong one, for sealed data
@@ -257,6 +367,8 @@ class RowCodec:
                                      "key (FACEVERIFY_DATA_KEY_FILE or FACEVERIFY_DATA_KEY)")
         try:
             self._row(newest)
+        except Quarantined:
+            pass  # the key opens other rows' values; this one was altered (logged)
         except SealError as exc:
             raise ConfigurationError(f"the registry {where} does not open with the "
                                      f"configured data keys: {exc}") from exc

@@ -71,6 +71,11 @@ class SealError(Exception):
     altered or moved."""
 
 
+class SealAltered(SealError):
+    """A sealed value that a configured key does not open: altered, or moved from
+    another row or column (not a configuration problem)."""
+
+
 class Sealer:
     """Seals and opens values; with no keys it passes them through.
 
@@ -127,8 +132,8 @@ class Sealer:
                                         context)
             return plain
         except InvalidTag as exc:
-            raise SealError("a sealed value does not open: altered, or moved from "
-                            "another row") from exc
+            raise SealAltered("a sealed value does not open: altered, or moved from "
+                              "another row") from exc
 
     def needs_reseal(self, blob: bytes) -> bool:
         """Whether ``blob`` is not sealed with the current key (or plain with none)."""

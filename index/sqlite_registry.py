@@ -20,12 +20,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from index.durable import FileLock, private_dir, private_file
 from index.errors import StartupError
 from index.registry import (
+    COLUMNS,
     ERASED,
     Change,
     Enrollment,
@@ -52,7 +54,8 @@ CREATE TABLE IF NOT EXISTS enrollments (
     reviewed_by TEXT NOT NULL DEFAULT '',
     reviewed_at REAL,
     review_note TEXT NOT NULL DEFAULT '',
-    photos INTEGER NOT NULL DEFAULT 1
+    photos INTEGER NOT NULL DEFAULT 1,
+    tag BLOB
 );
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -75,6 +78,7 @@ ADDED_COLUMNS = {
     "reviewed_at": "REAL",
     "review_note": "TEXT NOT NULL DEFAULT ''",
     "photos": "INTEGER NOT NULL DEFAULT 1",
+    "tag": "BLOB",
 }
 LOCK_FILE = "gallery.lock"
 
@@ -99,6 +103,8 @@ class SqliteRegistry(RowCodec):
         self.path = path
         self.dim = dim
         self.sealer = sealer or Sealer()
+        self.quarantined = set()
+        self.unindexed = set()
         self._lock = threading.Lock()
         # Other processes sharing the file may hold the write lock briefly.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
@@ -110,6 +116,7 @@ class SqliteRegistry(RowCodec):
         self._migrate()
         self._check_meta(model_version, dim)
         self._check_key()
+        self._tag_untagged()
         self.lock: WriterLock = FileLock(path.parent / LOCK_FILE)
         self.distributed = False
 
@@ -167,9 +174,54 @@ class SqliteRegistry(RowCodec):
             ConfigurationError: naming what to configure.
         """
         with self._lock:
-            row = self._db.execute("SELECT * FROM enrollments ORDER BY id DESC LIMIT 1"
+            row = self._db.execute(f"SELECT {COLUMNS} FROM enrollments ORDER BY id DESC LIMIT 1"
                                    ).fetchone()
         self._check_key_opens(str(self.path), row)
+
+    def _tag_untagged(self) -> None:
+        """With a data key, rows without a tag: all of them (a registry from before
+        tags, or sealing just turned on) are tagged now; some only, beside tagged
+        ones, had theirs removed and stay quarantined."""
+        if not self.sealer.enabled:
+            return
+        with self._tx():
+            untagged = [r[0] for r in self._db.execute(
+                "SELECT id FROM enrollments WHERE tag IS NULL")]
+            if not untagged:
+                return
+            if self._db.execute("SELECT 1 FROM enrollments WHERE tag IS NOT NULL LIMIT 1"
+                                ).fetchone() is not None:
+                log.error("%d enrolments have no tag beside tagged ones: quarantined",
+                          len(untagged))
+                return
+            log.warning("tagging %d enrolments (a registry from before row tags, or sealing "
+                        "just turned on)", len(untagged))
+            for rid in untagged:
+                self._retag(rid)
+
+    def _retag(self, rid: int) -> None:
+        """Write row ``rid``'s tag (in the transaction under way)."""
+        if not self.sealer.enabled:
+            return
+        row = self._db.execute(f"SELECT {COLUMNS} FROM enrollments WHERE id = ?",
+                               (rid,)).fetchone()
+        if row is not None:
+            self._db.execute("UPDATE enrollments SET tag = ? WHERE id = ?",
+                             (self._tag(row), rid))
+
+    def scan_rows(self, batch: int = 10_000) -> int:
+        """Check every row's integrity; how many are quarantined."""
+        def batches() -> Iterator[list[Any]]:
+            last = 0
+            while True:
+                with self._lock:
+                    rows = self._db.execute(f"SELECT {COLUMNS} FROM enrollments WHERE id > ? "
+                                            "ORDER BY id LIMIT ?", (last, batch)).fetchall()
+                if not rows:
+                    return
+                yield rows
+                last = rows[-1][0]
+        return self.scan(batches())
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db, self._lock)
@@ -201,6 +253,7 @@ class SqliteRegistry(RowCodec):
                  self._sealed_json("candidates", nik, cands),
                  self._sealed_json("metadata", nik, metadata or {}), now, review, photos))
             new_id = int(cur.lastrowid or 0)
+            self._retag(new_id)
             self._db.execute("INSERT INTO changes (op, id) VALUES ('add', ?)", (new_id,))
             self._audit("enrolled_flagged" if flagged else "enrolled")
         return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}), now,
@@ -218,16 +271,20 @@ class SqliteRegistry(RowCodec):
         if decision not in ("confirmed", "cleared"):
             raise ValueError(f"unknown review decision {decision!r}")
         with self._tx():
-            row = self._db.execute("SELECT * FROM enrollments WHERE nik = ?", (nik,)).fetchone()
+            row = self._db.execute(f"SELECT {COLUMNS} FROM enrollments WHERE nik = ?",
+                                   (nik,)).fetchone()
             if row is None:
                 return None
+            if not self._authentic(row):
+                raise self._quarantine(row, "its tag does not match its columns")
             if row[7] != "pending":
                 raise NotPending(f"this enrolment awaits no review (it is {row[7]})")
             self._db.execute("UPDATE enrollments SET review = ?, reviewed_by = ?, "
                              "reviewed_at = ?, review_note = ? WHERE id = ?",
                              (decision, reviewer, time.time(), note, row[0]))
+            self._retag(row[0])
             self._audit(decision)
-            row = self._db.execute("SELECT * FROM enrollments WHERE id = ?",
+            row = self._db.execute(f"SELECT {COLUMNS} FROM enrollments WHERE id = ?",
                                    (row[0],)).fetchone()
         return self._row(row)
 
@@ -235,7 +292,7 @@ class SqliteRegistry(RowCodec):
         """Enrolments awaiting review, oldest first, after the one with id ``after_id``."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM enrollments WHERE review = 'pending' AND id > ? "
+                f"SELECT {COLUMNS} FROM enrollments WHERE review = 'pending' AND id > ? "
                 "ORDER BY id LIMIT ?", (after_id, limit)).fetchall()
         return [self._row(r) for r in rows]
 
@@ -255,7 +312,8 @@ class SqliteRegistry(RowCodec):
         into the database and truncated.
         """
         with self._tx():
-            row = self._db.execute("SELECT * FROM enrollments WHERE nik = ?", (nik,)).fetchone()
+            row = self._db.execute(f"SELECT {COLUMNS} FROM enrollments WHERE nik = ?",
+                                   (nik,)).fetchone()
             if row is None:
                 return None
             self._db.execute("DELETE FROM enrollments WHERE id = ?", (row[0],))
@@ -265,17 +323,22 @@ class SqliteRegistry(RowCodec):
             flagged = self._db.execute(
                 "SELECT id, nik, candidates FROM enrollments WHERE flagged = 1").fetchall()
             for other, other_nik, sealed in flagged:
-                candidates = json.loads(self._open("candidates", other_nik, sealed))
+                candidates = self._candidates(other, other_nik, sealed)
                 if not any(n == nik for n, _ in candidates):
                     continue
                 struck = [[ERASED if n == nik else n, s] for n, s in candidates]
                 self._db.execute("UPDATE enrollments SET candidates = ? WHERE id = ?",
                                  (self._sealed_json("candidates", other_nik, struck), other))
+                self._retag(other)
             # A reviewer's note may name it too.
+            noted = [r[0] for r in self._db.execute(
+                "SELECT id FROM enrollments WHERE instr(review_note, ?) > 0", (nik,))]
             self._db.execute("UPDATE enrollments SET review_note = replace(review_note, ?, ?) "
                              "WHERE instr(review_note, ?) > 0", (nik, ERASED, nik))
+            for other in noted:
+                self._retag(other)
         self._truncate_wal()
-        return self._row(row)
+        return self._match_row(row)  # erasing a quarantined enrolment is allowed
 
     def _audit(self, outcome: str) -> None:
         """The call's audit record, in the transaction under way (see
@@ -311,7 +374,8 @@ class SqliteRegistry(RowCodec):
 
     def get(self, nik: str) -> Enrollment | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM enrollments WHERE nik = ?", (nik,)).fetchone()
+            row = self._db.execute(f"SELECT {COLUMNS} FROM enrollments WHERE nik = ?",
+                                   (nik,)).fetchone()
         return self._row(row) if row else None
 
     def get_by_ids(self, ids: list[int]) -> dict[int, Enrollment]:
@@ -319,9 +383,9 @@ class SqliteRegistry(RowCodec):
             return {}
         marks = ",".join("?" * len(ids))
         with self._lock:
-            rows = self._db.execute(f"SELECT * FROM enrollments WHERE id IN ({marks})",
+            rows = self._db.execute(f"SELECT {COLUMNS} FROM enrollments WHERE id IN ({marks})",
                                     ids).fetchall()
-        return {r[0]: self._row(r) for r in rows}
+        return {r[0]: self._match_row(r) for r in rows}
 
     def count(self) -> int:
         with self._lock:
@@ -364,11 +428,16 @@ class SqliteRegistry(RowCodec):
         while True:
             with self._tx():
                 rows = self._db.execute(
-                    "SELECT id, nik, embedding, candidates, metadata FROM enrollments "
-                    "WHERE id > ? ORDER BY id LIMIT ?", (last, batch)).fetchall()
-                for rid, nik, emb, cands, meta in rows:
+                    f"SELECT {COLUMNS} FROM enrollments WHERE id > ? ORDER BY id LIMIT ?",
+                    (last, batch)).fetchall()
+                for row in rows:
+                    rid, nik, emb, cands, meta, tag = row[0], row[1], row[2], row[4], row[5], \
+                        row[12]
+                    if not self._authentic(row):  # never launder an altered row
+                        self._quarantine(row, "its tag does not match its columns")
+                        continue
                     if not any(self.sealer.needs_reseal(v.encode() if isinstance(v, str) else v)
-                               for v in (emb, cands, meta)):
+                               for v in (emb, cands, meta, tag or b"")):
                         continue
                     plain = {c: self._open(c, nik, v) for c, v in
                              (("embedding", emb), ("candidates", cands), ("metadata", meta))}
@@ -378,6 +447,7 @@ class SqliteRegistry(RowCodec):
                         (self._seal("embedding", nik, plain["embedding"]),
                          self._sealed_json("candidates", nik, json.loads(plain["candidates"])),
                          self._sealed_json("metadata", nik, json.loads(plain["metadata"])), rid))
+                    self._retag(rid)
                     changed += 1
             if not rows:
                 break

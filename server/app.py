@@ -223,6 +223,13 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
                         gallery.registry.count_pending)
     metrics.track_duplicates(enrolment.duplicate_point, dedup.fpir)
     audit = open_audit(settings, gallery, metrics)
+    if sealer.enabled:
+        bad = gallery.registry.scan_rows()
+        if bad:
+            log.error("%d enrolments fail authentication and are quarantined (changed outside "
+                      "the service): their calls answer ENROLLMENT_QUARANTINED; restore them "
+                      "from a backup or erase them", bad)
+    metrics.quarantined.set_function(lambda: len(gallery.registry.quarantined))
     follower = None
     if gallery.registry.distributed:  # last: nothing after it can fail and leave it running
         # Imported here: psycopg is needed only with a PostgreSQL registry.

@@ -114,6 +114,10 @@ class Metrics:
         self.audit_healthy = Gauge("faceverify_audit_healthy",
                                    "1 while the audit log is written; 0 after repeated "
                                    "failures (health is then NOT_SERVING)", registry=r)
+        self.quarantined = Gauge("faceverify_registry_quarantined",
+                                 "Enrolments whose stored record failed authentication (changed "
+                                 "outside the service): not served; restore or erase them",
+                                 registry=r)
         self.policy_refused = Counter("faceverify_policy_reloads_refused",
                                       "Changed access policies refused (malformed, or others "
                                       "could change the file); the previous policy stays",

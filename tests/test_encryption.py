@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from index.errors import Quarantined
 from index.gallery import Gallery
 from index.sealing import Sealer, SealError
 from index.vectors import IndexSpec
@@ -112,11 +115,11 @@ def test_rotation_keeps_everything_and_reseal_retires_the_old_key(tmp_path: Path
     assert files_holding(data, _vec(2).tobytes(), b'"k"') == []
 
 
-def test_a_server_with_a_data_key_stores_enrolments_sealed(dlib_model_dir: Path,
-                                                           tmp_path: Path,
-                                                           lfw_dir: Path) -> None:
-    from server.client import FaceVerifyClient
+def test_a_server_with_a_data_key_seals_and_quarantines_altered_enrolments(
+        dlib_model_dir: Path, tmp_path: Path, lfw_dir: Path) -> None:
+    from server.client import CallError, FaceVerifyClient
     from tests.conftest import ServerThread, lfw_image, server_settings
+    from tests.test_metrics import sample, scrape
 
     key_file = tmp_path / "data.key"
     _key(key_file)
@@ -129,3 +132,73 @@ def test_a_server_with_a_data_key_stores_enrolments_sealed(dlib_model_dir: Path,
         embedding = gallery.get(NIKS[0]).embedding.astype(np.float32).tobytes()
         assert files_holding(data, embedding, b"prakerja-web") == []
         assert gallery.sealer.enabled
+    # Someone with the database clears a flag: the server still starts, answers
+    # DATA_LOSS for that enrolment alone, and says so in its metrics.
+    _tamper(data, "UPDATE enrollments SET review = 'cleared' WHERE nik = ?", NIKS[0])
+    settings = server_settings(dlib_model_dir, data, data_key_file=key_file, metrics_port=0)
+    with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
+        with pytest.raises(CallError) as err:
+            client.get_enrollment(NIKS[0])
+        assert (err.value.code, err.value.reason) == ("DATA_LOSS", "ENROLLMENT_QUARANTINED")
+        assert client.server_info().gallery_size == 1
+        assert s.running is not None and s.running.metrics_server is not None
+        assert sample(scrape(s.running.metrics_server.port),
+                      "faceverify_registry_quarantined") == 1
+
+
+def _tamper(data: Path, sql: str, *args: object, url: str = "") -> None:
+    """Run ``sql`` on the registry behind the service's back (SQLite, or PostgreSQL at
+    ``url``, whose tables carry the ``faceverify_`` prefix)."""
+    if url:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.replace("enrollments", "faceverify_enrollments")
+                         .replace("?", "%s"), args)
+        return
+    db = sqlite3.connect(data / "registry.sqlite3")
+    with db:
+        db.execute(sql, args)
+    db.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_cleared_flag_or_swapped_row_is_quarantined_and_the_rest_served(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("registry_url") if backend == "postgresql" else ""
+    key = _key(tmp_path / "key")
+    data = tmp_path / "data"
+
+    def _gallery(data_dir: Path, *keys: bytes) -> Gallery:
+        return Gallery(data_dir, "model-x", DIM, IndexSpec(), snapshot_every=1,
+                       sealer=Sealer(list(keys)), registry_url=url)
+
+    g = _gallery(data, key)
+    g.add(NIKS[0], _vec(0))
+    g.add(NIKS[1], _vec(1), flagged=True, candidates=[(NIKS[0], 0.99)])
+    third, fourth = "3578012902000003", "3578012902000004"
+    g.add(third, _vec(2))
+    g.add(fourth, _vec(3))
+    g.close()
+    # Someone with the database clears the duplicate flag, and swaps two sealed rows.
+    _tamper(data, "UPDATE enrollments SET flagged = ?, review = 'none' WHERE nik = ?",
+            False, NIKS[1], url=url)
+    _tamper(data, "UPDATE enrollments SET embedding = (SELECT embedding FROM enrollments "
+            "WHERE nik = ?) WHERE nik = ?", fourth, third, url=url)
+    shutil.rmtree(data / "index")  # a rebuild from the registry, the harder case
+    g = _gallery(data, key)  # starts: nothing refused
+    assert g.registry.scan_rows() == 2
+    assert g.in_sync()  # the index holds what opens
+    with pytest.raises(Quarantined):
+        g.get(NIKS[1])
+    with pytest.raises(Quarantined):
+        g.get(third)
+    assert g.get(NIKS[0]) is not None and g.get(fourth) is not None
+    # A search still finds the altered enrolment's face (it is held to it as a duplicate).
+    assert [m.nik for m in g.search(_vec(1), 1)] == [NIKS[1]]
+    # Erasing a quarantined enrolment works; reseal never re-tags one.
+    assert g.remove(third) is not None
+    assert g.reseal() == 0
+    with pytest.raises(Quarantined):
+        g.get(NIKS[1])
+    g.close()
