@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -107,6 +108,18 @@ class RunningServer:
         (self.faults.add if present else self.faults.discard)(fault)
         if before != (not self.faults):
             await self.set_serving(not self.faults)
+
+    async def scan_registry(self) -> None:
+        """Check every enrolment's tag once, while serving (about 30 us a row here:
+        half a minute a million); what fails is quarantined and counted."""
+        registry = self.services.gallery.registry
+        started = time.monotonic()
+        bad = await asyncio.to_thread(registry.scan_rows)
+        log.log(logging.ERROR if bad else logging.INFO,
+                "integrity scan of the registry: %d enrolments fail authentication%s "
+                "(%.1f s)", bad, " and are quarantined (changed outside the service): their "
+                "calls answer ENROLLMENT_QUARANTINED; restore them from a backup or erase them"
+                if bad else "", time.monotonic() - started)
 
     async def tick_audit(self, every: float) -> None:
         """Export committed changes' records, flush aggregated refusals and sign
@@ -223,12 +236,6 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
                         gallery.registry.count_pending)
     metrics.track_duplicates(enrolment.duplicate_point, dedup.fpir)
     audit = open_audit(settings, gallery, metrics)
-    if sealer.enabled:
-        bad = gallery.registry.scan_rows()
-        if bad:
-            log.error("%d enrolments fail authentication and are quarantined (changed outside "
-                      "the service): their calls answer ENROLLMENT_QUARANTINED; restore them "
-                      "from a backup or erase them", bad)
     metrics.quarantined.set_function(lambda: len(gallery.registry.quarantined))
     follower = None
     if gallery.registry.distributed:  # last: nothing after it can fail and leave it running
@@ -372,6 +379,8 @@ async def start(settings: Settings) -> RunningServer:
     await running.mark("index_sync", not in_sync)
     running.tasks.append(asyncio.create_task(running.tick_audit(
         min(1.0, settings.audit_checkpoint_seconds))))
+    if services.gallery.sealer.enabled:
+        running.tasks.append(asyncio.create_task(running.scan_registry()))
     if services.follower is not None:
         running.tasks.append(asyncio.create_task(running.watch_lag(settings.max_index_lag)))
     transport = ("plaintext" if credentials is None
