@@ -305,23 +305,15 @@ class PostgresRegistry(RowCodec):
         self._check_key_opens(f"at {redact(self.url)}", row)
 
     def _tag_untagged(self) -> None:
-        """See :meth:`index.sqlite_registry.SqliteRegistry._tag_untagged`."""
+        """See :meth:`index.registry.RowCodec._tag_all_or_none`."""
         if not self.sealer.enabled:
             return
         with self.lock, self._write("tag") as conn:
             untagged = [r[0] for r in conn.execute(
                 "SELECT id FROM faceverify_enrollments WHERE tag IS NULL").fetchall()]
-            if not untagged:
-                return
-            if conn.execute("SELECT 1 FROM faceverify_enrollments WHERE tag IS NOT NULL "
-                            "LIMIT 1").fetchone() is not None:
-                log.error("%d enrolments have no tag beside tagged ones: quarantined",
-                          len(untagged))
-                return
-            log.warning("tagging %d enrolments (a registry from before row tags, or sealing "
-                        "just turned on)", len(untagged))
-            for rid in untagged:
-                self._retag(conn, rid)
+            tagged = conn.execute("SELECT 1 FROM faceverify_enrollments WHERE tag IS NOT NULL "
+                                  "LIMIT 1").fetchone() is not None
+            self._tag_all_or_none(untagged, tagged, lambda rid: self._retag(conn, rid))
 
     def _retag(self, conn: psycopg.Connection[Any], rid: int) -> None:
         """Write row ``rid``'s tag (in the transaction under way)."""

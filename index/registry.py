@@ -263,6 +263,22 @@ class RowCodec:
         return Quarantined("this enrolment's stored record fails authentication; the operator "
                            "has been alerted")
 
+    def _tag_all_or_none(self, untagged: list[int], any_tagged: bool,
+                         retag: Callable[[int], None]) -> None:
+        """At open, with a data key: rows without a tag are all tagged when none has
+        one (a registry from before tags, or sealing just turned on); beside
+        tagged rows they had theirs removed, and stay quarantined."""
+        if not untagged:
+            return
+        if any_tagged:
+            log.error("%d enrolments have no tag beside tagged ones: quarantined",
+                      len(untagged))
+            return
+        log.warning("tagging %d enrolments (a registry from before row tags, or sealing "
+                    "just turned on)", len(untagged))
+        for rid in untagged:
+            retag(rid)
+
     def scan(self, rows: Iterator[list[Any]]) -> int:
         """Check every row's tag (batches of rows of :data:`COLUMNS`: the tag covers
         the sealed values as stored, so a swapped value fails it too); how many

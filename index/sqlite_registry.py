@@ -179,25 +179,15 @@ class SqliteRegistry(RowCodec):
         self._check_key_opens(str(self.path), row)
 
     def _tag_untagged(self) -> None:
-        """With a data key, rows without a tag: all of them (a registry from before
-        tags, or sealing just turned on) are tagged now; some only, beside tagged
-        ones, had theirs removed and stay quarantined."""
+        """See :meth:`index.registry.RowCodec._tag_all_or_none`."""
         if not self.sealer.enabled:
             return
         with self._tx():
             untagged = [r[0] for r in self._db.execute(
                 "SELECT id FROM enrollments WHERE tag IS NULL")]
-            if not untagged:
-                return
-            if self._db.execute("SELECT 1 FROM enrollments WHERE tag IS NOT NULL LIMIT 1"
-                                ).fetchone() is not None:
-                log.error("%d enrolments have no tag beside tagged ones: quarantined",
-                          len(untagged))
-                return
-            log.warning("tagging %d enrolments (a registry from before row tags, or sealing "
-                        "just turned on)", len(untagged))
-            for rid in untagged:
-                self._retag(rid)
+            tagged = self._db.execute("SELECT 1 FROM enrollments WHERE tag IS NOT NULL "
+                                      "LIMIT 1").fetchone() is not None
+            self._tag_all_or_none(untagged, tagged, self._retag)
 
     def _retag(self, rid: int) -> None:
         """Write row ``rid``'s tag (in the transaction under way)."""

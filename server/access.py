@@ -120,9 +120,6 @@ class LocalBuckets:
                 return 0.0
             return bucket.take(self.clock())
 
-    def close(self) -> None:
-        pass
-
 
 class SharedBuckets:
     """Token buckets shared by every process of a server on this machine (a SQLite
@@ -167,9 +164,6 @@ class SharedBuckets:
                 raise
             db.execute("COMMIT")
         return wait
-
-    def close(self) -> None:
-        self._db.close()
 
 
 @dataclass(frozen=True)

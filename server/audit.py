@@ -263,11 +263,10 @@ class Head:
     seq: int = 0
     mac: str = GENESIS
     hash: str = GENESIS
-    time: str = ""
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> Head:
-        return cls(record["seq"], record["mac"], record["hash"], record["time"])
+        return cls(record["seq"], record["mac"], record["hash"])
 
 
 def _now() -> str:
