@@ -124,6 +124,19 @@ def test_truncated_jpeg_is_refused_not_padded() -> None:
         decode_image(data[: len(data) * 2 // 3], LIMITS, "selfie")
 
 
+def test_a_jpeg_header_declaring_more_than_its_data_is_refused() -> None:
+    # 250x250 of data under a header that says 6000x6000: libjpeg fills the rest
+    # with grey and reports nothing, so the bytes are checked against the blocks.
+    data = bytearray(encode(_gradient(250, 250), "JPEG", quality=90))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (6000).to_bytes(2, "big") * 2
+    with pytest.raises(InvalidImage, match="declares 6000x6000"):
+        decode_image(bytes(data), LIMITS, "selfie")
+    # A smooth, honest JPEG of the same size is not taken for one.
+    flat = encode(Image.new("RGB", (2000, 2000), (200, 200, 200)), "JPEG", quality=50)
+    assert decode_image(flat, LIMITS, "selfie").size == (2000, 2000)
+
+
 def test_byte_limit() -> None:
     data = encode(_gradient(), "PNG")
     with pytest.raises(ImageTooLarge, match="bytes"):

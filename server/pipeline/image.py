@@ -178,6 +178,13 @@ def decode_image(data: bytes, limits: ImageLimits, field: str,
             if min(w, h) < limits.min_side:
                 raise InvalidImage(f"{field}: image is {w}x{h} pixels, smaller than the "
                                    f"minimum of {limits.min_side} on each side", image=field)
+            if img.format == "JPEG" and len(data) * 8 < (w // 8) * (h // 8):
+                # Every 8x8 block of a Huffman-coded JPEG costs at least one bit; a
+                # header declaring more blocks than the bytes can hold is forged or
+                # cut short (libjpeg would fill the rest with grey and say nothing).
+                raise InvalidImage(f"{field}: the JPEG declares {w}x{h} pixels but carries "
+                                   f"only {len(data)} bytes: truncated or altered",
+                                   image=field)
             factor = 1  # the reduction of a PNG or WebP, after its rows are read
             if limits.decode_side and max(w, h) > limits.decode_side:
                 ratio = limits.decode_side / max(w, h)
