@@ -22,7 +22,6 @@ only after its transaction committed.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -457,24 +456,13 @@ class PostgresRegistry(RowCodec):
                     f"SELECT {COLUMNS} FROM faceverify_enrollments WHERE id > %s "
                     "ORDER BY id LIMIT %s", (last, batch)).fetchall()
                 for row in rows:
-                    rid, nik, emb, cands, meta, tag = row[0], row[1], row[2], row[4], row[5], \
-                        row[12]
-                    if not self._authentic(row):  # never launder an altered row
-                        self._quarantine(row, "its tag does not match its columns")
+                    values = self._resealed(row)
+                    if values is None:
                         continue
-                    if not any(self.sealer.needs_reseal(_bytes(v))
-                               for v in (emb, cands, meta, tag or b"")):
-                        continue
-                    conn.execute(
-                        "UPDATE faceverify_enrollments SET embedding = %s, candidates = %s, "
-                        "metadata = %s WHERE id = %s",
-                        (self._seal("embedding", nik, self._open("embedding", nik, emb)),
-                         _bytes(self._sealed_json(
-                             "candidates", nik, json.loads(self._open("candidates", nik, cands)))),
-                         _bytes(self._sealed_json(
-                             "metadata", nik, json.loads(self._open("metadata", nik, meta)))),
-                         rid))
-                    self._retag(conn, rid)
+                    conn.execute("UPDATE faceverify_enrollments SET embedding = %s, "
+                                 "candidates = %s, metadata = %s WHERE id = %s",
+                                 (values[0], _bytes(values[1]), _bytes(values[2]), row[0]))
+                    self._retag(conn, row[0])
                     changed += 1
             if not rows:
                 return changed

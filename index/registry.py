@@ -263,6 +263,21 @@ class RowCodec:
         return Quarantined("this enrolment's stored record fails authentication; the operator "
                            "has been alerted")
 
+    def _resealed(self, row: tuple[Any, ...] | Any) -> tuple[bytes, Any, Any] | None:
+        """A row of :data:`COLUMNS`'s embedding, candidates and metadata sealed with
+        the current key, or None when it needs nothing (or is altered: a reseal
+        never launders one; it is quarantined)."""
+        if not self._authentic(row):
+            self._quarantine(row, "its tag does not match its columns")
+            return None
+        nik, emb, cands, meta = row[1], row[2], row[4], row[5]
+        if not any(self.sealer.needs_reseal(_raw(v)) for v in (emb, cands, meta, row[12])):
+            return None
+        return (self._seal("embedding", nik, self._open("embedding", nik, emb)),
+                self._sealed_json("candidates", nik,
+                                  json.loads(self._open("candidates", nik, cands))),
+                self._sealed_json("metadata", nik, json.loads(self._open("metadata", nik, meta))))
+
     def _tag_all_or_none(self, untagged: list[int], any_tagged: bool,
                          retag: Callable[[int], None]) -> None:
         """At open, with a data key: rows without a tag are all tagged when none has

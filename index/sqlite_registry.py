@@ -12,7 +12,6 @@ data key, embeddings, candidate lists and metadata are sealed (AES-GCM, see
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
@@ -421,23 +420,12 @@ class SqliteRegistry(RowCodec):
                     f"SELECT {COLUMNS} FROM enrollments WHERE id > ? ORDER BY id LIMIT ?",
                     (last, batch)).fetchall()
                 for row in rows:
-                    rid, nik, emb, cands, meta, tag = row[0], row[1], row[2], row[4], row[5], \
-                        row[12]
-                    if not self._authentic(row):  # never launder an altered row
-                        self._quarantine(row, "its tag does not match its columns")
+                    values = self._resealed(row)
+                    if values is None:
                         continue
-                    if not any(self.sealer.needs_reseal(v.encode() if isinstance(v, str) else v)
-                               for v in (emb, cands, meta, tag or b"")):
-                        continue
-                    plain = {c: self._open(c, nik, v) for c, v in
-                             (("embedding", emb), ("candidates", cands), ("metadata", meta))}
-                    self._db.execute(
-                        "UPDATE enrollments SET embedding = ?, candidates = ?, metadata = ? "
-                        "WHERE id = ?",
-                        (self._seal("embedding", nik, plain["embedding"]),
-                         self._sealed_json("candidates", nik, json.loads(plain["candidates"])),
-                         self._sealed_json("metadata", nik, json.loads(plain["metadata"])), rid))
-                    self._retag(rid)
+                    self._db.execute("UPDATE enrollments SET embedding = ?, candidates = ?, "
+                                     "metadata = ? WHERE id = ?", (*values, row[0]))
+                    self._retag(row[0])
                     changed += 1
             if not rows:
                 break
