@@ -35,7 +35,7 @@ from pathlib import Path
 
 from benchmarks.lfw import default_lfw_dir
 from benchmarks.serverproc import free_port, start_server, wait_serving
-from server.client import CallError, FaceVerifyClient
+from server.tools.client import CallError, FaceVerifyClient
 
 # Frequent snapshots, so kills also land between snapshot and replay.
 # Duplicates refused (not flagged): "no face under two NIKs" is then checkable.
@@ -119,7 +119,7 @@ def check(target: str, jobs: list[tuple[str, int, bytes]], acknowledged: set[str
 def audit_gaps(dirs: list[Path], present: list[str]) -> dict[str, object]:
     """Enrolled NIKs with no enrolment record in any server's audit log, and logs
     whose chain does not verify (read after the servers stopped)."""
-    from server.audit import AUDIT_FILE, KEY_FILE, AuditKey, parse_record, verify_chain
+    from server.api.audit import AUDIT_FILE, KEY_FILE, AuditKey, parse_record, verify_chain
 
     recorded: set[str] = set()
     broken = []

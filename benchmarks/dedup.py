@@ -52,10 +52,11 @@ import numpy as np
 from benchmarks.lfw import Embedder, Key, default_lfw_dir
 from index.gallery import Gallery, Match
 from index.vectors import IndexSpec
-from server.calibrate import read_excluded_pairs
-from server.duplicates import DuplicateThreshold, fuse, kind
+from server.core.duplicates import DuplicateThreshold, kind
 from server.errors import ModelError
+from server.models.calibrate import read_excluded_pairs
 from server.models.manifest import read_calibration
+from server.pipeline.recognizers import fuse
 
 # lfw-dev's label errors that its LABEL_ERRORS.tsv misses (see the file).
 MORE_LABEL_ERRORS = Path(__file__).with_name("lfw_label_errors.tsv")

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from server.core.service import operating_points
 from server.errors import FaceVerifyError
 from server.models.manifest import read_calibration
 from server.pipeline.faces import FacePolicy
 from server.pipeline.image import ImageLimits
 from server.pipeline.loader import LoadedModels, load_models
-from server.service import operating_points
 
 Key = tuple[str, int]
 

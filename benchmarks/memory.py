@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.serverproc import free_port, start_server, wait_serving
-from server.client import CallError, FaceVerifyClient
+from server.tools.client import CallError, FaceVerifyClient
 
 
 def large_png(side: int) -> bytes:

@@ -29,12 +29,12 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from benchmarks.lfw import default_lfw_dir, image_path, read_pairs
+from server.core.service import operating_points
 from server.errors import FaceVerifyError
 from server.models.manifest import read_calibration
 from server.pipeline.faces import AnalysedFace, FacePipeline, FacePolicy
 from server.pipeline.image import ImageLimits
 from server.pipeline.loader import load_models
-from server.service import operating_points
 
 Degrade = Callable[[Image.Image], Image.Image]
 

@@ -36,9 +36,9 @@ from typing import Any
 
 from benchmarks.lfw import default_lfw_dir
 from benchmarks.serverproc import free_port, start_server, wait_serving
-from server.certs import Authority
-from server.client import FaceVerifyClient
-from server.tls import ClientTls
+from server.api.tls import ClientTls
+from server.tools.certs import Authority
+from server.tools.client import FaceVerifyClient
 
 
 def _pairs(lfw: Path, n: int) -> list[tuple[bytes, bytes]]:
@@ -73,8 +73,8 @@ def rate_across_processes(model_dir: Path, processes: int, rate: float, seconds:
     --processes N``, calling as fast as 16 threads can, each call on a new
     connection (so the kernel spreads them over the processes): how many got
     through, against the most the limit allows."""
-    from server.access import new_api_key
-    from server.client import CallError
+    from server.api.access import new_api_key
+    from server.tools.client import CallError
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -87,7 +87,7 @@ def rate_across_processes(model_dir: Path, processes: int, rate: float, seconds:
              "rate_per_second": rate, "burst": rate}]}))
         port = free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port",
+            [sys.executable, "-m", "server.tools.cli", "serve", "--host", "127.0.0.1", "--port",
              str(port), "--processes", str(processes), "--provider", "cpu"],
             env={**os.environ, "FACEVERIFY_MODEL_DIR": str(model_dir),
                  "FACEVERIFY_DATA_DIR": str(tmp / "data"),

@@ -22,7 +22,7 @@ def start_server(model_dir: Path, data_dir: Path, port: int, insecure: bool = Tr
     ``env`` must name its TLS files and policy); ``env`` adds FACEVERIFY_* settings."""
     full_env = {**os.environ, "FACEVERIFY_MODEL_DIR": str(model_dir),
                 "FACEVERIFY_DATA_DIR": str(data_dir), "FACEVERIFY_PROVIDER": "cpu", **env}
-    return subprocess.Popen([sys.executable, "-m", "server.cli", "serve",
+    return subprocess.Popen([sys.executable, "-m", "server.tools.cli", "serve",
                              *(["--insecure"] if insecure else []),
                              "--host", "127.0.0.1", "--port", str(port)], env=full_env)
 
@@ -33,7 +33,7 @@ def wait_serving(target: str, proc: subprocess.Popen[bytes], timeout: float = 18
     the CLI reaches it)."""
     deadline = time.time() + timeout
     while True:
-        out = subprocess.run([sys.executable, "-m", "server.cli", "health", *client_flags,
+        out = subprocess.run([sys.executable, "-m", "server.tools.cli", "health", *client_flags,
                               "--target", target, "--timeout", "2"],
                              capture_output=True, text=True)
         if out.returncode == 0:

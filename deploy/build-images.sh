@@ -82,8 +82,8 @@ import sys, time
 from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server.client import FaceVerifyClient
-from server.tls import ClientTls
+from server.tools.client import FaceVerifyClient
+from server.api.tls import ClientTls
 port, lfw, probe, pki = sys.argv[1], Path(sys.argv[2]) / "images", sys.argv[3], Path(sys.argv[4])
 target = f"127.0.0.1:{port}"
 tls = ClientTls(pki / "ca.pem", pki / "client.crt", pki / "client.key", "localhost")

@@ -3,7 +3,7 @@
 A :class:`RequestError` reaches the caller of a call: it carries a stable,
 machine-readable ``reason`` (``REGISTRY_UNAVAILABLE``), a message and
 metadata; the gRPC edge alone maps each reason to a status code
-(:data:`server.interceptor.STATUS`).  A :class:`StartupError` stops the
+(:data:`server.api.interceptor.STATUS`).  A :class:`StartupError` stops the
 server with a message that names the problem; it never crosses the wire.
 The service's other errors (:mod:`server.errors`) build on these.
 """

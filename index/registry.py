@@ -83,7 +83,7 @@ class AuditEntry:
     """Who asked for the state change under way: the registry writes its audit
     record in the change's own transaction (table ``audit_outbox``), so that no
     change commits without its record and no record claims a change that did not
-    commit.  The audit log (:mod:`server.audit`) exports the rows of its
+    commit.  The audit log (:mod:`server.api.audit`) exports the rows of its
     ``origin`` into its chain and then deletes them.
 
     Attributes:

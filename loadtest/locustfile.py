@@ -39,9 +39,9 @@ from locust.env import Environment
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtest.faces import FaceSet, NikSource, default_images_dir  # noqa: E402
+from server.api.tls import ClientTls, channel  # noqa: E402
 from server.gen import faceverify_pb2 as pb  # noqa: E402
 from server.gen import faceverify_pb2_grpc as pb_grpc  # noqa: E402
-from server.tls import ClientTls, channel  # noqa: E402
 
 # grpcio must cooperate with gevent, on which locust runs its users.
 grpc_gevent.init_gevent()

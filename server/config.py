@@ -16,10 +16,10 @@ from typing import Any
 from index.backends import backend
 from index.sealing import Sealer, parse_key, read_key_file
 from index.vectors import IndexSpec
-from server.batching import BatchLimits
+from server.core.inference import EngineLimits
 from server.errors import ConfigurationError
-from server.inference import EngineLimits
 from server.options import OPTIONS, from_environment, readme_table, value_at
+from server.pipeline.batching import BatchLimits
 from server.pipeline.faces import FacePolicy
 from server.pipeline.image import ImageLimits
 
@@ -70,7 +70,7 @@ class Settings:
         index: FAISS index choice (flat = exact; ivf = approximate, for large galleries).
         dedup_fpir: the false-positive identification rate (false duplicate alarms
             per enrolment attempt) the duplicate threshold is set for, at the
-            gallery's current size (see server.duplicates).
+            gallery's current size (see server.core.duplicates).
         duplicate_policy: ``flag`` (enrol, pending a person's review) or ``refuse`` a
             face that matches one enrolled under another NIK.
         snapshot_every: index snapshot after this many enrolments or erasures.
@@ -87,7 +87,7 @@ class Settings:
         tls_client_ca: CA bundle (PEM) that client certificates must chain to
             (mutual TLS); None: no client certificate is asked for.
         access_policy: the JSON file of client identities and roles (see
-            server.access).
+            server.api.access).
         insecure: allow plaintext and no access policy (development on a trusted
             machine); without it the server refuses to start lacking either.
         reflection: serve gRPC reflection (off: the API is described by the .proto).

@@ -2,7 +2,7 @@
 
 Request errors (:class:`RequestError` and subclasses) reach the caller: one
 interceptor turns them into a gRPC status (its code from the reason, by the
-table :data:`server.interceptor.STATUS`) whose message starts with the
+table :data:`server.api.interceptor.STATUS`) whose message starts with the
 machine-readable reason and whose details carry a ``google.rpc.ErrorInfo``
 (domain ``faceverify.v1``, the reason, and metadata such as which image).
 Anything else is a bug and becomes ``INTERNAL`` with a generic message; its

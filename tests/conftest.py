@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from server.app import RunningServer, start
-from server.calibrate import calibrate, embed_labelled, labelled_images
+from server.api.app import RunningServer, start
 from server.config import Settings
 from server.models.build import build_dlib, build_sface, import_operator_models
+from server.models.calibrate import calibrate, embed_labelled, labelled_images
 from server.models.manifest import CALIBRATION, read_manifest, write_json_atomic
 from server.pipeline.faces import FacePolicy
 from server.pipeline.image import ImageLimits

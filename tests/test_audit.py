@@ -19,7 +19,7 @@ import pytest
 from index.errors import ConfigurationError
 from index.registry import AuditEntry, audit_var
 from index.sqlite_registry import SqliteRegistry
-from server.audit import (
+from server.api.audit import (
     AUDIT_FILE,
     CHECKPOINT_FILE,
     KEY_FILE,
@@ -194,7 +194,7 @@ def test_a_flood_of_unidentified_refusals_costs_bounded_disk(trail: Trail) -> No
 
 
 def _faceverify_verify(data: Path, *extra: str) -> tuple[int, dict[str, object]]:
-    out = subprocess.run([sys.executable, "-m", "server.cli", "audit", "verify",
+    out = subprocess.run([sys.executable, "-m", "server.tools.cli", "audit", "verify",
                           "--data-dir", str(data), *extra], capture_output=True, text=True,
                          timeout=60, cwd=REPO)
     return out.returncode, json.loads(out.stdout)

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from server.batching import Batcher, BatchLimits, deadline_var
+from server.api.interceptor import code_of
+from server.core.metrics import Metrics
 from server.errors import Overloaded, QueueTimeout
-from server.interceptor import code_of
-from server.metrics import Metrics
+from server.pipeline.batching import Batcher, BatchLimits, deadline_var
 
 
 class Model:
@@ -252,7 +252,7 @@ def test_queued_inputs_are_spread_over_idle_slots(pool: Any) -> None:
 
 
 def test_batches_pad_to_a_few_bucket_sizes() -> None:
-    from server.batching import buckets, padded
+    from server.pipeline.batching import buckets, padded
 
     assert buckets(64) == [1, 2, 4, 8, 16, 32, 64] and buckets(24) == [1, 2, 4, 8, 16, 24]
     assert buckets(1) == [1]

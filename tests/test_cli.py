@@ -15,7 +15,7 @@ from tests.test_server import MATCHED, MISMATCHED
 
 
 def _faceverify(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "server.tools.cli", *args], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "FACEVERIFY_PLAINTEXT": "1"})
 
 
@@ -138,7 +138,8 @@ def test_cli_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_cli_says_what_to_do_when_tls_meets_a_plaintext_server(server: ServerThread) -> None:
-    out = subprocess.run([sys.executable, "-m", "server.cli", "info", "--target", server.target],
+    out = subprocess.run([sys.executable, "-m", "server.tools.cli", "info",
+                          "--target", server.target],
                          capture_output=True, text=True, timeout=60,
                          env={k: v for k, v in os.environ.items() if k != "FACEVERIFY_PLAINTEXT"})
     assert out.returncode == 1

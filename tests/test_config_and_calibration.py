@@ -7,9 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.calibrate import Embedded, calibrate, operating_point, pair_scores, threshold_for_fmr
 from server.config import build_settings
 from server.errors import ConfigurationError, ModelError
+from server.models.calibrate import (
+    Embedded,
+    calibrate,
+    operating_point,
+    pair_scores,
+    threshold_for_fmr,
+)
 
 
 def test_environment_then_flags() -> None:
@@ -86,7 +92,7 @@ def test_calibrate_refuses_rates_the_data_cannot_support() -> None:
 
 
 def test_a_dataset_too_small_for_the_lowest_rate_is_refused_before_embedding() -> None:
-    from server.calibrate import check_enough_impostors, impostor_pairs
+    from server.models.calibrate import check_enough_impostors, impostor_pairs
 
     items = [(f"id{i}", Path(f"{i}-{k}.jpg")) for i in range(40) for k in range(3)]
     assert impostor_pairs(i for i, _ in items) == 120 * 119 // 2 - 40 * 3
@@ -131,7 +137,7 @@ def test_cudnn_search_mode_is_validated() -> None:
 
 
 def test_label_errors_are_left_out_of_the_impostor_pairs(tmp_path: Path) -> None:
-    from server.calibrate import read_excluded_pairs
+    from server.models.calibrate import read_excluded_pairs
 
     emb = _embedded(np.random.default_rng(2), identities=100, per=3)
     names = tuple(f"p{i // 3}_{i % 3}.jpg" for i in range(300))
@@ -156,8 +162,9 @@ def test_label_errors_are_left_out_of_the_impostor_pairs(tmp_path: Path) -> None
 
 
 def test_two_photo_templates_get_tails_of_their_own() -> None:
-    from server.calibrate import fuse, two_photo_impostors
-    from server.duplicates import DuplicateThreshold, kind
+    from server.core.duplicates import DuplicateThreshold, kind
+    from server.models.calibrate import two_photo_impostors
+    from server.pipeline.recognizers import fuse
 
     emb = _embedded(np.random.default_rng(4), identities=100, per=3)
     fused_single, fused_fused = two_photo_impostors(emb)
@@ -179,7 +186,7 @@ def test_two_photo_templates_get_tails_of_their_own() -> None:
 
 
 def test_a_reference_kind_is_calibrated_across_two_sets() -> None:
-    from server.calibrate import calibrate_reference_kind
+    from server.models.calibrate import calibrate_reference_kind
 
     rng = np.random.default_rng(5)
     selfies = _embedded(rng, identities=60, per=3)
@@ -206,8 +213,8 @@ def test_a_reference_kind_is_calibrated_across_two_sets() -> None:
 def test_duplicate_thresholds_come_from_measured_searches() -> None:
     """The calibration searches simulated galleries and records the best non-mated
     score; the server's threshold for a target FPIR is read from those searches."""
-    from server.calibrate import _photo_units, simulated_searches
-    from server.duplicates import DuplicateThreshold
+    from server.core.duplicates import DuplicateThreshold
+    from server.models.calibrate import _photo_units, simulated_searches
 
     emb = _embedded(np.random.default_rng(6), identities=300, per=3)
     record = calibrate(emb, [1e-2], "s", "m")
@@ -246,8 +253,8 @@ def test_duplicate_thresholds_come_from_measured_searches() -> None:
 
 
 def test_searches_leave_out_excluded_pairs_and_cover_templates() -> None:
-    from server.calibrate import search_distributions
-    from server.duplicates import DuplicateThreshold
+    from server.core.duplicates import DuplicateThreshold
+    from server.models.calibrate import search_distributions
 
     emb = _embedded(np.random.default_rng(7), identities=200, per=3)
     names = tuple(f"p{i // 3}_{i % 3}.jpg" for i in range(600))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.crash import crash_test, nik_for
-from server.nik import validate_nik
+from server.core.nik import validate_nik
 
 
 def test_nik_generator_is_valid_and_unique() -> None:

@@ -103,7 +103,7 @@ def test_rotation_keeps_everything_and_reseal_retires_the_old_key(tmp_path: Path
     assert {NIKS[0], NIKS[1]} == {m.nik for m in g.search(_vec(2), 2)}
     g.close()
     out = subprocess.run(
-        [sys.executable, "-m", "server.cli", "data", "reseal", "--data-dir", str(data),
+        [sys.executable, "-m", "server.tools.cli", "data", "reseal", "--data-dir", str(data),
          "--data-key-file", str(new_file), "--previous-data-key-file", str(old_file)],
         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -117,7 +117,7 @@ def test_rotation_keeps_everything_and_reseal_retires_the_old_key(tmp_path: Path
 
 def test_a_server_with_a_data_key_seals_and_quarantines_altered_enrolments(
         dlib_model_dir: Path, tmp_path: Path, lfw_dir: Path) -> None:
-    from server.client import CallError, FaceVerifyClient
+    from server.tools.client import CallError, FaceVerifyClient
     from tests.conftest import ServerThread, lfw_image, server_settings
     from tests.test_metrics import sample, scrape
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from server.client import CallError, FaceVerifyClient
 from server.gen import faceverify_pb2 as pb
+from server.tools.client import CallError, FaceVerifyClient
 from tests.conftest import ServerThread, lfw_image, server_settings
 
 NIK_A = "3174011505900001"

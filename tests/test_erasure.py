@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.client import FaceVerifyClient
+from server.tools.client import FaceVerifyClient
 from tests.conftest import ServerThread, lfw_image, server_settings
 
 ERASED_NIK = "3174011505900001"

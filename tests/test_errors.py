@@ -10,7 +10,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from server import errors
-from server.interceptor import STATUS, code_of, status_for
+from server.api.interceptor import STATUS, code_of, status_for
 
 
 def _subclasses(cls: type) -> Iterator[type]:

@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from server.access import parse_policy
+from server.api.access import parse_policy
+from server.api.interceptor import Malformed, lenient
+from server.core.nik import validate_nik
 from server.errors import ConfigurationError, ImageTooLarge, InvalidImage, InvalidNik
 from server.gen import faceverify_pb2 as pb
-from server.interceptor import Malformed, lenient
-from server.nik import validate_nik
 from server.pipeline.image import ImageLimits, decode_image, strip_png_text
 from tests.conftest import ServerThread
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.batching import BatchLimits
-from server.calibrate import embed_labelled
+from server.core.inference import EngineLimits, InferenceEngine
+from server.core.metrics import Metrics
 from server.errors import NoFaceDetected
-from server.inference import EngineLimits, InferenceEngine
-from server.metrics import Metrics
+from server.models.calibrate import embed_labelled
+from server.pipeline.batching import BatchLimits
 from server.pipeline.faces import FacePolicy
 from server.pipeline.image import ImageLimits
 from server.pipeline.loader import load_models

@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.serverproc import free_port, wait_serving
-from server.client import CallError, FaceVerifyClient
+from server.tools.client import CallError, FaceVerifyClient
 from tests.conftest import lfw_image
 from tests.test_metrics import sample, scrape
 
@@ -31,7 +31,7 @@ PEOPLE = ["Abel_Pacheco", "Akhmed_Zakayev", "Amber_Tamblyn", "Anders_Fogh_Rasmus
 def serve(model_dir: Path, data_dir: Path, port: int, metrics_port: int
           ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--insecure", "--host", "127.0.0.1",
+        [sys.executable, "-m", "server.tools.cli", "serve", "--insecure", "--host", "127.0.0.1",
          "--port", str(port),
          "--metrics-port", str(metrics_port), "--provider", "cpu", "--model-dir", str(model_dir),
          "--data-dir", str(data_dir), "--log-level", "WARNING"])
@@ -115,7 +115,7 @@ def test_the_log_says_serving_once_health_does_and_never_before_a_refused_start(
     target = f"127.0.0.1:{port}"
     env = {**os.environ, "FACEVERIFY_MODEL_DIR": str(calibrated_dlib_model_dir),
            "FACEVERIFY_PROVIDER": "cpu"}
-    command = [sys.executable, "-m", "server.cli", "serve", "--insecure", "--host",
+    command = [sys.executable, "-m", "server.tools.cli", "serve", "--insecure", "--host",
                "127.0.0.1", "--port", str(port)]
     first = subprocess.Popen(command, env={**env, "FACEVERIFY_DATA_DIR": str(tmp_path / "a")},
                              stderr=subprocess.PIPE, text=True)
@@ -127,7 +127,7 @@ def test_the_log_says_serving_once_health_does_and_never_before_a_refused_start(
             assert line, "the server exited without logging SERVING"
         assert f"port {port}" in line and "CPUExecutionProvider" in line
         assert "model dlib-" in line and "gallery of 0" in line
-        health = subprocess.run([sys.executable, "-m", "server.cli", "health", "--plaintext",
+        health = subprocess.run([sys.executable, "-m", "server.tools.cli", "health", "--plaintext",
                                  "--target", target, "--timeout", "5"],
                                 capture_output=True, text=True, timeout=60)
         assert health.returncode == 0, health.stdout + health.stderr

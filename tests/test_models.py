@@ -111,7 +111,7 @@ def test_embedding_size_comes_from_the_model(dlib_model_dir: Path) -> None:
 def test_server_refuses_to_start_on_a_corrupt_model(built: Path) -> None:
     import asyncio
 
-    from server.app import start
+    from server.api.app import start
     from tests.conftest import server_settings
 
     path = built / "blazeface_short.onnx"

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from benchmarks.serverproc import free_port
-from server.client import CallError, FaceVerifyClient
+from server.tools.client import CallError, FaceVerifyClient
 from tests.conftest import ServerThread, lfw_image, server_settings, unavailable
 from tests.imaging import blank
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from server.core.nik import validate_nik
 from server.errors import InvalidNik
-from server.nik import validate_nik
 
 VALID_MAN = "3174011505900001"     # DKI Jakarta, born 15-05-90
 VALID_WOMAN = "3273015505900002"   # Jawa Barat, day 15 + 40

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import parser
 from server.config import Settings, build_settings
 from server.errors import ConfigurationError
 from server.options import OPTIONS, flag_values, readme_table, value_at
+from server.tools.cli import parser
 
 REPO = Path(__file__).resolve().parent.parent
 # Settings fields that are not settings of their own: groups of settings, and the
@@ -84,7 +84,7 @@ def test_a_value_a_setting_may_not_take_is_refused_by_name(env: dict[str, str],
 
 
 def test_each_list_of_choices_is_the_one_its_code_knows() -> None:
-    from server.enrolment import DuplicatePolicy
+    from server.core.enrolment import DuplicatePolicy
     from server.options import DUPLICATE_POLICY_CHOICES, PROVIDER_CHOICES
     from server.pipeline.runtime import PROVIDERS
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from server.access import (
+from server.api.access import (
     RATE_FILE,
     AccessControl,
     SharedBuckets,
@@ -23,9 +23,9 @@ from server.access import (
     new_api_key,
     parse_policy,
 )
-from server.cli import handshake_hint
+from server.api.tls import ClientTls
 from server.errors import ConfigurationError, Unauthenticated
-from server.tls import ClientTls
+from server.tools.cli import handshake_hint
 
 KEY, KEY_HASH = new_api_key()
 

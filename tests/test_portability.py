@@ -110,7 +110,7 @@ def test_the_server_runs_without_the_optional_packages() -> None:
         "        if name.split('.')[0] in ('psycopg', 'psycopg_pool'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import server.app, server.cli\n"
+        "import server.api.app, server.tools.cli\n"
         "from index.sealing import Sealer\n"
         "assert Sealer().seal(b'x', b'c') == b'x'\n"
     )

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from benchmarks.serverproc import free_port, wait_serving
-from server.client import FaceVerifyClient
+from server.tools.client import FaceVerifyClient
 from tests.conftest import lfw_image
 from tests.test_metrics import sample, scrape
 
@@ -35,7 +35,7 @@ def test_processes_share_the_port_and_the_gallery(calibrated_dlib_model_dir: Pat
                                                   tmp_path: Path, lfw_dir: Path) -> None:
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--insecure", "--host", "127.0.0.1",
+        [sys.executable, "-m", "server.tools.cli", "serve", "--insecure", "--host", "127.0.0.1",
          "--port", str(port),
          "--processes", "2", "--metrics-port", str(metrics_port), "--provider", "cpu",
          "--model-dir", str(calibrated_dlib_model_dir), "--data-dir", str(tmp_path),

@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from benchmarks.serverproc import free_port, start_server, wait_serving
-from server.client import CallError, FaceVerifyClient
 from server.gen import faceverify_pb2 as pb
+from server.tools.client import CallError, FaceVerifyClient
 from tests.conftest import ServerThread, lfw_image, server_settings
 
 SAME = (("Abel_Pacheco", 1), ("Abel_Pacheco", 4))

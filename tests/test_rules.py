@@ -22,8 +22,10 @@ import pytest
 from index.gallery import Gallery
 from index.registry import ERASED
 from index.vectors import IndexSpec
-from server.duplicates import DuplicateThreshold
-from server.enrolment import DuplicatePolicy, EnrolmentService, Outcome
+from server.core.duplicates import DuplicateThreshold
+from server.core.enrolment import DuplicatePolicy, EnrolmentService, Outcome
+from server.core.metrics import Metrics
+from server.core.service import OperatingPoint
 from server.errors import (
     EnrollmentConflict,
     InvalidNik,
@@ -32,11 +34,9 @@ from server.errors import (
     NotPendingReview,
     ReferenceKindNotCalibrated,
 )
-from server.metrics import Metrics
 from server.pipeline.faces import AnalysedFace
 from server.pipeline.quality import Quality
 from server.pipeline.types import DetectedFace
-from server.service import OperatingPoint
 
 DIM = 128
 CALIBRATION = (Path(__file__).resolve().parent.parent / "server" / "models" / "calibration"

@@ -19,13 +19,13 @@ import pytest
 from google.rpc import error_details_pb2
 
 from benchmarks.serverproc import free_port
-from server.access import new_api_key
-from server.certs import Authority
-from server.client import CallError, FaceVerifyClient
+from server.api.access import new_api_key
+from server.api.tls import ClientTls
 from server.config import check_secured
 from server.errors import ConfigurationError
 from server.gen import faceverify_pb2 as pb
-from server.tls import ClientTls
+from server.tools.certs import Authority
+from server.tools.client import CallError, FaceVerifyClient
 from tests.conftest import ServerThread, lfw_image, server_settings
 
 NIK = "3174011505900001"
@@ -198,7 +198,7 @@ def test_audit_log_records_who_did_what_and_detects_tampering(
     assert oct(log_file.stat().st_mode & 0o777) == "0o600"
 
     def faceverify(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "server.cli", "audit", *args,
+        return subprocess.run([sys.executable, "-m", "server.tools.cli", "audit", *args,
                                "--data-dir", str(data_dir)], capture_output=True, text=True,
                               timeout=60)
 
@@ -214,7 +214,7 @@ def test_audit_log_records_who_did_what_and_detects_tampering(
     target = next(i for i, r in enumerate(records) if r["code"] == "PERMISSION_DENIED")
     lines[target] = lines[target].replace("PERMISSION_DENIED", "OK")
     (copy / "audit.log").write_text("\n".join(lines) + "\n")
-    broken = subprocess.run([sys.executable, "-m", "server.cli", "audit", "verify",
+    broken = subprocess.run([sys.executable, "-m", "server.tools.cli", "audit", "verify",
                              "--data-dir", str(copy)], capture_output=True, text=True)
     assert broken.returncode == 1
     assert json.loads(broken.stdout)["broken_at_line"] == target + 1
@@ -274,7 +274,7 @@ def test_probes_without_certificates_reach_health_alone(mtls: tuple[ServerThread
 
     server, _ = mtls
     target = f"127.0.0.1:{server.settings.health_port}"
-    out = subprocess.run([sys.executable, "-m", "server.cli", "health", "--plaintext",
+    out = subprocess.run([sys.executable, "-m", "server.tools.cli", "health", "--plaintext",
                           "--target", target], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "SERVING"
     with grpc.insecure_channel(target) as ch:
@@ -321,7 +321,7 @@ def test_an_unsecured_start_is_refused_unless_asked_for(tmp_path: Path) -> None:
 
 def test_certificate_files_are_checked_and_a_bad_replacement_is_ignored(
         pki: Authority, tmp_path: Path) -> None:
-    from server.tls import ReloadingCredentials, TlsFiles, certificate_configuration
+    from server.api.tls import ReloadingCredentials, TlsFiles, certificate_configuration
 
     one, two = pki.issue("one", "localhost", server=True), pki.issue("two", "localhost",
                                                                        server=True)
@@ -406,7 +406,7 @@ def test_reflection_passes_access_control(calibrated_dlib_model_dir: Path, pki: 
 
 def test_a_new_operators_secured_start(calibrated_dlib_model_dir: Path, tmp_path: Path) -> None:
     # `faceverify access certs`, as `make serve-secure` runs it, then the server it prints.
-    made = subprocess.run([sys.executable, "-m", "server.cli", "access", "certs", "--out",
+    made = subprocess.run([sys.executable, "-m", "server.tools.cli", "access", "certs", "--out",
                            str(tmp_path / "secure"), "--client", "admin.local"],
                           capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr

@@ -12,8 +12,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.client import CallError, FaceVerifyClient
 from server.gen import faceverify_pb2 as pb
+from server.tools.client import CallError, FaceVerifyClient
 from tests.conftest import ServerThread, lfw_image
 from tests.imaging import blank, side_by_side, tiny_face, with_background_face
 
@@ -130,7 +130,7 @@ def test_bad_request_id(client: FaceVerifyClient, lfw_dir: Path) -> None:
                          ids=["junk", "bad-utf8"])
 def test_a_malformed_message_is_invalid_argument_not_unknown(server: ServerThread,
                                                              body: bytes) -> None:
-    from server.client import call_error
+    from server.tools.client import call_error
 
     with grpc.insecure_channel(server.target) as channel:
         raw = channel.unary_unary("/faceverify.v1.FaceVerification/Verify")

@@ -1,5 +1,6 @@
-"""The code's structure: one table of RPC rules that covers the proto, and no import
-cycle in ``server/`` or ``index/``."""
+"""The code's structure: one table of RPC rules that covers the proto, no import
+cycle in ``server/`` or ``index/``, and the folders as layers: a module imports
+only from its own layer and those below it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from server.access import ROLES, AccessControl, parse_policy
+from server.api.access import ROLES, AccessControl, parse_policy
+from server.api.rpcs import ADMIN, AUDITED, DURABLE, RPCS
 from server.errors import ConfigurationError
 from server.gen import faceverify_pb2 as pb
-from server.rpcs import ADMIN, AUDITED, DURABLE, RPCS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,7 +117,7 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 def test_no_import_cycle_in_server_or_index() -> None:
     graph = _imports()
-    assert "server.cli" in graph and "index.registry" in graph  # the walk found the code
+    assert "server.tools.cli" in graph and "index.registry" in graph  # the walk found the code
     assert _cycles(graph) == []
 
 
@@ -124,6 +125,46 @@ def test_the_storage_layer_imports_nothing_of_the_service() -> None:
     graph = _imports()
     assert {(m, d) for m, deps in graph.items() if m.startswith("index")
             for d in deps if d.startswith("server")} == set()
+
+
+# The layers, lowest first: what a module's folder says it may import.
+LAYERS = (
+    ("foundations: errors, settings' declarations, strict JSON; storage (index/ imports "
+     "nothing of server/)", ("server", "server.errors", "server.strict", "server.options",
+                             "index")),
+    ("model file formats", ("server.models.manifest", "server.models.convert",
+                            "server.models.dlib_format")),
+    ("pipeline: image to faces to embeddings, model calls batched", ("server.pipeline",)),
+    ("model sets: build, repair, quantize, calibrate", ("server.models",)),
+    ("core: the decisions (verification, enrolment, duplicates) and their metrics",
+     ("server.core", "server.config")),
+    ("api: the gRPC edge (servicer, interceptor, access, audit, the server process)",
+     ("server.api",)),
+    ("tools: the CLI and the client", ("server.tools",)),
+)
+
+
+def _layer(module: str) -> int:
+    """The layer of the longest prefix naming ``module`` (``server`` names only itself)."""
+    found = [(len(prefix), rank) for rank, (_, prefixes) in enumerate(LAYERS)
+             for prefix in prefixes
+             if module == prefix or module.startswith(prefix + ".") and prefix != "server"]
+    assert found, f"{module} is in no layer of LAYERS"
+    return max(found)[1]
+
+
+def test_every_module_is_in_a_layer_and_imports_none_above_its_own() -> None:
+    graph = _imports()
+    upward = {(m, d) for m, deps in graph.items() for d in deps if _layer(d) > _layer(m)}
+    assert upward == set()
+
+
+def test_the_layer_check_sees_an_upward_import() -> None:
+    assert _layer("server.pipeline.faces") < _layer("server.core.enrolment") < _layer(
+        "server.api.servicer") < _layer("server.tools.cli")
+    assert _layer("server.errors") == _layer("index.registry") == 0
+    assert _layer("server.models.manifest") < _layer("server.pipeline.loader") < _layer(
+        "server.models.build")
 
 
 def test_no_error_carries_a_transport_status() -> None:

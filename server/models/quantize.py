@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 
 from index.durable import replace_atomically
-from server.calibrate import labelled_images
 from server.errors import FaceVerifyError, ModelError
+from server.models.calibrate import labelled_images
 from server.models.convert import portable
 from server.models.manifest import MANIFEST, read_manifest, sha256_file, write_json_atomic
 from server.pipeline.faces import FacePipeline

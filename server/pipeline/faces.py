@@ -227,7 +227,7 @@ class FacePipeline:
 
         The one definition of what analysing an image means, whoever runs it:
         :meth:`analyse` runs each step in turn (calibration, quantization,
-        benchmarks, tests), the server's :class:`~server.inference.InferenceEngine`
+        benchmarks, tests), the server's :class:`~server.core.inference.InferenceEngine`
         runs per-image steps in a thread pool and batches model calls across
         requests.  Yields :class:`CpuStep` (call it, send back its result),
         :class:`DetectCall` (send back the detector's output for that input) and

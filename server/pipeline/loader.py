@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from server.batching import buckets
 from server.errors import ModelError
 from server.models.manifest import read_manifest
+from server.pipeline.batching import buckets
 from server.pipeline.blazeface import BlazeFaceDetector, BlazeFaceModel
 from server.pipeline.faces import FacePipeline, FacePolicy
 from server.pipeline.image import ImageLimits
@@ -97,7 +97,7 @@ def load_models(model_dir: Path, provider: str, intra_op_threads: int, limits: I
 
 def warm_up(models: LoadedModels, detect_batch: int = 1, embed_batch: int = 1) -> None:
     """Run every model once; on a GPU provider, at every batch size of
-    :func:`~server.batching.buckets` up to the maxima too, since those plan (and
+    :func:`~server.pipeline.batching.buckets` up to the maxima too, since those plan (and
     TensorRT builds engines) per input shape.  No request then pays for
     initialisation."""
     pipe = models.pipeline

@@ -288,3 +288,10 @@ class TemplateRecognizer(_OnnxRecognizer):
     def preprocess(self, chips: np.ndarray) -> np.ndarray:
         x = chips[..., self._order].transpose(0, 3, 1, 2).astype(np.float32)
         return np.ascontiguousarray((x - self._mean) * self._scale)
+
+
+def fuse(embeddings: np.ndarray) -> np.ndarray:
+    """One template from several embeddings of a face: their normalised mean."""
+    mean = embeddings.mean(axis=0)
+    unit: np.ndarray = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+    return unit

@@ -20,10 +20,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from index.registry import AuditEntry, audit_var
-from server.access import AccessControl, Client, caller_var
-from server.audit import AuditLog, Event
-from server.audit import AuditUnavailable as AuditDown
-from server.batching import deadline_var
+from server.api.access import AccessControl, Client, caller_var
+from server.api.audit import AuditLog, Event
+from server.api.audit import AuditUnavailable as AuditDown
+from server.api.rpcs import ADMIN, AUDITED, DURABLE, OPEN_SERVICES, RPCS
+from server.core.metrics import Metrics
 from server.errors import (
     DOMAIN,
     AuditUnavailable,
@@ -36,8 +37,7 @@ from server.errors import (
     RequestTooLarge,
     Unauthenticated,
 )
-from server.metrics import Metrics
-from server.rpcs import ADMIN, AUDITED, DURABLE, OPEN_SERVICES, RPCS
+from server.pipeline.batching import deadline_var
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def _auth_context(context: grpc.aio.ServicerContext) -> dict[str, Any]:
 class _Method:
     """What the interceptor knows of one RPC before any call to it."""
 
-    name: str  # the RPC's short name, as in :data:`server.rpcs.RPCS`
+    name: str  # the RPC's short name, as in :data:`server.api.rpcs.RPCS`
     open: bool  # a service open to every caller (health)
     handler: Handler
     latency: Any  # its latency histogram
@@ -170,7 +170,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """The one place every call passes, in named stages:
 
     1. :meth:`_identify`: who calls, and whether their role and rate allow the
-       call (:class:`~server.access.AccessControl`; the health service is open
+       call (:class:`~server.api.access.AccessControl`; the health service is open
        to all; any other service, reflection included, is for ``admin``).  A
        refusal is logged, counted and audited with what the caller presented.
     2. :meth:`_admit`: beyond ``max_in_flight`` calls, OVERLOADED; a malformed
@@ -180,9 +180,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     4. The handler.  ``RequestError`` -> its code and reason; anything else ->
        ``INTERNAL`` with a generic message, the stack trace logged under the
        request id.
-    5. :meth:`_audit_outcome`, for the calls in :data:`server.rpcs.AUDITED`: a
+    5. :meth:`_audit_outcome`, for the calls in :data:`server.api.rpcs.AUDITED`: a
        state change's record was written in its own transaction (see
-       :mod:`server.audit`) and is exported now; any other outcome is recorded,
+       :mod:`server.api.audit`) and is exported now; any other outcome is recorded,
        and a call whose record cannot be written is answered
        ``AUDIT_UNAVAILABLE`` instead.
     6. :meth:`_account`, on every path, once, before the status is sent: the
@@ -190,7 +190,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
        count.
 
     The call's deadline, if any, is published in
-    :data:`server.batching.deadline_var` so that work queued for it is dropped
+    :data:`server.pipeline.batching.deadline_var` so that work queued for it is dropped
     once nobody waits for the answer.
     """
 
@@ -381,7 +381,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         Raises:
             Unauthenticated, PermissionDenied, RateLimited: logged, counted, audited
             (an unidentified caller's refusals are aggregated per peer, see
-            :meth:`server.audit.AuditLog.refusal`).
+            :meth:`server.api.audit.AuditLog.refusal`).
         """
         if method.open:
             return None

@@ -2,7 +2,7 @@
 
 A method added to the proto is added here or the tests fail
 (``tests/test_rpcs.py`` compares this table with the service descriptor); the
-built-in roles of :mod:`server.access` and the audit's lists are read from it.
+built-in roles of :mod:`server.api.access` and the audit's lists are read from it.
 """
 
 from __future__ import annotations

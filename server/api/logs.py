@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from server.interceptor import RequestIdFilter
+from server.api.interceptor import RequestIdFilter
 
 
 def setup_logging(level: str) -> None:

@@ -21,13 +21,14 @@ import numpy as np
 
 from index.gallery import Gallery, Match
 from index.registry import Enrollment, NotPending
-from server.duplicates import DuplicatePoint, DuplicateThreshold, fuse, kind
+from server.core.duplicates import DuplicatePoint, DuplicateThreshold, kind
+from server.core.inference import InferenceEngine
+from server.core.metrics import Metrics
+from server.core.nik import validate_nik
+from server.core.service import OperatingPoint, analyse_both
 from server.errors import EnrollmentConflict, InvalidRequest, NotEnrolled, NotPendingReview
-from server.inference import InferenceEngine
-from server.metrics import Metrics
-from server.nik import validate_nik
 from server.pipeline.faces import AnalysedFace
-from server.service import OperatingPoint, analyse_both
+from server.pipeline.recognizers import fuse
 
 T = TypeVar("T")
 
@@ -130,7 +131,7 @@ class EnrolmentService:
         """Enrol ``nik`` with the selfie's face unless it duplicates another NIK's.
 
         With a reference photo that matches the selfie, both are enrolled as one
-        template (their embeddings fused: :func:`server.duplicates.fuse`) and the
+        template (their embeddings fused: :func:`server.pipeline.recognizers.fuse`) and the
         gallery is searched with it, where the calibration covers two-photo
         templates (:attr:`DuplicateThreshold.fuses`); else the selfie alone.
 

@@ -27,8 +27,8 @@ from index.durable import private_dir
 from index.gallery import Gallery
 from index.registry import redact
 from server import __version__
-from server.access import RATE_FILE, AccessControl, SharedBuckets
-from server.audit import (
+from server.api.access import RATE_FILE, AccessControl, SharedBuckets
+from server.api.audit import (
     AUDIT_FILE,
     KEY_FILE,
     PUBLIC_KEY_FILE,
@@ -38,21 +38,21 @@ from server.audit import (
     SigningKey,
     load_origin,
 )
+from server.api.interceptor import ErrorInterceptor
+from server.api.logs import setup_logging
+from server.api.servicer import FaceVerificationServicer
+from server.api.tls import ReloadingCredentials, TlsFiles
 from server.config import Settings, check_secured, data_sealer, serving_summary
-from server.duplicates import DuplicateThreshold
-from server.enrolment import DuplicatePolicy, EnrolmentService
+from server.core.duplicates import DuplicateThreshold
+from server.core.enrolment import DuplicatePolicy, EnrolmentService
+from server.core.inference import InferenceEngine
+from server.core.metrics import Metrics, MetricsServer
+from server.core.service import VerificationService, operating_points
 from server.errors import ConfigurationError, StartupError
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
-from server.inference import InferenceEngine
-from server.interceptor import ErrorInterceptor
-from server.logs import setup_logging
-from server.metrics import Metrics, MetricsServer
 from server.models.manifest import read_calibration
 from server.pipeline.loader import load_models, warm_up
-from server.service import VerificationService, operating_points
-from server.servicer import FaceVerificationServicer
-from server.tls import ReloadingCredentials, TlsFiles
 
 if TYPE_CHECKING:
     from index.follower import Follower

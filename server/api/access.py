@@ -44,12 +44,12 @@ from typing import Any
 
 from index.durable import check_control
 from server import strict
+from server.api.rpcs import ADMIN, RPCS, SEES_CANDIDATES, builtin_roles
 from server.errors import ConfigurationError, PermissionDenied, RateLimited, Unauthenticated
-from server.rpcs import ADMIN, RPCS, SEES_CANDIDATES, builtin_roles
 
 log = logging.getLogger(__name__)
 
-# The built-in roles, from the table of RPCs (:data:`server.rpcs.RPCS`).
+# The built-in roles, from the table of RPCs (:data:`server.api.rpcs.RPCS`).
 ROLES: dict[str, frozenset[str]] = builtin_roles()
 API_KEY_PREFIX = "fv_"
 RATE_FILE = "ratelimits.sqlite3"  # in the data directory: see SharedBuckets

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from server.duplicates import fuse
 from server.errors import FaceVerifyError, ModelError
 from server.pipeline.faces import FacePipeline
+from server.pipeline.recognizers import fuse
 
 log = logging.getLogger(__name__)
 

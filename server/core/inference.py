@@ -2,7 +2,7 @@
 
 Per-image work (decoding, building the detector input, choosing the subject,
 alignment) runs in the ``cpu`` pool; the detector and the recognizer each sit
-behind a :class:`~server.batching.Batcher` whose batches run in the ``model``
+behind a :class:`~server.pipeline.batching.Batcher` whose batches run in the ``model``
 pool, and dlib's landmark model (numpy) behind one whose batches of faces run
 in the ``cpu`` pool.  The event loop only awaits.  Per-image errors are
 raised by the per-image steps, before an image joins a batch.
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from server.batching import Batcher, BatchLimits, padded
-from server.metrics import Metrics
+from server.core.metrics import Metrics
+from server.pipeline.batching import Batcher, BatchLimits, padded
 from server.pipeline.faces import AnalysedFace, FacePipeline, Timings
 from server.pipeline.types import CpuStep, DetectCall, DetectorInput, LandmarkCall
 

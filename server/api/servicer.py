@@ -9,15 +9,15 @@ import grpc
 from index.gallery import Match
 from index.registry import Enrollment
 from server import __version__
-from server.access import ANONYMOUS, caller_var
-from server.enrolment import EnrolmentService
+from server.api.access import ANONYMOUS, caller_var
+from server.api.interceptor import request_id_var
+from server.core.enrolment import EnrolmentService
+from server.core.service import OperatingPoint, VerificationService
 from server.errors import InvalidRequest
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
-from server.interceptor import request_id_var
 from server.pipeline.faces import AnalysedFace
 from server.pipeline.quality import advice
-from server.service import OperatingPoint, VerificationService
 
 REFERENCE_KINDS: dict[int, str] = {pb.REFERENCE_KIND_UNSPECIFIED: "photo", pb.PHOTO: "photo",
                                    pb.ID_CARD: "id_card"}

@@ -1,8 +1,8 @@
 """The transport-independent core: verification decisions over the face pipeline.
 
-gRPC lives in :mod:`server.servicer`; this module knows nothing of it, so it
+gRPC lives in :mod:`server.api.servicer`; this module knows nothing of it, so it
 can be tested and benchmarked directly.  Blocking work runs in the
-:class:`~server.inference.InferenceEngine`'s thread pools; the event loop only awaits.
+:class:`~server.core.inference.InferenceEngine`'s thread pools; the event loop only awaits.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
-from server.calibrate import operating_point
+from server.core.inference import InferenceEngine
+from server.core.metrics import Metrics
 from server.errors import InvalidRequest, ModelError, ReferenceKindNotCalibrated
-from server.inference import InferenceEngine
-from server.metrics import Metrics
+from server.models.calibrate import operating_point
 from server.pipeline.faces import AnalysedFace
 from server.pipeline.loader import LoadedModels
 

@@ -8,7 +8,7 @@ false-positive identification rate (FPIR) they can review
 (``FACEVERIFY_DEDUP_FPIR``); the threshold follows the gallery's size.
 
 It is read from searches the calibration measured
-(:func:`server.calibrate.simulated_searches`): for galleries of several sizes
+(:func:`server.models.calibrate.simulated_searches`): for galleries of several sizes
 drawn from the calibration set, the distribution of the best non-mated score,
 as NIST's 1:N evaluations measure FPIR.  Between measured sizes the
 threshold is interpolated in log N.  Beyond the largest size N0 it is read
@@ -23,7 +23,7 @@ score higher against everyone) has its own searches.
 A calibration made before searches were measured falls back to the pairwise
 rule: FPIR = 1 - (1 - FMR)^N, as if the N comparisons were independent, with
 the pairwise FMR read from the calibration's impostor tail
-(:func:`server.calibrate.impostor_tail`) and extrapolated along its fitted
+(:func:`server.models.calibrate.impostor_tail`) and extrapolated along its fitted
 line below the lowest rate measured.  Comparisons are not independent (some
 faces score high against everyone), so that rule is stricter than it needs
 to be: on lfw-dev with SFace it caught 72.0 % of duplicates at FPIR 1e-3 where
@@ -45,13 +45,6 @@ from server.errors import ModelError
 # templates.  Each has its own impostor distribution (fused embeddings sit
 # closer to everyone), so each its own tail.
 KINDS = ("single", "fused_single", "fused_fused")
-
-
-def fuse(embeddings: np.ndarray) -> np.ndarray:
-    """One template from several embeddings of a face: their normalised mean."""
-    mean = embeddings.mean(axis=0)
-    unit: np.ndarray = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
-    return unit
 
 
 @dataclass(frozen=True)

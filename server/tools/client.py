@@ -17,9 +17,9 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from server.api.tls import ClientTls, channel
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
-from server.tls import ClientTls, channel
 
 
 @dataclass

@@ -21,7 +21,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from server.duplicates import DuplicatePoint
+from server.core.duplicates import DuplicatePoint
 from server.errors import FaceVerifyError
 from server.pipeline.faces import STAGES as PIPELINE_STAGES
 
@@ -39,7 +39,7 @@ OUTCOMES = {"Verify": ("match", "no_match"),
 
 
 class Metrics:
-    """The server's metrics; also the batchers' :class:`~server.batching.BatchObserver`."""
+    """The server's metrics; also the batchers' :class:`~server.pipeline.batching.BatchObserver`."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
