@@ -24,28 +24,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from index.errors import ConfigurationError, RegistryUnavailable, StartupError
-from index.registry import (
-    COLUMNS,
-    ERASED,
-    Change,
-    ChangeListener,
-    Enrollment,
-    NotPending,
-    RowCodec,
-    WriterLock,
-    audit_var,
-    redact,
-)
+from index.registry import ChangeListener, WriterLock, redact
+from index.rules import Executor, SqlRegistry
 from index.sealing import Sealer
 
 log = logging.getLogger(__name__)
@@ -177,13 +165,21 @@ class _Listener:
         self._conn.close()
 
 
-class PostgresRegistry(RowCodec):
-    """Thread-safe access to a PostgreSQL registry shared by many servers.
+class PostgresRegistry(SqlRegistry):
+    """Thread-safe access to a PostgreSQL registry shared by many servers; the rules
+    are :class:`index.rules.SqlRegistry`'s.
 
     Raises:
         ConfigurationError: at open, PostgreSQL cannot be reached.
         RegistryMismatch: at open, it holds another model's embeddings.
     """
+
+    TABLES: ClassVar[dict[str, str]] = {"enrollments": "faceverify_enrollments",
+                                        "changes": "faceverify_changes",
+                                        "outbox": "faceverify_audit_outbox"}
+    MARK = "%s"
+    FOR_UPDATE = " FOR UPDATE"
+    UNLIMITED = None
 
     @staticmethod
     def read_meta(url: str) -> tuple[str, int]:
@@ -280,6 +276,23 @@ class PostgresRegistry(RowCodec):
         self.pool.close()
         self.drop_writer()
 
+    # -- what the shared rules (index.rules) need of this backend -------------------------
+
+    _writing = _write
+    _reading = _read
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str) -> Iterator[psycopg.Connection[Any]]:
+        with self.lock, self._write(what) as conn:
+            yield conn
+
+    def _blob(self, value: bytes | str) -> bytes:
+        return _bytes(value)
+
+    def _announce(self, ex: Executor, seq: int) -> None:
+        # Delivered to listeners when the transaction commits.
+        ex.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
+
     # -- schema ---------------------------------------------------------------------------
 
     def _create(self, model_version: str, dim: int) -> None:
@@ -298,233 +311,4 @@ class PostgresRegistry(RowCodec):
         self._check_meta_values(redact(self.url), meta, model_version, dim)
 
     def _check_key(self) -> None:
-        with self._read("open") as conn:
-            row = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments "
-                               "ORDER BY id DESC LIMIT 1").fetchone()
-        self._check_key_opens(f"at {redact(self.url)}", row)
-
-    def _tag_untagged(self) -> None:
-        """See :meth:`index.registry.RowCodec._tag_all_or_none`."""
-        if not self.sealer.enabled:
-            return
-        with self.lock, self._write("tag") as conn:
-            untagged = [r[0] for r in conn.execute(
-                "SELECT id FROM faceverify_enrollments WHERE tag IS NULL").fetchall()]
-            tagged = conn.execute("SELECT 1 FROM faceverify_enrollments WHERE tag IS NOT NULL "
-                                  "LIMIT 1").fetchone() is not None
-            self._tag_all_or_none(untagged, tagged, lambda rid: self._retag(conn, rid))
-
-    def _retag(self, conn: psycopg.Connection[Any], rid: int) -> None:
-        """Write row ``rid``'s tag (in the transaction under way)."""
-        if not self.sealer.enabled:
-            return
-        row = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments WHERE id = %s",
-                           (rid,)).fetchone()
-        if row is not None:
-            conn.execute("UPDATE faceverify_enrollments SET tag = %s WHERE id = %s",
-                         (self._tag(row), rid))
-
-    def scan_rows(self, batch: int = 10_000) -> int:
-        """Check every row's integrity; how many are quarantined."""
-        def batches() -> Iterator[list[Any]]:
-            last = 0
-            while True:
-                with self._read("integrity scan") as conn:
-                    rows = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments "
-                                        "WHERE id > %s ORDER BY id LIMIT %s",
-                                        (last, batch)).fetchall()
-                if not rows:
-                    return
-                yield rows
-                last = rows[-1][0]
-        return self.scan(batches())
-
-    # -- writes (under the lock) ------------------------------------------------------------
-
-    def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
-            candidates: list[tuple[str, float]] | None = None,
-            metadata: dict[str, str] | None = None, photos: int = 1) -> Enrollment:
-        """Insert an enrolment and log it; committed when this returns."""
-        vec = np.ascontiguousarray(embedding, dtype=np.float32)
-        if vec.shape != (self.dim,):
-            raise ValueError(f"embedding shape {vec.shape} != ({self.dim},)")
-        now = time.time()
-        cands = candidates or []
-        review = "pending" if flagged else "none"
-        with self._write("enrol") as conn:
-            new_id = int(conn.execute(
-                "INSERT INTO faceverify_enrollments (nik, embedding, flagged, candidates, "
-                "metadata, created_at, review, photos) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
-                "RETURNING id",
-                (nik, self._seal("embedding", nik, vec.tobytes()), flagged,
-                 _bytes(self._sealed_json("candidates", nik, cands)),
-                 _bytes(self._sealed_json("metadata", nik, metadata or {})), now, review,
-                 photos)).fetchone()[0])  # type: ignore[index]
-            self._retag(conn, new_id)
-            self._log_change(conn, "add", new_id)
-            self._audit(conn, "enrolled_flagged" if flagged else "enrolled")
-        return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}),
-                          now, review, photos=photos)
-
-    @staticmethod
-    def _log_change(conn: psycopg.Connection[Any], op: str, rid: int) -> None:
-        seq = conn.execute("INSERT INTO faceverify_changes (op, id) VALUES (%s, %s) "
-                           "RETURNING seq", (op, rid)).fetchone()[0]  # type: ignore[index]
-        # Delivered to listeners when the transaction commits.
-        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
-
-    @staticmethod
-    def _audit(conn: psycopg.Connection[Any], outcome: str) -> None:
-        """The call's audit record, in the transaction under way (see
-        :class:`index.registry.AuditEntry`)."""
-        entry = audit_var.get()
-        if entry is not None:
-            entry.outbox_id = int(conn.execute(
-                "INSERT INTO faceverify_audit_outbox (origin, record) VALUES (%s, %s) "
-                "RETURNING id", (entry.origin, entry.record(outcome))
-            ).fetchone()[0])  # type: ignore[index]
-
-    def audit_pending(self, origin: str, limit: int) -> list[tuple[int, str]]:
-        with self._read("audit outbox") as conn:
-            rows = conn.execute("SELECT id, record FROM faceverify_audit_outbox WHERE "
-                                "origin = %s ORDER BY id LIMIT %s", (origin, limit)).fetchall()
-        return [(int(i), str(r)) for i, r in rows]
-
-    def audit_exported(self, origin: str, upto: int) -> None:
-        with self._read("audit outbox") as conn:
-            conn.execute("DELETE FROM faceverify_audit_outbox WHERE origin = %s AND id <= %s",
-                         (origin, upto))
-
-    def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
-                       ) -> Enrollment | None:
-        if decision not in ("confirmed", "cleared"):
-            raise ValueError(f"unknown review decision {decision!r}")
-        with self._write("review") as conn:
-            row = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments WHERE nik = %s "
-                               "FOR UPDATE", (nik,)).fetchone()
-            if row is None:
-                return None
-            if not self._authentic(row):
-                raise self._quarantine(row, "its tag does not match its columns")
-            if row[7] != "pending":
-                raise NotPending(f"this enrolment awaits no review (it is {row[7]})")
-            conn.execute(
-                "UPDATE faceverify_enrollments SET review = %s, reviewed_by = %s, "
-                "reviewed_at = %s, review_note = %s WHERE id = %s",
-                (decision, reviewer, time.time(), note, row[0]))
-            self._retag(conn, row[0])
-            row = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments WHERE id = %s",
-                               (row[0],)).fetchone()
-            self._audit(conn, decision)
-        return self._row(row)
-
-    def remove(self, nik: str) -> Enrollment | None:
-        """Erase an enrolment, log the removal, strike the NIK from other enrolments'
-        candidate lists and review notes (``erased`` stands in); None if the NIK is
-        not enrolled."""
-        with self._write("erase") as conn:
-            row = conn.execute(f"DELETE FROM faceverify_enrollments WHERE nik = %s "
-                               f"RETURNING {COLUMNS}", (nik,)).fetchone()
-            if row is None:
-                return None
-            self._log_change(conn, "remove", int(row[0]))
-            self._audit(conn, "erased")
-            for other, other_nik, sealed in conn.execute(
-                    "SELECT id, nik, candidates FROM faceverify_enrollments WHERE flagged"
-            ).fetchall():
-                candidates = self._candidates(other, other_nik, sealed)
-                if any(n == nik for n, _ in candidates):
-                    struck = [[ERASED if n == nik else n, s] for n, s in candidates]
-                    conn.execute("UPDATE faceverify_enrollments SET candidates = %s "
-                                 "WHERE id = %s",
-                                 (_bytes(self._sealed_json("candidates", other_nik, struck)),
-                                  other))
-                    self._retag(conn, other)
-            for (other,) in conn.execute(
-                    "UPDATE faceverify_enrollments SET review_note = replace(review_note, %s, "
-                    "%s) WHERE strpos(review_note, %s) > 0 RETURNING id",
-                    (nik, ERASED, nik)).fetchall():
-                self._retag(conn, other)
-        return self._match_row(row)  # erasing a quarantined enrolment is allowed
-
-    def reseal(self, batch: int = 1000) -> int:
-        """Seal every value with the current data key; how many rows changed."""
-        changed, last = 0, 0
-        while True:
-            with self._write("reseal") as conn:
-                rows = conn.execute(
-                    f"SELECT {COLUMNS} FROM faceverify_enrollments WHERE id > %s "
-                    "ORDER BY id LIMIT %s", (last, batch)).fetchall()
-                for row in rows:
-                    values = self._resealed(row)
-                    if values is None:
-                        continue
-                    conn.execute("UPDATE faceverify_enrollments SET embedding = %s, "
-                                 "candidates = %s, metadata = %s WHERE id = %s",
-                                 (values[0], _bytes(values[1]), _bytes(values[2]), row[0]))
-                    self._retag(conn, row[0])
-                    changed += 1
-            if not rows:
-                return changed
-            last = rows[-1][0]
-
-    # -- reads ----------------------------------------------------------------------------
-
-    def pending_reviews(self, after_id: int, limit: int) -> list[Enrollment]:
-        with self._read("reviews") as conn:
-            rows = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments WHERE "
-                                "review = 'pending' AND id > %s ORDER BY id LIMIT %s",
-                                (after_id, limit)).fetchall()
-        return [self._row(r) for r in rows]
-
-    def count_pending(self) -> int:
-        with self._read("reviews") as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM faceverify_enrollments "
-                                    "WHERE review = 'pending'").fetchone()[0])  # type: ignore[index]
-
-    def get(self, nik: str) -> Enrollment | None:
-        with self._read("look-up") as conn:
-            row = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments WHERE nik = %s",
-                               (nik,)).fetchone()
-        return self._row(row) if row else None
-
-    def get_by_ids(self, ids: list[int]) -> dict[int, Enrollment]:
-        if not ids:
-            return {}
-        with self._read("look-up") as conn:
-            rows = conn.execute(f"SELECT {COLUMNS} FROM faceverify_enrollments "
-                                "WHERE id = ANY(%s)", (ids,)).fetchall()
-        return {int(r[0]): self._match_row(r) for r in rows}
-
-    def count(self) -> int:
-        with self._read("count") as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM faceverify_enrollments"
-                                    ).fetchone()[0])  # type: ignore[index]
-
-    def last_seq(self) -> int:
-        with self._read("change log") as conn:
-            row = conn.execute("SELECT MAX(seq) FROM faceverify_changes").fetchone()
-        return int(row[0] or 0) if row else 0
-
-    def changes_since(self, seq: int, limit: int | None = None) -> list[Change]:
-        """Changes after ``seq`` in order (at most ``limit``), with the current
-        embedding of added ids."""
-        with self._read("change log") as conn:
-            rows = conn.execute(
-                "SELECT c.seq, c.op, c.id, e.nik, e.embedding FROM faceverify_changes c "
-                "LEFT JOIN faceverify_enrollments e ON e.id = c.id AND c.op = 'add' "
-                "WHERE c.seq > %s ORDER BY c.seq LIMIT %s", (seq, limit)).fetchall()
-        return self._changes(rows)
-
-    def iter_embeddings(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All (ids, embeddings) in id order, in batches (for rebuilding the index)."""
-        last = 0
-        while True:
-            with self._read("embeddings") as conn:
-                rows = conn.execute("SELECT id, nik, embedding FROM faceverify_enrollments "
-                                    "WHERE id > %s ORDER BY id LIMIT %s", (last, batch)).fetchall()
-            if not rows:
-                return
-            ids, embs = self._embeddings(rows, self.dim)
-            yield ids, embs
-            last = int(ids[-1])
+        self._check_key_opens(f"at {redact(self.url)}", self._newest_row())

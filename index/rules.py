@@ -1,0 +1,333 @@
+"""The registry's rules, written once over SQL: enrolment, review, erasure (and
+its strikes), reseal, row tags, the change log, the audit outbox and the reads.
+
+A backend (:mod:`index.sqlite_registry`, :mod:`index.postgres_registry`)
+supplies what differs: its table names, its parameter mark, whether a read
+for update locks the row, how a transaction is opened (and what the writer
+lock is), how a change is announced, and what an erasure must do after it
+commits.  Statements are written here with ``?`` marks and ``{enrollments}``,
+``{changes}``, ``{outbox}`` for the tables; both SQLite (3.35 or later:
+``RETURNING``) and PostgreSQL run them as written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from index.registry import (
+    COLUMNS,
+    ERASED,
+    Change,
+    Enrollment,
+    NotPending,
+    RowCodec,
+    audit_var,
+)
+
+
+class Cursor(Protocol):
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Executor(Protocol):
+    """A connection as the rules use it (``sqlite3.Connection``, ``psycopg.Connection``)."""
+
+    def execute(self, query: Any, params: Any = ..., /) -> Any: ...
+
+
+class SqlRegistry(RowCodec):
+    """The :class:`~index.registry.Registry` rules over a backend's SQL.
+
+    A subclass sets :attr:`TABLES`, :attr:`MARK`, :attr:`FOR_UPDATE` and
+    :attr:`UNLIMITED`, and provides :meth:`_writing`, :meth:`_reading` and
+    :meth:`_exclusive`; it may override :meth:`_blob`, :meth:`_announce` and
+    :meth:`_after_erase`.
+    """
+
+    TABLES: ClassVar[dict[str, str]]  # enrollments, changes, outbox -> table names
+    MARK: ClassVar[str]  # the parameter mark: "?" or "%s"
+    FOR_UPDATE: ClassVar[str]  # appended to a read that precedes a write of the row
+    UNLIMITED: ClassVar[int | None]  # a LIMIT value meaning none
+    dim: int
+
+    def _writing(self, what: str) -> contextlib.AbstractContextManager[Executor]:
+        """A write transaction; the caller holds the writer lock where the backend
+        needs it held (committed when the block ends, rolled back on an error)."""
+        raise NotImplementedError
+
+    def _reading(self, what: str) -> contextlib.AbstractContextManager[Executor]:
+        """A connection for reads and single-statement writes (each its own transaction)."""
+        raise NotImplementedError
+
+    def _exclusive(self, what: str) -> contextlib.AbstractContextManager[Executor]:
+        """A write transaction that takes the writer lock itself (at open)."""
+        raise NotImplementedError
+
+    def _blob(self, value: bytes | str) -> Any:
+        """A sealed-or-JSON value as its column stores it."""
+        return value
+
+    def _announce(self, ex: Executor, seq: int) -> None:
+        """Tell other servers of change ``seq`` (in the transaction under way)."""
+
+    def _after_erase(self) -> None:
+        """What must follow a committed erasure or reseal (old pages, say)."""
+
+    # -- statements ------------------------------------------------------------------
+
+    def _q(self, template: str) -> str:
+        return template.format(**self.TABLES).replace("?", self.MARK)
+
+    def _run(self, ex: Executor, template: str, params: Sequence[Any] = ()) -> Any:
+        return ex.execute(self._q(template), tuple(params))
+
+    def _select_row(self, ex: Executor, where: str, params: Sequence[Any],
+                    lock: bool = False) -> Any:
+        return self._run(ex, f"SELECT {COLUMNS} FROM {{enrollments}} WHERE {where}"
+                         + (self.FOR_UPDATE if lock else ""), params).fetchone()
+
+    def _retag(self, ex: Executor, rid: int) -> None:
+        """Write row ``rid``'s tag (in the transaction under way)."""
+        if not self.sealer.enabled:
+            return
+        row = self._select_row(ex, "id = ?", (rid,))
+        if row is not None:
+            self._run(ex, "UPDATE {enrollments} SET tag = ? WHERE id = ?", (self._tag(row), rid))
+
+    def _log_change(self, ex: Executor, op: str, rid: int) -> None:
+        seq = self._run(ex, "INSERT INTO {changes} (op, id) VALUES (?, ?) RETURNING seq",
+                        (op, rid)).fetchone()[0]
+        self._announce(ex, int(seq))
+
+    def _audit(self, ex: Executor, outcome: str) -> None:
+        """The call's audit record, in the transaction under way (see
+        :class:`index.registry.AuditEntry`)."""
+        entry = audit_var.get()
+        if entry is not None:
+            entry.outbox_id = int(self._run(
+                ex, "INSERT INTO {outbox} (origin, record) VALUES (?, ?) RETURNING id",
+                (entry.origin, entry.record(outcome))).fetchone()[0])
+
+    def _tag_untagged(self) -> None:
+        """See :meth:`index.registry.RowCodec._tag_all_or_none`."""
+        if not self.sealer.enabled:
+            return
+        with self._exclusive("tag") as ex:
+            untagged = [r[0] for r in self._run(
+                ex, "SELECT id FROM {enrollments} WHERE tag IS NULL").fetchall()]
+            tagged = self._run(ex, "SELECT 1 FROM {enrollments} WHERE tag IS NOT NULL "
+                               "LIMIT 1").fetchone() is not None
+            self._tag_all_or_none(untagged, tagged, lambda rid: self._retag(ex, rid))
+
+    def _newest_row(self) -> Any:
+        with self._reading("open") as ex:
+            return self._run(ex, f"SELECT {COLUMNS} FROM {{enrollments}} ORDER BY id DESC "
+                             "LIMIT 1").fetchone()
+
+    # -- writes -----------------------------------------------------------------------
+
+    def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
+            candidates: list[tuple[str, float]] | None = None,
+            metadata: dict[str, str] | None = None, photos: int = 1) -> Enrollment:
+        """Insert an enrolment, log the change and its audit record; committed when
+        this returns.
+
+        Raises:
+            ValueError: the embedding is not of the registry's dimension.
+            the backend's integrity error: the NIK is already enrolled.
+        """
+        vec = np.ascontiguousarray(embedding, dtype=np.float32)
+        if vec.shape != (self.dim,):
+            raise ValueError(f"embedding shape {vec.shape} != ({self.dim},)")
+        now = time.time()
+        cands = candidates or []
+        review = "pending" if flagged else "none"
+        with self._writing("enrol") as ex:
+            new_id = int(self._run(
+                ex, "INSERT INTO {enrollments} (nik, embedding, flagged, candidates, metadata, "
+                "created_at, review, photos) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (nik, self._seal("embedding", nik, vec.tobytes()), flagged,
+                 self._blob(self._sealed_json("candidates", nik, cands)),
+                 self._blob(self._sealed_json("metadata", nik, metadata or {})), now, review,
+                 photos)).fetchone()[0])
+            self._retag(ex, new_id)
+            self._log_change(ex, "add", new_id)
+            self._audit(ex, "enrolled_flagged" if flagged else "enrolled")
+        return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}),
+                          now, review, photos=photos)
+
+    def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
+                       ) -> Enrollment | None:
+        """Record a person's decision on a pending enrolment (``confirmed`` or
+        ``cleared``); None if the NIK is not enrolled.  The embedding and the
+        index are untouched: a confirmed duplicate stays findable.
+
+        Raises:
+            NotPending: the enrolment awaits no review (never flagged, or decided).
+            Quarantined: its stored record fails authentication.
+        """
+        if decision not in ("confirmed", "cleared"):
+            raise ValueError(f"unknown review decision {decision!r}")
+        with self._writing("review") as ex:
+            row = self._select_row(ex, "nik = ?", (nik,), lock=True)
+            if row is None:
+                return None
+            if not self._authentic(row):
+                raise self._quarantine(row, "its tag does not match its columns")
+            if row[7] != "pending":
+                raise NotPending(f"this enrolment awaits no review (it is {row[7]})")
+            self._run(ex, "UPDATE {enrollments} SET review = ?, reviewed_by = ?, "
+                      "reviewed_at = ?, review_note = ? WHERE id = ?",
+                      (decision, reviewer, time.time(), note, row[0]))
+            self._retag(ex, row[0])
+            self._audit(ex, decision)
+            row = self._select_row(ex, "id = ?", (row[0],))
+        return self._row(row)
+
+    def remove(self, nik: str) -> Enrollment | None:
+        """Erase an enrolment, log the removal and its audit record, and strike the
+        NIK from other enrolments' candidate lists and review notes (``erased``
+        stands in); None if the NIK is not enrolled."""
+        with self._writing("erase") as ex:
+            rows = self._run(ex, f"DELETE FROM {{enrollments}} WHERE nik = ? "
+                             f"RETURNING {COLUMNS}", (nik,)).fetchall()
+            if not rows:
+                return None
+            row = rows[0]
+            self._log_change(ex, "remove", int(row[0]))
+            self._audit(ex, "erased")
+            # Only flagged enrolments have candidates.
+            for other, other_nik, sealed in self._run(
+                    ex, "SELECT id, nik, candidates FROM {enrollments} WHERE flagged"
+            ).fetchall():
+                candidates = self._candidates(other, other_nik, sealed)
+                if any(n == nik for n, _ in candidates):
+                    struck = [[ERASED if n == nik else n, s] for n, s in candidates]
+                    self._run(ex, "UPDATE {enrollments} SET candidates = ? WHERE id = ?",
+                              (self._blob(self._sealed_json("candidates", other_nik, struck)),
+                               other))
+                    self._retag(ex, other)
+            # A reviewer's note may name it too.
+            for (other,) in self._run(
+                    ex, "UPDATE {enrollments} SET review_note = replace(review_note, ?, ?) "
+                    "WHERE replace(review_note, ?, '') <> review_note RETURNING id",
+                    (nik, ERASED, nik)).fetchall():
+                self._retag(ex, other)
+        self._after_erase()
+        return self._match_row(row)  # erasing a quarantined enrolment is allowed
+
+    def reseal(self, batch: int = 1000) -> int:
+        """Seal every value with the current data key (opening it with whichever
+        key sealed it); how many rows changed."""
+        changed, last = 0, 0
+        while True:
+            with self._writing("reseal") as ex:
+                rows = self._run(ex, f"SELECT {COLUMNS} FROM {{enrollments}} WHERE id > ? "
+                                 "ORDER BY id LIMIT ?", (last, batch)).fetchall()
+                for row in rows:
+                    values = self._resealed(row)
+                    if values is None:
+                        continue
+                    self._run(ex, "UPDATE {enrollments} SET embedding = ?, candidates = ?, "
+                              "metadata = ? WHERE id = ?",
+                              (values[0], self._blob(values[1]), self._blob(values[2]), row[0]))
+                    self._retag(ex, row[0])
+                    changed += 1
+            if not rows:
+                break
+            last = rows[-1][0]
+        self._after_erase()
+        return changed
+
+    def audit_pending(self, origin: str, limit: int) -> list[tuple[int, str]]:
+        with self._reading("audit outbox") as ex:
+            rows = self._run(ex, "SELECT id, record FROM {outbox} WHERE origin = ? "
+                             "ORDER BY id LIMIT ?", (origin, limit)).fetchall()
+        return [(int(i), str(r)) for i, r in rows]
+
+    def audit_exported(self, origin: str, upto: int) -> None:
+        with self._reading("audit outbox") as ex:
+            self._run(ex, "DELETE FROM {outbox} WHERE origin = ? AND id <= ?", (origin, upto))
+
+    # -- reads ------------------------------------------------------------------------
+
+    def scan_rows(self, batch: int = 10_000) -> int:
+        """Check every row's integrity; how many are quarantined."""
+        def batches() -> Iterator[list[Any]]:
+            last = 0
+            while True:
+                with self._reading("integrity scan") as ex:
+                    rows = self._run(ex, f"SELECT {COLUMNS} FROM {{enrollments}} WHERE id > ? "
+                                     "ORDER BY id LIMIT ?", (last, batch)).fetchall()
+                if not rows:
+                    return
+                yield rows
+                last = rows[-1][0]
+        return self.scan(batches())
+
+    def pending_reviews(self, after_id: int, limit: int) -> list[Enrollment]:
+        """Enrolments awaiting review, oldest first, after the one with id ``after_id``."""
+        with self._reading("reviews") as ex:
+            rows = self._run(ex, f"SELECT {COLUMNS} FROM {{enrollments}} WHERE "
+                             "review = 'pending' AND id > ? ORDER BY id LIMIT ?",
+                             (after_id, limit)).fetchall()
+        return [self._row(r) for r in rows]
+
+    def count_pending(self) -> int:
+        with self._reading("reviews") as ex:
+            return int(self._run(ex, "SELECT COUNT(*) FROM {enrollments} "
+                                 "WHERE review = 'pending'").fetchone()[0])
+
+    def get(self, nik: str) -> Enrollment | None:
+        with self._reading("look-up") as ex:
+            row = self._select_row(ex, "nik = ?", (nik,))
+        return self._row(row) if row else None
+
+    def get_by_ids(self, ids: list[int]) -> dict[int, Enrollment]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        with self._reading("look-up") as ex:
+            rows = self._run(ex, f"SELECT {COLUMNS} FROM {{enrollments}} "
+                             f"WHERE id IN ({marks})", ids).fetchall()
+        return {int(r[0]): self._match_row(r) for r in rows}
+
+    def count(self) -> int:
+        with self._reading("count") as ex:
+            return int(self._run(ex, "SELECT COUNT(*) FROM {enrollments}").fetchone()[0])
+
+    def last_seq(self) -> int:
+        with self._reading("change log") as ex:
+            row = self._run(ex, "SELECT MAX(seq) FROM {changes}").fetchone()
+        return int(row[0] or 0) if row else 0
+
+    def changes_since(self, seq: int, limit: int | None = None) -> list[Change]:
+        """Changes after ``seq`` in order (at most ``limit``), with the current
+        embedding of added ids."""
+        with self._reading("change log") as ex:
+            rows = self._run(
+                ex, "SELECT c.seq, c.op, c.id, e.nik, e.embedding FROM {changes} c "
+                "LEFT JOIN {enrollments} e ON e.id = c.id AND c.op = 'add' "
+                "WHERE c.seq > ? ORDER BY c.seq LIMIT ?",
+                (seq, self.UNLIMITED if limit is None else limit)).fetchall()
+        return self._changes(rows)
+
+    def iter_embeddings(self, batch: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (ids, embeddings) in id order, in batches (for rebuilding the index)."""
+        last = 0
+        while True:
+            with self._reading("embeddings") as ex:
+                rows = self._run(ex, "SELECT id, nik, embedding FROM {enrollments} "
+                                 "WHERE id > ? ORDER BY id LIMIT ?", (last, batch)).fetchall()
+            if not rows:
+                return
+            ids, embs = self._embeddings(rows, self.dim)
+            yield ids, embs
+            last = int(ids[-1])
