@@ -71,6 +71,8 @@ class Settings:
         dedup_fpir: the false-positive identification rate (false duplicate alarms
             per enrolment attempt) the duplicate threshold is set for, at the
             gallery's current size (see server.core.duplicates).
+        presentation_attack_policy: ``report`` or ``refuse`` a selfie that is a copy
+            of the reference photo (:mod:`server.core.presentation`).
         duplicate_policy: ``flag`` (enrol, pending a person's review) or ``refuse`` a
             face that matches one enrolled under another NIK.
         snapshot_every: index snapshot after this many enrolments or erasures.
@@ -144,6 +146,7 @@ class Settings:
     dedup_fpir: float = 1e-3
     search_floor_fmr: float = 0.0
     duplicate_policy: str = "flag"
+    presentation_attack_policy: str = "report"
     snapshot_every: int = 1000
     grace_seconds: float = 10.0
     max_concurrent_rpcs: int = 256

@@ -29,7 +29,8 @@ __all__ = [
     "ImageTooLarge", "InternalError", "InvalidImage", "InvalidNik", "InvalidRequest",
     "ModelError", "MultipleFaces", "NoFaceDetected", "NotEnrolled", "NotPendingReview",
     "Overloaded", "PermissionDenied", "QueueTimeout", "RateLimited", "ReferenceKindNotCalibrated",
-    "RegistryUnavailable", "RequestError", "RequestTooLarge", "StartupError", "Unauthenticated",
+    "RegistryUnavailable", "RequestError", "RequestTooLarge", "SelfieIsReferenceCopy",
+    "StartupError", "Unauthenticated",
 ]
 
 DOMAIN = "faceverify.v1"
@@ -68,6 +69,13 @@ class MultipleFaces(RequestError):
     """Several faces of comparable size were found, so the subject is ambiguous."""
 
     reason = "MULTIPLE_FACES"
+
+
+class SelfieIsReferenceCopy(RequestError):
+    """The selfie is a copy of the reference photo (a presentation attack), refused
+    under the ``refuse`` presentation-attack policy."""
+
+    reason = "SELFIE_IS_REFERENCE_COPY"
 
 
 class FaceTooSmall(RequestError):

@@ -27,6 +27,7 @@ from server.errors import ConfigurationError
 ENV_PREFIX = "FACEVERIFY_"
 PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
 DUPLICATE_POLICY_CHOICES = ("flag", "refuse")
+PRESENTATION_ATTACK_POLICY_CHOICES = ("report", "refuse")
 CUDNN_SEARCH_CHOICES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 LOG_LEVEL_CHOICES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -254,6 +255,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("duplicate_policy", "`flag` (enrol, pending a person's review: `ListReviews`) "
            "or `refuse` a face that matches one enrolled under another NIK",
            choices=DUPLICATE_POLICY_CHOICES),
+    Option("presentation_attack_policy", "`report` (the result rides on `Verify`'s and "
+           "`Enroll`'s answer, decisions unchanged) or `refuse` a selfie that is a copy of "
+           "the reference photo (`INVALID_ARGUMENT` / `SELFIE_IS_REFERENCE_COPY`)",
+           choices=PRESENTATION_ATTACK_POLICY_CHOICES),
     Option("dedup_fpir", "false duplicate alarms per enrolment attempt the duplicate "
            "threshold is set for, at the gallery's current size (see \"Enrolments\")",
            float, check=_rate, rule="must be between 0 and 1"),

@@ -85,8 +85,14 @@ def test_a_value_a_setting_may_not_take_is_refused_by_name(env: dict[str, str],
 
 def test_each_list_of_choices_is_the_one_its_code_knows() -> None:
     from server.core.enrolment import DuplicatePolicy
-    from server.options import DUPLICATE_POLICY_CHOICES, PROVIDER_CHOICES
+    from server.core.presentation import AttackPolicy
+    from server.options import (
+        DUPLICATE_POLICY_CHOICES,
+        PRESENTATION_ATTACK_POLICY_CHOICES,
+        PROVIDER_CHOICES,
+    )
     from server.pipeline.runtime import PROVIDERS
 
     assert ("auto", *PROVIDERS) == PROVIDER_CHOICES
     assert set(DUPLICATE_POLICY_CHOICES) == {p.value for p in DuplicatePolicy}
+    assert set(PRESENTATION_ATTACK_POLICY_CHOICES) == {p.value for p in AttackPolicy}

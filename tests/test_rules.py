@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from index.gallery import Gallery
 from index.registry import ERASED
@@ -25,6 +26,7 @@ from index.vectors import IndexSpec
 from server.core.duplicates import DuplicateThreshold
 from server.core.enrolment import DuplicatePolicy, EnrolmentService, Outcome
 from server.core.metrics import Metrics
+from server.core.presentation import ENROLLED_COPY, REFERENCE_COPY, AttackPolicy, PresentationChecks
 from server.core.service import OperatingPoint
 from server.errors import (
     EnrollmentConflict,
@@ -33,9 +35,11 @@ from server.errors import (
     NotEnrolled,
     NotPendingReview,
     ReferenceKindNotCalibrated,
+    SelfieIsReferenceCopy,
 )
 from server.pipeline.faces import AnalysedFace
 from server.pipeline.quality import Quality
+from server.pipeline.replay import ReplayCheck
 from server.pipeline.types import DetectedFace
 
 DIM = 128
@@ -62,20 +66,28 @@ def like(base: np.ndarray, score: float, seed: int) -> np.ndarray:
 
 
 class ChosenFaces:
-    """The pipeline's place: each image's bytes name the embedding chosen for it."""
+    """The pipeline's place: each image's bytes name the embedding (and the aligned
+    face, for the replay check) chosen for it."""
 
     def __init__(self) -> None:
-        self.faces: dict[bytes, np.ndarray] = {}
+        self.faces: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
-    def photo(self, embedding: np.ndarray) -> bytes:
+    def photo(self, embedding: np.ndarray, chip: np.ndarray | None = None) -> bytes:
         name = f"photo-{len(self.faces)}".encode()
-        self.faces[name] = embedding
+        self.faces[name] = (embedding, texture(len(self.faces)) if chip is None else chip)
         return name
 
     async def analyse(self, data: bytes, field: str, refuse_ambiguous: bool) -> AnalysedFace:
         face = DetectedFace(np.array([0.0, 0.0, 100.0, 100.0]), 0.99, np.zeros((5, 2)))
-        return AnalysedFace(face, Quality(100, 100, 2.0, 120, 0.99), self.faces[data], 1,
-                            False, (200, 200), np.zeros((112, 112, 3), np.uint8))
+        embedding, chip = self.faces[data]
+        return AnalysedFace(face, Quality(100, 100, 2.0, 120, 0.99), embedding, 1,
+                            False, (200, 200), chip)
+
+
+def texture(seed: int) -> np.ndarray:
+    """An aligned "face" of its own: smooth random structure, 112 x 112 RGB."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (14, 14, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((112, 112), Image.Resampling.BICUBIC))
 
 
 def point_for(kind: str) -> OperatingPoint:
@@ -90,13 +102,20 @@ def pool() -> Iterator[ThreadPoolExecutor]:
         yield p
 
 
-def service(tmp_path: Path, pool: ThreadPoolExecutor, policy: DuplicatePolicy
+# Chosen replay thresholds (the shipped ones are measured by benchmarks.replay).
+REPLAY = ReplayCheck(threshold=0.9, template_threshold=0.99)
+
+
+def service(tmp_path: Path, pool: ThreadPoolExecutor, policy: DuplicatePolicy,
+            attacks: AttackPolicy = AttackPolicy.REPORT
             ) -> tuple[EnrolmentService, ChosenFaces]:
     faces = ChosenFaces()
     dedup = DuplicateThreshold.from_calibration(json.loads(CALIBRATION.read_text()), 1e-3)
     gallery = Gallery(tmp_path / "data", "chosen-embeddings", DIM, IndexSpec())
+    metrics = Metrics()
     return EnrolmentService(gallery, faces, pool, point_for,  # type: ignore[arg-type]
-                            dedup, policy, Metrics()), faces
+                            dedup, policy, metrics,
+                            PresentationChecks(REPLAY, attacks, pool, metrics)), faces
 
 
 def threshold(svc: EnrolmentService) -> float:
@@ -289,3 +308,46 @@ def test_every_decision_survives_a_reopened_gallery(tmp_path: Path,
     stored = asyncio.run(reopened.get(nik(2)))
     assert (stored.flagged, stored.review, stored.review_note) == (True, "cleared", "twins")
     assert len(reopened.gallery) == 2 and reopened.gallery.in_sync()
+
+
+def test_a_selfie_that_is_a_copy_of_the_reference_is_reported_and_still_enrolled(
+        tmp_path: Path, pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.REFUSE)
+    face, card = unit(1), texture(100)
+    blurred = np.asarray(Image.fromarray(card).resize((90, 90)).resize((112, 112)))
+    r = asyncio.run(svc.enroll(nik(1), faces.photo(like(face, 0.97, 2), blurred),
+                               faces.photo(face, card), {}))
+    assert r.outcome is Outcome.ENROLLED
+    assert r.presentation.reasons == (REFERENCE_COPY,)
+    assert r.presentation.reference_copy_score is not None
+    assert r.presentation.reference_copy_score >= REPLAY.threshold
+    # Two pictures of their own are no copy, however alike the embeddings.
+    r = asyncio.run(svc.enroll(nik(2), faces.photo(unit(3)), faces.photo(like(unit(3), 0.97, 4)),
+                               {}))
+    assert r.outcome is Outcome.ENROLLED and not r.presentation.suspected
+    assert r.presentation.reference_copy_score is not None
+    assert r.presentation.reference_copy_score < REPLAY.threshold
+
+
+def test_under_the_refuse_policy_a_copy_of_the_reference_stores_nothing(
+        tmp_path: Path, pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.REFUSE, AttackPolicy.REFUSE)
+    card = texture(7)
+    with pytest.raises(SelfieIsReferenceCopy):
+        asyncio.run(svc.enroll(nik(1), faces.photo(unit(1), card), faces.photo(unit(1), card),
+                               {}))
+    assert len(svc.gallery) == 0
+    assert svc.metrics.presentation_attacks.labels("Enroll", REFERENCE_COPY)._value.get() == 1
+
+
+def test_re_enrolling_the_stored_face_itself_is_reported_as_an_enrolled_copy(
+        tmp_path: Path, pool: ThreadPoolExecutor) -> None:
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.REFUSE, AttackPolicy.REFUSE)
+    face = unit(1)
+    asyncio.run(svc.enroll(nik(1), faces.photo(face), None, {}))
+    again = asyncio.run(svc.enroll(nik(1), faces.photo(face), None, {}))
+    assert again.outcome is Outcome.ALREADY_ENROLLED  # a retry: reported, never refused
+    assert again.presentation.reasons == (ENROLLED_COPY,)
+    other_photo = asyncio.run(svc.enroll(nik(1), faces.photo(like(face, 0.95, 5)), None, {}))
+    assert other_photo.outcome is Outcome.ALREADY_ENROLLED
+    assert not other_photo.presentation.suspected

@@ -47,12 +47,14 @@ from server.core.duplicates import DuplicateThreshold
 from server.core.enrolment import DuplicatePolicy, EnrolmentService
 from server.core.inference import InferenceEngine
 from server.core.metrics import Metrics, MetricsServer
+from server.core.presentation import AttackPolicy, PresentationChecks
 from server.core.service import VerificationService, operating_points
 from server.errors import ConfigurationError, StartupError
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
 from server.models.manifest import read_calibration
 from server.pipeline.loader import load_models, warm_up
+from server.pipeline.replay import ReplayCheck
 
 if TYPE_CHECKING:
     from index.follower import Follower
@@ -207,12 +209,20 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
         log.info("data at rest sealed with AES-256-GCM, key %s", sealer.current_id)
     engine = InferenceEngine(models.pipeline, image_pool, model_pool, settings.engine_limits,
                              metrics)
-    verification = VerificationService(models, points, engine, metrics)
+    replay_check = ReplayCheck.from_calibration(calibration)
+    if replay_check is None:
+        log.warning("the calibration has no replay record for this measure: selfies are not "
+                    "checked for being copies of the reference; run `faceverify calibrate` "
+                    "again")
+    presentation = PresentationChecks(replay_check,
+                                      AttackPolicy(settings.presentation_attack_policy),
+                                      image_pool, metrics)
+    verification = VerificationService(models, points, engine, metrics, presentation)
     floor = (operating_points(calibration, settings.search_floor_fmr)["photo"].threshold
              if settings.search_floor_fmr else None)
     enrolment = EnrolmentService(gallery, engine, index_pool, verification.point_for, dedup,
                                  DuplicatePolicy(settings.duplicate_policy), metrics,
-                                 search_floor=floor)
+                                 presentation, search_floor=floor)
     dup = enrolment.duplicate_point()
     log.info("decision threshold %.4f for FMR %g (calibrated on %s); duplicate threshold "
              "%.4f for FPIR %g at %d enrolments (from the calibration's %s; pairwise FMR "

@@ -12,6 +12,7 @@ from server import __version__
 from server.api.access import ANONYMOUS, caller_var
 from server.api.interceptor import request_id_var
 from server.core.enrolment import EnrolmentService
+from server.core.presentation import Presentation, PresentationChecks
 from server.core.service import OperatingPoint, VerificationService
 from server.errors import InvalidRequest
 from server.gen import faceverify_pb2 as pb
@@ -60,6 +61,26 @@ def face_pb(a: AnalysedFace, scheme: str) -> pb.Face:
     )
 
 
+def presentation_pb(p: Presentation) -> pb.PresentationAttack:
+    out = pb.PresentationAttack(suspected=p.suspected, reasons=list(p.reasons),
+                                checks=list(p.checks))
+    if p.reference_copy_score is not None:
+        out.reference_copy_score = p.reference_copy_score
+    return out
+
+
+def presentation_settings_pb(checks: PresentationChecks) -> pb.PresentationAttackSettings:
+    replay = checks.replay
+    out = pb.PresentationAttackSettings(policy=checks.policy.value,
+                                        reference_copy_checked=replay is not None,
+                                        measure=checks.version)
+    if replay is not None:
+        out.reference_copy_threshold = replay.threshold
+        out.reference_copy_genuine_rate = replay.genuine_rate
+        out.enrolled_copy_threshold = replay.template_threshold
+    return out
+
+
 def candidates_pb(matches: list[tuple[Match, bool]]) -> list[pb.Candidate]:
     return [pb.Candidate(nik=m.nik, score=m.score, suspected_duplicate=suspected)
             for m, suspected in matches]
@@ -101,11 +122,13 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         v = await self.service.verify(request.selfie, request.reference,
                                       reference_kind(request.reference_kind))
         scheme = self.service.models.pipeline.detector.landmark_scheme
+        selfie = face_pb(v.selfie, scheme)
+        selfie.presentation_attack.CopyFrom(presentation_pb(v.presentation))
         return pb.VerifyResponse(
             match=v.match,
             score=v.score,
             operating_point=operating_point_pb(v.point),
-            selfie_face=face_pb(v.selfie, scheme),
+            selfie_face=selfie,
             reference_face=face_pb(v.reference, scheme),
             model_version=self.service.model_version,
             request_id=request_id_var.get(),
@@ -126,6 +149,7 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             model_version=version,
             request_id=request_id_var.get(),
         )
+        resp.selfie_face.presentation_attack.CopyFrom(presentation_pb(r.presentation))
         if r.reference_score is not None:
             resp.reference_score = r.reference_score
         if r.enrollment is not None:
@@ -206,4 +230,5 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
             reference_operating_points=[operating_point_pb(p)
                                         for kind, p in self.service.points.items()
                                         if kind != "photo"],
+            presentation_attack=presentation_settings_pb(self.service.presentation),
         )

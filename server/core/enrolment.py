@@ -25,6 +25,7 @@ from server.core.duplicates import DuplicatePoint, DuplicateThreshold, kind
 from server.core.inference import InferenceEngine
 from server.core.metrics import Metrics
 from server.core.nik import validate_nik
+from server.core.presentation import ENROLLED_COPY, Presentation, PresentationChecks
 from server.core.service import OperatingPoint, analyse_both
 from server.errors import EnrollmentConflict, InvalidRequest, NotEnrolled, NotPendingReview
 from server.pipeline.faces import AnalysedFace
@@ -65,6 +66,7 @@ class EnrolResult:
     # The threshold this attempt was held to against one-photo enrolments (two-photo
     # ones have their own, calibrated).
     duplicate: DuplicatePoint | None = None
+    presentation: Presentation = Presentation()
 
 
 def _validate_metadata(metadata: dict[str, str]) -> dict[str, str]:
@@ -96,8 +98,9 @@ class EnrolmentService:
     def __init__(self, gallery: Gallery, engine: InferenceEngine,
                  index_executor: ThreadPoolExecutor,
                  point_for: Callable[[str], OperatingPoint], dedup: DuplicateThreshold,
-                 policy: DuplicatePolicy, metrics: Metrics, candidates_k: int = 10,
-                 search_floor: float | None = None) -> None:
+                 policy: DuplicatePolicy, metrics: Metrics, presentation: PresentationChecks,
+                 candidates_k: int = 10, search_floor: float | None = None) -> None:
+        self.presentation = presentation
         self.search_floor = search_floor
         self.metrics = metrics
         self.gallery = gallery
@@ -142,6 +145,7 @@ class EnrolmentService:
         validate_nik(nik)
         meta = _validate_metadata(metadata)
         reference_threshold = self.point_for(reference_kind).threshold if reference else 0.0
+        presentation = Presentation()
         if not reference:
             face = await self._analyse(selfie, "selfie", True)
             ref_score = None
@@ -149,17 +153,25 @@ class EnrolmentService:
         else:
             face, ref = await analyse_both(self._analyse(selfie, "selfie", True),
                                            self._analyse(reference, "reference", False))
+            presentation = await self.presentation.against_reference("Enroll", face, ref)
             ref_score = float(face.embedding @ ref.embedding)
             if ref_score < reference_threshold:
                 self.metrics.outcomes.labels("Enroll", "reference_mismatch").inc()
-                return EnrolResult(Outcome.REFERENCE_MISMATCH, None, [], face, ref_score)
+                return EnrolResult(Outcome.REFERENCE_MISMATCH, None, [], face, ref_score,
+                                   presentation=presentation)
             template, photos = face.embedding, 1
             if self.dedup.fuses:
                 template, photos = fuse(np.stack([face.embedding, ref.embedding])), 2
         outcome, enrollment, candidates, point = await self._index(
             "index_write", self._check_and_insert, nik, template, photos, meta)
         self.metrics.outcomes.labels("Enroll", outcome.name.lower()).inc()
-        return EnrolResult(outcome, enrollment, candidates, face, ref_score, duplicate=point)
+        if outcome is Outcome.ALREADY_ENROLLED and enrollment is not None \
+                and self.presentation.enrolled_copy(float(enrollment.embedding @ template)):
+            # Reported whatever the policy: a client's retry is such a copy too.
+            presentation = presentation.adding(ENROLLED_COPY, self.presentation.version)
+            self.metrics.presentation_attacks.labels("Enroll", ENROLLED_COPY).inc()
+        return EnrolResult(outcome, enrollment, candidates, face, ref_score, duplicate=point,
+                           presentation=presentation)
 
     def _check_and_insert(self, nik: str, embedding: np.ndarray, photos: int,
                           meta: dict[str, str]

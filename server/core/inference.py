@@ -20,7 +20,14 @@ import numpy as np
 from server.core.metrics import Metrics
 from server.pipeline.batching import Batcher, BatchLimits, padded
 from server.pipeline.faces import AnalysedFace, FacePipeline, Timings
-from server.pipeline.types import CpuStep, DetectCall, DetectorInput, LandmarkCall
+from server.pipeline.types import (
+    CpuStep,
+    DetectCall,
+    DetectorInput,
+    EmbedCall,
+    LandmarkCall,
+    dispatch,
+)
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,7 @@ class InferenceEngine:
         """
         timings = Timings()
         steps = self.pipeline.steps(data, field_name, refuse_ambiguous, timings)
-        loop = asyncio.get_running_loop()
+        runner = _BatchedRunner(self, asyncio.get_running_loop())
         value: Any = None
         error: BaseException | None = None
         try:
@@ -105,16 +112,7 @@ class InferenceEngine:
                     return face
                 value, error = None, None
                 try:
-                    if isinstance(step, CpuStep):
-                        value = await loop.run_in_executor(self.cpu_pool, step.fn, *step.args)
-                    elif isinstance(step, DetectCall):
-                        value = await self.detect_batcher.submit(step.prepared)
-                    elif isinstance(step, LandmarkCall):
-                        value = np.stack(await asyncio.gather(*(
-                            self.landmark_batcher.submit((step.image, box))
-                            for box in step.boxes)))
-                    else:
-                        value = await self.embed_batcher.submit(step.chip)
+                    value = await dispatch(step, runner)
                 except Exception as exc:  # thrown into the steps, which re-raise it
                     error = exc
         finally:
@@ -125,3 +123,24 @@ class InferenceEngine:
         await self.detect_batcher.close()
         await self.landmark_batcher.close()
         await self.embed_batcher.close()
+
+
+@dataclass(frozen=True)
+class _BatchedRunner:
+    """Per-image steps in the CPU pool, model calls through the engine's batchers."""
+
+    engine: InferenceEngine
+    loop: asyncio.AbstractEventLoop
+
+    async def cpu(self, step: CpuStep) -> Any:
+        return await self.loop.run_in_executor(self.engine.cpu_pool, step.fn, *step.args)
+
+    async def detect(self, step: DetectCall) -> Any:
+        return await self.engine.detect_batcher.submit(step.prepared)
+
+    async def landmarks(self, step: LandmarkCall) -> Any:
+        return np.stack(await asyncio.gather(*(
+            self.engine.landmark_batcher.submit((step.image, box)) for box in step.boxes)))
+
+    async def embed(self, step: EmbedCall) -> Any:
+        return await self.engine.embed_batcher.submit(step.chip)

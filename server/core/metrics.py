@@ -73,6 +73,15 @@ class Metrics:
                                 "enrolled_flagged, duplicate_refused, already_enrolled, "
                                 "reference_mismatch for Enroll",
                                 ("method", "outcome"), registry=r)
+        self.presentation_checks = Counter(
+            "faceverify_presentation_checks",
+            "Selfies checked for a presentation attack, by method and outcome "
+            "(bona_fide, suspected)", ("method", "outcome"), registry=r)
+        self.presentation_attacks = Counter(
+            "faceverify_presentation_attacks",
+            "Suspected presentation attacks, by method and reason "
+            "(SELFIE_IS_REFERENCE_COPY, SELFIE_IS_ENROLLED_COPY)", ("method", "reason"),
+            registry=r)
         self.index_size = Gauge("faceverify_index_size", "Faces in the search index",
                                 registry=r)
         self.index_in_sync = Gauge("faceverify_index_in_sync",
@@ -147,6 +156,10 @@ class Metrics:
         for method, outcomes in OUTCOMES.items():
             for outcome in outcomes:
                 self.outcomes.labels(method, outcome)
+            for outcome in ("bona_fide", "suspected"):
+                self.presentation_checks.labels(method, outcome)
+            self.presentation_attacks.labels(method, "SELFIE_IS_REFERENCE_COPY")
+        self.presentation_attacks.labels("Enroll", "SELFIE_IS_ENROLLED_COPY")
 
     def observe_stages(self, seconds: dict[str, float]) -> None:
         for stage, s in seconds.items():

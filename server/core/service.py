@@ -15,6 +15,7 @@ from typing import Any
 
 from server.core.inference import InferenceEngine
 from server.core.metrics import Metrics
+from server.core.presentation import Presentation, PresentationChecks
 from server.errors import InvalidRequest, ModelError, ReferenceKindNotCalibrated
 from server.models.calibrate import operating_point
 from server.pipeline.faces import AnalysedFace
@@ -81,6 +82,7 @@ class Verification:
     selfie: AnalysedFace
     reference: AnalysedFace
     point: OperatingPoint  # what it was decided at
+    presentation: Presentation = Presentation()
 
 
 class VerificationService:
@@ -91,9 +93,11 @@ class VerificationService:
     """
 
     def __init__(self, models: LoadedModels, points: dict[str, OperatingPoint],
-                 engine: InferenceEngine, metrics: Metrics) -> None:
+                 engine: InferenceEngine, metrics: Metrics,
+                 presentation: PresentationChecks) -> None:
         self.models = models
         self.metrics = metrics
+        self.presentation = presentation
         self.points = points
         self.engine = engine
 
@@ -130,6 +134,8 @@ class VerificationService:
             ReferenceKindNotCalibrated: no operating point for ``reference_kind``.
             RequestError: the selfie's image or face problem if it has one,
                 else the reference's (see :mod:`server.errors`).
+            SelfieIsReferenceCopy: the selfie is a copy of the reference, under the
+                ``refuse`` presentation-attack policy.
         """
         if not selfie:
             raise InvalidRequest("selfie is required", field="selfie")
@@ -138,8 +144,9 @@ class VerificationService:
         point = self.point_for(reference_kind)
         a, b = await analyse_both(self.engine.analyse(selfie, "selfie", True),
                                   self.engine.analyse(reference, "reference", False))
+        presentation = await self.presentation.against_reference("Verify", a, b)
         score = float(a.embedding @ b.embedding)
         match = score >= point.threshold
         self.metrics.outcomes.labels("Verify", "match" if match else "no_match").inc()
-        return Verification(match, score, a, b, point)
+        return Verification(match, score, a, b, point, presentation)
 

@@ -290,7 +290,7 @@ class Box(_message.Message):
     def __init__(self, x_min: _Optional[float] = ..., y_min: _Optional[float] = ..., x_max: _Optional[float] = ..., y_max: _Optional[float] = ...) -> None: ...
 
 class Face(_message.Message):
-    __slots__ = ("box", "landmarks", "landmark_scheme", "detector_score", "quality", "faces_found", "image_width", "image_height", "rotation_degrees")
+    __slots__ = ("box", "landmarks", "landmark_scheme", "detector_score", "quality", "faces_found", "image_width", "image_height", "rotation_degrees", "presentation_attack")
     BOX_FIELD_NUMBER: _ClassVar[int]
     LANDMARKS_FIELD_NUMBER: _ClassVar[int]
     LANDMARK_SCHEME_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +300,7 @@ class Face(_message.Message):
     IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     ROTATION_DEGREES_FIELD_NUMBER: _ClassVar[int]
+    PRESENTATION_ATTACK_FIELD_NUMBER: _ClassVar[int]
     box: Box
     landmarks: _containers.RepeatedCompositeFieldContainer[Point]
     landmark_scheme: str
@@ -309,7 +310,20 @@ class Face(_message.Message):
     image_width: int
     image_height: int
     rotation_degrees: int
-    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., landmark_scheme: _Optional[str] = ..., detector_score: _Optional[float] = ..., quality: _Optional[_Union[FaceQuality, _Mapping]] = ..., faces_found: _Optional[int] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., rotation_degrees: _Optional[int] = ...) -> None: ...
+    presentation_attack: PresentationAttack
+    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., landmark_scheme: _Optional[str] = ..., detector_score: _Optional[float] = ..., quality: _Optional[_Union[FaceQuality, _Mapping]] = ..., faces_found: _Optional[int] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., rotation_degrees: _Optional[int] = ..., presentation_attack: _Optional[_Union[PresentationAttack, _Mapping]] = ...) -> None: ...
+
+class PresentationAttack(_message.Message):
+    __slots__ = ("suspected", "reasons", "reference_copy_score", "checks")
+    SUSPECTED_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_COPY_SCORE_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    suspected: bool
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    reference_copy_score: float
+    checks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, suspected: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., reference_copy_score: _Optional[float] = ..., checks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FaceQuality(_message.Message):
     __slots__ = ("face_width", "face_height", "sharpness", "brightness", "turn", "advice")
@@ -332,7 +346,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_version", "model_set", "detector", "recognizer", "embedding_dim", "execution_provider", "operating_point", "server_version", "gallery_size", "index_kind", "duplicate_policy", "duplicate_threshold", "serving", "duplicate_target_fpir", "duplicate_pairwise_fmr", "duplicate_threshold_extrapolated", "reference_operating_points")
+    __slots__ = ("model_version", "model_set", "detector", "recognizer", "embedding_dim", "execution_provider", "operating_point", "server_version", "gallery_size", "index_kind", "duplicate_policy", "duplicate_threshold", "serving", "duplicate_target_fpir", "duplicate_pairwise_fmr", "duplicate_threshold_extrapolated", "reference_operating_points", "presentation_attack")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_SET_FIELD_NUMBER: _ClassVar[int]
     DETECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -350,6 +364,7 @@ class ServerInfo(_message.Message):
     DUPLICATE_PAIRWISE_FMR_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_THRESHOLD_EXTRAPOLATED_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_OPERATING_POINTS_FIELD_NUMBER: _ClassVar[int]
+    PRESENTATION_ATTACK_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     model_set: str
     detector: str
@@ -367,7 +382,24 @@ class ServerInfo(_message.Message):
     duplicate_pairwise_fmr: float
     duplicate_threshold_extrapolated: bool
     reference_operating_points: _containers.RepeatedCompositeFieldContainer[OperatingPoint]
-    def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ..., serving: _Optional[_Union[ServingSettings, _Mapping]] = ..., duplicate_target_fpir: _Optional[float] = ..., duplicate_pairwise_fmr: _Optional[float] = ..., duplicate_threshold_extrapolated: _Optional[bool] = ..., reference_operating_points: _Optional[_Iterable[_Union[OperatingPoint, _Mapping]]] = ...) -> None: ...
+    presentation_attack: PresentationAttackSettings
+    def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ..., serving: _Optional[_Union[ServingSettings, _Mapping]] = ..., duplicate_target_fpir: _Optional[float] = ..., duplicate_pairwise_fmr: _Optional[float] = ..., duplicate_threshold_extrapolated: _Optional[bool] = ..., reference_operating_points: _Optional[_Iterable[_Union[OperatingPoint, _Mapping]]] = ..., presentation_attack: _Optional[_Union[PresentationAttackSettings, _Mapping]] = ...) -> None: ...
+
+class PresentationAttackSettings(_message.Message):
+    __slots__ = ("policy", "reference_copy_checked", "reference_copy_threshold", "reference_copy_genuine_rate", "enrolled_copy_threshold", "measure")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_COPY_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_COPY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_COPY_GENUINE_RATE_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_COPY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    reference_copy_checked: bool
+    reference_copy_threshold: float
+    reference_copy_genuine_rate: float
+    enrolled_copy_threshold: float
+    measure: str
+    def __init__(self, policy: _Optional[str] = ..., reference_copy_checked: _Optional[bool] = ..., reference_copy_threshold: _Optional[float] = ..., reference_copy_genuine_rate: _Optional[float] = ..., enrolled_copy_threshold: _Optional[float] = ..., measure: _Optional[str] = ...) -> None: ...
 
 class ServingSettings(_message.Message):
     __slots__ = ("processes", "workers", "intra_op_threads", "batch_concurrency", "detect_max_batch", "embed_max_batch", "batch_wait_ms", "batch_buckets", "max_queue", "cudnn_conv_algo_search")

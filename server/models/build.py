@@ -115,21 +115,29 @@ def _calibrated_version(path: Path) -> str | None:
 def _install_shipped_calibration(model_dir: Path, manifest: dict[str, Any]) -> None:
     """Copy the calibration measured by the project for this exact model version, if any.
 
-    A calibration already there for this version (the operator's own) is kept;
-    one for another version (the model set changed, e.g. its detector) can no
-    longer be used and is moved aside to ``calibration.previous.json``.
+    A calibration already there for this version is kept when it is the operator's
+    own, and brought up to date when it is the project's (the shipped record's
+    ``created_at``) and the project has since measured more; one for another version
+    (the model set changed, e.g. its detector) can no longer be used and is moved
+    aside to ``calibration.previous.json``.
     """
+    shipped = resources.files("server.models").joinpath(f"calibration/{manifest['model_set']}.json")
+    cal = json.loads(shipped.read_text()) if shipped.is_file() else None
     current = model_dir / CALIBRATION
     if current.exists():
         if _calibrated_version(current) == manifest["model_version"]:
-            return
-        current.replace(model_dir / "calibration.previous.json")
-        log.warning("moved the calibration of another model version aside to "
-                    "calibration.previous.json")
-    shipped = resources.files("server.models").joinpath(f"calibration/{manifest['model_set']}.json")
-    if not shipped.is_file():
+            # The project's own record, measured again since (a section added to
+            # it, say), is brought up to date; an operator's own is kept.
+            installed = json.loads(current.read_text())
+            if cal is None or installed.get("created_at") != cal.get("created_at") \
+                    or installed == cal:
+                return
+        else:
+            current.replace(model_dir / "calibration.previous.json")
+            log.warning("moved the calibration of another model version aside to "
+                        "calibration.previous.json")
+    if cal is None:
         return
-    cal = json.loads(shipped.read_text())
     # The shipped record may be for an embedding mode ("...+flip") of this model.
     if str(cal.get("model_version", "")).split("+")[0] == manifest["model_version"]:
         write_json_atomic(model_dir / CALIBRATION, cal)

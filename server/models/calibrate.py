@@ -20,12 +20,16 @@ from typing import Any
 import numpy as np
 
 from server.errors import FaceVerifyError, ModelError
+from server.pipeline import replay
 from server.pipeline.faces import FacePipeline
 from server.pipeline.recognizers import fuse
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FMRS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+# The share of genuine pairs (two photos of one person) the replay check may take for
+# a copy of each other.
+REPLAY_GENUINE_RATE = 1e-3
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 
@@ -39,6 +43,7 @@ class Embedded:
     failed: int  # images without a usable face
     names: tuple[str, ...] = ()  # (n,) file names, where known
     identities: tuple[str, ...] = ()  # identity name of each label, where known
+    bands: np.ndarray | None = None  # (n, SIDE, SIDE) faces as the replay check sees them
 
 
 def read_excluded_pairs(path: Path) -> set[frozenset[str]]:
@@ -102,7 +107,7 @@ def check_enough_impostors(items: list[tuple[str, Path]], fmrs: Iterable[float])
 def embed_labelled(pipeline: FacePipeline, items: Iterable[tuple[str, Path]]) -> Embedded:
     """Embed each image's most prominent face; images without one are counted, not used."""
     ids: dict[str, int] = {}
-    embs, labels, names = [], [], []
+    embs, labels, names, bands = [], [], [], []
     attempted = failed = 0
     for identity, path in items:
         attempted += 1
@@ -117,10 +122,12 @@ def embed_labelled(pipeline: FacePipeline, items: Iterable[tuple[str, Path]]) ->
         embs.append(face.embedding)
         labels.append(ids.setdefault(identity, len(ids)))
         names.append(path.name)
+        bands.append(replay.band(face.chip))
     dim = pipeline.dim
     return Embedded(np.asarray(embs, dtype=np.float32).reshape(-1, dim),
                     np.asarray(labels, dtype=np.int64), attempted, failed, tuple(names),
-                    tuple(ids))
+                    tuple(ids), np.asarray(bands, np.float32).reshape(-1, replay.SIDE,
+                                                                    replay.SIDE))
 
 
 def _excluded_indices(names: tuple[str, ...], exclude: Collection[frozenset[str]]
@@ -489,8 +496,52 @@ def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
         "points": _points(genuine, desc, fmrs),
         "tails": tails,
         "searches": search_distributions(emb, exclude),
+        **({"replay": replay_record(emb, genuine)}
+           if emb.bands is not None and len(emb.bands) else {}),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def genuine_copy_scores(emb: Embedded) -> np.ndarray:
+    """The replay check's copy score (:mod:`server.pipeline.replay`) of every genuine
+    pair: two different photos of one person."""
+    assert emb.bands is not None
+    scores = []
+    for label in np.unique(emb.labels):
+        members = np.nonzero(emb.labels == label)[0]
+        if len(members) < 2:
+            continue
+        moved = [replay.spectra(emb.bands[i]) for i in members]
+        for x in range(len(members)):
+            fixed = replay.reference_spectrum(emb.bands[members[x]])
+            scores += [replay.compare(fixed, moved[y]) for y in range(x + 1, len(members))]
+    return np.asarray(scores, np.float64)
+
+
+def _lowest_reached_by_at_most(scores: np.ndarray, rate: float) -> tuple[float, int]:
+    """The lowest threshold at most ``rate`` of ``scores`` reach, and how many do."""
+    desc = descending(scores)
+    allowed = int(np.floor(rate * len(desc)))
+    above = float(np.nextafter(desc[allowed], np.inf)) if allowed < len(desc) else 1.0
+    threshold = math.ceil(above * 1e6) / 1e6  # as stored: six decimals, never lower
+    return threshold, int((desc >= threshold).sum())
+
+
+def replay_record(emb: Embedded, genuine: np.ndarray, rate: float = REPLAY_GENUINE_RATE
+                  ) -> dict[str, Any]:
+    """The replay check's thresholds (see :class:`server.pipeline.replay.ReplayCheck`):
+    the lowest copy score that at most ``rate`` of the genuine pairs (two photos of
+    one person) reach, and the same for their embeddings' cosine (``genuine``), which
+    is all a stored template keeps."""
+    copies = genuine_copy_scores(emb)
+    threshold, above = _lowest_reached_by_at_most(copies, rate)
+    template, template_above = _lowest_reached_by_at_most(genuine, rate)
+    return {"measure": replay.MEASURE, "threshold": threshold,
+            "genuine_pairs": int(len(copies)), "target_genuine_rate": rate,
+            "genuine_at_or_above": above,
+            "genuine_max": float(copies.max()) if len(copies) else None,
+            "template_threshold": template,
+            "template_genuine_at_or_above": template_above}
 
 
 def operating_point(calibration: dict[str, Any], fmr: float) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,38 @@ class LoadedModels:
         return str(self.manifest["model_version"]) + ("+flip" if self.flip else "")
 
 
+@dataclass(frozen=True)
+class Build:
+    """What a model kind's constructor may use: the set's directory, sessions on the
+    chosen provider, and the serving options that shape a model."""
+
+    model_dir: Path
+    session: Callable[[str], ort.InferenceSession]
+    detector_max_side: int
+    flip: bool
+
+
+# The one table of model kinds (the manifest's ``kind``) and how each is built.
+DETECTORS: dict[str, Callable[[dict[str, Any], Build], Detector]] = {
+    "dlib-mmod": lambda cfg, b: MmodDetector(
+        b.session(cfg["file"]), ShapePredictor(b.model_dir / cfg["landmarks"]),
+        max_side=b.detector_max_side),
+    "blazeface": lambda cfg, b: BlazeFaceDetector(
+        [BlazeFaceModel(b.session(scan["file"]), float(scan["threshold"]))
+         for scan in cfg["scans"]], ShapePredictor(b.model_dir / cfg["landmarks"])),
+    "scrfd": lambda cfg, b: ScrfdDetector(b.session(cfg["file"])),
+    "yunet": lambda cfg, b: YunetDetector(b.session(cfg["file"]),
+                                          input_size=int(cfg.get("input_size", 640))),
+}
+RECOGNIZERS: dict[str, Callable[[dict[str, Any], Build], Recognizer]] = {
+    "dlib-resnet": lambda cfg, b: DlibResnet(b.session(cfg["file"]), flip=b.flip),
+    "template": lambda cfg, b: TemplateRecognizer(
+        b.session(cfg["file"]), ChipSpec.from_manifest(cfg), flip=b.flip,
+        output=cfg.get("output")),
+}
+RECOGNIZERS["arcface"] = RECOGNIZERS["template"]  # "arcface": manifests before specs
+
+
 def load_models(model_dir: Path, provider: str, intra_op_threads: int, limits: ImageLimits,
                 policy: FacePolicy, detector_max_side: int = 800, flip: bool = True,
                 cudnn_conv_algo_search: str = "HEURISTIC") -> LoadedModels:
@@ -63,33 +96,19 @@ def load_models(model_dir: Path, provider: str, intra_op_threads: int, limits: I
         return make_session(model_dir / file, resolved, intra_op_threads,
                             cudnn_conv_algo_search)
 
-    detector: Detector
-    if det_cfg["kind"] == "dlib-mmod":
-        detector = MmodDetector(session(det_cfg["file"]),
-                                ShapePredictor(model_dir / det_cfg["landmarks"]),
-                                max_side=detector_max_side)
-    elif det_cfg["kind"] == "blazeface":
-        scans = [BlazeFaceModel(session(scan["file"]), float(scan["threshold"]))
-                 for scan in det_cfg["scans"]]
-        detector = BlazeFaceDetector(scans, ShapePredictor(model_dir / det_cfg["landmarks"]))
-    elif det_cfg["kind"] == "scrfd":
-        detector = ScrfdDetector(session(det_cfg["file"]))
-    elif det_cfg["kind"] == "yunet":
-        detector = YunetDetector(session(det_cfg["file"]),
-                                 input_size=int(det_cfg.get("input_size", 640)))
-    else:
-        raise ModelError(f"unknown detector kind {det_cfg['kind']!r} in {model_dir}")
-    recognizer_session = session(rec_cfg["file"])
-    recognizer: Recognizer
-    if rec_cfg["kind"] == "dlib-resnet":
-        recognizer = DlibResnet(recognizer_session, flip=flip)
-    elif rec_cfg["kind"] in ("template", "arcface"):  # "arcface": manifests before specs
-        recognizer = TemplateRecognizer(recognizer_session, ChipSpec.from_manifest(rec_cfg),
-                                        flip=flip, output=rec_cfg.get("output"))
-    else:
-        raise ModelError(f"unknown recognizer kind {rec_cfg['kind']!r} in {model_dir}")
+    build = Build(model_dir, session, detector_max_side, flip)
+    make_detector = DETECTORS.get(det_cfg["kind"])
+    if make_detector is None:
+        raise ModelError(f"unknown detector kind {det_cfg['kind']!r} in {model_dir} (this "
+                         f"server knows {', '.join(sorted(DETECTORS))})")
+    make_recognizer = RECOGNIZERS.get(rec_cfg["kind"])
+    if make_recognizer is None:
+        raise ModelError(f"unknown recognizer kind {rec_cfg['kind']!r} in {model_dir} (this "
+                         f"server knows {', '.join(sorted(RECOGNIZERS))})")
+    detector = make_detector(det_cfg, build)
+    recognizer = make_recognizer(rec_cfg, build)
     pipeline = FacePipeline(detector, recognizer, limits, policy)
-    used = recognizer_session.get_providers()[0]
+    used = recognizer.session.get_providers()[0]
     log.info("models %s loaded from %s on %s (embedding size %d)", manifest["model_version"],
              model_dir, used, recognizer.dim)
     return LoadedModels(pipeline, manifest, used, flip)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, assert_never
 
 import numpy as np
+import onnxruntime as ort
 
 T = TypeVar("T")
+R_co = TypeVar("R_co", covariant=True)
 
 # Landmark schemes: which five points a detector reports, in which order.
 # dlib5: outer/inner corner of the image-right eye, outer/inner corner of the
@@ -118,6 +120,7 @@ class Recognizer(Protocol):
     dim: int
     input_name: str
     chip_shape: tuple[int, int]  # (height, width) of the aligned chip
+    session: ort.InferenceSession  # where it runs (its provider is the server's)
 
     def align(self, image: np.ndarray, face: DetectedFace) -> np.ndarray:
         """The aligned face chip the model expects, (H, W, 3) uint8 RGB."""
@@ -183,9 +186,64 @@ def detection_steps(detector: Detector, image: np.ndarray) -> Steps[list[Detecte
     return []
 
 
+class StepRunner(Protocol[R_co]):
+    """What a driver does with each kind of step (:func:`dispatch`)."""
+
+    def cpu(self, step: CpuStep) -> R_co: ...
+
+    def detect(self, step: DetectCall) -> R_co: ...
+
+    def landmarks(self, step: LandmarkCall) -> R_co: ...
+
+    def embed(self, step: EmbedCall) -> R_co: ...
+
+
+def dispatch(step: Step, runner: StepRunner[R_co]) -> R_co:
+    """The one place a step meets its handler: every kind of :data:`Step` has one
+    (``assert_never``: a new kind without a handler fails the type check)."""
+    match step:
+        case CpuStep():
+            return runner.cpu(step)
+        case DetectCall():
+            return runner.detect(step)
+        case LandmarkCall():
+            return runner.landmarks(step)
+        case EmbedCall():
+            return runner.embed(step)
+        case _:
+            assert_never(step)
+
+
+@dataclass(frozen=True)
+class InlineRunner:
+    """Runs each step here and now, one model call at a time (tools, tests)."""
+
+    detector: Detector
+    recognizer: Recognizer | None = None
+
+    def cpu(self, step: CpuStep) -> Any:
+        return step.fn(*step.args)
+
+    def detect(self, step: DetectCall) -> Any:
+        return self.detector.infer([step.prepared.tensor])[0]
+
+    def landmarks(self, step: LandmarkCall) -> Any:
+        landmarker = self.detector.landmarker
+        if landmarker is None:
+            raise TypeError(f"detector {self.detector.name} asked for landmarks but has no "
+                            "landmark model")
+        return landmarker.predict_batch([step.image] * len(step.boxes), step.boxes)
+
+    def embed(self, step: EmbedCall) -> Any:
+        if self.recognizer is None:
+            raise TypeError("these steps embed: pass the recognizer")
+        return self.recognizer.embed(step.chip[None])[0]
+
+
 def run_steps(steps: Steps[T], detector: Detector, recognizer: Recognizer | None = None) -> T:
     """Drive ``steps`` here, one model call at a time; a step's error is thrown back
     into the sequence (so its stage timers close) and propagates."""
+    runner = InlineRunner(detector, recognizer)
     value: Any = None
     error: BaseException | None = None
     while True:
@@ -195,17 +253,7 @@ def run_steps(steps: Steps[T], detector: Detector, recognizer: Recognizer | None
             return done.value  # type: ignore[no-any-return]
         value, error = None, None
         try:
-            if isinstance(step, CpuStep):
-                value = step.fn(*step.args)
-            elif isinstance(step, DetectCall):
-                value = detector.infer([step.prepared.tensor])[0]
-            elif isinstance(step, LandmarkCall):
-                assert detector.landmarker is not None
-                value = detector.landmarker.predict_batch([step.image] * len(step.boxes),
-                                                          step.boxes)
-            else:
-                assert recognizer is not None, "these steps embed: pass the recognizer"
-                value = recognizer.embed(step.chip[None])[0]
+            value = dispatch(step, runner)
         except Exception as exc:  # thrown into the sequence, which re-raises it
             error = exc
 

@@ -1,0 +1,148 @@
+"""Is the selfie a copy of the reference photo?  The replay check.
+
+The fraud KYC exists to stop is a person registering with somebody else's
+NIK; the cheapest way is to send, as the "selfie", the victim's own ID-card
+photo: the reference itself, re-encoded, resized, cropped, turned a little,
+or cut from a photograph of the card.  Its face matches the reference far
+better than any two photos of one person do, so the face match alone
+passes it.  This module measures how alike the two aligned faces are as
+*pictures*, not as people.
+
+Both faces are already aligned to the recognizer's template by their
+landmarks; what is left between a picture and its copy is the landmarks'
+jitter (a few pixels), the copy's blur, noise, compression and tone.  So
+each aligned face is made grey, 64 x 64, and band-passed (a difference of
+Gaussians: no overall light, no pixel noise), and the copy score is the
+best normalised cross-correlation of the two over small residual shifts
+(FFT), scales and turns.  Two different photos of one person differ in
+expression, gaze, hair, light direction and background, which the band
+keeps; measured on lfw-dev (``benchmarks.replay``) the threshold sits above
+every genuine pair but consecutive frames of one video, and the copies the
+benchmark makes score above it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+SIDE = 64  # the compared faces' size in pixels
+BAND = (1.2, 6.0)  # the difference of Gaussians' sigmas, in those pixels
+MAX_SHIFT = 6  # residual shifts searched, in pixels either way
+SCALES = (0.92, 0.96, 1.0, 1.04, 1.08)
+TURNS = (-4.0, 0.0, 4.0)  # degrees
+GREY = np.array([0.299, 0.587, 0.114], np.float32)
+# Names the measure in calibrations: a threshold is read only by the measure it was
+# measured with.
+MEASURE = f"dog{BAND[0]}-{BAND[1]}@{SIDE}-shift{MAX_SHIFT}-scales{len(SCALES)}-turns{len(TURNS)}"
+
+
+@cache
+def _blur_matrix(sigma: float) -> np.ndarray:
+    """The (SIDE, SIDE) matrix of a Gaussian blur along one axis (edges renormalised)."""
+    x = np.arange(SIDE, dtype=np.float32)
+    m = np.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * sigma * sigma))
+    blur: np.ndarray = (m / m.sum(axis=1, keepdims=True)).astype(np.float32)
+    return blur
+
+
+@cache
+def _window() -> np.ndarray:
+    return np.outer(np.hanning(SIDE), np.hanning(SIDE)).astype(np.float32)
+
+
+def band(chip: np.ndarray) -> np.ndarray:
+    """An aligned face chip ((H, W, 3) uint8 RGB) as its (SIDE, SIDE) band-passed grey."""
+    grey = chip.astype(np.float32) @ GREY
+    small = np.asarray(Image.fromarray(grey).resize((SIDE, SIDE), Image.Resampling.BOX),
+                       np.float32)
+    lo, hi = (_blur_matrix(s) for s in BAND)
+    out: np.ndarray = lo @ small @ lo.T - hi @ small @ hi.T
+    return out
+
+
+def _turned(image: np.ndarray, scale: float, degrees: float) -> np.ndarray:
+    """``image`` scaled and turned about its centre (bilinear)."""
+    if scale == 1.0 and degrees == 0.0:
+        return image
+    a = np.deg2rad(degrees)
+    ca, sa = float(np.cos(a) / scale), float(np.sin(a) / scale)
+    c = SIDE / 2
+    coeffs = (ca, sa, c - ca * c - sa * c, -sa, ca, c + sa * c - ca * c)
+    im = Image.fromarray(image, mode="F")
+    return np.asarray(im.transform(im.size, Image.Transform.AFFINE, coeffs,
+                                   Image.Resampling.BILINEAR), np.float32)
+
+
+def spectra(face_band: np.ndarray) -> list[tuple[np.ndarray, float]]:
+    """A face's band (:func:`band`) at every residual scale and turn searched,
+    windowed: each one's spectrum and norm."""
+    window = _window()
+    out = []
+    for scale in SCALES:
+        for degrees in TURNS:
+            pb = _turned(face_band, scale, degrees) * window
+            out.append((np.fft.rfft2(pb), float(np.linalg.norm(pb))))
+    return out
+
+
+def reference_spectrum(face_band: np.ndarray) -> tuple[np.ndarray, float]:
+    """A face's band as the fixed side of a comparison: its spectrum and norm."""
+    pa = face_band * _window()
+    return np.fft.rfft2(pa), float(np.linalg.norm(pa))
+
+
+def compare(fixed: tuple[np.ndarray, float], moved: list[tuple[np.ndarray, float]]) -> float:
+    """The best normalised cross-correlation of ``fixed`` with any of ``moved``
+    (:func:`spectra`) over shifts of up to :data:`MAX_SHIFT` pixels."""
+    fa, norm_a = fixed
+    best = -1.0
+    for fb, norm_b in moved:
+        cc = np.fft.irfft2(fa * np.conj(fb), s=(SIDE, SIDE))
+        near = np.roll(cc, (MAX_SHIFT, MAX_SHIFT), axis=(0, 1))[:2 * MAX_SHIFT + 1,
+                                                              :2 * MAX_SHIFT + 1]
+        if norm_a * norm_b > 0:
+            best = max(best, float(near.max()) / (norm_a * norm_b))
+    return best
+
+
+def copy_score(a: np.ndarray, b: np.ndarray) -> float:
+    """How alike two aligned face chips are as pictures, -1 to 1 (see the module)."""
+    return compare(reference_spectrum(band(a)), spectra(band(b)))
+
+
+@dataclass(frozen=True)
+class ReplayCheck:
+    """The copy decisions: a copy score at or above ``threshold`` says the selfie is
+    a copy of the reference (``SELFIE_IS_REFERENCE_COPY``); an embedding whose cosine
+    with the template stored for the same NIK is at or above ``template_threshold``
+    says the selfie is a copy of the enrolled photo (``SELFIE_IS_ENROLLED_COPY``).
+
+    Attributes:
+        threshold, template_threshold: from the model set's calibration
+            (``replay``), measured on genuine pairs of different photos.
+        genuine_pairs: how many genuine pairs it was measured on.
+        genuine_rate: the share of them at or above it.
+    """
+
+    threshold: float
+    template_threshold: float
+    genuine_pairs: int = 0
+    genuine_rate: float = 0.0
+
+    @classmethod
+    def from_calibration(cls, calibration: dict[str, Any]) -> ReplayCheck | None:
+        """The check a calibration measured for this measure; None where it has none."""
+        record = calibration.get("replay")
+        if not isinstance(record, dict) or record.get("measure") != MEASURE:
+            return None
+        pairs = int(record["genuine_pairs"])
+        return cls(float(record["threshold"]), float(record["template_threshold"]), pairs,
+                   int(record["genuine_at_or_above"]) / pairs if pairs else 0.0)
+
+    def is_copy(self, score: float) -> bool:
+        return score >= self.threshold

@@ -1,0 +1,67 @@
+"""The replay check's measure (:mod:`server.pipeline.replay`) and its calibration, on
+made-up aligned faces; on real photos and through gRPC in ``test_presentation.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from server.models.calibrate import Embedded, genuine_copy_scores, replay_record
+from server.pipeline import replay
+
+
+def texture(seed: int) -> np.ndarray:
+    coarse = np.random.default_rng(seed).integers(0, 256, (14, 14, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((112, 112), Image.Resampling.BICUBIC))
+
+
+def moved(chip: np.ndarray, dx: int, dy: int, degrees: float, scale: float) -> np.ndarray:
+    """The chip as landmarks a few pixels off would align it."""
+    image = Image.fromarray(chip)
+    c = 56.0
+    a = np.deg2rad(degrees)
+    ca, sa = np.cos(a) / scale, np.sin(a) / scale
+    coeffs = (ca, sa, c - ca * c - sa * c + dx, -sa, ca, c + sa * c - ca * c + dy)
+    return np.asarray(image.transform(image.size, Image.Transform.AFFINE, coeffs,
+                                      Image.Resampling.BILINEAR, fillcolor=(128, 128, 128)))
+
+
+def test_a_picture_and_its_copy_score_near_one_and_two_pictures_far_below() -> None:
+    face = texture(1)
+    assert replay.copy_score(face, face) == pytest.approx(1.0, abs=1e-4)
+    copy = moved(face, 3, -2, 3.0, 1.05)  # landmarks a few pixels off
+    copy = np.asarray(Image.fromarray(copy).filter(ImageFilter.GaussianBlur(1.0)))  # a re-shot
+    darker = (copy.astype(np.float32) * 0.7 + 20).astype(np.uint8)  # other light, other print
+    assert replay.copy_score(darker, face) > 0.9
+    assert replay.copy_score(texture(2), face) < 0.5
+
+
+def test_the_score_is_one_comparison_whichever_way_it_is_split() -> None:
+    a, b = texture(3), moved(texture(3), 2, 2, -3.0, 0.96)
+    fixed = replay.reference_spectrum(replay.band(a))
+    assert replay.compare(fixed, replay.spectra(replay.band(b))) == replay.copy_score(a, b)
+
+
+def test_the_threshold_is_the_lowest_that_at_most_the_rate_of_genuine_pairs_reach() -> None:
+    # Three people of four "photos" each: one of them twice the same picture.
+    chips = [texture(10 + i) for i in range(12)]
+    chips[1] = moved(chips[0], 1, 1, 0.0, 1.0)
+    labels = np.repeat(np.arange(3), 4)
+    emb = Embedded(np.eye(12, 128, dtype=np.float32), labels, 12, 0,
+                   bands=np.stack([replay.band(c) for c in chips]))
+    scores = genuine_copy_scores(emb)
+    assert len(scores) == 3 * 6
+    record = replay_record(emb, np.zeros(18), rate=1 / 18)
+    assert record["genuine_at_or_above"] == 1 and record["genuine_pairs"] == 18
+    assert scores.max() >= record["threshold"] > np.sort(scores)[-2]
+    check = replay.ReplayCheck.from_calibration({"replay": record})
+    assert check is not None and check.is_copy(float(scores.max()))
+
+
+def test_a_record_of_another_measure_or_none_checks_nothing() -> None:
+    assert replay.ReplayCheck.from_calibration({}) is None
+    assert replay.ReplayCheck.from_calibration({"replay": {"measure": "older", "threshold": 0.9,
+                                                           "template_threshold": 0.99,
+                                                           "genuine_pairs": 1,
+                                                           "genuine_at_or_above": 0}}) is None
