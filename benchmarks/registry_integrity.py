@@ -29,7 +29,7 @@ def _writes(rows: int, tagged: bool, vectors: np.ndarray) -> tuple[float, float]
     """(ms a write, us a row scanned: 0 untagged) for ``rows`` enrolments."""
     tag = SqliteRegistry._retag
     if not tagged:
-        SqliteRegistry._retag = lambda self, rid: None  # type: ignore[method-assign]
+        SqliteRegistry._retag = lambda self, ex, rid: None  # type: ignore[method-assign]
     try:
         with tempfile.TemporaryDirectory() as tmp:
             reg = SqliteRegistry(Path(tmp) / "registry.sqlite3", "bench", vectors.shape[1],

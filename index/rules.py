@@ -12,6 +12,7 @@ commits.  Statements are written here with ``?`` marks and ``{enrollments}``,
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
@@ -42,7 +43,7 @@ class Executor(Protocol):
     def execute(self, query: Any, params: Any = ..., /) -> Any: ...
 
 
-class SqlRegistry(RowCodec):
+class SqlRegistry(RowCodec, abc.ABC):
     """The :class:`~index.registry.Registry` rules over a backend's SQL.
 
     A subclass sets :attr:`TABLES`, :attr:`MARK`, :attr:`FOR_UPDATE` and
@@ -57,18 +58,18 @@ class SqlRegistry(RowCodec):
     UNLIMITED: ClassVar[int | None]  # a LIMIT value meaning none
     dim: int
 
+    @abc.abstractmethod
     def _writing(self, what: str) -> contextlib.AbstractContextManager[Executor]:
         """A write transaction; the caller holds the writer lock where the backend
         needs it held (committed when the block ends, rolled back on an error)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _reading(self, what: str) -> contextlib.AbstractContextManager[Executor]:
         """A connection for reads and single-statement writes (each its own transaction)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _exclusive(self, what: str) -> contextlib.AbstractContextManager[Executor]:
         """A write transaction that takes the writer lock itself (at open)."""
-        raise NotImplementedError
 
     def _blob(self, value: bytes | str) -> Any:
         """A sealed-or-JSON value as its column stores it."""
