@@ -6,6 +6,8 @@ reported by ``audit verify``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -32,6 +34,7 @@ from server.api.audit import (
     load_origin,
     verify_chain,
 )
+from server.tools import cli
 
 NIK = "3174011505900001"
 REPO = Path(__file__).resolve().parent.parent
@@ -193,11 +196,19 @@ def test_a_flood_of_unidentified_refusals_costs_bounded_disk(trail: Trail) -> No
                                                                    "cn:intruder")
 
 
-def _faceverify_verify(data: Path, *extra: str) -> tuple[int, dict[str, object]]:
-    out = subprocess.run([sys.executable, "-m", "server.tools.cli", "audit", "verify",
-                          "--data-dir", str(data), *extra], capture_output=True, text=True,
-                         timeout=60, cwd=REPO)
-    return out.returncode, json.loads(out.stdout)
+def _faceverify_verify(data: Path, *extra: str, process: bool = False
+                       ) -> tuple[int, dict[str, object]]:
+    """``faceverify audit verify``: in this process (the command's own ``main``), or as
+    its own process where ``process`` (what an auditor runs)."""
+    argv = ["audit", "verify", "--data-dir", str(data), *extra]
+    if process:
+        out = subprocess.run([sys.executable, "-m", "server.tools.cli", *argv],
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+        return out.returncode, json.loads(out.stdout)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli.main(argv)
+    return code, json.loads(printed.getvalue())
 
 
 @pytest.fixture
@@ -242,7 +253,7 @@ FORGERIES = {
 
 
 def test_an_untouched_log_verifies(written: Path) -> None:
-    code, report = _faceverify_verify(written)
+    code, report = _faceverify_verify(written, process=True)
     assert code == 0 and report["intact"] and report["records"] == 12
     assert report["not_covered"] == 0 and report["checkpoints"] >= 1
     assert report["macs_checked"]
