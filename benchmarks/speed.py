@@ -1,6 +1,7 @@
 """Latency on this machine: per pipeline stage, and Verify over gRPC for one client.
 
     python -m benchmarks.speed --model-dir ~/.cache/faceverify/models
+    python -m benchmarks.speed --model-dir DIR --side-by-side DIR2 --calls 100
 
 Stages (decode, detect, align, embed) are timed in-process on LFW images.
 Verify is timed end to end against a real ``faceverify serve`` subprocess on a
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lfw", type=Path, default=default_lfw_dir())
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--side-by-side", type=Path, metavar="DIR",
+                   help="only Verify, against --model-dir and DIR in turn, twice each "
+                        "(A B A B), for what one difference between them costs")
     args = p.parse_args(argv)
     pairs = [pair for fold in read_pairs(args.lfw) for pair in fold]
     step = max(1, len(pairs) // args.calls)
@@ -104,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     data = [(image_path(args.lfw, q.a).read_bytes(), image_path(args.lfw, q.b).read_bytes())
             for q in chosen]
     images = [img for a_b in data for img in a_b][: args.images]
+    if args.side_by_side:
+        runs = [(str(d), verify_latency(d, data))
+                for d in (args.model_dir, args.side_by_side) * 2]
+        json.dump({"machine": f"{os.cpu_count()} CPUs", "verify_grpc_one_client": runs},
+                  sys.stdout, indent=2)
+        print()
+        return 0
     report = {
         "machine": f"{os.cpu_count()} CPUs",
         "stages_1_thread": stage_latency(args.model_dir, images, 1),
