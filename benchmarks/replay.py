@@ -35,6 +35,7 @@ import random
 import sys
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,14 @@ from PIL import Image
 from benchmarks.idcard import id_card_like
 from benchmarks.lfw import default_lfw_dir
 from server.errors import FaceVerifyError
-from server.models.calibrate import Embedded, genuine_copy_scores, pair_scores, replay_record
+from server.models.calibrate import (
+    Embedded,
+    embed_labelled,
+    genuine_copy_scores,
+    labelled_images,
+    pair_scores,
+    replay_record,
+)
 from server.models.manifest import read_calibration, write_json_atomic
 from server.pipeline import replay
 from server.pipeline.faces import AnalysedFace, FacePipeline, FacePolicy
@@ -97,24 +105,9 @@ def _analyse(pipeline: FacePipeline, data: bytes) -> AnalysedFace | None:
 
 def genuine_faces(pipeline: FacePipeline, lfw: Path) -> Embedded:
     """Every photo of the lfw-dev identities with two or more, as calibrate embeds them."""
-    embs, labels, names, bands = [], [], [], []
-    attempted = failed = 0
-    people = [d for d in sorted((lfw / "images").iterdir())
-              if d.is_dir() and len(list(d.glob("*.jpg"))) > 1]
-    for label, person in enumerate(people):
-        for f in sorted(person.glob("*.jpg")):
-            attempted += 1
-            face = _analyse(pipeline, f.read_bytes())
-            if face is None:
-                failed += 1
-                continue
-            embs.append(face.embedding)
-            labels.append(label)
-            names.append(f.name)
-            bands.append(replay.band(face.chip))
-    return Embedded(np.asarray(embs, np.float32), np.asarray(labels, np.int64), attempted,
-                    failed, tuple(names), tuple(p.name for p in people),
-                    np.asarray(bands, np.float32))
+    items = labelled_images(lfw / "images")
+    photos = Counter(identity for identity, _ in items)
+    return embed_labelled(pipeline, [(i, f) for i, f in items if photos[i] > 1])
 
 
 def copy_results(pipeline: FacePipeline, lfw: Path, references: int, check: replay.ReplayCheck,
