@@ -176,10 +176,11 @@ class Gallery:
 
     def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
             candidates: list[tuple[str, float]] | None = None,
-            metadata: dict[str, str] | None = None, photos: int = 1) -> Enrollment:
+            metadata: dict[str, str] | None = None, photos: int = 1,
+            note: str = "") -> Enrollment:
         """Enrol durably, then index; may snapshot."""
         with self.write_lock:
-            e = self.registry.add(nik, embedding, flagged, candidates, metadata, photos)
+            e = self.registry.add(nik, embedding, flagged, candidates, metadata, photos, note)
             self._after_change()
             return e
 

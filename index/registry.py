@@ -168,7 +168,8 @@ class Registry(Protocol):
 
     def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
             candidates: list[tuple[str, float]] | None = None,
-            metadata: dict[str, str] | None = None, photos: int = 1) -> Enrollment: ...
+            metadata: dict[str, str] | None = None, photos: int = 1,
+            note: str = "") -> Enrollment: ...
 
     def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
                        ) -> Enrollment | None: ...

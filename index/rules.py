@@ -136,9 +136,11 @@ class SqlRegistry(RowCodec, abc.ABC):
 
     def add(self, nik: str, embedding: np.ndarray, flagged: bool = False,
             candidates: list[tuple[str, float]] | None = None,
-            metadata: dict[str, str] | None = None, photos: int = 1) -> Enrollment:
+            metadata: dict[str, str] | None = None, photos: int = 1,
+            note: str = "") -> Enrollment:
         """Insert an enrolment, log the change and its audit record; committed when
-        this returns.
+        this returns.  ``note`` starts a flagged enrolment's review note (why it was
+        flagged beyond its candidates); the reviewer's note is added to it.
 
         Raises:
             ValueError: the embedding is not of the registry's dimension.
@@ -153,16 +155,17 @@ class SqlRegistry(RowCodec, abc.ABC):
         with self._writing("enrol") as ex:
             new_id = int(self._run(
                 ex, "INSERT INTO {enrollments} (nik, embedding, flagged, candidates, metadata, "
-                "created_at, review, photos) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                "created_at, review, photos, review_note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "RETURNING id",
                 (nik, self._seal("embedding", nik, vec.tobytes()), flagged,
                  self._blob(self._sealed_json("candidates", nik, cands)),
                  self._blob(self._sealed_json("metadata", nik, metadata or {})), now, review,
-                 photos)).fetchone()[0])
+                 photos, note)).fetchone()[0])
             self._retag(ex, new_id)
             self._log_change(ex, "add", new_id)
             self._audit(ex, "enrolled_flagged" if flagged else "enrolled")
         return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}),
-                          now, review, photos=photos)
+                          now, review, review_note=note, photos=photos)
 
     def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
                        ) -> Enrollment | None:
@@ -184,9 +187,11 @@ class SqlRegistry(RowCodec, abc.ABC):
                 raise self._quarantine(row, "its tag does not match its columns")
             if row[7] != "pending":
                 raise NotPending(f"this enrolment awaits no review (it is {row[7]})")
+            # A note written at enrolment (why it was flagged) is kept before the reviewer's.
+            joined = f"{row[10]} | {note}" if row[10] and note else row[10] or note
             self._run(ex, "UPDATE {enrollments} SET review = ?, reviewed_by = ?, "
                       "reviewed_at = ?, review_note = ? WHERE id = ?",
-                      (decision, reviewer, time.time(), note, row[0]))
+                      (decision, reviewer, time.time(), joined, row[0]))
             self._retag(ex, row[0])
             self._audit(ex, decision)
             row = self._select_row(ex, "id = ?", (row[0],))

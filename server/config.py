@@ -71,8 +71,8 @@ class Settings:
         dedup_fpir: the false-positive identification rate (false duplicate alarms
             per enrolment attempt) the duplicate threshold is set for, at the
             gallery's current size (see server.core.duplicates).
-        presentation_attack_policy: ``report`` or ``refuse`` a selfie that is a copy
-            of the reference photo (:mod:`server.core.presentation`).
+        presentation_attack_policy: ``report``, ``flag`` or ``refuse`` a selfie
+            suspected of a presentation attack (:mod:`server.core.presentation`).
         duplicate_policy: ``flag`` (enrol, pending a person's review) or ``refuse`` a
             face that matches one enrolled under another NIK.
         snapshot_every: index snapshot after this many enrolments or erasures.
@@ -190,12 +190,12 @@ class Settings:
     def engine_limits(self) -> EngineLimits:
         wait = self.batch_wait_ms / 1000.0
         return EngineLimits(
-            detect=BatchLimits(self.detect_max_batch, wait, self.max_queue,
-                               self.batch_concurrency),
-            embed=BatchLimits(self.embed_max_batch, wait, self.max_queue,
+            image=BatchLimits(self.detect_max_batch, wait, self.max_queue,
                               self.batch_concurrency),
+            face=BatchLimits(self.embed_max_batch, wait, self.max_queue,
+                             self.batch_concurrency),
             # Landmarks are CPU work: as many batches at once as image workers.
-            landmarks=BatchLimits(self.embed_max_batch, wait, self.max_queue, self.workers),
+            cpu=BatchLimits(self.embed_max_batch, wait, self.max_queue, self.workers),
             pad_to_buckets=self.batch_buckets)
 
 

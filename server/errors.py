@@ -30,6 +30,7 @@ __all__ = [
     "ModelError", "MultipleFaces", "NoFaceDetected", "NotEnrolled", "NotPendingReview",
     "Overloaded", "PermissionDenied", "QueueTimeout", "RateLimited", "ReferenceKindNotCalibrated",
     "RegistryUnavailable", "RequestError", "RequestTooLarge", "SelfieIsReferenceCopy",
+    "SelfieNotLive",
     "StartupError", "Unauthenticated",
 ]
 
@@ -76,6 +77,13 @@ class SelfieIsReferenceCopy(RequestError):
     under the ``refuse`` presentation-attack policy."""
 
     reason = "SELFIE_IS_REFERENCE_COPY"
+
+
+class SelfieNotLive(RequestError):
+    """The presentation-attack models find the selfie to be a photo of a print or a
+    screen, refused under the ``refuse`` presentation-attack policy."""
+
+    reason = "SELFIE_NOT_LIVE"
 
 
 class FaceTooSmall(RequestError):

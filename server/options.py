@@ -27,7 +27,7 @@ from server.errors import ConfigurationError
 ENV_PREFIX = "FACEVERIFY_"
 PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
 DUPLICATE_POLICY_CHOICES = ("flag", "refuse")
-PRESENTATION_ATTACK_POLICY_CHOICES = ("report", "refuse")
+PRESENTATION_ATTACK_POLICY_CHOICES = ("report", "flag", "refuse")
 CUDNN_SEARCH_CHOICES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 LOG_LEVEL_CHOICES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -256,8 +256,9 @@ OPTIONS: tuple[Option, ...] = (
            "or `refuse` a face that matches one enrolled under another NIK",
            choices=DUPLICATE_POLICY_CHOICES),
     Option("presentation_attack_policy", "`report` (the result rides on `Verify`'s and "
-           "`Enroll`'s answer, decisions unchanged) or `refuse` a selfie that is a copy of "
-           "the reference photo (`INVALID_ARGUMENT` / `SELFIE_IS_REFERENCE_COPY`)",
+           "`Enroll`'s answer, decisions unchanged), `flag` (as report, and a suspected "
+           "`Enroll` is enrolled pending review) or `refuse` a suspected selfie "
+           "(`INVALID_ARGUMENT` / `SELFIE_IS_REFERENCE_COPY` or `SELFIE_NOT_LIVE`)",
            choices=PRESENTATION_ATTACK_POLICY_CHOICES),
     Option("dedup_fpir", "false duplicate alarms per enrolment attempt the duplicate "
            "threshold is set for, at the gallery's current size (see \"Enrolments\")",

@@ -32,9 +32,8 @@ def test_batching_settings_become_engine_limits() -> None:
     s = build_settings({"FACEVERIFY_EMBED_MAX_BATCH": "64", "FACEVERIFY_BATCH_WAIT_MS": "5",
                         "FACEVERIFY_METRICS_PORT": "9464"}, {"max_queue": 16})
     limits = s.engine_limits
-    assert (limits.embed.max_batch, limits.embed.max_wait, limits.embed.max_queue) == (64, 0.005,
-                                                                                       16)
-    assert limits.detect.max_batch == 8 and s.metrics_port == 9464
+    assert (limits.face.max_batch, limits.face.max_wait, limits.face.max_queue) == (64, 0.005, 16)
+    assert limits.image.max_batch == 8 and s.metrics_port == 9464
 
 
 def test_default_model_dir_follows_xdg() -> None:

@@ -35,8 +35,8 @@ def test_served_embeddings_equal_calibrated_ones(dlib_model_dir: Path, lfw_dir: 
     async def serve_all() -> list[np.ndarray]:
         limits = EngineLimits(BatchLimits(8, 0.005, 64, 1), BatchLimits(8, 0.005, 64, 1),
                               BatchLimits(8, 0.0, 256, 2), pad_to_buckets=buckets)
-        with ThreadPoolExecutor(2) as cpu, ThreadPoolExecutor(2) as model:
-            engine = InferenceEngine(models.pipeline, cpu, model, limits, Metrics())
+        with ThreadPoolExecutor(2) as cpu:
+            engine = InferenceEngine(models.pipeline, cpu, limits, Metrics())
             faces = await asyncio.gather(*(engine.analyse(lfw_image(lfw_dir, n, i), "selfie",
                                                           False) for n, i in IMAGES))
             # A per-image error still reaches its own caller through the steps.

@@ -76,7 +76,7 @@ def test_a_full_queue_sheds_load_with_resource_exhausted(calibrated_dlib_model_d
     selfie, reference = lfw_image(lfw_dir, *SELFIE), lfw_image(lfw_dir, *REFERENCE)
     with ServerThread(settings) as s:
         assert s.running is not None and s.running.metrics_server is not None
-        batcher = s.running.services.engine.detect_batcher
+        batcher = s.running.services.engine.batchers["detect"]
         real, started, release = batcher.run, threading.Event(), threading.Event()
 
         def held(inputs: list[Any]) -> list[Any]:  # the detector, held until released

@@ -26,7 +26,14 @@ from index.vectors import IndexSpec
 from server.core.duplicates import DuplicateThreshold
 from server.core.enrolment import DuplicatePolicy, EnrolmentService, Outcome
 from server.core.metrics import Metrics
-from server.core.presentation import ENROLLED_COPY, REFERENCE_COPY, AttackPolicy, PresentationChecks
+from server.core.presentation import (
+    ENROLLED_COPY,
+    NOT_LIVE,
+    REFERENCE_COPY,
+    AttackPolicy,
+    LivenessCheck,
+    PresentationChecks,
+)
 from server.core.service import OperatingPoint
 from server.errors import (
     EnrollmentConflict,
@@ -36,8 +43,10 @@ from server.errors import (
     NotPendingReview,
     ReferenceKindNotCalibrated,
     SelfieIsReferenceCopy,
+    SelfieNotLive,
 )
 from server.pipeline.faces import AnalysedFace
+from server.pipeline.pad import Threshold
 from server.pipeline.quality import Quality
 from server.pipeline.replay import ReplayCheck
 from server.pipeline.types import DetectedFace
@@ -70,18 +79,21 @@ class ChosenFaces:
     face, for the replay check) chosen for it."""
 
     def __init__(self) -> None:
-        self.faces: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+        self.faces: dict[bytes, tuple[np.ndarray, np.ndarray, float]] = {}
 
-    def photo(self, embedding: np.ndarray, chip: np.ndarray | None = None) -> bytes:
+    def photo(self, embedding: np.ndarray, chip: np.ndarray | None = None,
+              live: float = 0.9) -> bytes:
         name = f"photo-{len(self.faces)}".encode()
-        self.faces[name] = (embedding, texture(len(self.faces)) if chip is None else chip)
+        self.faces[name] = (embedding, texture(len(self.faces)) if chip is None else chip, live)
         return name
 
-    async def analyse(self, data: bytes, field: str, refuse_ambiguous: bool) -> AnalysedFace:
+    async def analyse(self, data: bytes, field: str, refuse_ambiguous: bool,
+                      selfie: bool = False) -> AnalysedFace:
         face = DetectedFace(np.array([0.0, 0.0, 100.0, 100.0]), 0.99, np.zeros((5, 2)))
-        embedding, chip = self.faces[data]
+        embedding, chip, live = self.faces[data]
         return AnalysedFace(face, Quality(100, 100, 2.0, 120, 0.99), embedding, 1,
-                            False, (200, 200), chip)
+                            False, (200, 200), chip,
+                            stages={"presentation": live} if selfie else {})
 
 
 def texture(seed: int) -> np.ndarray:
@@ -102,8 +114,10 @@ def pool() -> Iterator[ThreadPoolExecutor]:
         yield p
 
 
-# Chosen replay thresholds (the shipped ones are measured by benchmarks.replay).
+# Chosen replay thresholds (the shipped ones are measured by benchmarks.replay), and a
+# chosen live-score threshold (an operator's is measured by `models presentation`).
 REPLAY = ReplayCheck(threshold=0.9, template_threshold=0.99)
+LIVENESS = LivenessCheck("pad-chosen", Threshold(0.2, 0.05, 0.05, 1000, "chosen"))
 
 
 def service(tmp_path: Path, pool: ThreadPoolExecutor, policy: DuplicatePolicy,
@@ -115,7 +129,7 @@ def service(tmp_path: Path, pool: ThreadPoolExecutor, policy: DuplicatePolicy,
     metrics = Metrics()
     return EnrolmentService(gallery, faces, pool, point_for,  # type: ignore[arg-type]
                             dedup, policy, metrics,
-                            PresentationChecks(REPLAY, attacks, pool, metrics)), faces
+                            PresentationChecks(REPLAY, LIVENESS, attacks, pool, metrics)), faces
 
 
 def threshold(svc: EnrolmentService) -> float:
@@ -351,3 +365,35 @@ def test_re_enrolling_the_stored_face_itself_is_reported_as_an_enrolled_copy(
     other_photo = asyncio.run(svc.enroll(nik(1), faces.photo(like(face, 0.95, 5)), None, {}))
     assert other_photo.outcome is Outcome.ALREADY_ENROLLED
     assert not other_photo.presentation.suspected
+
+
+def test_a_selfie_the_models_find_not_live_is_reported_flagged_or_refused_by_policy(
+        tmp_path: Path, pool: ThreadPoolExecutor) -> None:
+    # report: enrolled as usual, the reason and score on the answer.
+    svc, faces = service(tmp_path / "report", pool, DuplicatePolicy.REFUSE)
+    r = asyncio.run(svc.enroll(nik(1), faces.photo(unit(1), live=0.05), None, {}))
+    assert r.outcome is Outcome.ENROLLED and r.presentation.reasons == (NOT_LIVE,)
+    assert r.presentation.live_score == 0.05
+    assert "liveness:pad-chosen" in r.presentation.checks
+    live = asyncio.run(svc.enroll(nik(2), faces.photo(unit(2), live=0.2), None, {}))
+    assert not live.presentation.suspected  # at the threshold is bona fide
+    # flag: enrolled awaiting review, the note saying why; the reviewer's note is added.
+    svc, faces = service(tmp_path / "flag", pool, DuplicatePolicy.REFUSE, AttackPolicy.FLAG)
+    r = asyncio.run(svc.enroll(nik(1), faces.photo(unit(1), live=0.05), None, {}))
+    assert r.outcome is Outcome.ENROLLED_FLAGGED and r.candidates == []
+    assert r.enrollment is not None and r.enrollment.review == "pending"
+    assert "SELFIE_NOT_LIVE (live score 0.0500)" in r.enrollment.review_note
+    assert [e.nik for e in asyncio.run(svc.list_reviews(10, ""))[0]] == [nik(1)]
+    decided = asyncio.run(svc.resolve_review(nik(1), False, "officer", "a real photo"))
+    assert decided.review_note.startswith("presentation attack suspected at enrolment")
+    assert decided.review_note.endswith(" | a real photo")
+    bona_fide = asyncio.run(svc.enroll(nik(2), faces.photo(unit(2)), None, {}))
+    assert bona_fide.outcome is Outcome.ENROLLED
+    # refuse: INVALID_ARGUMENT / SELFIE_NOT_LIVE, nothing stored.
+    svc, faces = service(tmp_path / "refuse", pool, DuplicatePolicy.REFUSE, AttackPolicy.REFUSE)
+    with pytest.raises(SelfieNotLive):
+        asyncio.run(svc.enroll(nik(1), faces.photo(unit(1), live=0.05), None, {}))
+    assert len(svc.gallery) == 0
+    assert svc.metrics.presentation_attacks.labels("Enroll", NOT_LIVE)._value.get() == 1
+    assert svc.metrics.presentation_checks.labels("Enroll", "liveness",
+                                                  "suspected")._value.get() == 1

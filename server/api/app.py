@@ -47,7 +47,7 @@ from server.core.duplicates import DuplicateThreshold
 from server.core.enrolment import DuplicatePolicy, EnrolmentService
 from server.core.inference import InferenceEngine
 from server.core.metrics import Metrics, MetricsServer
-from server.core.presentation import AttackPolicy, PresentationChecks
+from server.core.presentation import AttackPolicy, LivenessCheck, PresentationChecks
 from server.core.service import VerificationService, operating_points
 from server.errors import ConfigurationError, StartupError
 from server.gen import faceverify_pb2 as pb
@@ -183,9 +183,9 @@ class RunningServer:
 
 
 def make_pools(settings: Settings) -> tuple[ThreadPoolExecutor, ...]:
-    """The thread pools: per-image work, model calls, index operations."""
+    """The thread pools: per-image work, index operations (each model call has threads
+    of its own: :class:`~server.core.inference.InferenceEngine`)."""
     return (ThreadPoolExecutor(settings.workers, thread_name_prefix="image"),
-            ThreadPoolExecutor(2 * settings.batch_concurrency, thread_name_prefix="model"),
             ThreadPoolExecutor(settings.index_threads, thread_name_prefix="index"))
 
 
@@ -193,7 +193,7 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
                    metrics: Metrics) -> Services:
     """Load, verify and warm the models, open the gallery; raises StartupError naming
     any problem."""
-    image_pool, model_pool, index_pool = pools
+    image_pool, index_pool = pools
     models = load_models(settings.model_dir, settings.provider, settings.intra_op_threads,
                          settings.limits, settings.policy, settings.detector_max_side,
                          settings.flip, settings.cudnn_conv_algo_search)
@@ -207,14 +207,20 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
                       settings.index, settings.snapshot_every, sealer, settings.registry_url)
     if sealer.enabled:
         log.info("data at rest sealed with AES-256-GCM, key %s", sealer.current_id)
-    engine = InferenceEngine(models.pipeline, image_pool, model_pool, settings.engine_limits,
+    engine = InferenceEngine(models.pipeline, image_pool, settings.engine_limits,
                              metrics)
     replay_check = ReplayCheck.from_calibration(calibration)
     if replay_check is None:
         log.warning("the calibration has no replay record for this measure: selfies are not "
                     "checked for being copies of the reference; run `faceverify calibrate` "
                     "again")
-    presentation = PresentationChecks(replay_check,
+    liveness = LivenessCheck.of(models.pipeline.stages, models.manifest)
+    if liveness is not None:
+        log.info("presentation-attack models %s: a selfie scoring under %.4f is suspected "
+                 "(BPCER %.1f %% on %d bona fide photos of %s)", liveness.version,
+                 liveness.threshold.value, 100 * liveness.threshold.bpcer,
+                 liveness.threshold.bona_fide, liveness.threshold.dataset)
+    presentation = PresentationChecks(replay_check, liveness,
                                       AttackPolicy(settings.presentation_attack_policy),
                                       image_pool, metrics)
     verification = VerificationService(models, points, engine, metrics, presentation)

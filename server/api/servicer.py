@@ -66,6 +66,8 @@ def presentation_pb(p: Presentation) -> pb.PresentationAttack:
                                 checks=list(p.checks))
     if p.reference_copy_score is not None:
         out.reference_copy_score = p.reference_copy_score
+    if p.live_score is not None:
+        out.live_score = p.live_score
     return out
 
 
@@ -78,6 +80,12 @@ def presentation_settings_pb(checks: PresentationChecks) -> pb.PresentationAttac
         out.reference_copy_threshold = replay.threshold
         out.reference_copy_genuine_rate = replay.genuine_rate
         out.enrolled_copy_threshold = replay.template_threshold
+    if (live := checks.liveness) is not None:
+        t = live.threshold
+        out.liveness_checked = True
+        out.live_threshold, out.live_bpcer_target, out.live_bpcer = t.value, t.bpcer_target, t.bpcer
+        out.liveness_bona_fide, out.liveness_dataset = t.bona_fide, t.dataset
+        out.liveness_version = live.version
     return out
 
 

@@ -124,10 +124,11 @@ class EnrolmentService:
             return await asyncio.get_running_loop().run_in_executor(
                 self.index_executor, functools.partial(context.run, fn, *args))
 
-    async def _analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool) -> AnalysedFace:
+    async def _analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool,
+                       selfie: bool = False) -> AnalysedFace:
         if not data:
             raise InvalidRequest(f"{field_name} is required", field=field_name)
-        return await self.engine.analyse(data, field_name, refuse_ambiguous)
+        return await self.engine.analyse(data, field_name, refuse_ambiguous, selfie)
 
     async def enroll(self, nik: str, selfie: bytes, reference: bytes | None,
                      metadata: dict[str, str], reference_kind: str = "photo") -> EnrolResult:
@@ -145,15 +146,15 @@ class EnrolmentService:
         validate_nik(nik)
         meta = _validate_metadata(metadata)
         reference_threshold = self.point_for(reference_kind).threshold if reference else 0.0
-        presentation = Presentation()
         if not reference:
-            face = await self._analyse(selfie, "selfie", True)
+            face = await self._analyse(selfie, "selfie", True, selfie=True)
+            presentation = await self.presentation.check("Enroll", face, None)
             ref_score = None
             template, photos = face.embedding, 1
         else:
-            face, ref = await analyse_both(self._analyse(selfie, "selfie", True),
+            face, ref = await analyse_both(self._analyse(selfie, "selfie", True, selfie=True),
                                            self._analyse(reference, "reference", False))
-            presentation = await self.presentation.against_reference("Enroll", face, ref)
+            presentation = await self.presentation.check("Enroll", face, ref)
             ref_score = float(face.embedding @ ref.embedding)
             if ref_score < reference_threshold:
                 self.metrics.outcomes.labels("Enroll", "reference_mismatch").inc()
@@ -163,7 +164,8 @@ class EnrolmentService:
             if self.dedup.fuses:
                 template, photos = fuse(np.stack([face.embedding, ref.embedding])), 2
         outcome, enrollment, candidates, point = await self._index(
-            "index_write", self._check_and_insert, nik, template, photos, meta)
+            "index_write", self._check_and_insert, nik, template, photos, meta,
+            self.presentation.review_note(presentation))
         self.metrics.outcomes.labels("Enroll", outcome.name.lower()).inc()
         if outcome is Outcome.ALREADY_ENROLLED and enrollment is not None \
                 and self.presentation.enrolled_copy(float(enrollment.embedding @ template)):
@@ -174,8 +176,11 @@ class EnrolmentService:
                            presentation=presentation)
 
     def _check_and_insert(self, nik: str, embedding: np.ndarray, photos: int,
-                          meta: dict[str, str]
+                          meta: dict[str, str], flag_note: str | None = None
                           ) -> tuple[Outcome, Enrollment | None, list[Match], DuplicatePoint]:
+        """Enrol unless the NIK is enrolled or the face duplicates another NIK's (under
+        the refuse policy); flagged for review where it duplicates one (flag policy)
+        or ``flag_note`` says why it is to be reviewed anyway."""
         with self.gallery.write_lock:
             size = len(self.gallery)
             point = self.dedup.at(size, kind(photos, 1))
@@ -192,10 +197,11 @@ class EnrolmentService:
                        and m.score >= self.dedup.at(size, kind(photos, m.photos)).threshold]
             if matches and self.policy is DuplicatePolicy.REFUSE:
                 return Outcome.DUPLICATE_REFUSED, None, matches, point
-            enrollment = self.gallery.add(nik, embedding, flagged=bool(matches),
+            flagged = bool(matches) or flag_note is not None
+            enrollment = self.gallery.add(nik, embedding, flagged=flagged,
                                           candidates=[(m.nik, m.score) for m in matches],
-                                          metadata=meta, photos=photos)
-            outcome = Outcome.ENROLLED_FLAGGED if matches else Outcome.ENROLLED
+                                          metadata=meta, photos=photos, note=flag_note or "")
+            outcome = Outcome.ENROLLED_FLAGGED if flagged else Outcome.ENROLLED
             return outcome, enrollment, matches, point
 
     async def search(self, image: bytes, top_k: int

@@ -1,43 +1,40 @@
 """The face pipeline run for concurrent requests: thread pools and batched model calls.
 
 Per-image work (decoding, building the detector input, choosing the subject,
-alignment) runs in the ``cpu`` pool; the detector and the recognizer each sit
-behind a :class:`~server.pipeline.batching.Batcher` whose batches run in the ``model``
-pool, and dlib's landmark model (numpy) behind one whose batches of faces run
-in the ``cpu`` pool.  The event loop only awaits.  Per-image errors are
-raised by the per-image steps, before an image joins a batch.
+alignment) runs in the ``cpu`` pool; every model call the pipeline declares
+(:attr:`FacePipeline.calls`: the detector, the recognizer, a face stage's models)
+sits behind a :class:`~server.pipeline.batching.Batcher` of its own, built from
+that declaration: onnxruntime calls in threads of their own, numpy ones (dlib's
+landmarks) in the ``cpu`` pool.  The event loop only awaits.  Per-image errors
+are raised by the per-image steps, before an image joins a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from server.core.metrics import Metrics
 from server.pipeline.batching import Batcher, BatchLimits, padded
 from server.pipeline.faces import AnalysedFace, FacePipeline, Timings
-from server.pipeline.types import (
-    CpuStep,
-    DetectCall,
-    DetectorInput,
-    EmbedCall,
-    LandmarkCall,
-    dispatch,
-)
+from server.pipeline.types import Call, CpuStep, ModelCall, dispatch
 
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """Batching of each model (see :class:`BatchLimits`)."""
+    """Batching of the model calls, by what they are called per
+    (:attr:`ModelCall.per`; see :class:`BatchLimits`)."""
 
-    detect: BatchLimits
-    embed: BatchLimits
-    landmarks: BatchLimits
+    image: BatchLimits  # detector scans
+    face: BatchLimits  # recognizer, face-stage models
+    cpu: BatchLimits  # numpy models (landmarks), in the image pool
     pad_to_buckets: bool = False  # see Settings.batch_buckets
+
+    def of(self, call: ModelCall) -> BatchLimits:
+        return {"image": self.image, "face": self.face, "cpu": self.cpu}[call.per]
 
 
 class InferenceEngine:
@@ -45,50 +42,40 @@ class InferenceEngine:
 
     Args:
         pipeline: the models and policies.
-        cpu_pool: threads for per-image work.
-        model_pool: threads for model calls; should have at least
-            ``limits.detect.concurrency + limits.embed.concurrency`` threads.
+        cpu_pool: threads for per-image work (and numpy model calls).
         limits: batch sizes, waits and queue bounds.
         metrics: receives stage times and batch and queue events.
     """
 
     def __init__(self, pipeline: FacePipeline, cpu_pool: ThreadPoolExecutor,
-                 model_pool: ThreadPoolExecutor, limits: EngineLimits, metrics: Metrics) -> None:
+                 limits: EngineLimits, metrics: Metrics) -> None:
         self.pipeline = pipeline
         self.cpu_pool = cpu_pool
         self.metrics = metrics
         self.limits = limits
-        self.detect_batcher: Batcher[DetectorInput, Any] = Batcher(
-            "detect", self._infer_detector, model_pool, limits.detect,
-            key=lambda p: p.tensor.shape, observer=metrics)
-        self.embed_batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
-            "embed", self._embed, model_pool, limits.embed, observer=metrics)
-        # Landmarks run on the CPU whatever the provider (numpy): in the image pool.
-        self.landmark_batcher: Batcher[tuple[np.ndarray, np.ndarray], np.ndarray] = Batcher(
-            "landmarks", self._landmarks, cpu_pool, limits.landmarks, observer=metrics)
-        for name, batch in (("detect", limits.detect), ("embed", limits.embed),
-                            ("landmarks", limits.landmarks)):
-            metrics.queue_capacity.labels(name).set(batch.max_queue)
+        self._threads: list[ThreadPoolExecutor] = []
+        self.batchers: dict[str, Batcher[Any, Any]] = {}
+        for call in pipeline.calls:
+            batch = limits.of(call)
+            pool: Executor = cpu_pool
+            if call.per != "cpu":  # onnxruntime releases the GIL: threads of its own
+                pool = ThreadPoolExecutor(batch.concurrency, thread_name_prefix=call.name)
+                self._threads.append(pool)
+            self.batchers[call.name] = Batcher(call.name, self._run(call), pool, batch,
+                                               key=call.key, observer=metrics)
+            metrics.queue_capacity.labels(call.name).set(batch.max_queue)
 
-    def _infer_detector(self, prepared: list[DetectorInput]) -> list[Any]:
-        tensors = [p.tensor for p in prepared]
-        if self.limits.pad_to_buckets:
-            tensors = padded(tensors, self.limits.detect.max_batch)
-        return self.pipeline.detector.infer(tensors)[:len(prepared)]
+    def _run(self, call: ModelCall) -> Callable[[list[Any]], Sequence[Any]]:
+        if not self.limits.pad_to_buckets or call.per == "cpu":
+            return call.run
+        max_batch = self.limits.of(call).max_batch
 
-    def _embed(self, chips: list[np.ndarray]) -> list[np.ndarray]:
-        batch = padded(chips, self.limits.embed.max_batch) if self.limits.pad_to_buckets \
-            else chips
-        return list(self.pipeline.recognizer.embed(np.stack(batch))[:len(chips)])
+        def run(items: list[Any]) -> Sequence[Any]:
+            return list(call.run(padded(items, max_batch)))[:len(items)]
+        return run
 
-    def _landmarks(self, faces: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        landmarker = self.pipeline.detector.landmarker
-        assert landmarker is not None  # only such detectors ask for landmarks
-        return list(landmarker.predict_batch([image for image, _ in faces],
-                                             np.stack([box for _, box in faces])))
-
-    async def analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool
-                      ) -> AnalysedFace:
+    async def analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool,
+                      selfie: bool = False) -> AnalysedFace:
         """The subject face of one encoded image: :meth:`FacePipeline.steps`, with
         per-image steps in the CPU pool and model calls batched across requests.
         Stage times go to the metrics (``detect`` and ``embed`` include the wait
@@ -99,7 +86,7 @@ class InferenceEngine:
                 or Overloaded / QueueTimeout from a batcher.
         """
         timings = Timings()
-        steps = self.pipeline.steps(data, field_name, refuse_ambiguous, timings)
+        steps = self.pipeline.steps(data, field_name, refuse_ambiguous, timings, selfie)
         runner = _BatchedRunner(self, asyncio.get_running_loop())
         value: Any = None
         error: BaseException | None = None
@@ -119,10 +106,11 @@ class InferenceEngine:
             self.metrics.observe_stages(timings.seconds)
 
     async def close(self) -> None:
-        """Fail whatever is still queued and wait for running batches."""
-        await self.detect_batcher.close()
-        await self.landmark_batcher.close()
-        await self.embed_batcher.close()
+        """Fail whatever is still queued, wait for running batches, stop the threads."""
+        for batcher in self.batchers.values():
+            await batcher.close()
+        for pool in self._threads:
+            pool.shutdown(wait=True)
 
 
 @dataclass(frozen=True)
@@ -135,12 +123,9 @@ class _BatchedRunner:
     async def cpu(self, step: CpuStep) -> Any:
         return await self.loop.run_in_executor(self.engine.cpu_pool, step.fn, *step.args)
 
-    async def detect(self, step: DetectCall) -> Any:
-        return await self.engine.detect_batcher.submit(step.prepared)
-
-    async def landmarks(self, step: LandmarkCall) -> Any:
-        return np.stack(await asyncio.gather(*(
-            self.engine.landmark_batcher.submit((step.image, box)) for box in step.boxes)))
-
-    async def embed(self, step: EmbedCall) -> Any:
-        return await self.engine.embed_batcher.submit(step.chip)
+    async def model(self, step: Call) -> Any:
+        batcher = self.engine.batchers.get(step.call.name)
+        if batcher is None:
+            raise TypeError(f"model call {step.call.name!r} is not among the pipeline's "
+                            "declared calls (FacePipeline.calls)")
+        return list(await asyncio.gather(*(batcher.submit(item) for item in step.items)))

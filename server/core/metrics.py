@@ -75,13 +75,18 @@ class Metrics:
                                 ("method", "outcome"), registry=r)
         self.presentation_checks = Counter(
             "faceverify_presentation_checks",
-            "Selfies checked for a presentation attack, by method and outcome "
-            "(bona_fide, suspected)", ("method", "outcome"), registry=r)
+            "Selfie checks for a presentation attack, by method, check (reference_copy, "
+            "liveness) and outcome (bona_fide, suspected)", ("method", "check", "outcome"),
+            registry=r)
         self.presentation_attacks = Counter(
             "faceverify_presentation_attacks",
             "Suspected presentation attacks, by method and reason "
-            "(SELFIE_IS_REFERENCE_COPY, SELFIE_IS_ENROLLED_COPY)", ("method", "reason"),
-            registry=r)
+            "(SELFIE_IS_REFERENCE_COPY, SELFIE_NOT_LIVE, SELFIE_IS_ENROLLED_COPY)",
+            ("method", "reason"), registry=r)
+        self.live_score = Histogram(
+            "faceverify_live_score", "Selfies' live scores (the presentation-attack models' "
+            "averaged bona fide probability; below the threshold is suspected)", ("method",),
+            buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99, 1.0), registry=r)
         self.index_size = Gauge("faceverify_index_size", "Faces in the search index",
                                 registry=r)
         self.index_in_sync = Gauge("faceverify_index_in_sync",
@@ -156,9 +161,11 @@ class Metrics:
         for method, outcomes in OUTCOMES.items():
             for outcome in outcomes:
                 self.outcomes.labels(method, outcome)
-            for outcome in ("bona_fide", "suspected"):
-                self.presentation_checks.labels(method, outcome)
-            self.presentation_attacks.labels(method, "SELFIE_IS_REFERENCE_COPY")
+            for check in ("reference_copy", "liveness"):
+                for outcome in ("bona_fide", "suspected"):
+                    self.presentation_checks.labels(method, check, outcome)
+            for reason in ("SELFIE_IS_REFERENCE_COPY", "SELFIE_NOT_LIVE"):
+                self.presentation_attacks.labels(method, reason)
         self.presentation_attacks.labels("Enroll", "SELFIE_IS_ENROLLED_COPY")
 
     def observe_stages(self, seconds: dict[str, float]) -> None:

@@ -134,17 +134,17 @@ class VerificationService:
             ReferenceKindNotCalibrated: no operating point for ``reference_kind``.
             RequestError: the selfie's image or face problem if it has one,
                 else the reference's (see :mod:`server.errors`).
-            SelfieIsReferenceCopy: the selfie is a copy of the reference, under the
-                ``refuse`` presentation-attack policy.
+            SelfieIsReferenceCopy, SelfieNotLive: a suspected presentation attack,
+                under the ``refuse`` presentation-attack policy.
         """
         if not selfie:
             raise InvalidRequest("selfie is required", field="selfie")
         if not reference:
             raise InvalidRequest("reference is required", field="reference")
         point = self.point_for(reference_kind)
-        a, b = await analyse_both(self.engine.analyse(selfie, "selfie", True),
+        a, b = await analyse_both(self.engine.analyse(selfie, "selfie", True, selfie=True),
                                   self.engine.analyse(reference, "reference", False))
-        presentation = await self.presentation.against_reference("Verify", a, b)
+        presentation = await self.presentation.check("Verify", a, b)
         score = float(a.embedding @ b.embedding)
         match = score >= point.threshold
         self.metrics.outcomes.labels("Verify", "match" if match else "no_match").inc()

@@ -314,16 +314,18 @@ class Face(_message.Message):
     def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., landmark_scheme: _Optional[str] = ..., detector_score: _Optional[float] = ..., quality: _Optional[_Union[FaceQuality, _Mapping]] = ..., faces_found: _Optional[int] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., rotation_degrees: _Optional[int] = ..., presentation_attack: _Optional[_Union[PresentationAttack, _Mapping]] = ...) -> None: ...
 
 class PresentationAttack(_message.Message):
-    __slots__ = ("suspected", "reasons", "reference_copy_score", "checks")
+    __slots__ = ("suspected", "reasons", "reference_copy_score", "checks", "live_score")
     SUSPECTED_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_COPY_SCORE_FIELD_NUMBER: _ClassVar[int]
     CHECKS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SCORE_FIELD_NUMBER: _ClassVar[int]
     suspected: bool
     reasons: _containers.RepeatedScalarFieldContainer[str]
     reference_copy_score: float
     checks: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, suspected: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., reference_copy_score: _Optional[float] = ..., checks: _Optional[_Iterable[str]] = ...) -> None: ...
+    live_score: float
+    def __init__(self, suspected: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., reference_copy_score: _Optional[float] = ..., checks: _Optional[_Iterable[str]] = ..., live_score: _Optional[float] = ...) -> None: ...
 
 class FaceQuality(_message.Message):
     __slots__ = ("face_width", "face_height", "sharpness", "brightness", "turn", "advice")
@@ -386,20 +388,34 @@ class ServerInfo(_message.Message):
     def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ..., serving: _Optional[_Union[ServingSettings, _Mapping]] = ..., duplicate_target_fpir: _Optional[float] = ..., duplicate_pairwise_fmr: _Optional[float] = ..., duplicate_threshold_extrapolated: _Optional[bool] = ..., reference_operating_points: _Optional[_Iterable[_Union[OperatingPoint, _Mapping]]] = ..., presentation_attack: _Optional[_Union[PresentationAttackSettings, _Mapping]] = ...) -> None: ...
 
 class PresentationAttackSettings(_message.Message):
-    __slots__ = ("policy", "reference_copy_checked", "reference_copy_threshold", "reference_copy_genuine_rate", "enrolled_copy_threshold", "measure")
+    __slots__ = ("policy", "reference_copy_checked", "reference_copy_threshold", "reference_copy_genuine_rate", "enrolled_copy_threshold", "measure", "liveness_checked", "live_threshold", "live_bpcer_target", "live_bpcer", "liveness_bona_fide", "liveness_dataset", "liveness_version")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_COPY_CHECKED_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_COPY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_COPY_GENUINE_RATE_FIELD_NUMBER: _ClassVar[int]
     ENROLLED_COPY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MEASURE_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    LIVE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    LIVE_BPCER_TARGET_FIELD_NUMBER: _ClassVar[int]
+    LIVE_BPCER_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_BONA_FIDE_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_DATASET_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_VERSION_FIELD_NUMBER: _ClassVar[int]
     policy: str
     reference_copy_checked: bool
     reference_copy_threshold: float
     reference_copy_genuine_rate: float
     enrolled_copy_threshold: float
     measure: str
-    def __init__(self, policy: _Optional[str] = ..., reference_copy_checked: _Optional[bool] = ..., reference_copy_threshold: _Optional[float] = ..., reference_copy_genuine_rate: _Optional[float] = ..., enrolled_copy_threshold: _Optional[float] = ..., measure: _Optional[str] = ...) -> None: ...
+    liveness_checked: bool
+    live_threshold: float
+    live_bpcer_target: float
+    live_bpcer: float
+    liveness_bona_fide: int
+    liveness_dataset: str
+    liveness_version: str
+    def __init__(self, policy: _Optional[str] = ..., reference_copy_checked: _Optional[bool] = ..., reference_copy_threshold: _Optional[float] = ..., reference_copy_genuine_rate: _Optional[float] = ..., enrolled_copy_threshold: _Optional[float] = ..., measure: _Optional[str] = ..., liveness_checked: _Optional[bool] = ..., live_threshold: _Optional[float] = ..., live_bpcer_target: _Optional[float] = ..., live_bpcer: _Optional[float] = ..., liveness_bona_fide: _Optional[int] = ..., liveness_dataset: _Optional[str] = ..., liveness_version: _Optional[str] = ...) -> None: ...
 
 class ServingSettings(_message.Message):
     __slots__ = ("processes", "workers", "intra_op_threads", "batch_concurrency", "detect_max_batch", "embed_max_batch", "batch_wait_ms", "batch_buckets", "max_queue", "cudnn_conv_algo_search")

@@ -57,6 +57,7 @@ from server.models.manifest import (
     write_json_atomic,
 )
 from server.models.openvino_ir import ir_to_onnx
+from server.models.presentation import carried_over
 from server.models.repair import check_against, repair
 from server.models.rewrite import prelu_as_relu, same_outputs
 from server.models.tflite_format import read_tflite
@@ -158,13 +159,25 @@ def _current_build(model_dir: Path, sources: dict[str, Any], force: bool
     return manifest
 
 
+def _manifest_there(model_dir: Path) -> dict[str, Any] | None:
+    """The manifest a rebuild replaces, unverified (None where there is none)."""
+    try:
+        manifest: dict[str, Any] = json.loads((model_dir / MANIFEST).read_text())
+        return manifest
+    except (OSError, ValueError):
+        return None
+
+
 def _finish_build(model_dir: Path, manifest: dict[str, Any], force: bool) -> dict[str, Any]:
     """Write a built set's manifest and install its shipped calibration.
 
     The manifest is written last: a build interrupted before this point leaves
     no manifest that vouches for half-written files.  A forced rebuild drops
-    the calibration there (it may be of files that changed).
+    the calibration there (it may be of files that changed); an operator's
+    presentation-attack stage is kept where the model version is unchanged
+    (:func:`~server.models.presentation.carried_over`).
     """
+    manifest = carried_over(model_dir, _manifest_there(model_dir), manifest)
     write_json_atomic(model_dir / MANIFEST, manifest)
     if force:
         (model_dir / CALIBRATION).unlink(missing_ok=True)
@@ -551,6 +564,7 @@ def import_operator_models(model_dir: Path, detector: Path, recognizer: Path,
                   for f in (detector.name, rec_file)},
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    manifest = carried_over(model_dir, _manifest_there(model_dir), manifest)
     write_json_atomic(model_dir / MANIFEST, manifest)
     if force:
         (model_dir / CALIBRATION).unlink(missing_ok=True)

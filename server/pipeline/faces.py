@@ -8,9 +8,10 @@ Every stage's wall time is recorded for metrics and benchmarks.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -21,9 +22,12 @@ from server.pipeline.types import (
     CpuStep,
     DetectedFace,
     Detector,
-    EmbedCall,
+    DetectorCalls,
+    FaceStage,
+    ModelCall,
     Recognizer,
     Steps,
+    call_one,
     detection_steps,
     run_steps,
 )
@@ -74,6 +78,8 @@ class AnalysedFace:
     image_size: tuple[int, int]  # (width, height)
     chip: np.ndarray  # the aligned face the embedding was computed from
     turns: int = 0  # counter-clockwise quarter turns that made the face upright
+    # Each face stage's result (FacePipeline.stages), where the stages were run.
+    stages: dict[str, Any] = field(default_factory=dict)
 
 
 def prominence(face: DetectedFace, width: int, height: int) -> float:
@@ -126,24 +132,36 @@ def choose_subject(faces: list[DetectedFace], width: int, height: int, policy: F
 
 
 class FacePipeline:
-    """Detector + recognizer + policies: bytes in, subject embedding out.
+    """Detector + recognizer + policies: bytes in, subject embedding out; then, for
+    a selfie, each of ``stages`` on its face (a presentation-attack check).
 
     Raises:
         ConfigurationError: the detector's landmarks are not what the
-            recognizer's alignment needs.
+            recognizer's alignment needs, or two model calls share a name.
     """
 
     def __init__(self, detector: Detector, recognizer: Recognizer, limits: ImageLimits,
-                 policy: FacePolicy) -> None:
+                 policy: FacePolicy, stages: Sequence[FaceStage] = ()) -> None:
         if detector.landmark_scheme != recognizer.landmark_scheme:
             raise ConfigurationError(
                 f"detector {detector.name} gives {detector.landmark_scheme} landmarks but "
                 f"recognizer {recognizer.name} aligns with {recognizer.landmark_scheme}")
         self.detector = detector
         self.recognizer = recognizer
+        self.stages = tuple(stages)
         self.limits = limits
         self.policy = policy
         self.budget = PixelBudget(limits.decode_budget_bytes)
+        self.detector_calls = DetectorCalls.of(detector)
+        self.embed_call = ModelCall("embed", lambda chips: list(recognizer.embed(np.stack(chips))),
+                                    "face")
+        # Every model call the steps make: the server batches each (InferenceEngine).
+        self.calls = (*self.detector_calls.all, self.embed_call,
+                      *(call for stage in self.stages for call in stage.calls))
+        names = [c.name for c in self.calls] + [s.name for s in self.stages]
+        if len(set(names)) != len(names) or set(names) & set(STAGES) - {"detect", "embed"}:
+            raise ConfigurationError(f"model calls and stages need names of their own: "
+                                     f"{', '.join(names)}")
 
     @property
     def dim(self) -> int:
@@ -155,7 +173,7 @@ class FacePipeline:
 
     def subject_chip(self, decoded: Decoded, faces: list[DetectedFace], field_name: str,
                      refuse_ambiguous: bool, turns: int = 0
-                     ) -> tuple[DetectedFace, bool, np.ndarray, Quality]:
+                     ) -> tuple[DetectedFace, bool, np.ndarray, Quality, DetectedFace]:
         """Choose the subject (raising its per-image errors), align it, measure it.
 
         The subject is chosen, gated and reported in the uploaded image's pixels,
@@ -163,7 +181,8 @@ class FacePipeline:
         upright (``decoded`` is then the turned image: ``turns`` quarter turns).
 
         Returns:
-            The subject, whether it is ambiguous, its aligned chip and its quality.
+            The subject, whether it is ambiguous, its aligned chip, its quality, and
+            the subject as found in ``decoded`` (its pixels, for the face stages).
         """
         width, height = decoded.size
         if turns % 2:
@@ -171,12 +190,13 @@ class FacePipeline:
         uploaded = [f.scaled(decoded.scale) for f in faces]
         subject, ambiguous = choose_subject(uploaded, width, height, self.policy,
                                             refuse_ambiguous, field_name)
-        chip = self.recognizer.align(decoded.pixels, faces[uploaded.index(subject)])
+        local = faces[uploaded.index(subject)]
+        chip = self.recognizer.align(decoded.pixels, local)
         quality = measure(subject, chip, self.detector.landmark_scheme)
         if turns:
             subject = DetectedFace(unturn_box(subject.box, turns, width, height), subject.score,
                                    unturn_points(subject.landmarks, turns, width, height))
-        return subject, ambiguous, chip, quality
+        return subject, ambiguous, chip, quality, local
 
     def upright_steps(self, pixels: np.ndarray, faces: list[DetectedFace]
                       ) -> Steps[tuple[np.ndarray, list[DetectedFace], int]]:
@@ -209,7 +229,7 @@ class FacePipeline:
             tries = [1, 3, 2]  # a quarter turn either way is likelier than upside down
         for k in tries:
             turned = yield CpuStep(turn, (pixels, k))
-            found = yield from detection_steps(self.detector, turned)
+            found = yield from detection_steps(self.detector, self.detector_calls, turned)
             if not found:
                 continue
             main = most_prominent(found, turned)
@@ -222,19 +242,19 @@ class FacePipeline:
         return (pixels, faces, 0) if best is None else best[1:]
 
     def steps(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
-              timings: Timings) -> Steps[AnalysedFace]:
+              timings: Timings, selfie: bool = False) -> Steps[AnalysedFace]:
         """The analysis of one image as a sequence of steps, for a driver to run.
 
         The one definition of what analysing an image means, whoever runs it:
         :meth:`analyse` runs each step in turn (calibration, quantization,
         benchmarks, tests), the server's :class:`~server.core.inference.InferenceEngine`
         runs per-image steps in a thread pool and batches model calls across
-        requests.  Yields :class:`CpuStep` (call it, send back its result),
-        :class:`DetectCall` (send back the detector's output for that input) and
-        :class:`EmbedCall` (send back the chip's embedding); returns the face.
+        requests.  Yields :class:`CpuStep` (call it, send back its result) and
+        :class:`Call` (send back the outputs of one of :attr:`calls`); returns the face.
 
         Args:
             data: encoded image bytes, or already decoded (H, W, 3) uint8 RGB pixels.
+            selfie: run the face stages too (a selfie: its presentation-attack check).
         """
         with timings.stage("decode"):
             if isinstance(data, np.ndarray):
@@ -242,20 +262,25 @@ class FacePipeline:
             else:
                 decoded = yield CpuStep(self.decode, (data, field_name))
         with timings.stage("detect"):
-            faces = yield from detection_steps(self.detector, decoded.pixels)
+            faces = yield from detection_steps(self.detector, self.detector_calls,
+                                                decoded.pixels)
             pixels, faces, turns = yield from self.upright_steps(decoded.pixels, faces)
         with timings.stage("align"):
-            subject, ambiguous, chip, quality = yield CpuStep(
+            subject, ambiguous, chip, quality, local = yield CpuStep(
                 self.subject_chip, (replace(decoded, pixels=pixels), faces, field_name,
                                     refuse_ambiguous, turns))
         with timings.stage("embed"):
-            embedding = yield EmbedCall(chip)
+            embedding = yield from call_one(self.embed_call, chip)
+        results: dict[str, Any] = {}
+        for stage in self.stages if selfie else ():
+            with timings.stage(stage.name):
+                results[stage.name] = yield from stage.steps(pixels, local)
         return AnalysedFace(subject, quality, embedding, len(faces), ambiguous, decoded.size,
-                            chip, turns)
+                            chip, turns, results)
 
     def analyse(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
-                timings: Timings | None = None) -> AnalysedFace:
+                timings: Timings | None = None, selfie: bool = False) -> AnalysedFace:
         """Run :meth:`steps` here, one model call at a time (see :func:`choose_subject`
         for the per-image errors)."""
-        return run_steps(self.steps(data, field_name, refuse_ambiguous, timings or Timings()),
-                         self.detector, self.recognizer)
+        return run_steps(self.steps(data, field_name, refuse_ambiguous, timings or Timings(),
+                                    selfie))

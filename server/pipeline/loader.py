@@ -19,10 +19,22 @@ from server.pipeline.faces import FacePipeline, FacePolicy
 from server.pipeline.image import ImageLimits
 from server.pipeline.landmarks import ShapePredictor
 from server.pipeline.mmod import MmodDetector
+from server.pipeline.pad import CropClassifier, CropSpec, PresentationStage
 from server.pipeline.recognizers import ChipSpec, DlibResnet, TemplateRecognizer
 from server.pipeline.runtime import make_session, resolve_provider
 from server.pipeline.scrfd import ScrfdDetector
-from server.pipeline.types import Detector, Recognizer, detect
+from server.pipeline.types import (
+    UNSET,
+    Call,
+    CpuStep,
+    DetectedFace,
+    Detector,
+    FaceStage,
+    Recognizer,
+    call_one,
+    detection_steps,
+    run_steps,
+)
 from server.pipeline.yunet import YunetDetector
 
 log = logging.getLogger(__name__)
@@ -55,6 +67,7 @@ class Build:
     session: Callable[[str], ort.InferenceSession]
     detector_max_side: int
     flip: bool
+    file_sha256: dict[str, str]  # every file of the set, as the manifest verified it
 
 
 # The one table of model kinds (the manifest's ``kind``) and how each is built.
@@ -78,6 +91,20 @@ RECOGNIZERS: dict[str, Callable[[dict[str, Any], Build], Recognizer]] = {
 RECOGNIZERS["arcface"] = RECOGNIZERS["template"]  # "arcface": manifests before specs
 
 
+def _presentation(cfg: dict[str, Any], b: Build) -> FaceStage:
+    specs = [CropSpec.from_manifest(m) for m in cfg["models"]]
+    return PresentationStage([CropClassifier(b.session(s.file), s) for s in specs],
+                             b.file_sha256)
+
+
+# The face stages, in the order they run on a selfie's face: the manifest section
+# that declares each, and how each kind of it is built.  A new stage is a module
+# (a FaceStage) and a line here.
+FACE_STAGES: dict[str, dict[str, Callable[[dict[str, Any], Build], FaceStage]]] = {
+    "presentation": {"crop-classifier": _presentation},
+}
+
+
 def load_models(model_dir: Path, provider: str, intra_op_threads: int, limits: ImageLimits,
                 policy: FacePolicy, detector_max_side: int = 800, flip: bool = True,
                 cudnn_conv_algo_search: str = "HEURISTIC") -> LoadedModels:
@@ -96,7 +123,8 @@ def load_models(model_dir: Path, provider: str, intra_op_threads: int, limits: I
         return make_session(model_dir / file, resolved, intra_op_threads,
                             cudnn_conv_algo_search)
 
-    build = Build(model_dir, session, detector_max_side, flip)
+    build = Build(model_dir, session, detector_max_side, flip,
+                  {name: entry["sha256"] for name, entry in manifest["files"].items()})
     make_detector = DETECTORS.get(det_cfg["kind"])
     if make_detector is None:
         raise ModelError(f"unknown detector kind {det_cfg['kind']!r} in {model_dir} (this "
@@ -107,29 +135,53 @@ def load_models(model_dir: Path, provider: str, intra_op_threads: int, limits: I
                          f"server knows {', '.join(sorted(RECOGNIZERS))})")
     detector = make_detector(det_cfg, build)
     recognizer = make_recognizer(rec_cfg, build)
-    pipeline = FacePipeline(detector, recognizer, limits, policy)
+    stages = []
+    for section, kinds in FACE_STAGES.items():
+        if (cfg := manifest.get(section)) is None:
+            continue
+        make_stage = kinds.get(cfg.get("kind"))
+        if make_stage is None:
+            raise ModelError(f"unknown {section} kind {cfg.get('kind')!r} in {model_dir} (this "
+                             f"server knows {', '.join(sorted(kinds))})")
+        stages.append(make_stage(cfg, build))
+    pipeline = FacePipeline(detector, recognizer, limits, policy, stages)
     used = recognizer.session.get_providers()[0]
-    log.info("models %s loaded from %s on %s (embedding size %d)", manifest["model_version"],
-             model_dir, used, recognizer.dim)
+    log.info("models %s loaded from %s on %s (embedding size %d%s)", manifest["model_version"],
+             model_dir, used, recognizer.dim,
+             "".join(f"; {s.name} stage {s.version}" for s in stages))
     return LoadedModels(pipeline, manifest, used, flip)
 
 
+@dataclass(frozen=True)
+class _Warming:
+    """Runs each model call for its items, then, on a GPU provider, at every batch size
+    of :func:`~server.pipeline.batching.buckets` up to the maxima, since those plan
+    (and TensorRT builds engines) per input shape."""
+
+    sizes: dict[str, list[int]]
+
+    def cpu(self, step: CpuStep) -> Any:
+        return step.fn(*step.args)
+
+    def model(self, step: Call) -> Any:
+        outputs = list(step.call.run(list(step.items)))
+        for n in self.sizes[step.call.per][1:]:
+            step.call.run(list(step.items[:1]) * n)
+        return outputs
+
+
 def warm_up(models: LoadedModels, detect_batch: int = 1, embed_batch: int = 1) -> None:
-    """Run every model once; on a GPU provider, at every batch size of
-    :func:`~server.pipeline.batching.buckets` up to the maxima too, since those plan (and
-    TensorRT builds engines) per input shape.  No request then pays for
-    initialisation."""
+    """Run every model call of the pipeline once (on a GPU at every batch size the
+    server may send it): no request then pays for initialisation."""
     pipe = models.pipeline
+    cpu = models.provider == "CPUExecutionProvider"
+    runner = _Warming({"image": [1] if cpu else buckets(detect_batch),
+                       "face": [1] if cpu else buckets(embed_batch), "cpu": [1]})
     image = np.full((256, 256, 3), 128, dtype=np.uint8)
-    detect(pipe.detector, image)  # finds nothing, so runs every scan
-    chip = (*pipe.recognizer.chip_shape, 3)
-    pipe.recognizer.embed(np.zeros((1, *chip), dtype=np.uint8))
-    if models.provider == "CPUExecutionProvider":
-        return
-    attempt = 0
-    while (prepared := pipe.detector.prepare(image, attempt)) is not None:
-        for n in buckets(detect_batch)[1:]:
-            pipe.detector.infer([prepared.tensor] * n)
-        attempt += 1
-    for n in buckets(embed_batch)[1:]:
-        pipe.recognizer.embed(np.zeros((n, *chip), dtype=np.uint8))
+    # Finds nothing, so runs every scan.
+    run_steps(detection_steps(pipe.detector, pipe.detector_calls, image), runner)
+    chip = np.zeros((*pipe.recognizer.chip_shape, 3), dtype=np.uint8)
+    run_steps(call_one(pipe.embed_call, chip), runner)
+    face = DetectedFace(np.array([64.0, 64.0, 192.0, 192.0]), 1.0, UNSET)
+    for stage in pipe.stages:
+        run_steps(stage.steps(image, face), runner)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, assert_never
+from typing import Any, Literal, Protocol, TypeVar, assert_never
 
 import numpy as np
 import onnxruntime as ort
@@ -143,42 +143,89 @@ class CpuStep:
     args: tuple[Any, ...]
 
 
+def _unkeyed(_: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class ModelCall:
+    """A model the pipeline calls, declared once: how one batch of its items runs.
+
+    The server builds one batcher per declared call (``FacePipeline.calls``,
+    :class:`~server.core.inference.InferenceEngine`); ``per`` says which limits and
+    threads it gets: ``image`` (one item per scan: a detector) and ``face`` (one per
+    face: the recognizer, a presentation-attack model) run onnxruntime in threads of
+    their own, batches padded to fixed sizes where the settings ask; ``cpu`` (numpy
+    work, dlib's landmarks) runs in the image pool, unpadded.  Items of different
+    ``key`` never share a batch (a detector's tensors of different shapes).
+    """
+
+    name: str  # in logs and metrics: detect, landmarks, embed, liveness
+    run: Callable[[list[Any]], Sequence[Any]]  # blocking; one output per item, in order
+    per: Literal["image", "face", "cpu"]
+    key: Callable[[Any], Hashable] = _unkeyed
+
+
 @dataclass(frozen=True)
-class DetectCall:
-    """A detector model call: the driver sends back ``detector.infer`` of this input."""
+class Call:
+    """A model call step: the driver sends back the outputs of ``call.run`` for
+    ``items``, in order, as a list (each item may be batched with other images')."""
 
-    prepared: DetectorInput
-
-
-@dataclass(frozen=True)
-class LandmarkCall:
-    """A landmark model call: the driver sends back (len(boxes), 5, 2) landmarks."""
-
-    image: np.ndarray
-    boxes: np.ndarray  # (K, 4)
+    call: ModelCall
+    items: tuple[Any, ...]
 
 
-@dataclass(frozen=True)
-class EmbedCall:
-    """A recognizer call: the driver sends back the chip's (dim,) embedding."""
-
-    chip: np.ndarray
-
-
-Step = CpuStep | DetectCall | LandmarkCall | EmbedCall
+Step = CpuStep | Call
 Steps = Generator[Step, Any, T]
 
 
-def detection_steps(detector: Detector, image: np.ndarray) -> Steps[list[DetectedFace]]:
+def call_one(call: ModelCall, item: Any) -> Steps[Any]:
+    """The output of ``call`` for one item."""
+    outputs = yield Call(call, (item,))
+    return outputs[0]
+
+
+@dataclass(frozen=True)
+class DetectorCalls:
+    """A detector's model calls: its scans, and its landmark model where it has one."""
+
+    scan: ModelCall
+    landmarks: ModelCall | None
+
+    @classmethod
+    def of(cls, detector: Detector) -> DetectorCalls:
+        landmarker = detector.landmarker
+
+        def scan(prepared: list[DetectorInput]) -> list[Any]:
+            return detector.infer([p.tensor for p in prepared])
+
+        def landmarks(faces: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+            assert landmarker is not None
+            return list(landmarker.predict_batch([image for image, _ in faces],
+                                                 np.stack([box for _, box in faces])))
+
+        return cls(ModelCall("detect", scan, "image", key=lambda p: p.tensor.shape),
+                   None if landmarker is None else ModelCall("landmarks", landmarks, "cpu"))
+
+    @property
+    def all(self) -> tuple[ModelCall, ...]:
+        return (self.scan,) if self.landmarks is None else (self.scan, self.landmarks)
+
+
+def detection_steps(detector: Detector, calls: DetectorCalls, image: np.ndarray
+                    ) -> Steps[list[DetectedFace]]:
     """Every scan the detector wants, in turn, until one finds a face (see :class:`Detector`)."""
     attempt = 0
     while (prepared := (yield CpuStep(detector.prepare, (image, attempt)))) is not None:
-        output = yield DetectCall(prepared)
+        output = yield from call_one(calls.scan, prepared)
         faces: list[DetectedFace] = yield CpuStep(detector.finish, (image, prepared, output))
         if faces:
             boxes = [f.landmark_box for f in faces if f.landmark_box is not None]
             if boxes:
-                points = iter((yield LandmarkCall(image, np.stack(boxes))))
+                if calls.landmarks is None:
+                    raise TypeError(f"detector {detector.name} placed landmark boxes but has "
+                                    "no landmark model")
+                points = iter((yield Call(calls.landmarks, tuple((image, b) for b in boxes))))
                 faces = [f if f.landmark_box is None else f.with_landmarks(next(points))
                          for f in faces]
             return faces
@@ -186,16 +233,32 @@ def detection_steps(detector: Detector, image: np.ndarray) -> Steps[list[Detecte
     return []
 
 
+class FaceStage(Protocol):
+    """A stage run on a selfie's subject face once it is found (a presentation-attack
+    check): one module implements it, and one line of the loader's table
+    (:data:`server.pipeline.loader.FACE_STAGES`) puts it in the pipeline.
+
+    Its result lands in :attr:`AnalysedFace.stages` under ``name``, which also names
+    its timing stage; ``calls`` are the model calls its steps make (each gets a
+    batcher in the server).
+    """
+
+    name: str
+    version: str  # what its result was computed with (models and their layout)
+    calls: tuple[ModelCall, ...]
+
+    def steps(self, pixels: np.ndarray, face: DetectedFace) -> Steps[Any]:
+        """The stage's result for ``face``, found in ``pixels`` (the image as
+        analysed: decoded, maybe reduced and turned upright)."""
+        ...
+
+
 class StepRunner(Protocol[R_co]):
     """What a driver does with each kind of step (:func:`dispatch`)."""
 
     def cpu(self, step: CpuStep) -> R_co: ...
 
-    def detect(self, step: DetectCall) -> R_co: ...
-
-    def landmarks(self, step: LandmarkCall) -> R_co: ...
-
-    def embed(self, step: EmbedCall) -> R_co: ...
+    def model(self, step: Call) -> R_co: ...
 
 
 def dispatch(step: Step, runner: StepRunner[R_co]) -> R_co:
@@ -204,46 +267,27 @@ def dispatch(step: Step, runner: StepRunner[R_co]) -> R_co:
     match step:
         case CpuStep():
             return runner.cpu(step)
-        case DetectCall():
-            return runner.detect(step)
-        case LandmarkCall():
-            return runner.landmarks(step)
-        case EmbedCall():
-            return runner.embed(step)
+        case Call():
+            return runner.model(step)
         case _:
             assert_never(step)
 
 
-@dataclass(frozen=True)
 class InlineRunner:
     """Runs each step here and now, one model call at a time (tools, tests)."""
-
-    detector: Detector
-    recognizer: Recognizer | None = None
 
     def cpu(self, step: CpuStep) -> Any:
         return step.fn(*step.args)
 
-    def detect(self, step: DetectCall) -> Any:
-        return self.detector.infer([step.prepared.tensor])[0]
-
-    def landmarks(self, step: LandmarkCall) -> Any:
-        landmarker = self.detector.landmarker
-        if landmarker is None:
-            raise TypeError(f"detector {self.detector.name} asked for landmarks but has no "
-                            "landmark model")
-        return landmarker.predict_batch([step.image] * len(step.boxes), step.boxes)
-
-    def embed(self, step: EmbedCall) -> Any:
-        if self.recognizer is None:
-            raise TypeError("these steps embed: pass the recognizer")
-        return self.recognizer.embed(step.chip[None])[0]
+    def model(self, step: Call) -> Any:
+        return list(step.call.run(list(step.items)))
 
 
-def run_steps(steps: Steps[T], detector: Detector, recognizer: Recognizer | None = None) -> T:
-    """Drive ``steps`` here, one model call at a time; a step's error is thrown back
-    into the sequence (so its stage timers close) and propagates."""
-    runner = InlineRunner(detector, recognizer)
+def run_steps(steps: Steps[T], runner: StepRunner[Any] | None = None) -> T:
+    """Drive ``steps`` here (with ``runner``: by default each model call on its own); a
+    step's error is thrown back into the sequence (so its stage timers close) and
+    propagates."""
+    runner = runner or InlineRunner()
     value: Any = None
     error: BaseException | None = None
     while True:
@@ -260,4 +304,4 @@ def run_steps(steps: Steps[T], detector: Detector, recognizer: Recognizer | None
 
 def detect(detector: Detector, image: np.ndarray) -> list[DetectedFace]:
     """Every scan of ``image``, unbatched, until one finds a face."""
-    return run_steps(detection_steps(detector, image), detector)
+    return run_steps(detection_steps(detector, DetectorCalls.of(detector), image))

