@@ -7,8 +7,9 @@
 The lfw-dev identities are split in two by a seeded shuffle.  On the first half
 the operator's path is taken as it is: ``faceverify models presentation`` (here
 :func:`~server.models.presentation.add_presentation_models`, into a copy of the
-model set) sets the live-score threshold for ``--bpcer`` on their photos and
-the phone-sized versions of them (:mod:`benchmarks.phone`).  On the other half,
+model set) sets the live-score threshold for ``--bpcer`` on one photo of each
+identity (as it is applied: one selfie per applicant) and the phone-sized
+versions of them (:mod:`benchmarks.phone`).  On the other half,
 one photo per identity:
 
 * bona fide: the photo, and its phone-sized version: BPCER (ISO/IEC 30107-3:
@@ -247,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a presentation-attack model and its crop scale; repeatable")
     p.add_argument("--lfw", type=Path, default=default_lfw_dir())
     p.add_argument("--calibration-photos", type=int, default=800,
-                   help="photos of the first half the threshold is set on (each also "
-                   "phone-sized)")
+                   help="identities of the first half whose first photo the threshold is "
+                   "set on (each also phone-sized)")
     p.add_argument("--people", type=int, default=400,
                    help="identities of the second half attacked (one photo each)")
     p.add_argument("--bpcer", type=float, default=0.05)
@@ -267,10 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(args.model_dir, model_dir)
         bona_fide = work / "bona-fide"
         bona_fide.mkdir()
-        photos = sorted(f for person in first for f in person.glob("*.jpg"))
-        photos = [photos[i] for i in np.linspace(0, len(photos) - 1,
-                                                 min(args.calibration_photos, len(photos))
-                                                 ).astype(int)]
+        # One photo per identity, as the threshold is applied (one selfie per
+        # applicant): photos spread over all files would favour the much-photographed.
+        photos = [sorted(person.glob("*.jpg"))[0] for person in first[:args.calibration_photos]]
         for f in photos:
             (bona_fide / f.name).write_bytes(f.read_bytes())
             (bona_fide / f"{f.stem}_phone.jpg").write_bytes(phone_selfie(f.read_bytes()))

@@ -7,20 +7,22 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks.idcard import id_card_like
-from server.errors import ModelError
+from server.errors import ConfigurationError, ModelError
 from server.models.build import build_sface
 from server.models.manifest import MANIFEST, read_manifest
 from server.models.presentation import add_presentation_models, remove_presentation_models
-from server.pipeline.faces import FacePolicy
+from server.pipeline.faces import FacePipeline, FacePolicy
 from server.pipeline.image import ImageLimits
-from server.pipeline.loader import LoadedModels, load_models
+from server.pipeline.loader import LoadedModels, load_models, warm_up
 from server.pipeline.pad import crop_box, threshold_for
+from server.pipeline.types import DetectedFace, ModelCall, Steps, call_one
 from server.tools.cli import main
 from server.tools.client import CallError, FaceVerifyClient
 from tests.conftest import ServerThread, lfw_image, server_settings
@@ -177,7 +179,7 @@ def test_models_that_do_not_fit_their_layout_are_refused_before_anything_is_writ
     cases = [
         ([(not_a_model, 2.7)], {}, "is not an ONNX model"),
         (pair(third_party_models)[:1], {"activation": "sigmoid"}, "needs exactly 1"),
-        (pair(third_party_models)[:1], {"live_class": 3}, "needs 4"),
+        (pair(third_party_models)[:1], {"live_class": 3}, "needs at least 4"),
         (pair(third_party_models)[:1], {"colour": "grey"}, "colour 'grey'"),
         ([(third_party_models / "minifasnet_v2_2.7x_80.onnx", 0.0)], {}, "crop_scale 0.0"),
     ]
@@ -205,3 +207,24 @@ def test_a_forced_rebuild_keeps_the_stage_and_removing_it_takes_its_files(
     assert "presentation" not in read_manifest(model_dir)
     assert not any((model_dir / f).exists() for f in section["files"])
     assert load_models(model_dir, "cpu", 0, ImageLimits(), FacePolicy()).pipeline.stages == ()
+
+
+class Undeclared:
+    """A stage whose steps make a model call it does not declare."""
+
+    name, version, calls = "undeclared", "test", ()
+
+    def steps(self, pixels: np.ndarray, face: DetectedFace) -> Steps[float]:
+        score: float = yield from call_one(ModelCall("hidden", lambda items: [0.5] * len(items),
+                                                     "face"), pixels)
+        return score
+
+
+def test_a_stage_making_a_call_it_does_not_declare_stops_the_server_starting(
+        pad_models: LoadedModels) -> None:
+    pipe = pad_models.pipeline
+    broken = FacePipeline(pipe.detector, pipe.recognizer, ImageLimits(), FacePolicy(),
+                          [Undeclared()])
+    with pytest.raises(ConfigurationError, match="'hidden' is made but not among"):
+        warm_up(replace(pad_models, pipeline=broken))
+    warm_up(pad_models)  # the real stage declares its call

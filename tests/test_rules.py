@@ -389,6 +389,10 @@ def test_a_selfie_the_models_find_not_live_is_reported_flagged_or_refused_by_pol
     assert decided.review_note.endswith(" | a real photo")
     bona_fide = asyncio.run(svc.enroll(nik(2), faces.photo(unit(2)), None, {}))
     assert bona_fide.outcome is Outcome.ENROLLED
+    # No duplicate hit: the outcome is counted apart.
+    outcomes = svc.metrics.outcomes
+    assert outcomes.labels("Enroll", "enrolled_flagged_presentation")._value.get() == 1
+    assert outcomes.labels("Enroll", "enrolled_flagged")._value.get() == 0
     # refuse: INVALID_ARGUMENT / SELFIE_NOT_LIVE, nothing stored.
     svc, faces = service(tmp_path / "refuse", pool, DuplicatePolicy.REFUSE, AttackPolicy.REFUSE)
     with pytest.raises(SelfieNotLive):

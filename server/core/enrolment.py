@@ -166,7 +166,10 @@ class EnrolmentService:
         outcome, enrollment, candidates, point = await self._index(
             "index_write", self._check_and_insert, nik, template, photos, meta,
             self.presentation.review_note(presentation))
-        self.metrics.outcomes.labels("Enroll", outcome.name.lower()).inc()
+        # Flagged for its presentation alone is no duplicate hit: counted apart.
+        self.metrics.outcomes.labels("Enroll", "enrolled_flagged_presentation"
+                                     if outcome is Outcome.ENROLLED_FLAGGED and not candidates
+                                     else outcome.name.lower()).inc()
         if outcome is Outcome.ALREADY_ENROLLED and enrollment is not None \
                 and self.presentation.enrolled_copy(float(enrollment.embedding @ template)):
             # Reported whatever the policy: a client's retry is such a copy too.

@@ -34,8 +34,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Pipeline stages (per image) and index operations, the values of ``stage``.
 STAGES = (*PIPELINE_STAGES, "index_search", "index_write")
 OUTCOMES = {"Verify": ("match", "no_match"),
-            "Enroll": ("enrolled", "enrolled_flagged", "duplicate_refused", "already_enrolled",
-                       "reference_mismatch")}
+            "Enroll": ("enrolled", "enrolled_flagged", "enrolled_flagged_presentation",
+                       "duplicate_refused", "already_enrolled", "reference_mismatch")}
 
 
 class Metrics:
@@ -70,7 +70,9 @@ class Metrics:
                                ("model", "reason"), registry=r)
         self.outcomes = Counter("faceverify_outcomes",
                                 "Business outcomes: match / no_match for Verify; enrolled, "
-                                "enrolled_flagged, duplicate_refused, already_enrolled, "
+                                "enrolled_flagged (a suspected duplicate), "
+                                "enrolled_flagged_presentation (a suspected presentation "
+                                "attack alone), duplicate_refused, already_enrolled, "
                                 "reference_mismatch for Enroll",
                                 ("method", "outcome"), registry=r)
         self.presentation_checks = Counter(

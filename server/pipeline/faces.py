@@ -137,7 +137,7 @@ class FacePipeline:
 
     Raises:
         ConfigurationError: the detector's landmarks are not what the
-            recognizer's alignment needs, or two model calls share a name.
+            recognizer's alignment needs, or two model calls or stages share a name.
     """
 
     def __init__(self, detector: Detector, recognizer: Recognizer, limits: ImageLimits,
@@ -158,10 +158,11 @@ class FacePipeline:
         # Every model call the steps make: the server batches each (InferenceEngine).
         self.calls = (*self.detector_calls.all, self.embed_call,
                       *(call for stage in self.stages for call in stage.calls))
-        names = [c.name for c in self.calls] + [s.name for s in self.stages]
-        if len(set(names)) != len(names) or set(names) & set(STAGES) - {"detect", "embed"}:
-            raise ConfigurationError(f"model calls and stages need names of their own: "
-                                     f"{', '.join(names)}")
+        # Each call names its batcher and each stage its timing: no two alike.
+        calls, named = [c.name for c in self.calls], [*STAGES, *(s.name for s in self.stages)]
+        if len(set(calls)) != len(calls) or len(set(named)) != len(named):
+            raise ConfigurationError(f"model calls ({', '.join(calls)}) and stages "
+                                     f"({', '.join(named)}) need names of their own")
 
     @property
     def dim(self) -> int:

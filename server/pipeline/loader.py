@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from server.errors import ModelError
+from server.errors import ConfigurationError, ModelError
 from server.models.manifest import read_manifest
 from server.pipeline.batching import buckets
 from server.pipeline.blazeface import BlazeFaceDetector, BlazeFaceModel
@@ -159,11 +159,16 @@ class _Warming:
     (and TensorRT builds engines) per input shape."""
 
     sizes: dict[str, list[int]]
+    declared: frozenset[str]  # the pipeline's calls: the server has a batcher for each
 
     def cpu(self, step: CpuStep) -> Any:
         return step.fn(*step.args)
 
     def model(self, step: Call) -> Any:
+        if step.call.name not in self.declared:
+            raise ConfigurationError(f"model call {step.call.name!r} is made but not among the "
+                                     "pipeline's declared calls (a stage's `calls`): the server "
+                                     "would have no batcher for it")
         outputs = list(step.call.run(list(step.items)))
         for n in self.sizes[step.call.per][1:]:
             step.call.run(list(step.items[:1]) * n)
@@ -172,11 +177,16 @@ class _Warming:
 
 def warm_up(models: LoadedModels, detect_batch: int = 1, embed_batch: int = 1) -> None:
     """Run every model call of the pipeline once (on a GPU at every batch size the
-    server may send it): no request then pays for initialisation."""
+    server may send it): no request then pays for initialisation.
+
+    Raises:
+        ConfigurationError: a stage makes a model call it does not declare.
+    """
     pipe = models.pipeline
     cpu = models.provider == "CPUExecutionProvider"
     runner = _Warming({"image": [1] if cpu else buckets(detect_batch),
-                       "face": [1] if cpu else buckets(embed_batch), "cpu": [1]})
+                       "face": [1] if cpu else buckets(embed_batch), "cpu": [1]},
+                      frozenset(c.name for c in pipe.calls))
     image = np.full((256, 256, 3), 128, dtype=np.uint8)
     # Finds nothing, so runs every scan.
     run_steps(detection_steps(pipe.detector, pipe.detector_calls, image), runner)

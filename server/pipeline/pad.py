@@ -137,12 +137,12 @@ class CropClassifier:
         self.input_name = inp.name
         self.batch = fixed_batch(session)
         classes = session.get_outputs()[0].shape[-1]
-        needed = 1 if spec.activation == "sigmoid" else spec.live_class + 1
-        if isinstance(classes, int) and (classes < needed or (spec.activation == "sigmoid")
-                                         != (classes == 1)):
+        sigmoid = spec.activation == "sigmoid"
+        needed = "exactly 1" if sigmoid else f"at least {max(2, spec.live_class + 1)}"
+        if isinstance(classes, int) and (classes != 1 if sigmoid
+                                         else classes < max(2, spec.live_class + 1)):
             raise ModelError(f"{spec.file}: its output has {classes} classes; {spec.activation} "
-                             f"with live class {spec.live_class} needs "
-                             f"{'exactly 1' if spec.activation == 'sigmoid' else needed}")
+                             f"with live class {spec.live_class} needs {needed}")
         order = [2, 1, 0] if spec.colour == "bgr" else [0, 1, 2]
         self._order = np.array(order)
         self._mean = np.array(spec.mean, dtype=np.float32)[:, None, None]
