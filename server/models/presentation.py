@@ -98,13 +98,13 @@ def bona_fide_photos(folder: Path, limit: int) -> list[Path]:
     return photos
 
 
-def live_scores(pipeline: FacePipeline, images: list[bytes]) -> Scored:
-    """The presentation stage's score of each image's subject face (images without a
-    usable face are skipped and counted)."""
+def live_scores(pipeline: FacePipeline, photos: list[Path]) -> Scored:
+    """The presentation stage's score of each photo's subject face (photos without a
+    usable face are skipped and counted); read one at a time."""
     scores, skipped = [], 0
-    for data in images:
+    for photo in photos:
         try:
-            face = pipeline.analyse(data, "selfie", False, selfie=True)
+            face = pipeline.analyse(photo.read_bytes(), "selfie", False, selfie=True)
         except RequestError:
             skipped += 1
             continue
@@ -139,14 +139,15 @@ def add_presentation_models(model_dir: Path, models: list[tuple[Path, float]],
             manifest.get(SECTION, {}).get("files", []))):
         raise ModelError(f"model file names must be distinct and not the set's own: "
                          f"{', '.join(names)}")
-    # The server's own face policy: the faces scored are those it would accept.
-    loaded = load_models(model_dir, "cpu", 0, ImageLimits(), FacePolicy())
+    # The server's own face policy: the faces scored are those it would accept (the
+    # embedding, computed on the way, is not used: no mirrored pass).
+    loaded = load_models(model_dir, "cpu", 0, ImageLimits(), FacePolicy(), flip=False)
     stage = PresentationStage([m for _, m in checked], {p.name: sha256_file(p) for p, _ in models})
     pipeline = FacePipeline(loaded.pipeline.detector, loaded.pipeline.recognizer,
                             ImageLimits(), FacePolicy(), [stage])
     photos = bona_fide_photos(bona_fide, limit)
     log.info("scoring %d bona fide photos from %s", len(photos), bona_fide)
-    scored = live_scores(pipeline, [p.read_bytes() for p in photos])
+    scored = live_scores(pipeline, photos)
     need = int(np.ceil(20 / bpcer))
     if len(scored.scores) < need:
         raise ModelError(f"{len(scored.scores)} of the bona fide photos have a usable face; "
