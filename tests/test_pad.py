@@ -90,6 +90,8 @@ def test_the_stage_is_recorded_in_the_manifest_with_its_measured_threshold(
     assert threshold["bpcer"] <= threshold["bpcer_target"] == 0.2
     assert 0 < threshold["value"] < 1
     assert [s.name for s in pad_models.pipeline.stages] == ["presentation"]
+    # MiniFASNet is exported with a batch of 1: run in slices, never padded to buckets.
+    assert [c.paddable for c in pad_models.pipeline.stages[0].calls] == [False]
     # The recognizer is what it was: stored enrolments and the calibration stay valid.
     assert pad_models.model_version == load_models(sface_model_dir, "cpu", 0, ImageLimits(),
                                                    FacePolicy()).model_version

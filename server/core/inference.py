@@ -66,7 +66,7 @@ class InferenceEngine:
             metrics.queue_capacity.labels(call.name).set(batch.max_queue)
 
     def _run(self, call: ModelCall) -> Callable[[list[Any]], Sequence[Any]]:
-        if not self.limits.pad_to_buckets or call.per == "cpu":
+        if not self.limits.pad_to_buckets or call.per == "cpu" or not call.paddable:
             return call.run
         max_batch = self.limits.of(call).max_batch
 

@@ -221,7 +221,8 @@ class PresentationStage:
         if not models:
             raise ModelError("a presentation-attack stage needs at least one model")
         self.models = models
-        self.call = ModelCall("liveness", self._run, "face")
+        self.call = ModelCall("liveness", self._run, "face",
+                              paddable=all(m.batch is None for m in models))
         self.calls: tuple[ModelCall, ...] = (self.call,)
         # The models (their files' digests) and how they are fed: what a score means.
         what = json.dumps([{**m.spec.to_manifest(), "sha256": file_sha256[m.spec.file]}

@@ -164,6 +164,9 @@ class ModelCall:
     run: Callable[[list[Any]], Sequence[Any]]  # blocking; one output per item, in order
     per: Literal["image", "face", "cpu"]
     key: Callable[[Any], Hashable] = _unkeyed
+    # Whether padding a batch to a fixed size helps (a GPU plans per shape); False
+    # for models run in slices of a batch fixed at export, where it only adds slices.
+    paddable: bool = True
 
 
 @dataclass(frozen=True)
