@@ -220,6 +220,12 @@ def test_the_projects_calibration_measured_again_is_brought_up_to_date_an_operat
     (copy / CALIBRATION).write_text(json.dumps(older))
     build_sface(copy, wheel_cache=wheel_cache)
     assert json.loads((copy / CALIBRATION).read_text()) == shipped
+    # An earlier record of the project's, measured again since: replaced too.
+    assert shipped["supersedes"]
+    earlier = {**older, "created_at": shipped["supersedes"][-1], "searches": {}}
+    (copy / CALIBRATION).write_text(json.dumps(earlier))
+    build_sface(copy, wheel_cache=wheel_cache)
+    assert json.loads((copy / CALIBRATION).read_text()) == shipped
     own = {**older, "created_at": "2026-12-01T00:00:00+00:00", "dataset": "our selfies"}
     (copy / CALIBRATION).write_text(json.dumps(own))
     build_sface(copy, wheel_cache=wheel_cache)

@@ -21,7 +21,7 @@ from server.models.presentation import add_presentation_models, remove_presentat
 from server.pipeline.faces import FacePipeline, FacePolicy
 from server.pipeline.image import ImageLimits
 from server.pipeline.loader import LoadedModels, load_models, warm_up
-from server.pipeline.pad import crop_box, threshold_for
+from server.pipeline.pad import binomial_cdf, crop_box, rejections_allowed, threshold_for
 from server.pipeline.types import DetectedFace, ModelCall, Steps, call_one
 from server.tools.cli import main
 from server.tools.client import CallError, FaceVerifyClient
@@ -47,7 +47,7 @@ def pad_model_dir(sface_model_dir: Path, third_party_models: Path, lfw_dir: Path
     the real one)."""
     model_dir = tmp_path_factory.mktemp("models-pad") / "models"
     shutil.copytree(sface_model_dir, model_dir)
-    add_presentation_models(model_dir, pair(third_party_models), lfw_dir / "images", bpcer=0.2,
+    add_presentation_models(model_dir, pair(third_party_models), [lfw_dir / "images"], bpcer=0.2,
                             limit=100, dataset="lfw-dev-100")
     return model_dir
 
@@ -80,6 +80,30 @@ def test_the_threshold_rejects_at_most_the_bona_fide_share_asked() -> None:
         threshold_for(scores, 1.0)
 
 
+@pytest.mark.fast
+def test_a_confident_threshold_holds_the_rate_on_samples_it_was_not_set_on() -> None:
+    # 1,000 photos, 5 %: the one-sided 95 % Clopper-Pearson bound allows 38 rejections
+    # (P[X <= 38] = 0.0433 for Binomial(1000, 0.05), P[X <= 39] = 0.0598).
+    assert rejections_allowed(1000, 0.05, 0.95) == 38
+    assert rejections_allowed(1000, 0.05, 0.0) == 50
+    assert abs(binomial_cdf(38, 1000, 0.05) - 0.0433) < 0.0005
+    assert rejections_allowed(20, 0.05, 0.95) is None  # even none rejected is not enough
+    with pytest.raises(ValueError, match="too few"):
+        threshold_for(np.linspace(0, 1, 20), 0.05, 0.95)
+    # Set on one sample of a population, checked on many others: at the plain
+    # quantile the rate is over the target about half the time, at 95 % confidence
+    # about one time in twenty.
+    rng = np.random.default_rng(0)
+    over = {0.0: 0, 0.95: 0}
+    trials = 400
+    for _ in range(trials):
+        sample = rng.random(800)
+        for confidence in over:
+            over[confidence] += threshold_for(sample, 0.05, confidence) > 0.05
+    assert 0.35 < over[0.0] / trials < 0.65
+    assert over[0.95] / trials < 0.1
+
+
 def test_the_stage_is_recorded_in_the_manifest_with_its_measured_threshold(
         pad_model_dir: Path, pad_models: LoadedModels, sface_model_dir: Path) -> None:
     section = read_manifest(pad_model_dir)["presentation"]
@@ -88,6 +112,10 @@ def test_the_stage_is_recorded_in_the_manifest_with_its_measured_threshold(
     threshold = section["threshold"]
     assert threshold["bona_fide"] + threshold["skipped"] == 100
     assert threshold["bpcer"] <= threshold["bpcer_target"] == 0.2
+    # At 95 % confidence 100 photos allow 13 rejections for 20 %, not 20.
+    assert threshold["confidence"] == 0.95 and threshold["bpcer"] <= 0.13
+    assert [(c["folder"], c["threshold"]) for c in threshold["conditions"]] == [
+        ("images", threshold["value"])]
     assert 0 < threshold["value"] < 1
     assert [s.name for s in pad_models.pipeline.stages] == ["presentation"]
     # MiniFASNet is exported with a batch of 1: run in slices, never padded to buckets.
@@ -122,6 +150,7 @@ def test_the_server_scores_each_selfie_as_the_pipeline_does_alone(
         assert info.liveness_checked and info.liveness_version.startswith("pad-")
         assert info.live_threshold == pytest.approx(threshold["value"], abs=1e-6)
         assert info.live_bpcer_target == 0.2 and info.liveness_bona_fide == threshold["bona_fide"]
+        assert info.live_bpcer_confidence == 0.95
         r = c.verify(selfie, reference)
         attack = r.selfie_face.presentation_attack
         assert attack.live_score == pytest.approx(alone, abs=1e-5)
@@ -187,10 +216,10 @@ def test_models_that_do_not_fit_their_layout_are_refused_before_anything_is_writ
     ]
     for models, overrides, message in cases:
         with pytest.raises(ModelError, match=message):
-            add_presentation_models(model_dir, models, lfw_dir / "images", overrides=overrides)
+            add_presentation_models(model_dir, models, [lfw_dir / "images"], overrides=overrides)
     # Too few bona fide photos for the rate asked: measured, refused, nothing written.
     with pytest.raises(ModelError, match="needs at least 400"):
-        add_presentation_models(model_dir, pair(third_party_models), lfw_dir / "images",
+        add_presentation_models(model_dir, pair(third_party_models), [lfw_dir / "images"],
                                 bpcer=0.05, limit=30)
     assert (model_dir / MANIFEST).read_bytes() == before
     assert main(["models", "presentation", "--model-dir", str(model_dir), "--model",

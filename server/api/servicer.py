@@ -85,7 +85,7 @@ def presentation_settings_pb(checks: PresentationChecks) -> pb.PresentationAttac
         out.liveness_checked = True
         out.live_threshold, out.live_bpcer_target, out.live_bpcer = t.value, t.bpcer_target, t.bpcer
         out.liveness_bona_fide, out.liveness_dataset = t.bona_fide, t.dataset
-        out.liveness_version = live.version
+        out.liveness_version, out.live_bpcer_confidence = live.version, t.confidence
     return out
 
 

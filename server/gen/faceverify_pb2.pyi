@@ -388,7 +388,7 @@ class ServerInfo(_message.Message):
     def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ..., serving: _Optional[_Union[ServingSettings, _Mapping]] = ..., duplicate_target_fpir: _Optional[float] = ..., duplicate_pairwise_fmr: _Optional[float] = ..., duplicate_threshold_extrapolated: _Optional[bool] = ..., reference_operating_points: _Optional[_Iterable[_Union[OperatingPoint, _Mapping]]] = ..., presentation_attack: _Optional[_Union[PresentationAttackSettings, _Mapping]] = ...) -> None: ...
 
 class PresentationAttackSettings(_message.Message):
-    __slots__ = ("policy", "reference_copy_checked", "reference_copy_threshold", "reference_copy_genuine_rate", "enrolled_copy_threshold", "measure", "liveness_checked", "live_threshold", "live_bpcer_target", "live_bpcer", "liveness_bona_fide", "liveness_dataset", "liveness_version")
+    __slots__ = ("policy", "reference_copy_checked", "reference_copy_threshold", "reference_copy_genuine_rate", "enrolled_copy_threshold", "measure", "liveness_checked", "live_threshold", "live_bpcer_target", "live_bpcer", "liveness_bona_fide", "liveness_dataset", "liveness_version", "live_bpcer_confidence")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_COPY_CHECKED_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_COPY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -402,6 +402,7 @@ class PresentationAttackSettings(_message.Message):
     LIVENESS_BONA_FIDE_FIELD_NUMBER: _ClassVar[int]
     LIVENESS_DATASET_FIELD_NUMBER: _ClassVar[int]
     LIVENESS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LIVE_BPCER_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     policy: str
     reference_copy_checked: bool
     reference_copy_threshold: float
@@ -415,7 +416,8 @@ class PresentationAttackSettings(_message.Message):
     liveness_bona_fide: int
     liveness_dataset: str
     liveness_version: str
-    def __init__(self, policy: _Optional[str] = ..., reference_copy_checked: _Optional[bool] = ..., reference_copy_threshold: _Optional[float] = ..., reference_copy_genuine_rate: _Optional[float] = ..., enrolled_copy_threshold: _Optional[float] = ..., measure: _Optional[str] = ..., liveness_checked: _Optional[bool] = ..., live_threshold: _Optional[float] = ..., live_bpcer_target: _Optional[float] = ..., live_bpcer: _Optional[float] = ..., liveness_bona_fide: _Optional[int] = ..., liveness_dataset: _Optional[str] = ..., liveness_version: _Optional[str] = ...) -> None: ...
+    live_bpcer_confidence: float
+    def __init__(self, policy: _Optional[str] = ..., reference_copy_checked: _Optional[bool] = ..., reference_copy_threshold: _Optional[float] = ..., reference_copy_genuine_rate: _Optional[float] = ..., enrolled_copy_threshold: _Optional[float] = ..., measure: _Optional[str] = ..., liveness_checked: _Optional[bool] = ..., live_threshold: _Optional[float] = ..., live_bpcer_target: _Optional[float] = ..., live_bpcer: _Optional[float] = ..., liveness_bona_fide: _Optional[int] = ..., liveness_dataset: _Optional[str] = ..., liveness_version: _Optional[str] = ..., live_bpcer_confidence: _Optional[float] = ...) -> None: ...
 
 class ServingSettings(_message.Message):
     __slots__ = ("processes", "workers", "intra_op_threads", "batch_concurrency", "detect_max_batch", "embed_max_batch", "batch_wait_ms", "batch_buckets", "max_queue", "cudnn_conv_algo_search")

@@ -117,8 +117,10 @@ def _install_shipped_calibration(model_dir: Path, manifest: dict[str, Any]) -> N
     """Copy the calibration measured by the project for this exact model version, if any.
 
     A calibration already there for this version is kept when it is the operator's
-    own, and brought up to date when it is the project's (the shipped record's
-    ``created_at``) and the project has since measured more; one for another version
+    own, and brought up to date when it is the project's: the shipped record's
+    ``created_at`` (the project has since measured more in it) or one the shipped
+    record ``supersedes`` (an earlier record of the project's, measured again);
+    one for another version
     (the model set changed, e.g. its detector) can no longer be used and is moved
     aside to ``calibration.previous.json``.
     """
@@ -130,8 +132,9 @@ def _install_shipped_calibration(model_dir: Path, manifest: dict[str, Any]) -> N
             # The project's own record, measured again since (a section added to
             # it, say), is brought up to date; an operator's own is kept.
             installed = json.loads(current.read_text())
-            if cal is None or installed.get("created_at") != cal.get("created_at") \
-                    or installed == cal:
+            ours = cal is not None and installed.get("created_at") in (
+                cal.get("created_at"), *cal.get("supersedes", ()))
+            if not ours or installed == cal:
                 return
         else:
             current.replace(model_dir / "calibration.previous.json")

@@ -6,9 +6,10 @@ project tests with) are copied into the model directory, listed with their sha25
 in its manifest like every other file, and declared in its ``presentation``
 section: each model's crop scale and input layout, and the threshold on the
 averaged live score.  The threshold is set for a bona fide rejection rate
-(BPCER, ISO/IEC 30107-3): the selfie-like photos given are run through the
-set's own detector, and the threshold is the score below which at most that
-share of them fall.  The recognizer's model version is unchanged: stored
+(BPCER, ISO/IEC 30107-3): the selfie-like photos given (a folder for each
+capture condition) are run through the set's own detector, and the threshold is
+the score below which so few of them fall that the rate is at most the target
+with 95 % confidence, in every condition.  The recognizer's model version is unchanged: stored
 enrolments and the calibration stay valid.  No model ships with the project:
 the operator brings them.
 """
@@ -16,6 +17,7 @@ the operator brings them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,7 +32,14 @@ from server.models.manifest import MANIFEST, read_manifest, sha256_file, write_j
 from server.pipeline.faces import FacePipeline, FacePolicy
 from server.pipeline.image import ImageLimits
 from server.pipeline.loader import load_models
-from server.pipeline.pad import PRESETS, CropClassifier, CropSpec, PresentationStage, threshold_for
+from server.pipeline.pad import (
+    CONFIDENCE,
+    PRESETS,
+    CropClassifier,
+    CropSpec,
+    PresentationStage,
+    threshold_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,26 +122,37 @@ def live_scores(pipeline: FacePipeline, photos: list[Path]) -> Scored:
 
 
 def add_presentation_models(model_dir: Path, models: list[tuple[Path, float]],
-                            bona_fide: Path, bpcer: float = 0.05, preset: str = "minifasnet",
-                            overrides: dict[str, Any] | None = None, limit: int = 2000,
-                            dataset: str | None = None) -> dict[str, Any]:
-    """Validate the models, measure the threshold on ``bona_fide`` photos and declare
-    the stage in ``model_dir``'s manifest (replacing any stage declared before);
-    returns the manifest's new ``presentation`` section.
+                            bona_fide: Sequence[Path], bpcer: float = 0.05,
+                            preset: str = "minifasnet", overrides: dict[str, Any] | None = None,
+                            limit: int = 2000, dataset: str | None = None,
+                            confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Validate the models, measure the threshold on the ``bona_fide`` photos and
+    declare the stage in ``model_dir``'s manifest (replacing any stage declared
+    before); returns the manifest's new ``presentation`` section.
 
     Args:
         models: each model file with its crop scale.
+        bona_fide: folders of bona fide photos, one a capture condition (say, selfies
+            from the app and from the web page): the threshold holds ``bpcer`` in
+            each, so the lowest of their thresholds is kept.
         bpcer: the share of bona fide photos the threshold may reject.
+        limit: the most photos scored from each folder.
+        confidence: how sure the measurement must make it that the rate is at most
+            ``bpcer`` (one-sided Clopper-Pearson bound); 0 sets the plain quantile.
 
     Raises:
-        ModelError: a model fails its check, or too few bona fide photos have a face
-            for the rate asked (at least 20 / ``bpcer``).
+        ModelError: a model fails its check, or too few photos of a folder have a
+            face for the rate asked (at least 20 / ``bpcer``).
     """
     manifest = read_manifest(model_dir)
     if not models:
         raise ModelError("give at least one presentation-attack model")
+    if not bona_fide:
+        raise ModelError("give at least one folder of bona fide photos")
     if not 0 < bpcer < 0.5:
         raise ModelError(f"--bpcer {bpcer} must be between 0 and 0.5")
+    if not 0 <= confidence < 1:
+        raise ModelError(f"--confidence {confidence} must be at least 0 and under 1")
     checked = [model_spec(path, scale, preset, overrides) for path, scale in models]
     names = [spec.file for spec, _ in checked]
     if len(set(names)) != len(names) or set(names) & (set(manifest["files"]) - set(
@@ -145,24 +165,37 @@ def add_presentation_models(model_dir: Path, models: list[tuple[Path, float]],
     stage = PresentationStage([m for _, m in checked], {p.name: sha256_file(p) for p, _ in models})
     pipeline = FacePipeline(loaded.pipeline.detector, loaded.pipeline.recognizer,
                             ImageLimits(), FacePolicy(), [stage])
-    photos = bona_fide_photos(bona_fide, limit)
-    log.info("scoring %d bona fide photos from %s", len(photos), bona_fide)
-    scored = live_scores(pipeline, photos)
     need = int(np.ceil(20 / bpcer))
-    if len(scored.scores) < need:
-        raise ModelError(f"{len(scored.scores)} of the bona fide photos have a usable face; "
-                         f"a BPCER of {bpcer:g} needs at least {need}")
-    value = threshold_for(scored.scores, bpcer)
-    measured = float(np.mean(scored.scores < value))
+    conditions = []
+    for folder in bona_fide:
+        photos = bona_fide_photos(folder, limit)
+        log.info("scoring %d bona fide photos from %s", len(photos), folder)
+        scored = live_scores(pipeline, photos)
+        if len(scored.scores) < need:
+            raise ModelError(f"{len(scored.scores)} of the bona fide photos in {folder} have a "
+                             f"usable face; a BPCER of {bpcer:g} needs at least {need}")
+        try:
+            value = threshold_for(scored.scores, bpcer, confidence)
+        except ValueError as exc:
+            raise ModelError(f"{folder}: {exc}") from exc
+        conditions.append((folder, scored, value))
+    value = min(v for _, _, v in conditions)
+    pooled = np.concatenate([scored.scores for _, scored, _ in conditions])
+    rates = [float(np.mean(scored.scores < value)) for _, scored, _ in conditions]
     section = {
         "kind": KIND,
         "models": [spec.to_manifest() for spec, _ in checked],
         "files": names,
-        "threshold": {"value": value, "bpcer_target": bpcer, "bpcer": measured,
-                      "bona_fide": len(scored.scores), "skipped": scored.skipped,
-                      "dataset": dataset or bona_fide.name,
-                      "score_quantiles": {f"p{q}": round(float(np.percentile(scored.scores, q)),
-                                                         6) for q in (1, 5, 10, 50)}},
+        "threshold": {"value": value, "bpcer_target": bpcer, "confidence": confidence,
+                      "bpcer": max(rates), "bona_fide": len(pooled),
+                      "skipped": sum(scored.skipped for _, scored, _ in conditions),
+                      "dataset": dataset or ", ".join(f.name for f, _, _ in conditions),
+                      "conditions": [{"folder": folder.name, "bona_fide": len(scored.scores),
+                                      "skipped": scored.skipped, "threshold": v, "bpcer": rate}
+                                     for (folder, scored, v), rate in zip(conditions, rates,
+                                                                          strict=True)],
+                      "score_quantiles": {f"p{q}": round(float(np.percentile(pooled, q)), 6)
+                                          for q in (1, 5, 10, 50)}},
         "added_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     files = {k: v for k, v in manifest["files"].items()
@@ -172,8 +205,9 @@ def add_presentation_models(model_dir: Path, models: list[tuple[Path, float]],
         files[path.name] = {"sha256": sha256_file(model_dir / path.name),
                             "bytes": (model_dir / path.name).stat().st_size}
     write_json_atomic(model_dir / MANIFEST, {**manifest, "files": files, SECTION: section})
-    log.info("presentation-attack stage %s: threshold %.6f (BPCER %.2f %% on %d photos)",
-             stage.version, value, 100 * measured, len(scored.scores))
+    log.info("presentation-attack stage %s: threshold %.6f (BPCER at most %.2f %% in %d "
+             "conditions, %d photos)", stage.version, value, 100 * max(rates), len(conditions),
+             len(pooled))
     return section
 
 

