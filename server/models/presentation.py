@@ -9,9 +9,9 @@ averaged live score.  The threshold is set for a bona fide rejection rate
 (BPCER, ISO/IEC 30107-3): the selfie-like photos given (a folder for each
 capture condition) are run through the set's own detector, and the threshold is
 the score below which so few of them fall that the rate is at most the target
-with 95 % confidence, in every condition.  The recognizer's model version is unchanged: stored
-enrolments and the calibration stay valid.  No model ships with the project:
-the operator brings them.
+with 95 % confidence (``--confidence``), in every condition.  The recognizer's
+model version is unchanged: stored enrolments and the calibration stay valid.
+No model ships with the project: the operator brings them.
 """
 
 from __future__ import annotations
