@@ -328,8 +328,8 @@ def measure(pipeline: FacePipeline, people: list[Path], threshold: float,
             live.setdefault(kind, []).append(score)
             if kind.startswith("bona_fide"):  # its reference would be another photo
                 continue
-            copy = check is not None and check.is_copy(replay.copy_score(face.chip,
-                                                                         reference.chip))
+            copy = check is not None and check.is_copy(replay.copy_score(face.view,
+                                                                         reference.view))
             either.setdefault(kind, []).append(score < threshold or copy)
     out: dict[str, Any] = {"threshold": threshold, "bona_fide": {}, "attacks": {}}
     for kind, scores in live.items():

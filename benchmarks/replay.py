@@ -131,7 +131,7 @@ def copy_results(pipeline: FacePipeline, lfw: Path, references: int, check: repl
                 no_face[kind] = no_face.get(kind, 0) + 1
                 continue
             start = time.process_time()
-            score = replay.copy_score(face.chip, ref.chip)
+            score = replay.copy_score(face.view, ref.view)
             seconds.append(time.process_time() - start)
             scores.setdefault(kind, []).append(score)
             cosines.setdefault(kind, []).append(float(face.embedding @ ref.embedding))

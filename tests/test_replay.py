@@ -9,6 +9,8 @@ from PIL import Image, ImageFilter
 
 from server.models.calibrate import Embedded, genuine_copy_scores, replay_record
 from server.pipeline import replay
+from server.pipeline.recognizers import ARCFACE_TEMPLATE, template_chip
+from server.pipeline.types import DetectedFace
 
 
 def texture(seed: int) -> np.ndarray:
@@ -65,3 +67,26 @@ def test_a_record_of_another_measure_or_none_checks_nothing() -> None:
                                                            "template_threshold": 0.99,
                                                            "genuine_pairs": 1,
                                                            "genuine_at_or_above": 0}}) is None
+
+
+def _align(image: np.ndarray, face: DetectedFace) -> np.ndarray:
+    return template_chip(image, face.landmarks, ARCFACE_TEMPLATE, 112, 112)
+
+
+def test_the_view_holds_the_face_and_its_surroundings_and_no_image_edge() -> None:
+    # A 200 x 200 photo whose face landmarks sit where the template wants them,
+    # shifted by (44, 44): the recognizer's chip is the photo's middle 112 pixels.
+    photo = np.asarray(Image.fromarray(texture(5)).resize((200, 200)))
+    face = DetectedFace(np.array([40.0, 40.0, 160.0, 160.0]), 0.9, ARCFACE_TEMPLATE + 44.0)
+    chip, view = _align(photo, face), replay.view(photo, face, _align)
+    assert chip.shape == view.shape == (112, 112, 3)
+    # The view is the chip zoomed out CONTEXT times about the landmarks' centre.
+    centre = ARCFACE_TEMPLATE.mean(axis=0)
+    for p in ([40.0, 50.0], [70.0, 80.0], [60.0, 90.0]):
+        x, y = (centre + (np.array(p) - centre) * replay.CONTEXT).round().astype(int)
+        assert np.abs(view[int(p[1]), int(p[0])].astype(int) - chip[y, x].astype(int)).max() <= 12
+    # Near the image's corner the view reaches past the photo: no black edge there.
+    off = DetectedFace(face.box - 40, 0.9, face.landmarks - 40.0)
+    edge = replay.view(photo, off, _align)
+    assert edge.any(axis=2).all()
+    assert replay.copy_score(edge, edge) == pytest.approx(1.0, abs=1e-4)

@@ -92,7 +92,7 @@ class ChosenFaces:
         face = DetectedFace(np.array([0.0, 0.0, 100.0, 100.0]), 0.99, np.zeros((5, 2)))
         embedding, chip, live = self.faces[data]
         return AnalysedFace(face, Quality(100, 100, 2.0, 120, 0.99), embedding, 1,
-                            False, (200, 200), chip,
+                            False, (200, 200), chip, chip,
                             stages={"presentation": live} if selfie else {})
 
 

@@ -133,7 +133,7 @@ class PresentationChecks:
         copy_score = live_score = None
         if self.replay is not None and reference is not None:
             copy_score = await asyncio.get_running_loop().run_in_executor(
-                self.cpu_pool, replay.copy_score, selfie.chip, reference.chip)
+                self.cpu_pool, replay.copy_score, selfie.view, reference.view)
             checks.append(self.version)
             if self._counted(rpc, "reference_copy", self.replay.is_copy(copy_score)):
                 reasons.append(REFERENCE_COPY)

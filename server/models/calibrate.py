@@ -122,7 +122,7 @@ def embed_labelled(pipeline: FacePipeline, items: Iterable[tuple[str, Path]]) ->
         embs.append(face.embedding)
         labels.append(ids.setdefault(identity, len(ids)))
         names.append(path.name)
-        bands.append(replay.band(face.chip))
+        bands.append(replay.band(face.view))
     dim = pipeline.dim
     return Embedded(np.asarray(embs, dtype=np.float32).reshape(-1, dim),
                     np.asarray(labels, dtype=np.int64), attempted, failed, tuple(names),

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from server.errors import ConfigurationError, FaceTooSmall, MultipleFaces, NoFaceDetected
+from server.pipeline import replay
 from server.pipeline.image import Decoded, ImageLimits, PixelBudget, decode_image
 from server.pipeline.quality import Quality, measure
 from server.pipeline.types import (
@@ -77,6 +78,7 @@ class AnalysedFace:
     ambiguous: bool  # another face is comparably prominent (refused for selfies)
     image_size: tuple[int, int]  # (width, height)
     chip: np.ndarray  # the aligned face the embedding was computed from
+    view: np.ndarray  # the face and its surroundings, as the replay check compares them
     turns: int = 0  # counter-clockwise quarter turns that made the face upright
     # Each face stage's result (FacePipeline.stages), where the stages were run.
     stages: dict[str, Any] = field(default_factory=dict)
@@ -174,7 +176,8 @@ class FacePipeline:
 
     def subject_chip(self, decoded: Decoded, faces: list[DetectedFace], field_name: str,
                      refuse_ambiguous: bool, turns: int = 0
-                     ) -> tuple[DetectedFace, bool, np.ndarray, Quality, DetectedFace]:
+                     ) -> tuple[DetectedFace, bool, np.ndarray, np.ndarray, Quality,
+                                DetectedFace]:
         """Choose the subject (raising its per-image errors), align it, measure it.
 
         The subject is chosen, gated and reported in the uploaded image's pixels,
@@ -182,8 +185,9 @@ class FacePipeline:
         upright (``decoded`` is then the turned image: ``turns`` quarter turns).
 
         Returns:
-            The subject, whether it is ambiguous, its aligned chip, its quality, and
-            the subject as found in ``decoded`` (its pixels, for the face stages).
+            The subject, whether it is ambiguous, its aligned chip, its view for the
+            replay check (:func:`server.pipeline.replay.view`), its quality, and the
+            subject as found in ``decoded`` (its pixels, for the face stages).
         """
         width, height = decoded.size
         if turns % 2:
@@ -193,11 +197,12 @@ class FacePipeline:
                                             refuse_ambiguous, field_name)
         local = faces[uploaded.index(subject)]
         chip = self.recognizer.align(decoded.pixels, local)
+        view = replay.view(decoded.pixels, local, self.recognizer.align)
         quality = measure(subject, chip, self.detector.landmark_scheme)
         if turns:
             subject = DetectedFace(unturn_box(subject.box, turns, width, height), subject.score,
                                    unturn_points(subject.landmarks, turns, width, height))
-        return subject, ambiguous, chip, quality, local
+        return subject, ambiguous, chip, view, quality, local
 
     def upright_steps(self, pixels: np.ndarray, faces: list[DetectedFace]
                       ) -> Steps[tuple[np.ndarray, list[DetectedFace], int]]:
@@ -267,7 +272,7 @@ class FacePipeline:
                                                 decoded.pixels)
             pixels, faces, turns = yield from self.upright_steps(decoded.pixels, faces)
         with timings.stage("align"):
-            subject, ambiguous, chip, quality, local = yield CpuStep(
+            subject, ambiguous, chip, view, quality, local = yield CpuStep(
                 self.subject_chip, (replace(decoded, pixels=pixels), faces, field_name,
                                     refuse_ambiguous, turns))
         with timings.stage("embed"):
@@ -277,7 +282,7 @@ class FacePipeline:
             with timings.stage(stage.name):
                 results[stage.name] = yield from stage.steps(pixels, local)
         return AnalysedFace(subject, quality, embedding, len(faces), ambiguous, decoded.size,
-                            chip, turns, results)
+                            chip, view, turns, results)
 
     def analyse(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
                 timings: Timings | None = None, selfie: bool = False) -> AnalysedFace:
