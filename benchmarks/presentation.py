@@ -225,7 +225,7 @@ def reference_copies(data: bytes, key: str) -> dict[str, bytes]:
 def _analyse(pipeline: FacePipeline, data: bytes, timings: Timings | None = None
              ) -> AnalysedFace | None:
     try:
-        return pipeline.analyse(data, "selfie", False, timings, selfie=True)
+        return pipeline.analyse(data, "selfie", False, timings, selfie=True, view=True)
     except FaceVerifyError:
         return None
 
@@ -328,8 +328,8 @@ def measure(pipeline: FacePipeline, people: list[Path], threshold: float,
             live.setdefault(kind, []).append(score)
             if kind.startswith("bona_fide"):  # its reference would be another photo
                 continue
-            copy = check is not None and check.is_copy(replay.copy_score(face.view,
-                                                                         reference.view))
+            copy = check is not None and check.is_copy(replay.copy_score(face.kept_view(),
+                                                                         reference.kept_view()))
             either.setdefault(kind, []).append(score < threshold or copy)
     out: dict[str, Any] = {"threshold": threshold, "bona_fide": {}, "attacks": {}}
     for kind, scores in live.items():

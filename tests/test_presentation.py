@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.idcard import id_card_like
+from server.pipeline.loader import LoadedModels
 from server.tools.client import CallError, FaceVerifyClient
 from tests.conftest import ServerThread, lfw_image, server_settings
 
@@ -62,6 +63,14 @@ def test_two_photos_of_one_person_are_no_copy(client: FaceVerifyClient, lfw_dir:
     assert attack.HasField("reference_copy_score")
     assert attack.reference_copy_score < client.server_info(
     ).presentation_attack.reference_copy_threshold
+
+
+def test_only_an_image_compared_with_another_keeps_its_view(models: LoadedModels,
+                                                             lfw_dir: Path) -> None:
+    photo = lfw_image(lfw_dir, *REFERENCE)
+    assert models.pipeline.analyse(photo, "selfie", True).view is None  # Search, Enroll alone
+    view = models.pipeline.analyse(photo, "selfie", True, view=True).kept_view()
+    assert view.ndim == 3 and view.shape[2] == 3 and view.std() > 10
 
 
 def test_the_face_cut_from_the_id_card_is_a_copy_of_the_card(client: FaceVerifyClient,

@@ -88,11 +88,11 @@ class ChosenFaces:
         return name
 
     async def analyse(self, data: bytes, field: str, refuse_ambiguous: bool,
-                      selfie: bool = False) -> AnalysedFace:
+                      selfie: bool = False, view: bool = False) -> AnalysedFace:
         face = DetectedFace(np.array([0.0, 0.0, 100.0, 100.0]), 0.99, np.zeros((5, 2)))
         embedding, chip, live = self.faces[data]
         return AnalysedFace(face, Quality(100, 100, 2.0, 120, 0.99), embedding, 1,
-                            False, (200, 200), chip, chip,
+                            False, (200, 200), chip, chip if view else None,
                             stages={"presentation": live} if selfie else {})
 
 

@@ -125,10 +125,10 @@ class EnrolmentService:
                 self.index_executor, functools.partial(context.run, fn, *args))
 
     async def _analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool,
-                       selfie: bool = False) -> AnalysedFace:
+                       selfie: bool = False, view: bool = False) -> AnalysedFace:
         if not data:
             raise InvalidRequest(f"{field_name} is required", field=field_name)
-        return await self.engine.analyse(data, field_name, refuse_ambiguous, selfie)
+        return await self.engine.analyse(data, field_name, refuse_ambiguous, selfie, view)
 
     async def enroll(self, nik: str, selfie: bytes, reference: bytes | None,
                      metadata: dict[str, str], reference_kind: str = "photo") -> EnrolResult:
@@ -152,8 +152,10 @@ class EnrolmentService:
             ref_score = None
             template, photos = face.embedding, 1
         else:
-            face, ref = await analyse_both(self._analyse(selfie, "selfie", True, selfie=True),
-                                           self._analyse(reference, "reference", False))
+            view = self.presentation.compares_views
+            face, ref = await analyse_both(
+                self._analyse(selfie, "selfie", True, selfie=True, view=view),
+                self._analyse(reference, "reference", False, view=view))
             presentation = await self.presentation.check("Enroll", face, ref)
             ref_score = float(face.embedding @ ref.embedding)
             if ref_score < reference_threshold:

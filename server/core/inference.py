@@ -75,7 +75,7 @@ class InferenceEngine:
         return run
 
     async def analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool,
-                      selfie: bool = False) -> AnalysedFace:
+                      selfie: bool = False, view: bool = False) -> AnalysedFace:
         """The subject face of one encoded image: :meth:`FacePipeline.steps`, with
         per-image steps in the CPU pool and model calls batched across requests.
         Stage times go to the metrics (``detect`` and ``embed`` include the wait
@@ -86,7 +86,7 @@ class InferenceEngine:
                 or Overloaded / QueueTimeout from a batcher.
         """
         timings = Timings()
-        steps = self.pipeline.steps(data, field_name, refuse_ambiguous, timings, selfie)
+        steps = self.pipeline.steps(data, field_name, refuse_ambiguous, timings, selfie, view)
         runner = _BatchedRunner(self, asyncio.get_running_loop())
         value: Any = None
         error: BaseException | None = None

@@ -111,6 +111,12 @@ class PresentationChecks:
         self.metrics = metrics
 
     @property
+    def compares_views(self) -> bool:
+        """Whether the replay check runs: a selfie and its reference are then analysed
+        with their views (:attr:`AnalysedFace.view`)."""
+        return self.replay is not None
+
+    @property
     def version(self) -> str:
         """The replay measure's version (empty where it is not calibrated)."""
         return f"replay:{replay.MEASURE}" if self.replay else ""
@@ -133,7 +139,7 @@ class PresentationChecks:
         copy_score = live_score = None
         if self.replay is not None and reference is not None:
             copy_score = await asyncio.get_running_loop().run_in_executor(
-                self.cpu_pool, replay.copy_score, selfie.view, reference.view)
+                self.cpu_pool, replay.copy_score, selfie.kept_view(), reference.kept_view())
             checks.append(self.version)
             if self._counted(rpc, "reference_copy", self.replay.is_copy(copy_score)):
                 reasons.append(REFERENCE_COPY)

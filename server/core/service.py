@@ -142,8 +142,10 @@ class VerificationService:
         if not reference:
             raise InvalidRequest("reference is required", field="reference")
         point = self.point_for(reference_kind)
-        a, b = await analyse_both(self.engine.analyse(selfie, "selfie", True, selfie=True),
-                                  self.engine.analyse(reference, "reference", False))
+        view = self.presentation.compares_views
+        a, b = await analyse_both(
+            self.engine.analyse(selfie, "selfie", True, selfie=True, view=view),
+            self.engine.analyse(reference, "reference", False, view=view))
         presentation = await self.presentation.check("Verify", a, b)
         score = float(a.embedding @ b.embedding)
         match = score >= point.threshold

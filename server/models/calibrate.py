@@ -114,7 +114,8 @@ def embed_labelled(pipeline: FacePipeline, items: Iterable[tuple[str, Path]]) ->
         if attempted % 500 == 0:
             log.info("embedded %d images (%d without a usable face)", attempted, failed)
         try:
-            face = pipeline.analyse(path.read_bytes(), "image", refuse_ambiguous=False)
+            face = pipeline.analyse(path.read_bytes(), "image", refuse_ambiguous=False,
+                                    view=True)
         except FaceVerifyError as exc:
             failed += 1
             log.debug("%s: %s", path.name, exc)
@@ -122,7 +123,7 @@ def embed_labelled(pipeline: FacePipeline, items: Iterable[tuple[str, Path]]) ->
         embs.append(face.embedding)
         labels.append(ids.setdefault(identity, len(ids)))
         names.append(path.name)
-        bands.append(replay.band(face.view))
+        bands.append(replay.band(face.kept_view()))
     dim = pipeline.dim
     return Embedded(np.asarray(embs, dtype=np.float32).reshape(-1, dim),
                     np.asarray(labels, dtype=np.int64), attempted, failed, tuple(names),

@@ -78,10 +78,18 @@ class AnalysedFace:
     ambiguous: bool  # another face is comparably prominent (refused for selfies)
     image_size: tuple[int, int]  # (width, height)
     chip: np.ndarray  # the aligned face the embedding was computed from
-    view: np.ndarray  # the face and its surroundings, as the replay check compares them
+    # The face and its surroundings, as the replay check compares them; None where the
+    # analysis was not asked for it (an image compared with no other).
+    view: np.ndarray | None
     turns: int = 0  # counter-clockwise quarter turns that made the face upright
     # Each face stage's result (FacePipeline.stages), where the stages were run.
     stages: dict[str, Any] = field(default_factory=dict)
+
+    def kept_view(self) -> np.ndarray:
+        """The face's :attr:`view`, which its analysis was asked to keep."""
+        if self.view is None:
+            raise RuntimeError("the face was analysed without its view (view=True keeps it)")
+        return self.view
 
 
 def prominence(face: DetectedFace, width: int, height: int) -> float:
@@ -175,8 +183,8 @@ class FacePipeline:
         return decode_image(data, self.limits, field_name, self.budget)
 
     def subject_chip(self, decoded: Decoded, faces: list[DetectedFace], field_name: str,
-                     refuse_ambiguous: bool, turns: int = 0
-                     ) -> tuple[DetectedFace, bool, np.ndarray, np.ndarray, Quality,
+                     refuse_ambiguous: bool, turns: int = 0, view: bool = False
+                     ) -> tuple[DetectedFace, bool, np.ndarray, np.ndarray | None, Quality,
                                 DetectedFace]:
         """Choose the subject (raising its per-image errors), align it, measure it.
 
@@ -186,7 +194,8 @@ class FacePipeline:
 
         Returns:
             The subject, whether it is ambiguous, its aligned chip, its view for the
-            replay check (:func:`server.pipeline.replay.view`), its quality, and the
+            replay check (:func:`server.pipeline.replay.view`; where ``view``), its
+            quality, and the
             subject as found in ``decoded`` (its pixels, for the face stages).
         """
         width, height = decoded.size
@@ -197,12 +206,12 @@ class FacePipeline:
                                             refuse_ambiguous, field_name)
         local = faces[uploaded.index(subject)]
         chip = self.recognizer.align(decoded.pixels, local)
-        view = replay.view(decoded.pixels, local, self.recognizer.align)
+        surroundings = replay.view(decoded.pixels, local, self.recognizer.align) if view else None
         quality = measure(subject, chip, self.detector.landmark_scheme)
         if turns:
             subject = DetectedFace(unturn_box(subject.box, turns, width, height), subject.score,
                                    unturn_points(subject.landmarks, turns, width, height))
-        return subject, ambiguous, chip, view, quality, local
+        return subject, ambiguous, chip, surroundings, quality, local
 
     def upright_steps(self, pixels: np.ndarray, faces: list[DetectedFace]
                       ) -> Steps[tuple[np.ndarray, list[DetectedFace], int]]:
@@ -248,7 +257,8 @@ class FacePipeline:
         return (pixels, faces, 0) if best is None else best[1:]
 
     def steps(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
-              timings: Timings, selfie: bool = False) -> Steps[AnalysedFace]:
+              timings: Timings, selfie: bool = False, view: bool = False
+              ) -> Steps[AnalysedFace]:
         """The analysis of one image as a sequence of steps, for a driver to run.
 
         The one definition of what analysing an image means, whoever runs it:
@@ -261,6 +271,8 @@ class FacePipeline:
         Args:
             data: encoded image bytes, or already decoded (H, W, 3) uint8 RGB pixels.
             selfie: run the face stages too (a selfie: its presentation-attack check).
+            view: keep the face's view for the replay check (an image compared with
+                another: a selfie and its reference).
         """
         with timings.stage("decode"):
             if isinstance(data, np.ndarray):
@@ -272,9 +284,9 @@ class FacePipeline:
                                                 decoded.pixels)
             pixels, faces, turns = yield from self.upright_steps(decoded.pixels, faces)
         with timings.stage("align"):
-            subject, ambiguous, chip, view, quality, local = yield CpuStep(
+            subject, ambiguous, chip, surroundings, quality, local = yield CpuStep(
                 self.subject_chip, (replace(decoded, pixels=pixels), faces, field_name,
-                                    refuse_ambiguous, turns))
+                                    refuse_ambiguous, turns, view))
         with timings.stage("embed"):
             embedding = yield from call_one(self.embed_call, chip)
         results: dict[str, Any] = {}
@@ -282,11 +294,12 @@ class FacePipeline:
             with timings.stage(stage.name):
                 results[stage.name] = yield from stage.steps(pixels, local)
         return AnalysedFace(subject, quality, embedding, len(faces), ambiguous, decoded.size,
-                            chip, view, turns, results)
+                            chip, surroundings, turns, results)
 
     def analyse(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
-                timings: Timings | None = None, selfie: bool = False) -> AnalysedFace:
+                timings: Timings | None = None, selfie: bool = False, view: bool = False
+                ) -> AnalysedFace:
         """Run :meth:`steps` here, one model call at a time (see :func:`choose_subject`
         for the per-image errors)."""
         return run_steps(self.steps(data, field_name, refuse_ambiguous, timings or Timings(),
-                                    selfie))
+                                    selfie, view))
