@@ -194,9 +194,9 @@ class FacePipeline:
 
         Returns:
             The subject, whether it is ambiguous, its aligned chip, its view for the
-            replay check (:func:`server.pipeline.replay.view`; where ``view``), its
-            quality, and the
-            subject as found in ``decoded`` (its pixels, for the face stages).
+            replay check (:func:`server.pipeline.replay.view`; None unless ``view``),
+            its quality, and the subject as found in ``decoded`` (its pixels, for the
+            face stages).
         """
         width, height = decoded.size
         if turns % 2:
