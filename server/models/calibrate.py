@@ -13,7 +13,7 @@ import logging
 import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -459,7 +459,7 @@ def calibrate_reference_kind(selfies: Embedded, references: Embedded, fmrs: Iter
         "genuine_pairs": int(len(genuine)),
         "impostor_pairs": int(len(impostor)),
         "points": _points(genuine, descending(impostor), fmrs),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -499,7 +499,7 @@ def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
         "searches": search_distributions(emb, exclude),
         **({"replay": replay_record(emb, genuine)}
            if emb.bands is not None and len(emb.bands) else {}),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

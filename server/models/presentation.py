@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +196,7 @@ def add_presentation_models(model_dir: Path, models: list[tuple[Path, float]],
                                                                           strict=True)],
                       "score_quantiles": {f"p{q}": round(float(np.percentile(pooled, q)), 6)
                                           for q in (1, 5, 10, 50)}},
-        "added_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "added_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     files = {k: v for k, v in manifest["files"].items()
              if k not in manifest.get(SECTION, {}).get("files", [])}

@@ -14,7 +14,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,7 @@ def quantize_model_set(source: Path, target: Path, input_name: str,
                       "s8 weights, u8 activations (percentile ranges)",
                       "calibration_faces": len(recognizer_input),
                       "onnxruntime": onnxruntime.__version__},
-        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     write_json_atomic(target / MANIFEST, variant)
     log.info("INT8 model set %s written to %s", variant["model_version"], target)
