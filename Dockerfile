@@ -10,7 +10,7 @@
 # lock by `make lock`), the build backend included.
 # BASE: any Debian-based Python 3.11 image (deploy/build-images.sh makes one with
 # debootstrap where no image registry is reachable).
-# The steps mirror the README's set-up (pip install, `faceverify models build`), which CI runs.
+# The steps mirror `make setup` (the locked install, `faceverify models build`), which CI runs.
 ARG BASE=python:3.11-slim-bookworm
 
 # ---- build: install the locked packages and convert the models once ----
@@ -47,7 +47,7 @@ VOLUME ["/var/lib/faceverify"]
 USER 10001
 # Secured by default: mount the certificate, its key and the access policy at
 # /etc/faceverify (add FACEVERIFY_TLS_CLIENT_CA for mutual TLS); without them the
-# server refuses to start and says what is missing (README, "Running it securely").
+# server refuses to start and says what is missing (docs/security.md).
 ENV PATH=/opt/venv/bin:$PATH \
     FACEVERIFY_MODEL_DIR=/opt/models \
     FACEVERIFY_DATA_DIR=/var/lib/faceverify \

@@ -23,14 +23,14 @@ setup: $(STAMP)
 
 ## serve: set everything up, then run the server on the embedded defaults
 ##        (gRPC on 50051, Prometheus metrics on 9464; plaintext on localhost,
-##        for development: see README "Running it securely")
+##        for development: see docs/security.md)
 FACEVERIFY_METRICS_PORT ?= 9464
 serve: setup
 	FACEVERIFY_METRICS_PORT=$(FACEVERIFY_METRICS_PORT) $(BIN)/faceverify serve --insecure
 
 ## serve-secure: the same with mutual TLS on 50051, TLS for API-key clients on
 ##        50053, and an access policy, from development certificates made once in
-##        .secure/ (`faceverify access certs`); see README "Running it securely"
+##        .secure/ (`faceverify access certs`); see docs/security.md
 SECURE_DIR ?= .secure
 serve-secure: setup
 	test -f $(SECURE_DIR)/server.crt || \

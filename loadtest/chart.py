@@ -4,7 +4,7 @@
 
 Plots the aggregated p50, p95 and p99 response times and the user count over
 the run; no plotting library needed (the SVG is written directly), so the
-chart is small enough to keep beside the README.
+chart is small enough to keep beside the docs (docs/load-testing.md).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from index.sealing import Sealer, parse_key, read_key_file
 from index.vectors import IndexSpec
 from server.core.inference import EngineLimits
 from server.errors import ConfigurationError
-from server.options import OPTIONS, from_environment, readme_table, value_at
+from server.options import OPTIONS, configuration_table, from_environment, value_at
 from server.pipeline.batching import BatchLimits
 from server.pipeline.faces import FacePolicy
 from server.pipeline.image import ImageLimits
@@ -337,5 +337,5 @@ def data_sealer(s: Settings) -> Sealer:
     return Sealer(keys)
 
 
-if __name__ == "__main__":  # the README's configuration table
-    print(readme_table(Settings()), end="")
+if __name__ == "__main__":  # docs/configuration.md's table
+    print(configuration_table(Settings()), end="")

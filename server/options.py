@@ -4,9 +4,9 @@
 The default of each is the one in :class:`server.config.Settings` (nowhere
 else).  From this table come the environment (:func:`server.config.build_settings`),
 the flags (:func:`add_flags`), their per-setting validation
-(:meth:`Option.validate`) and the README's configuration table
-(:func:`readme_table`, printed by ``python -m server.config``;
-``tests/test_options.py`` fails when the README's copy differs).  Settings that
+(:meth:`Option.validate`) and the configuration table of docs/configuration.md
+(:func:`configuration_table`, printed by ``python -m server.config``;
+``tests/test_options.py`` fails when that copy differs).  Settings that
 depend on each other (a certificate and its key) are checked in
 :func:`server.config.validate`.
 
@@ -63,14 +63,14 @@ class Option:
     Attributes:
         path: the :class:`~server.config.Settings` field (``limits.max_bytes``
             for a field of a nested settings object).
-        help: what it means (the flag's help and the README's "meaning").
+        help: what it means (the flag's help and the table's "meaning").
         parse: text (environment variable or flag) to value.
         choices: the values it may take, where they are a closed set.
         check: a value it may take, where it is not a closed set, with ``rule``
             saying which (``must be >= 1``).
         flag: a flag of ``serve`` (off for secrets, which ``ps`` would show).
         repeat: the flag is given once per value (the variable: comma-separated).
-        default: how the README and ``--help`` show the default, where the
+        default: how the docs and ``--help`` show the default, where the
             field's value would not say it well.
     """
 
@@ -247,8 +247,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("data_dir", "registry (SQLite), index snapshots, audit log", Path,
            default="`~/.local/share/faceverify` (`$XDG_DATA_HOME`)"),
     Option("registry_url", "`sqlite:///PATH`, or `postgresql://USER:PASSWORD@HOST:PORT/DB`: "
-           "one registry shared by servers on many machines (see \"From one machine to "
-           "many\")", default="SQLite in the data directory"),
+           "one registry shared by servers on many machines (see docs/scaling.md)",
+           default="SQLite in the data directory"),
     Option("max_index_lag", "with a shared registry: health `NOT_SERVING` while this "
            "replica's index misses more changes than this", int, check=_at_least(0),
            rule="must be >= 0"),
@@ -261,7 +261,7 @@ OPTIONS: tuple[Option, ...] = (
            "(`INVALID_ARGUMENT` / `SELFIE_IS_REFERENCE_COPY` or `SELFIE_NOT_LIVE`)",
            choices=PRESENTATION_ATTACK_POLICY_CHOICES),
     Option("dedup_fpir", "false duplicate alarms per enrolment attempt the duplicate "
-           "threshold is set for, at the gallery's current size (see \"Enrolments\")",
+           "threshold is set for, at the gallery's current size (see docs/deduplication.md)",
            float, check=_rate, rule="must be between 0 and 1"),
     Option("index.kind", "`flat` (exact) or `ivf` (approximate, for millions)",
            choices=INDEX_KINDS),
@@ -290,7 +290,7 @@ def value_at(settings: Any, path: str) -> Any:
 
 
 def shown(option: Option, value: Any) -> str:
-    """How a default is written in the README and ``--help``."""
+    """How a default is written in the docs and ``--help``."""
     if option.default is not None:
         return option.default
     if value is None or value == () or value == "":
@@ -345,8 +345,8 @@ def from_environment(env: Mapping[str, str]) -> Iterable[tuple[Option, Any]]:
                 raise ConfigurationError(f"{o.env}={env[o.env]!r} is not a valid value") from exc
 
 
-def readme_table(defaults: Any) -> str:
-    """The README's configuration table, one row an option."""
+def configuration_table(defaults: Any) -> str:
+    """docs/configuration.md's table, one row an option."""
     rows = ["| variable | flag of `serve` | default | meaning |", "| --- | --- | --- | --- |"]
     for o in OPTIONS:
         flag = f"`{o.flag_name}`" if o.flag else "—"

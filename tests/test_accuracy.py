@@ -15,7 +15,7 @@ from server.errors import NoFaceDetected
 from server.pipeline.loader import LoadedModels
 
 # Cross-validated accuracy on the slice must stay at or above these (full-benchmark
-# figures are in the README; the slice is noisier, hence the margin).
+# figures are in docs/figures.md; the slice is noisier, hence the margin).
 MIN_ACCURACY = {"sface-yunet": 0.98, "dlib-blazeface": 0.975, "operator": 0.95}
 
 

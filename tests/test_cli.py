@@ -82,7 +82,7 @@ def _with_protoset(server: ServerThread, method: str, body: dict[str, str] | Non
 
 def test_grpcurl_with_the_protoset_checks_health_and_decodes_error_details(
         server: ServerThread, lfw_dir: Path) -> None:
-    """As the README shows: health (whose .proto the project does not carry), Verify,
+    """As the README and docs/api.md show: health (whose .proto the project does not carry), Verify,
     and a refusal's ErrorInfo decoded, not "google.rpc.ErrorInfo is not recognized"."""
     health = _with_protoset(server, "grpc.health.v1.Health/Check")
     assert health.returncode == 0, health.stderr

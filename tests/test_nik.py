@@ -1,10 +1,14 @@
-"""NIK validation: one case per rule."""
+"""NIK validation: one case per rule; example NIKs for tests and docs."""
 
 from __future__ import annotations
 
+import datetime
+import subprocess
+import sys
+
 import pytest
 
-from server.core.nik import validate_nik
+from server.core.nik import example_niks, validate_nik
 from server.errors import InvalidNik
 
 VALID_MAN = "3174011505900001"     # DKI Jakarta, born 15-05-90
@@ -45,3 +49,29 @@ def test_an_unknown_province_is_not_echoed() -> None:
     with pytest.raises(InvalidNik) as info:
         validate_nik("9974011505900001")
     assert "99" not in str(info.value)
+
+
+def test_example_niks_are_valid_and_distinct() -> None:
+    niks = example_niks(50)
+    assert len(set(niks)) == 50 and all(validate_nik(n) == n for n in niks)
+    assert niks[0] == "3174011505900001"  # the docs' first NIK
+    (woman,) = example_niks(1, female=True, born=datetime.date(2001, 2, 3), region="510101")
+    assert woman == "5101014302010001"
+    for count in (0, 10000):
+        with pytest.raises(InvalidNik):
+            example_niks(count)
+    with pytest.raises(InvalidNik, match="province"):
+        example_niks(1, region="990101")
+
+
+def test_the_cli_prints_example_niks_and_checks_them() -> None:
+    made = subprocess.run([sys.executable, "-m", "server.tools.cli", "nik", "example",
+                           "--count", "2"], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0 and made.stdout.split() == example_niks(2)
+    checked = subprocess.run([sys.executable, "-m", "server.tools.cli", "nik", "check",
+                              made.stdout.split()[0], "3174011505900000"],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 1
+    assert checked.stdout.splitlines() == ["3174011505900001: valid",
+                                           "3174011505900000: NIK serial number (last 4 "
+                                           "digits) is 0000"]

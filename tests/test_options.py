@@ -1,5 +1,5 @@
 """Each setting declared once (server/options.py): the environment, the flags of
-``serve``, their validation and the README's table all come from that table."""
+``serve``, their validation and docs/configuration.md's table all come from that table."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from server.config import Settings, build_settings
 from server.errors import ConfigurationError
-from server.options import OPTIONS, flag_values, readme_table, value_at
+from server.options import OPTIONS, configuration_table, flag_values, value_at
 from server.tools.cli import parser
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,9 +39,9 @@ def test_every_setting_has_one_declaration_and_every_declaration_a_setting() -> 
     assert len({o.env for o in OPTIONS}) == len(OPTIONS)
 
 
-def test_the_readme_table_is_the_declarations() -> None:
-    assert readme_table(Settings()) in (REPO / "README.md").read_text(), \
-        "README's configuration table is stale: paste `python -m server.config`"
+def test_the_configuration_table_is_the_declarations() -> None:
+    assert configuration_table(Settings()) in (REPO / "docs" / "configuration.md").read_text(), \
+        "docs/configuration.md's table is stale: paste `python -m server.config`"
 
 
 def test_every_flag_of_serve_is_declared_and_overrides_the_environment() -> None:

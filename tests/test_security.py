@@ -18,7 +18,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from benchmarks.serverproc import free_port
+from benchmarks.serverproc import free_port, wait_serving
 from server.api.access import new_api_key
 from server.api.tls import ClientTls
 from server.config import check_secured
@@ -436,3 +436,74 @@ def test_a_new_operators_secured_start(calibrated_dlib_model_dir: Path, tmp_path
                 pytest.raises(CallError) as err:
             c.server_info()
         assert err.value.reason == "UNAUTHENTICATED"
+    # An API key for a backend, its entry added to the policy by the command itself;
+    # the running server takes it up at its next reload.
+    policy = Path(files["policy"])
+    mode = policy.stat().st_mode & 0o777
+    added = subprocess.run([sys.executable, "-m", "server.tools.cli", "access", "new-key",
+                            "--name", "kyc-backend", "--role", "verifier", "--policy",
+                            str(policy)], capture_output=True, text=True, timeout=60)
+    assert added.returncode == 0, added.stderr
+    key = added.stdout.strip()
+    assert key.startswith("fv_") and "\n" not in key and key not in added.stderr
+    assert policy.stat().st_mode & 0o777 == mode
+    entry = json.loads(policy.read_text())["clients"][-1]
+    assert entry == {"name": "kyc-backend", "roles": ["verifier"],
+                     "api_key_sha256": hashlib.sha256(key.encode()).hexdigest()}
+    before = policy.read_bytes()
+    again = subprocess.run([sys.executable, "-m", "server.tools.cli", "access", "new-key",
+                            "--name", "kyc-backend", "--role", "verifier", "--policy",
+                            str(policy)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "used twice" in again.stderr and not again.stdout
+    assert policy.read_bytes() == before  # a refused entry leaves the file as it was
+    with ServerThread(settings) as s:
+        assert s.running is not None
+        with FaceVerifyClient(f"127.0.0.1:{s.running.key_port}", timeout=20,
+                              tls=ClientTls(Path(files["ca"])), api_key=key) as c:
+            assert c.server_info().embedding_dim > 0
+        # health without the client certificate mutual TLS asks for: told why, as info is.
+        health = subprocess.run([sys.executable, "-m", "server.tools.cli", "health",
+                                 "--target", s.target, "--tls-ca", files["ca"],
+                                 "--timeout", "5"], capture_output=True, text=True, timeout=60)
+        assert health.returncode == 1
+        assert "UNAVAILABLE" in health.stderr and "hint:" in health.stderr
+        assert "client certificate" in health.stderr
+
+
+def test_refused_handshakes_are_summarised_not_logged_one_by_one(
+        calibrated_dlib_model_dir: Path, tmp_path: Path) -> None:
+    """gRPC core logs a line per refused TLS handshake; a real server process logs one
+    line with the count of each kind instead (here at its shutdown)."""
+    made = subprocess.run([sys.executable, "-m", "server.tools.cli", "access", "certs", "--out",
+                           str(tmp_path / "secure"), "--client", "admin.local"],
+                          capture_output=True, text=True, timeout=60)
+    files = json.loads(made.stdout)
+    admin = files["clients"]["admin.local"]
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    env = {**os.environ, "FACEVERIFY_TLS_CERT": files["server_cert"],
+           "FACEVERIFY_TLS_KEY": files["server_key"], "FACEVERIFY_TLS_CLIENT_CA": files["ca"],
+           "FACEVERIFY_ACCESS_POLICY": files["policy"], "FACEVERIFY_PROVIDER": "cpu",
+           "FACEVERIFY_MODEL_DIR": str(calibrated_dlib_model_dir),
+           "FACEVERIFY_DATA_DIR": str(tmp_path / "data")}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server.tools.cli", "serve", "--host",
+                                 "127.0.0.1", "--port", str(port)], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_serving(target, proc, client_flags=("--tls-ca", files["ca"], "--tls-cert",
+                                                 admin["cert"], "--tls-key", admin["key"]))
+        for flags in (("--tls-ca", files["ca"]), ("--tls-ca", files["ca"]), ("--plaintext",)):
+            refused = subprocess.run([sys.executable, "-m", "server.tools.cli", "health",
+                                      "--target", target, "--timeout", "3", *flags],
+                                     capture_output=True, text=True, timeout=60)
+            assert refused.returncode == 1
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+    text = log.read_text()
+    assert "Handshake failed" not in text
+    summary = next(line for line in text.splitlines() if "TLS handshakes" in line)
+    assert "PEER_DID_NOT_RETURN_A_CERTIFICATE x" in summary and "WRONG_VERSION_NUMBER x" in summary
+    assert "stopped" in text.splitlines()[-1]  # logging still reaches the real stderr after it

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -42,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from index.durable import check_control
+from index.durable import check_control, replace_atomically
 from server import strict
 from server.api.rpcs import ADMIN, RPCS, SEES_CANDIDATES, builtin_roles
 from server.errors import ConfigurationError, PermissionDenied, RateLimited, Unauthenticated
@@ -125,7 +127,7 @@ class SharedBuckets:
     """Token buckets shared by every process of a server on this machine (a SQLite
     file in the data directory, one immediate transaction a call), so that
     ``--processes N`` does not multiply a client's rate by N.  Across machines
-    each server has its own: see the README for where a global limiter goes."""
+    each server has its own: see docs/scaling.md for where a global limiter goes."""
 
     def __init__(self, path: Path, clock: Any = time.time) -> None:
         import sqlite3
@@ -315,6 +317,30 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
                               None if burst is None else float(burst)))
     revoked_cns, revoked_keys = _revoked(data.get("revoked", []), source)
     return Policy(clients, revoked_cns, revoked_keys)
+
+
+def add_client(path: Path, entry: Mapping[str, Any]) -> None:
+    """Add ``entry`` to the ``clients`` of the policy file ``path``, atomically, the
+    file's mode (and, as root, its owner) kept; a running server reloads it.
+
+    Raises:
+        ConfigurationError: the file is refused as :func:`read_policy` refuses it, or
+            the entry does not fit in it (its name or identity already there, an
+            unknown role).
+    """
+    read_policy(path)
+    data = strict.loads(path.read_text())
+    data["clients"].append(dict(entry))
+    parse_policy(data, str(path))
+    st = path.stat()
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+        if os.geteuid() == 0:
+            os.chown(tmp, st.st_uid, st.st_gid)
+
+    replace_atomically(path, write, stat.S_IMODE(st.st_mode))
 
 
 def read_policy(path: Path) -> Policy:

@@ -38,6 +38,7 @@ from server.api.audit import (
     SigningKey,
     load_origin,
 )
+from server.api.corelog import CoreLog
 from server.api.interceptor import ErrorInterceptor
 from server.api.logs import setup_logging
 from server.api.servicer import FaceVerificationServicer
@@ -420,14 +421,22 @@ async def start(settings: Settings) -> RunningServer:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain and exit."""
-    running = await start(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down: draining for up to %.0f s", settings.grace_seconds)
-    await running.stop(settings.grace_seconds)
+    # Over TLS, gRPC core's line for each refused handshake is summarised instead.
+    core_log = CoreLog() if settings.tls_cert is not None else None
+    if core_log is not None:
+        core_log.start()
+    try:
+        running = await start(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: draining for up to %.0f s", settings.grace_seconds)
+        await running.stop(settings.grace_seconds)
+    finally:
+        if core_log is not None:
+            core_log.stop()
     log.info("stopped")
 
 

@@ -27,7 +27,7 @@ the pairwise FMR read from the calibration's impostor tail
 line below the lowest rate measured.  Comparisons are not independent (some
 faces score high against everyone), so that rule is stricter than it needs
 to be: on lfw-dev with SFace it caught 72.0 % of duplicates at FPIR 1e-3 where
-the measured searches catch 93.7 % (README, "Measured figures").
+the measured searches catch 93.7 % (docs/figures.md).
 """
 
 from __future__ import annotations

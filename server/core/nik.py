@@ -15,6 +15,7 @@ say what is wrong, never echo the number.
 from __future__ import annotations
 
 import calendar
+import datetime
 
 from server.errors import InvalidNik
 
@@ -60,3 +61,21 @@ def validate_nik(nik: str) -> str:
     if nik[12:16] == "0000":
         raise InvalidNik("NIK serial number (last 4 digits) is 0000")
     return nik
+
+
+def example_niks(count: int, *, female: bool = False,
+                 born: datetime.date = datetime.date(1990, 5, 15),
+                 region: str = "317401") -> list[str]:
+    """``count`` valid NIKs for tests and demonstrations: ``region`` (province,
+    regency, district: Jakarta Selatan's Tebet by default), the birth date (day + 40
+    for women), serials 0001, 0002, ...  They pass :func:`validate_nik`; whether
+    anyone holds one is not for this module to know.
+
+    Raises:
+        InvalidNik: ``count`` outside 1-9999, or a region or date that makes no valid NIK.
+    """
+    if not 1 <= count <= 9999:
+        raise InvalidNik("count must be 1-9999 (the serial has four digits)")
+    day = born.day + (40 if female else 0)
+    stem = f"{region}{day:02d}{born.month:02d}{born.year % 100:02d}"
+    return [validate_nik(f"{stem}{serial:04d}") for serial in range(1, count + 1)]

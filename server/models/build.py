@@ -292,7 +292,7 @@ SFACE_FILES = {
                  "49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10"),
 }
 # The square YuNet scans (the image fitted into it); chosen by measurement
-# (README, "Models").
+# (docs/models.md).
 SFACE_DETECTOR_INPUT = 640
 SFACE_LICENCES = {"recognizer": "Apache-2.0 (OpenCV Zoo SFace, 2021dec)",
                   "detector": "MIT (OpenCV Zoo / libfacedetection YuNet, 2023mar)",

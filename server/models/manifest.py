@@ -24,7 +24,7 @@ MANIFEST = "manifest.json"
 CALIBRATION = "calibration.json"
 FORMAT = 1
 # The model sets built from registry packages (`models build --builtin`): OpenCV
-# Zoo's SFace and YuNet (the default: the most accurate, README "Models"), or
+# Zoo's SFace and YuNet (the default: the most accurate, docs/models.md), or
 # dlib's recognizer (the fast CPU set) with one of its detectors.
 BUILTIN_SETS = ("sface", "dlib")
 DEFAULT_SET = "sface"

@@ -12,7 +12,7 @@ every supported onnxruntime runs:
 - ``DequantizeLinear`` (blockwise, per-axis or per-tensor) and ``Reshape`` of
   constants are evaluated here into float initialisers: int8 weights become
   the float weights they stand for, and the graph runs as plain float ops
-  instead of dequantising its weights at every run (README, "Models");
+  instead of dequantising its weights at every run (docs/models.md);
 - the batch axis is freed (leading dimension symbolic; a ``Reshape`` whose
   constant shape starts with the batch of 1 copies the input's batch instead),
   and for a fully convolutional detector the image size too;

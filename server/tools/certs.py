@@ -4,8 +4,8 @@ against them: a certificate without ``IP:127.0.0.1`` fails for ``127.0.0.1``
 with "Hostname Verification Check failed"), and client certificates with a
 chosen common name (the identity the access policy names).
 
-``faceverify certs --out DIR`` writes a set (see the README, "Running it
-securely"); production certificates come from the organisation's CA."""
+``faceverify access certs --out DIR`` writes a set (see the README, "Running it
+securely", and docs/security.md); production certificates come from the organisation's CA."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -300,7 +301,10 @@ def cmd_health(args: argparse.Namespace) -> int:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(f"faceverify: health check failed: {exc.code().name}", file=sys.stderr)
+            hint = (handshake_hint(exc.details() or "", client_tls(args))
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE else None)
+            print(f"faceverify: health check failed: {exc.code().name}"
+                  + (f"\n  hint: {hint}" if hint else ""), file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     print(status)
@@ -308,17 +312,49 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_access_new_key(args: argparse.Namespace) -> int:
-    from server.api.access import ROLES, new_api_key
+    from server.api.access import ROLES, add_client, new_api_key
 
     unknown = [r for r in args.role if r not in ROLES]
     if unknown:
         raise StartupError(f"unknown roles {unknown}; built in: {sorted(ROLES)}")
     key, digest = new_api_key()
+    entry = {"name": args.name, "api_key_sha256": digest, "roles": args.role}
+    if args.policy is not None:
+        add_client(args.policy, entry)
+        print(f"Added {args.name!r} ({', '.join(args.role)}) to {args.policy}; a running "
+              "server reloads it within a second. Its API key, shown once (give it to the "
+              "client, keep no copy), is on standard output.", file=sys.stderr)
+        print(key)
+        return 0
     print(f"API key for {args.name} (shown once; give it to the client, keep no copy):\n"
           f"  {key}", file=sys.stderr)
-    print("Add this entry to the access policy's \"clients\" list:", file=sys.stderr)
-    _print({"name": args.name, "api_key_sha256": digest, "roles": args.role})
+    print("Add this entry to the access policy's \"clients\" list (or use --policy FILE):",
+          file=sys.stderr)
+    _print(entry)
     return 0
+
+
+def cmd_nik_example(args: argparse.Namespace) -> int:
+    from server.core.nik import example_niks
+
+    for nik in example_niks(args.count, female=args.female, born=args.born, region=args.region):
+        print(nik)
+    return 0
+
+
+def cmd_nik_check(args: argparse.Namespace) -> int:
+    from server.core.nik import validate_nik
+    from server.errors import InvalidNik
+
+    failed = 0
+    for nik in args.nik:
+        try:
+            validate_nik(nik)
+            print(f"{nik}: valid")
+        except InvalidNik as exc:
+            failed += 1
+            print(f"{nik}: {exc}")
+    return 1 if failed else 0
 
 
 def cmd_access_certs(args: argparse.Namespace) -> int:
@@ -623,11 +659,13 @@ def parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("access", help="access-policy tooling")
     asub = a.add_subparsers(dest="access_command", required=True)
-    nk = asub.add_parser("new-key", help="make an API key; prints its policy entry (the key "
-                         "itself goes to stderr, once)")
+    nk = asub.add_parser("new-key", help="make an API key: adds its entry to --policy FILE and "
+                         "prints the key, or prints the entry (the key to stderr, once)")
     nk.add_argument("--name", required=True, help="the client's name in the policy and audit")
     nk.add_argument("--role", action="append", required=True,
                     help="a role to grant (repeat): verifier, registrar, reviewer, admin")
+    nk.add_argument("--policy", type=Path, help="add the entry to this access-policy file "
+                    "(atomically, its mode kept) and print only the key, on standard output")
     nk.set_defaults(func=cmd_access_new_key)
     ce = asub.add_parser("certs", help="make a development CA, a server certificate (with DNS "
                          "and IP names) and client certificates, and a starter policy")
@@ -640,6 +678,23 @@ def parser() -> argparse.ArgumentParser:
                     help="a client certificate's common name (repeat)")
     ce.add_argument("--days", type=int, default=30, help="validity (default 30)")
     ce.set_defaults(func=cmd_access_certs)
+
+    n = sub.add_parser("nik", help="valid NIKs for tests and demonstrations; check NIKs")
+    nsub = n.add_subparsers(dest="nik_command", required=True)
+    ne = nsub.add_parser("example", help="print valid NIKs (one region and birth date, "
+                         "serials 0001, 0002, ...)")
+    ne.add_argument("--count", type=int, default=3, help="how many (default 3)")
+    ne.add_argument("--female", action="store_true", help="a woman's NIK (birth day + 40)")
+    ne.add_argument("--born", type=datetime.date.fromisoformat,
+                    default=datetime.date(1990, 5, 15), help="birth date, YYYY-MM-DD "
+                    "(default 1990-05-15)")
+    ne.add_argument("--region", default="317401", help="province, regency and district "
+                    "codes, 6 digits (default 317401: Jakarta Selatan, Tebet)")
+    ne.set_defaults(func=cmd_nik_example)
+    nc = nsub.add_parser("check", help="say whether each NIK is valid, and which rule one "
+                         "breaks (exit 1 if any does)")
+    nc.add_argument("nik", nargs="+")
+    nc.set_defaults(func=cmd_nik_check)
 
     au = sub.add_parser("audit", help="check or search the audit log")
     ausub = au.add_subparsers(dest="audit_command", required=True)
