@@ -48,7 +48,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m fast
 
 lint: $(STAMP)
-	$(BIN)/ruff check server index tests benchmarks loadtest proto
+	$(BIN)/ruff check server index tests benchmarks loadtest proto requirements
 	$(BIN)/mypy server index
 
 ## lock: resolve the dependencies again into requirements/ (ARGS=--upgrade for the

@@ -5,19 +5,26 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
+from types import ModuleType
 
 from tests.conftest import unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
-    if importlib.util.find_spec("grpc_tools") is None:
-        unavailable("grpcio-tools not installed")
-    spec = importlib.util.spec_from_file_location("generate", REPO / "proto" / "generate.py")
+def _proto_script(name: str) -> ModuleType:
+    """proto/NAME.py, loaded as a module (proto/ is no package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "proto" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
+    if importlib.util.find_spec("grpc_tools") is None:
+        unavailable("grpcio-tools not installed")
+    module = _proto_script("generate")
     module.generate(tmp_path)
     for f in sorted(tmp_path.glob("*.py*")):
         committed = REPO / "server" / "gen" / f.name
@@ -26,10 +33,7 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
 
 def test_the_descriptor_set_is_up_to_date() -> None:
     """proto/faceverify.protoset (for grpcurl -protoset) is what generate.py makes."""
-    spec = importlib.util.spec_from_file_location("generate", REPO / "proto" / "generate.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _proto_script("generate")
     assert (REPO / "proto" / "faceverify.protoset").read_bytes() == module.protoset(), \
         "stale: run `make proto`"
 
@@ -38,10 +42,7 @@ def test_the_api_reference_is_the_protos_comments() -> None:
     """docs/api-reference.md is what proto/reference.py makes of the proto."""
     if importlib.util.find_spec("grpc_tools") is None:
         unavailable("grpcio-tools not installed")
-    spec = importlib.util.spec_from_file_location("reference", REPO / "proto" / "reference.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _proto_script("reference")
     page = module.render()
     assert "### Verify" in page and "| `selfie` | `bytes` | 2 |" in page
     assert (REPO / "docs" / "api-reference.md").read_text() == page, "stale: run `make proto`"
