@@ -2,11 +2,17 @@
 
     python -m benchmarks.speed --model-dir ~/.cache/faceverify/models
     python -m benchmarks.speed --model-dir DIR --side-by-side DIR2 --calls 100
+    python -m benchmarks.speed --model-dir DIR --liveness --calls 20
 
 Stages (decode, detect, align, embed) are timed in-process on LFW images.
 Verify is timed end to end against a real ``faceverify serve`` subprocess on a
 free local port, one call at a time (one client, no concurrency), with the
 server process's CPU time per call (every thread: what a call costs the machine).
+``--liveness``: a liveness Verify (a session's burst of nine 480x640 frames,
+rendered by :mod:`benchmarks.liveness_sim` for the session's challenge, outside
+the timing, and sent no sooner than a person could have taken them) against a
+single-still Verify of the burst's first frame, one after the other on one
+server, with the same reference.
 """
 
 from __future__ import annotations
@@ -105,6 +111,70 @@ def _verify(client: FaceVerifyClient, a: bytes, b: bytes, refused: dict[str, int
         refused[exc.reason] = refused.get(exc.reason, 0) + 1
 
 
+def liveness_cost(model_dir: Path, lfw: Path, calls: int) -> dict[str, object]:
+    """Server CPU and latency of a liveness Verify against a single-still one, call
+    by call on one server (see the module)."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from benchmarks import liveness_sim as sim
+    from server.gen import faceverify_pb2 as pb
+    from server.pipeline import liveness as lv
+    from server.tools.client import capture
+
+    models = load_models(model_dir, "cpu", 1, ImageLimits(), FacePolicy(min_face_px=0))
+    people = sorted(d for d in (lfw / "images").iterdir()
+                    if d.is_dir() and len(list(d.glob("*.jpg"))) > 1)
+    random.Random(0).shuffle(people)
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    spent: dict[str, list[float]] = {"still": [], "liveness": []}
+    took: dict[str, list[float]] = {"still": [], "liveness": []}
+    reasons: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as data_dir:
+        proc = start_server(model_dir, Path(data_dir), port, FACEVERIFY_LOG_LEVEL="WARNING")
+        try:
+            wait_serving(target, proc)
+            with FaceVerifyClient(target) as client:
+                for n, person in enumerate(people[:calls + 3]):
+                    first, second = sorted(person.glob("*.jpg"))[:2]
+                    data = first.read_bytes()
+                    face = models.pipeline.analyse(data, "photo", False)
+                    photo = sim.Photo(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+                                      face.face.landmarks)
+                    session, started = client.start_liveness(), time.time()
+                    steps = [lv.Step(lv.Action(pb.LivenessAction.Name(x.action)), x.duration_ms)
+                             for x in session.challenge]
+                    rng = np.random.default_rng(n)
+                    frames = sim.capture(sim.bona_fide_layers(photo),
+                                         sim.poses(steps, sim.subject(rng), rng), rng)
+                    reference = second.read_bytes()
+                    # as a person takes them: no sooner than the challenge allows
+                    time.sleep(max(0.0, frames[-1][1] / 1000 - (time.time() - started)))
+                    for mode in ("still", "liveness"):
+                        cpu, start = _cpu_seconds(proc.pid), time.perf_counter()
+                        if mode == "still":
+                            client.verify(frames[0][0], reference)
+                        else:
+                            r = client.verify(b"", reference, liveness=capture(session, frames))
+                            for reason in r.selfie_face.presentation_attack.reasons:
+                                reasons[reason] = reasons.get(reason, 0) + 1
+                        if n >= 3:  # the first calls warm up
+                            took[mode].append(time.perf_counter() - start)
+                            spent[mode].append(_cpu_seconds(proc.pid) - cpu)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    cpu_ms = {mode: 1000 * sum(v) / len(v) for mode, v in spent.items()}
+    return {"calls_each": calls, "frames_per_burst": 9, "frame_size": list(sim.FRAME),
+            "server_cpu_ms_per_call": {m: round(v, 1) for m, v in cpu_ms.items()},
+            "latency": {m: percentiles(v) for m, v in took.items()},
+            "cpu_ratio_liveness_to_still": round(cpu_ms["liveness"] / cpu_ms["still"], 2),
+            "burst_reasons": reasons}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model-dir", type=Path, required=True)
@@ -114,7 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--side-by-side", type=Path, metavar="DIR",
                    help="only Verify, against --model-dir and DIR in turn, twice each "
                         "(A B A B), for what one difference between them costs")
+    p.add_argument("--liveness", action="store_true",
+                   help="only a liveness Verify against a single-still one (see the module)")
     args = p.parse_args(argv)
+    if args.liveness:
+        json.dump({"machine": f"{os.cpu_count()} CPUs",
+                   "liveness_against_still": liveness_cost(args.model_dir, args.lfw,
+                                                           args.calls)}, sys.stdout, indent=2)
+        print()
+        return 0
     pairs = [pair for fold in read_pairs(args.lfw) for pair in fold]
     step = max(1, len(pairs) // args.calls)
     chosen = pairs[::step][: args.calls]

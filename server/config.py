@@ -73,6 +73,8 @@ class Settings:
             gallery's current size (see server.core.duplicates).
         presentation_attack_policy: ``report``, ``flag`` or ``refuse`` a selfie
             suspected of a presentation attack (:mod:`server.core.presentation`).
+        liveness_session_seconds: how long a liveness session (StartLiveness) stays
+            open for its burst.
         duplicate_policy: ``flag`` (enrol, pending a person's review) or ``refuse`` a
             face that matches one enrolled under another NIK.
         snapshot_every: index snapshot after this many enrolments or erasures.
@@ -147,6 +149,7 @@ class Settings:
     search_floor_fmr: float = 0.0
     duplicate_policy: str = "flag"
     presentation_attack_policy: str = "report"
+    liveness_session_seconds: int = 120
     snapshot_every: int = 1000
     grace_seconds: float = 10.0
     max_concurrent_rpcs: int = 256

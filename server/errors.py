@@ -24,9 +24,11 @@ from index.errors import (
 )
 
 __all__ = [
-    "DOMAIN", "AuditUnavailable", "ConfigurationError", "EnrollmentConflict", "FaceTooSmall",
-    "FaceVerifyError",
-    "ImageTooLarge", "InternalError", "InvalidImage", "InvalidNik", "InvalidRequest",
+    "DOMAIN", "AuditUnavailable", "ChallengeNotFollowed", "ConfigurationError",
+    "EnrollmentConflict", "FaceChanged", "FaceIsFlat", "FaceTooSmall", "FaceVerifyError",
+    "FrameReplayed", "ImageTooLarge", "InternalError", "InvalidImage", "InvalidNik",
+    "InvalidRequest", "LivenessNotAvailable", "LivenessSessionUnknown", "SessionExpired",
+    "SessionUsed",
     "ModelError", "MultipleFaces", "NoFaceDetected", "NotEnrolled", "NotPendingReview",
     "Overloaded", "PermissionDenied", "QueueTimeout", "RateLimited", "ReferenceKindNotCalibrated",
     "RegistryUnavailable", "RequestError", "RequestTooLarge", "SelfieIsReferenceCopy",
@@ -84,6 +86,57 @@ class SelfieNotLive(RequestError):
     screen, refused under the ``refuse`` presentation-attack policy."""
 
     reason = "SELFIE_NOT_LIVE"
+
+
+class ChallengeNotFollowed(RequestError):
+    """A liveness burst's frames do not show the session's movements in order.
+    This and the next five are a burst's failed checks, refused under the
+    ``refuse`` presentation-attack policy (:mod:`server.core.liveness`)."""
+
+    reason = "CHALLENGE_NOT_FOLLOWED"
+
+
+class FaceIsFlat(RequestError):
+    """The burst's face moved as a picture does."""
+
+    reason = "FACE_IS_FLAT"
+
+
+class FaceChanged(RequestError):
+    """The burst's frames show another face than the one matched."""
+
+    reason = "FACE_CHANGED"
+
+
+class FrameReplayed(RequestError):
+    """A frame of the burst was sent before, or twice in it."""
+
+    reason = "FRAME_REPLAYED"
+
+
+class SessionExpired(RequestError):
+    """The liveness session is past its expiry."""
+
+    reason = "SESSION_EXPIRED"
+
+
+class SessionUsed(RequestError):
+    """The liveness session has answered a call already."""
+
+    reason = "SESSION_USED"
+
+
+class LivenessSessionUnknown(RequestError):
+    """No liveness session has this id and nonce."""
+
+    reason = "LIVENESS_SESSION_UNKNOWN"
+
+
+class LivenessNotAvailable(RequestError):
+    """The model set cannot run liveness sessions (no mouth corners among its
+    detector's landmarks, or no liveness record in its calibration)."""
+
+    reason = "LIVENESS_NOT_AVAILABLE"
 
 
 class FaceTooSmall(RequestError):

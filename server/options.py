@@ -260,6 +260,9 @@ OPTIONS: tuple[Option, ...] = (
            "`Enroll` is enrolled pending review) or `refuse` a suspected selfie "
            "(`INVALID_ARGUMENT` / `SELFIE_IS_REFERENCE_COPY` or `SELFIE_NOT_LIVE`)",
            choices=PRESENTATION_ATTACK_POLICY_CHOICES),
+    Option("liveness_session_seconds", "seconds a liveness session (`StartLiveness`) stays "
+           "open for its burst (`SESSION_EXPIRED` after)", int, check=_at_least(10),
+           rule="must be >= 10"),
     Option("dedup_fpir", "false duplicate alarms per enrolment attempt the duplicate "
            "threshold is set for, at the gallery's current size (see docs/deduplication.md)",
            float, check=_rate, rule="must be between 0 and 1"),

@@ -1,7 +1,8 @@
 """Presentation attacks through gRPC on real photos: a selfie that is a copy of the
-reference (re-encoded and resized, or cut from a photograph of an ID card
-printed with it) is reported as ``SELFIE_IS_REFERENCE_COPY`` (or refused under
-the ``refuse`` policy, nothing stored); two photos of one person are not.
+reference (re-encoded and resized, mirrored, cropped tight, noised, or cut from a
+photograph of an ID card printed with it) is reported as ``SELFIE_IS_REFERENCE_COPY``
+(or refused under the ``refuse`` policy, nothing stored); two photos of one person
+are not.
 Runs for each model set of the ``model_dir`` fixture."""
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import io
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from benchmarks.idcard import id_card_like
+from benchmarks.replay import copies, with_exif_orientation
 from server.pipeline.loader import LoadedModels
 from server.tools.client import CallError, FaceVerifyClient
 from tests.conftest import ServerThread, lfw_image, server_settings
@@ -27,6 +29,13 @@ def reencoded(data: bytes, scale: float = 0.7, quality: int = 80) -> bytes:
     out = io.BytesIO()
     image.resize((round(image.width * scale), round(image.height * scale)),
                  Image.Resampling.BILINEAR).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def mirrored(data: bytes) -> bytes:
+    out = io.BytesIO()
+    ImageOps.mirror(Image.open(io.BytesIO(data)).convert("RGB")).save(out, format="JPEG",
+                                                                      quality=90)
     return out.getvalue()
 
 
@@ -54,6 +63,26 @@ def test_a_copy_of_the_reference_is_reported_and_the_match_still_answered(
     assert attack.reference_copy_score >= threshold
     assert r.match  # report: the decision is the caller's
     assert not r.reference_face.HasField("presentation_attack")
+
+
+@pytest.mark.parametrize("copy", ["mirrored", "exif_mirror", "tight_crop", "noise30"])
+def test_a_reference_mirrored_cropped_or_noised_is_still_a_copy(
+        client: FaceVerifyClient, models: LoadedModels, lfw_dir: Path, copy: str) -> None:
+    """What passed before the face score and the mirror counted (issue 32): the
+    reference mirrored, or its own bytes with an EXIF mirror tag, a tight crop of it,
+    or it under heavy noise."""
+    reference = lfw_image(lfw_dir, *REFERENCE)
+    box = models.pipeline.analyse(reference, "reference", False).face.box
+    _, selfie = copies(reference, "Abel_Pacheco_0001", box)[copy]
+    try:
+        r = client.verify(selfie, reference)
+    except CallError as e:  # a detector may find no face left in a tight crop or the noise
+        assert copy in ("tight_crop", "noise30") and e.reason == "NO_FACE_DETECTED"
+        return
+    if copy == "noise30" and not r.match:  # no longer a face that matches: it fails anyway
+        assert r.score < 0.5
+    else:
+        assert r.selfie_face.presentation_attack.reasons == ["SELFIE_IS_REFERENCE_COPY"]
 
 
 def test_two_photos_of_one_person_are_no_copy(client: FaceVerifyClient, lfw_dir: Path) -> None:
@@ -88,7 +117,10 @@ def test_under_refuse_a_copy_is_refused_and_nothing_is_enrolled(model_dir: Path,
                                presentation_attack_policy="refuse")
     with ServerThread(settings) as server, FaceVerifyClient(server.target) as c:
         for call in (lambda: c.verify(reencoded(reference), reference),
-                     lambda: c.enroll(NIK, reencoded(reference), reference)):
+                     lambda: c.enroll(NIK, reencoded(reference), reference),
+                     # the reference's own bytes, one EXIF tag added: decoded mirrored
+                     lambda: c.enroll(NIK, with_exif_orientation(reference, 2), reference),
+                     lambda: c.verify(mirrored(reference), reference)):
             with pytest.raises(CallError) as refused:
                 call()
             assert (refused.value.code, refused.value.reason) == (

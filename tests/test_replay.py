@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from server.models.calibrate import Embedded, genuine_copy_scores, replay_record
+from server.models.calibrate import (
+    Embedded,
+    genuine_copy_scores,
+    joint_thresholds,
+    replay_record,
+)
 from server.pipeline import replay
 from server.pipeline.recognizers import ARCFACE_TEMPLATE, template_chip
 from server.pipeline.types import DetectedFace
@@ -41,8 +46,19 @@ def test_a_picture_and_its_copy_score_near_one_and_two_pictures_far_below() -> N
 
 def test_the_score_is_one_comparison_whichever_way_it_is_split() -> None:
     a, b = texture(3), moved(texture(3), 2, 2, -3.0, 0.96)
-    fixed = replay.reference_spectrum(replay.band(a))
-    assert replay.compare(fixed, replay.spectra(replay.band(b))) == replay.copy_score(a, b)
+    fixed = replay.fixed_sides(replay.band(a))
+    assert replay.compare_sides(fixed, replay.spectra(replay.band(b))) == replay.copy_score(a, b)
+
+
+def test_a_mirrored_copy_is_a_copy() -> None:
+    """A mirror (sent so, or an EXIF orientation tag added) keeps the picture: the
+    score compares each side as it is and mirrored."""
+    face = texture(4)
+    mirrored = np.ascontiguousarray(moved(face, 2, -1, 2.0, 1.0)[:, ::-1])
+    assert replay.copy_score(mirrored, face) > 0.9
+    as_is = replay.compare(replay.reference_spectrum(replay.band(mirrored)),
+                           replay.spectra(replay.band(face)))
+    assert as_is < 0.5  # what the measure without the mirror saw
 
 
 def test_the_threshold_is_the_lowest_that_at_most_the_rate_of_genuine_pairs_reach() -> None:
@@ -52,13 +68,28 @@ def test_the_threshold_is_the_lowest_that_at_most_the_rate_of_genuine_pairs_reac
     labels = np.repeat(np.arange(3), 4)
     emb = Embedded(np.eye(12, 128, dtype=np.float32), labels, 12, 0,
                    bands=np.stack([replay.band(c) for c in chips]))
-    scores = genuine_copy_scores(emb)
-    assert len(scores) == 3 * 6
+    scores, faces = genuine_copy_scores(emb)
+    assert len(scores) == len(faces) == 3 * 6 and not faces.any()
     record = replay_record(emb, np.zeros(18), rate=1 / 18)
     assert record["genuine_at_or_above"] == 1 and record["genuine_pairs"] == 18
     assert scores.max() >= record["threshold"] > np.sort(scores)[-2]
     check = replay.ReplayCheck.from_calibration({"replay": record})
-    assert check is not None and check.is_copy(float(scores.max()))
+    assert check is not None and check.is_copy(float(scores.max()), 0.0)
+    assert not check.is_copy(float(np.sort(scores)[-2]), 0.0)
+
+
+def test_the_picture_and_face_thresholds_share_the_genuine_budget() -> None:
+    """Two rules, one budget: a pair taken by either counts once, and each rule
+    takes as many pairs as the other."""
+    copies = np.array([0.99, 0.2, 0.3, 0.95, 0.1, 0.4, 0.5, 0.6, 0.7, 0.25])
+    faces = np.array([0.99, 0.98, 0.3, 0.2, 0.1, 0.4, 0.5, 0.6, 0.7, 0.35])
+    picture, face, either = joint_thresholds(copies, faces, rate=0.3)
+    taken = (copies >= picture) | (faces >= face)
+    assert either == taken.sum() == 3  # pair 0 by both, pair 3 by the picture, 1 by the face
+    assert 0.95 >= picture > 0.7 and 0.98 >= face > 0.7
+    # A budget of one pair: both rules take the pair that is top in both.
+    picture, face, either = joint_thresholds(copies, faces, rate=0.1)
+    assert either == 1 and picture > 0.95 and face > 0.98
 
 
 def test_a_record_of_another_measure_or_none_checks_nothing() -> None:

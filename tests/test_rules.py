@@ -116,7 +116,7 @@ def pool() -> Iterator[ThreadPoolExecutor]:
 
 # Chosen replay thresholds (the shipped ones are measured by benchmarks.replay), and a
 # chosen live-score threshold (an operator's is measured by `models presentation`).
-REPLAY = ReplayCheck(threshold=0.9, template_threshold=0.99)
+REPLAY = ReplayCheck(threshold=0.9, face_threshold=0.97, template_threshold=0.99)
 LIVENESS = LivenessCheck("pad-chosen", Threshold(0.2, 0.05, 0.05, 1000, "chosen"))
 
 

@@ -32,8 +32,9 @@ def test_admin_and_an_insecure_server_may_call_every_method() -> None:
 def test_every_rpc_has_a_role_besides_admin_unless_it_erases() -> None:
     # Erasure is the one call no everyday role may make.
     assert {name for name, rpc in RPCS.items() if not rpc.roles} == {"DeleteEnrollment"}
-    assert ROLES["verifier"] == {"Verify", "GetServerInfo"}
-    assert ROLES["registrar"] == {"Enroll", "GetEnrollment", "Search", "GetServerInfo"}
+    assert ROLES["verifier"] == {"Verify", "StartLiveness", "GetServerInfo"}
+    assert ROLES["registrar"] == {"Enroll", "StartLiveness", "GetEnrollment", "Search",
+                                  "GetServerInfo"}
     assert ROLES["reviewer"] == {"ListReviews", "ResolveReview", "GetEnrollment",
                                  "GetServerInfo"}
 

@@ -16,9 +16,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health
 from grpc_reflection.v1alpha import reflection
@@ -47,6 +48,7 @@ from server.config import Settings, check_secured, data_sealer, serving_summary
 from server.core.duplicates import DuplicateThreshold
 from server.core.enrolment import DuplicatePolicy, EnrolmentService
 from server.core.inference import InferenceEngine
+from server.core.liveness import SESSION_FILE, LivenessSessions, SessionStore, chip_template
 from server.core.metrics import Metrics, MetricsServer
 from server.core.presentation import AttackPolicy, LivenessCheck, PresentationChecks
 from server.core.service import VerificationService, operating_points
@@ -54,6 +56,7 @@ from server.errors import ConfigurationError, StartupError
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
 from server.models.manifest import read_calibration
+from server.pipeline.liveness import Thresholds
 from server.pipeline.loader import load_models, warm_up
 from server.pipeline.replay import ReplayCheck
 
@@ -177,6 +180,9 @@ class RunningServer:
             pool.shutdown(wait=True)
         if self.services.follower is not None:
             self.services.follower.close()
+        sessions = self.services.verification.presentation.sessions
+        if sessions is not None:
+            sessions.store.close()
         self.services.audit.close()  # before the registry: it exports from there
         self.services.gallery.close()
         if self.metrics_server is not None:
@@ -221,9 +227,11 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
                  "(BPCER %.1f %% on %d bona fide photos of %s)", liveness.version,
                  liveness.threshold.value, 100 * liveness.threshold.bpcer,
                  liveness.threshold.bona_fide, liveness.threshold.dataset)
+    sessions = liveness_sessions(settings, calibration, chip_template(models.pipeline), engine,
+                                 pools, metrics)
     presentation = PresentationChecks(replay_check, liveness,
                                       AttackPolicy(settings.presentation_attack_policy),
-                                      image_pool, metrics)
+                                      image_pool, metrics, sessions)
     verification = VerificationService(models, points, engine, metrics, presentation)
     floor = (operating_points(calibration, settings.search_floor_fmr)["photo"].threshold
              if settings.search_floor_fmr else None)
@@ -264,6 +272,27 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
         follower = Follower(gallery).start()
         metrics.track_follower(lambda: follower.lag, lambda: float(follower.connected))
     return Services(verification, enrolment, gallery, engine, metrics, audit, follower)
+
+
+def liveness_sessions(settings: Settings, calibration: dict[str, Any],
+                      template: np.ndarray | None, engine: InferenceEngine,
+                      pools: tuple[ThreadPoolExecutor, ...], metrics: Metrics
+                      ) -> LivenessSessions:
+    """The liveness sessions, their store in the data directory; logs whether this
+    model set can run them."""
+    thresholds = Thresholds.from_calibration(calibration)
+    sessions = LivenessSessions(SessionStore(settings.data_dir / SESSION_FILE), thresholds,
+                                template, engine, pools[0], pools[1], metrics,
+                                settings.liveness_session_seconds)
+    if sessions.available:
+        assert thresholds is not None
+        log.info("liveness sessions open for %d s: depth threshold %.4f, same face %.4f "
+                 "(each for BPCER %g on %d bursts of %s)", settings.liveness_session_seconds,
+                 thresholds.depth, thresholds.same_face, thresholds.bpcer_target,
+                 thresholds.bona_fide, thresholds.dataset)
+    else:
+        log.warning("no liveness sessions: %s", sessions.why_not())
+    return sessions
 
 
 def open_audit(settings: Settings, gallery: Gallery, metrics: Metrics) -> AuditLog:

@@ -47,6 +47,7 @@ RPCS: Mapping[str, Rpc] = {
     "ListReviews": _rpc("reviewer"),
     "ResolveReview": _rpc("reviewer", durable=True),
     "GetServerInfo": _rpc("verifier", "registrar", "reviewer"),
+    "StartLiveness": _rpc("verifier", "registrar"),
 }
 
 # Services open to every caller without identity or rate checks: load balancers

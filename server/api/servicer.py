@@ -12,12 +12,14 @@ from server import __version__
 from server.api.access import ANONYMOUS, caller_var
 from server.api.interceptor import request_id_var
 from server.core.enrolment import EnrolmentService
+from server.core.liveness import Capture, Limits, LivenessOutcome, Session
 from server.core.presentation import Presentation, PresentationChecks
 from server.core.service import OperatingPoint, VerificationService
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, LivenessNotAvailable
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
 from server.pipeline.faces import AnalysedFace
+from server.pipeline.liveness import MEASURE
 from server.pipeline.quality import advice
 
 REFERENCE_KINDS: dict[int, str] = {pb.REFERENCE_KIND_UNSPECIFIED: "photo", pb.PHOTO: "photo",
@@ -61,14 +63,43 @@ def face_pb(a: AnalysedFace, scheme: str) -> pb.Face:
     )
 
 
+def capture_of(liveness: pb.LivenessCapture | None) -> Capture | None:
+    """A request's liveness capture (None where it sent a single selfie)."""
+    if liveness is None:
+        return None
+    return Capture(liveness.session_id, bytes(liveness.nonce),
+                   [(f.image, f.offset_ms) for f in liveness.frames])
+
+
+def liveness_pb(burst: LivenessOutcome | None) -> pb.LivenessResult:
+    if burst is None:
+        return pb.LivenessResult(checked=False)
+    out = pb.LivenessResult(checked=True, live=not burst.reasons, frames=burst.frames)
+    if (a := burst.assessment) is not None:
+        out.steps, out.steps_followed = a.steps, a.steps_followed
+        out.depth_score, out.same_face_score = a.depth, a.same_face
+        out.matched_frame = a.matched
+    return out
+
+
 def presentation_pb(p: Presentation) -> pb.PresentationAttack:
     out = pb.PresentationAttack(suspected=p.suspected, reasons=list(p.reasons),
-                                checks=list(p.checks))
+                                checks=list(p.checks), liveness=liveness_pb(p.burst))
     if p.reference_copy_score is not None:
         out.reference_copy_score = p.reference_copy_score
     if p.live_score is not None:
         out.live_score = p.live_score
     return out
+
+
+def session_pb(s: Session, limits: Limits) -> pb.LivenessSession:
+    return pb.LivenessSession(
+        session_id=s.session_id, nonce=s.nonce,
+        challenge=[pb.LivenessStep(action=pb.LivenessAction.Value(step.action.value),
+                                   duration_ms=step.duration_ms) for step in s.challenge],
+        expires_at=s.expires_at, min_frames=limits.min_frames, max_frames=limits.max_frames,
+        max_frame_bytes=limits.max_frame_bytes, max_span_ms=limits.max_span_ms,
+        request_id=request_id_var.get())
 
 
 def presentation_settings_pb(checks: PresentationChecks) -> pb.PresentationAttackSettings:
@@ -79,6 +110,7 @@ def presentation_settings_pb(checks: PresentationChecks) -> pb.PresentationAttac
     if replay is not None:
         out.reference_copy_threshold = replay.threshold
         out.reference_copy_genuine_rate = replay.genuine_rate
+        out.reference_face_copy_threshold = replay.face_threshold
         out.enrolled_copy_threshold = replay.template_threshold
     if (live := checks.liveness) is not None:
         t = live.threshold
@@ -86,6 +118,14 @@ def presentation_settings_pb(checks: PresentationChecks) -> pb.PresentationAttac
         out.live_threshold, out.live_bpcer_target, out.live_bpcer = t.value, t.bpcer_target, t.bpcer
         out.liveness_bona_fide, out.liveness_dataset = t.bona_fide, t.dataset
         out.liveness_version, out.live_bpcer_confidence = live.version, t.confidence
+    if (sessions := checks.sessions) is not None and sessions.available:
+        assert sessions.thresholds is not None
+        s = sessions.thresholds
+        out.liveness_sessions, out.liveness_session_measure = True, f"liveness-session:{MEASURE}"
+        out.liveness_depth_threshold, out.liveness_same_face_threshold = s.depth, s.same_face
+        out.liveness_session_bpcer_target = s.bpcer_target
+        out.liveness_session_bona_fide = s.bona_fide
+        out.liveness_session_ttl_s = sessions.ttl_seconds
     return out
 
 
@@ -127,8 +167,9 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
 
     async def Verify(self, request: pb.VerifyRequest,
                      context: grpc.aio.ServicerContext) -> pb.VerifyResponse:
-        v = await self.service.verify(request.selfie, request.reference,
-                                      reference_kind(request.reference_kind))
+        v = await self.service.verify(
+            request.selfie, request.reference, reference_kind(request.reference_kind),
+            capture_of(request.liveness if request.HasField("liveness") else None))
         scheme = self.service.models.pipeline.detector.landmark_scheme
         selfie = face_pb(v.selfie, scheme)
         selfie.presentation_attack.CopyFrom(presentation_pb(v.presentation))
@@ -144,9 +185,10 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
 
     async def Enroll(self, request: pb.EnrollRequest,
                      context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
-        r = await self.enrolment.enroll(request.nik, request.selfie, request.reference or None,
-                                        dict(request.metadata),
-                                        reference_kind(request.reference_kind))
+        r = await self.enrolment.enroll(
+            request.nik, request.selfie, request.reference or None, dict(request.metadata),
+            reference_kind(request.reference_kind),
+            capture_of(request.liveness if request.HasField("liveness") else None))
         version = self.service.model_version
         resp = pb.EnrollResponse(
             outcome=pb.EnrollResponse.Outcome.Name(r.outcome.value),
@@ -212,6 +254,13 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
         e = await self.enrolment.resolve_review(
             request.nik, decision == pb.ResolveReviewRequest.CONFIRM_DUPLICATE, reviewer, note)
         return enrollment_pb(e, self.service.model_version)
+
+    async def StartLiveness(self, request: pb.StartLivenessRequest,
+                            context: grpc.aio.ServicerContext) -> pb.LivenessSession:
+        sessions = self.service.presentation.sessions
+        if sessions is None:
+            raise LivenessNotAvailable("this server runs no liveness sessions")
+        return session_pb(await sessions.start(), sessions.limits)
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest,
                             context: grpc.aio.ServicerContext) -> pb.ServerInfo:

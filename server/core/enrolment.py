@@ -23,10 +23,11 @@ from index.gallery import Gallery, Match
 from index.registry import Enrollment, NotPending
 from server.core.duplicates import DuplicatePoint, DuplicateThreshold, kind
 from server.core.inference import InferenceEngine
+from server.core.liveness import Capture
 from server.core.metrics import Metrics
 from server.core.nik import validate_nik
 from server.core.presentation import ENROLLED_COPY, Presentation, PresentationChecks
-from server.core.service import OperatingPoint, analyse_both
+from server.core.service import OperatingPoint, analyse_both, analyse_selfie
 from server.errors import EnrollmentConflict, InvalidRequest, NotEnrolled, NotPendingReview
 from server.pipeline.faces import AnalysedFace
 from server.pipeline.recognizers import fuse
@@ -131,8 +132,11 @@ class EnrolmentService:
         return await self.engine.analyse(data, field_name, refuse_ambiguous, selfie, view)
 
     async def enroll(self, nik: str, selfie: bytes, reference: bytes | None,
-                     metadata: dict[str, str], reference_kind: str = "photo") -> EnrolResult:
-        """Enrol ``nik`` with the selfie's face unless it duplicates another NIK's.
+                     metadata: dict[str, str], reference_kind: str = "photo",
+                     burst: Capture | None = None) -> EnrolResult:
+        """Enrol ``nik`` with the selfie's face unless it duplicates another NIK's
+        (the selfie: a single still, or the matched frame of ``burst``, a liveness
+        session's capture, checked for liveness).
 
         With a reference photo that matches the selfie, both are enrolled as one
         template (their embeddings fused: :func:`server.pipeline.recognizers.fuse`) and the
@@ -147,16 +151,17 @@ class EnrolmentService:
         meta = _validate_metadata(metadata)
         reference_threshold = self.point_for(reference_kind).threshold if reference else 0.0
         if not reference:
-            face = await self._analyse(selfie, "selfie", True, selfie=True)
-            presentation = await self.presentation.check("Enroll", face, None)
+            face, shown = await analyse_selfie(self.engine, self.presentation, selfie, burst,
+                                               False)
+            presentation = await self.presentation.check("Enroll", face, None, shown)
             ref_score = None
             template, photos = face.embedding, 1
         else:
             view = self.presentation.compares_views
-            face, ref = await analyse_both(
-                self._analyse(selfie, "selfie", True, selfie=True, view=view),
+            (face, shown), ref = await analyse_both(
+                analyse_selfie(self.engine, self.presentation, selfie, burst, view),
                 self._analyse(reference, "reference", False, view=view))
-            presentation = await self.presentation.check("Enroll", face, ref)
+            presentation = await self.presentation.check("Enroll", face, ref, shown)
             ref_score = float(face.embedding @ ref.embedding)
             if ref_score < reference_threshold:
                 self.metrics.outcomes.labels("Enroll", "reference_mismatch").inc()

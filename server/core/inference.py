@@ -17,10 +17,12 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from server.core.metrics import Metrics
 from server.pipeline.batching import Batcher, BatchLimits, padded
 from server.pipeline.faces import AnalysedFace, FacePipeline, Timings
-from server.pipeline.types import Call, CpuStep, ModelCall, dispatch
+from server.pipeline.types import Call, CpuStep, ModelCall, Steps, dispatch
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class InferenceEngine:
         return run
 
     async def analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool,
-                      selfie: bool = False, view: bool = False) -> AnalysedFace:
+                      selfie: bool = False, view: bool = False, embed: bool = True
+                      ) -> AnalysedFace:
         """The subject face of one encoded image: :meth:`FacePipeline.steps`, with
         per-image steps in the CPU pool and model calls batched across requests.
         Stage times go to the metrics (``detect`` and ``embed`` include the wait
@@ -86,24 +89,39 @@ class InferenceEngine:
                 or Overloaded / QueueTimeout from a batcher.
         """
         timings = Timings()
-        steps = self.pipeline.steps(data, field_name, refuse_ambiguous, timings, selfie, view)
+        try:
+            face: AnalysedFace = await self._drive(self.pipeline.steps(
+                data, field_name, refuse_ambiguous, timings, selfie, view, embed))
+        finally:
+            self.metrics.observe_stages(timings.seconds)
+        return face
+
+    async def embed(self, chip: np.ndarray) -> np.ndarray:
+        """The embedding of an aligned face (:attr:`AnalysedFace.chip`), batched with
+        the others."""
+        timings = Timings()
+        try:
+            with timings.stage("embed"):
+                embedding: np.ndarray = await self._drive(self.pipeline.embed_steps(chip))
+        finally:
+            self.metrics.observe_stages(timings.seconds)
+        return embedding
+
+    async def _drive(self, steps: Steps[Any]) -> Any:
+        """Run ``steps``: per-image steps in the CPU pool, model calls batched."""
         runner = _BatchedRunner(self, asyncio.get_running_loop())
         value: Any = None
         error: BaseException | None = None
-        try:
-            while True:
-                try:
-                    step = steps.throw(error) if error is not None else steps.send(value)
-                except StopIteration as done:
-                    face: AnalysedFace = done.value
-                    return face
-                value, error = None, None
-                try:
-                    value = await dispatch(step, runner)
-                except Exception as exc:  # thrown into the steps, which re-raise it
-                    error = exc
-        finally:
-            self.metrics.observe_stages(timings.seconds)
+        while True:
+            try:
+                step = steps.throw(error) if error is not None else steps.send(value)
+            except StopIteration as done:
+                return done.value
+            value, error = None, None
+            try:
+                value = await dispatch(step, runner)
+            except Exception as exc:  # thrown into the steps, which re-raise it
+                error = exc
 
     async def close(self) -> None:
         """Fail whatever is still queued, wait for running batches, stop the threads."""

@@ -24,6 +24,7 @@ from prometheus_client import (
 from server.core.duplicates import DuplicatePoint
 from server.errors import FaceVerifyError
 from server.pipeline.faces import STAGES as PIPELINE_STAGES
+from server.pipeline.liveness import BURST_REASONS
 
 # Latency buckets from 2.5 ms to 10 s: an image on a GPU takes a few ms, a
 # verification on a busy CPU a few hundred.
@@ -78,13 +79,19 @@ class Metrics:
         self.presentation_checks = Counter(
             "faceverify_presentation_checks",
             "Selfie checks for a presentation attack, by method, check (reference_copy, "
-            "liveness) and outcome (bona_fide, suspected)", ("method", "check", "outcome"),
+            "liveness, liveness_session) and outcome (bona_fide, suspected)",
+            ("method", "check", "outcome"),
             registry=r)
         self.presentation_attacks = Counter(
             "faceverify_presentation_attacks",
             "Suspected presentation attacks, by method and reason "
-            "(SELFIE_IS_REFERENCE_COPY, SELFIE_NOT_LIVE, SELFIE_IS_ENROLLED_COPY)",
+            "(SELFIE_IS_REFERENCE_COPY, SELFIE_NOT_LIVE, SELFIE_IS_ENROLLED_COPY, and a "
+            "liveness burst's: CHALLENGE_NOT_FOLLOWED, FACE_IS_FLAT, FACE_CHANGED, "
+            "FRAME_REPLAYED, SESSION_EXPIRED, SESSION_USED)",
             ("method", "reason"), registry=r)
+        self.liveness_sessions = Counter(
+            "faceverify_liveness_sessions_started", "Liveness sessions started (StartLiveness)",
+            registry=r)
         self.live_score = Histogram(
             "faceverify_live_score", "Selfies' live scores (the presentation-attack models' "
             "averaged bona fide probability; below the threshold is suspected)", ("method",),
@@ -163,10 +170,10 @@ class Metrics:
         for method, outcomes in OUTCOMES.items():
             for outcome in outcomes:
                 self.outcomes.labels(method, outcome)
-            for check in ("reference_copy", "liveness"):
+            for check in ("reference_copy", "liveness", "liveness_session"):
                 for outcome in ("bona_fide", "suspected"):
                     self.presentation_checks.labels(method, check, outcome)
-            for reason in ("SELFIE_IS_REFERENCE_COPY", "SELFIE_NOT_LIVE"):
+            for reason in ("SELFIE_IS_REFERENCE_COPY", "SELFIE_NOT_LIVE", *BURST_REASONS):
                 self.presentation_attacks.labels(method, reason)
         self.presentation_attacks.labels("Enroll", "SELFIE_IS_ENROLLED_COPY")
 

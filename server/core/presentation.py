@@ -4,11 +4,17 @@ The checks:
 
 * ``SELFIE_IS_REFERENCE_COPY`` (:mod:`server.pipeline.replay`): the selfie is a
   copy of the reference photo sent with it (re-encoded, resized, cropped,
-  turned, cut from a photograph of the card), in ``Verify`` and ``Enroll``.
+  turned, mirrored, noised, cut from a photograph of the card), in ``Verify`` and
+  ``Enroll``: alike as pictures, or a face that matches the reference better than
+  two photos of one person do.
 * ``SELFIE_NOT_LIVE`` (:mod:`server.pipeline.pad`, where the operator has added
   presentation-attack models to the model set): the selfie's live score is
   under the threshold calibrated for the set's bona fide rejection rate (a
   photo of a print or a screen, as those models see it).
+* A liveness session's burst (:mod:`server.core.liveness`), where the selfie is
+  one: ``CHALLENGE_NOT_FOLLOWED``, ``FACE_IS_FLAT``, ``FACE_CHANGED``,
+  ``FRAME_REPLAYED``, ``SESSION_EXPIRED``, ``SESSION_USED``.  A single still is
+  not checked for liveness (and the answer says so).
 * ``SELFIE_IS_ENROLLED_COPY``: an ``Enroll`` for a NIK already enrolled whose
   face is a copy of the stored template (only the embedding is stored, so
   this is judged on embeddings).  A client's retry of the same request is
@@ -29,8 +35,20 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from server.core.liveness import LivenessOutcome, LivenessSessions
 from server.core.metrics import Metrics
-from server.errors import SelfieIsReferenceCopy, SelfieNotLive
+from server.errors import (
+    ChallengeNotFollowed,
+    FaceChanged,
+    FaceIsFlat,
+    FrameReplayed,
+    RequestError,
+    SelfieIsReferenceCopy,
+    SelfieNotLive,
+    SessionExpired,
+    SessionUsed,
+)
+from server.pipeline import liveness as lv
 from server.pipeline import replay
 from server.pipeline.faces import AnalysedFace
 from server.pipeline.pad import PresentationStage, Threshold
@@ -38,6 +56,20 @@ from server.pipeline.pad import PresentationStage, Threshold
 REFERENCE_COPY = "SELFIE_IS_REFERENCE_COPY"
 NOT_LIVE = "SELFIE_NOT_LIVE"
 ENROLLED_COPY = "SELFIE_IS_ENROLLED_COPY"
+
+# A burst's reason refused under ``refuse``: the error and what it tells the applicant.
+BURST_REFUSALS: dict[str, tuple[type[RequestError], str]] = {
+    lv.SESSION_USED: (SessionUsed, "this liveness session has been used; start a new one"),
+    lv.SESSION_EXPIRED: (SessionExpired, "this liveness session has expired; start a new one"),
+    lv.FRAME_REPLAYED: (FrameReplayed, "a frame of this capture was sent before; capture "
+                        "again"),
+    lv.CHALLENGE_NOT_FOLLOWED: (ChallengeNotFollowed, "the frames do not show the movements "
+                                "asked for, in order; follow the instructions and capture "
+                                "again"),
+    lv.FACE_IS_FLAT: (FaceIsFlat, "the face moved as a picture does, not as a head; capture "
+                      "again with your own face"),
+    lv.FACE_CHANGED: (FaceChanged, "the frames show more than one face; capture again, alone"),
+}
 
 
 class AttackPolicy(enum.Enum):
@@ -58,12 +90,15 @@ class Presentation:
             sent and the check is calibrated.
         live_score: the presentation-attack models' score, where the set has them.
         checks: which checks ran, with their measure's or models' version.
+        burst: a liveness session's result, where the selfie was a burst (None: a
+            single still, not checked for liveness).
     """
 
     reasons: tuple[str, ...] = ()
     reference_copy_score: float | None = None
     checks: tuple[str, ...] = ()
     live_score: float | None = None
+    burst: LivenessOutcome | None = None
 
     @property
     def suspected(self) -> bool:
@@ -71,7 +106,7 @@ class Presentation:
 
     def adding(self, reason: str, check: str) -> Presentation:
         return Presentation((*self.reasons, reason), self.reference_copy_score,
-                            (*self.checks, check), self.live_score)
+                            (*self.checks, check), self.live_score, self.burst)
 
 
 @dataclass(frozen=True)
@@ -100,12 +135,16 @@ class PresentationChecks:
             none (not checked, and GetServerInfo says so).
         liveness: the presentation-attack models' check; None where the set has none.
         cpu_pool: where the image work runs.
+        sessions: the liveness sessions (None: a server without them, as in tests
+            of the rules).
     """
 
     def __init__(self, replay_check: replay.ReplayCheck | None, liveness: LivenessCheck | None,
-                 policy: AttackPolicy, cpu_pool: Executor, metrics: Metrics) -> None:
+                 policy: AttackPolicy, cpu_pool: Executor, metrics: Metrics,
+                 sessions: LivenessSessions | None = None) -> None:
         self.replay = replay_check
         self.liveness = liveness
+        self.sessions = sessions
         self.policy = policy
         self.cpu_pool = cpu_pool
         self.metrics = metrics
@@ -126,22 +165,30 @@ class PresentationChecks:
                                                 "suspected" if suspected else "bona_fide").inc()
         return suspected
 
-    async def check(self, rpc: str, selfie: AnalysedFace, reference: AnalysedFace | None
-                    ) -> Presentation:
-        """The selfie's result: a copy of ``reference`` (where one was sent), live.
+    async def check(self, rpc: str, selfie: AnalysedFace, reference: AnalysedFace | None,
+                    burst: LivenessOutcome | None = None) -> Presentation:
+        """The selfie's result: a copy of ``reference`` (where one was sent), live
+        (``burst``: the liveness session's result, where the selfie is a burst's
+        frame).
 
         Raises:
-            SelfieIsReferenceCopy, SelfieNotLive: a suspected selfie, under the
-                ``refuse`` policy (a copy of the reference is named first).
+            SelfieIsReferenceCopy, SelfieNotLive, and a burst's reason's error
+                (:data:`BURST_REFUSALS`): a suspected selfie, under the ``refuse``
+                policy (a burst's reason first, then a copy of the reference).
         """
         reasons: list[str] = []
         checks: list[str] = []
         copy_score = live_score = None
+        if burst is not None:
+            checks.append(f"liveness-session:{lv.MEASURE}")
+            reasons += sorted(burst.reasons, key=lv.BURST_REASONS.index)
+            self._counted(rpc, "liveness_session", bool(burst.reasons))
         if self.replay is not None and reference is not None:
             copy_score = await asyncio.get_running_loop().run_in_executor(
                 self.cpu_pool, replay.copy_score, selfie.kept_view(), reference.kept_view())
             checks.append(self.version)
-            if self._counted(rpc, "reference_copy", self.replay.is_copy(copy_score)):
+            face_score = float(selfie.embedding @ reference.embedding)
+            if self._counted(rpc, "reference_copy", self.replay.is_copy(copy_score, face_score)):
                 reasons.append(REFERENCE_COPY)
         if self.liveness is not None and (live := selfie.stages.get("presentation")) is not None:
             live_score = float(live)
@@ -152,6 +199,9 @@ class PresentationChecks:
         for reason in reasons:
             self.metrics.presentation_attacks.labels(rpc, reason).inc()
         if reasons and self.policy is AttackPolicy.REFUSE:
+            if reasons[0] in BURST_REFUSALS:
+                error, advice = BURST_REFUSALS[reasons[0]]
+                raise error(f"liveness: {advice}", image="liveness")
             if reasons[0] == REFERENCE_COPY:
                 raise SelfieIsReferenceCopy(
                     "selfie: it is a copy of the reference photo, not a photo of the applicant "
@@ -160,7 +210,7 @@ class PresentationChecks:
                 "selfie: it looks like a photo of a printed picture or a screen, not of the "
                 "applicant; take a new selfie of yourself, in good light", image="selfie",
                 score=f"{live_score:.4f}")
-        return Presentation(tuple(reasons), copy_score, tuple(checks), live_score)
+        return Presentation(tuple(reasons), copy_score, tuple(checks), live_score, burst)
 
     def review_note(self, p: Presentation) -> str | None:
         """Under the ``flag`` policy, why an enrolment of a suspected selfie awaits
@@ -171,7 +221,7 @@ class PresentationChecks:
                                    if p.reference_copy_score is not None else "")
                  if r == REFERENCE_COPY else
                  NOT_LIVE + (f" (live score {p.live_score:.4f})" if p.live_score is not None
-                             else "") for r in p.reasons]
+                             else "") if r == NOT_LIVE else r for r in p.reasons]
         return "presentation attack suspected at enrolment: " + ", ".join(found)
 
     def enrolled_copy(self, cosine: float) -> bool:

@@ -14,9 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.core.inference import InferenceEngine
+from server.core.liveness import Capture, LivenessOutcome
 from server.core.metrics import Metrics
 from server.core.presentation import Presentation, PresentationChecks
-from server.errors import InvalidRequest, ModelError, ReferenceKindNotCalibrated
+from server.errors import (
+    InvalidRequest,
+    LivenessNotAvailable,
+    ModelError,
+    ReferenceKindNotCalibrated,
+)
 from server.models.calibrate import operating_point
 from server.pipeline.faces import AnalysedFace
 from server.pipeline.loader import LoadedModels
@@ -24,16 +30,41 @@ from server.pipeline.loader import LoadedModels
 log = logging.getLogger(__name__)
 
 
-async def analyse_both(selfie: Awaitable[AnalysedFace], other: Awaitable[AnalysedFace]
-                       ) -> tuple[AnalysedFace, AnalysedFace]:
+Selfie = tuple[AnalysedFace, LivenessOutcome | None]  # the face, and its burst's result
+
+
+async def analyse_both(selfie: Awaitable[Selfie], other: Awaitable[AnalysedFace]
+                       ) -> tuple[Selfie, AnalysedFace]:
     """Analyse two images concurrently; on failure raise the selfie's error first
     (that is the photo the applicant can retake)."""
     a, b = await asyncio.gather(selfie, other, return_exceptions=True)
     for r in (a, b):
         if isinstance(r, BaseException):
             raise r
-    assert isinstance(a, AnalysedFace) and isinstance(b, AnalysedFace)
+    assert isinstance(a, tuple) and isinstance(b, AnalysedFace)
     return a, b
+
+
+async def analyse_selfie(engine: InferenceEngine, presentation: PresentationChecks,
+                         selfie: bytes, burst: Capture | None, view: bool) -> Selfie:
+    """The selfie's face: a single still, or the matched frame of a liveness
+    session's burst with the burst's result.
+
+    Raises:
+        InvalidRequest: neither or both sent.
+        LivenessNotAvailable, LivenessSessionUnknown: a burst this server cannot take.
+        RequestError: the image's (or a frame's) own problem.
+    """
+    if burst is not None:
+        if selfie:
+            raise InvalidRequest("send a selfie or a liveness capture, not both",
+                                 field="selfie")
+        if presentation.sessions is None:
+            raise LivenessNotAvailable("this server runs no liveness sessions")
+        return await presentation.sessions.analyse(burst, view)
+    if not selfie:
+        raise InvalidRequest("selfie is required (or a liveness capture)", field="selfie")
+    return await engine.analyse(selfie, "selfie", True, selfie=True, view=view), None
 
 
 @dataclass(frozen=True)
@@ -124,29 +155,29 @@ class VerificationService:
     def model_version(self) -> str:
         return self.models.model_version
 
-    async def verify(self, selfie: bytes, reference: bytes, reference_kind: str = "photo"
-                     ) -> Verification:
-        """Compare the selfie's face with the reference photo's, at the operating
-        point of ``reference_kind``.
+    async def verify(self, selfie: bytes, reference: bytes, reference_kind: str = "photo",
+                     burst: Capture | None = None) -> Verification:
+        """Compare the selfie's face (or the matched frame of ``burst``, a liveness
+        session's capture, checked for liveness) with the reference photo's, at
+        the operating point of ``reference_kind``.
 
         Raises:
-            InvalidRequest: an image is missing.
+            InvalidRequest: an image is missing (or both a selfie and a burst sent).
+            LivenessNotAvailable, LivenessSessionUnknown: see :func:`analyse_selfie`.
             ReferenceKindNotCalibrated: no operating point for ``reference_kind``.
             RequestError: the selfie's image or face problem if it has one,
                 else the reference's (see :mod:`server.errors`).
-            SelfieIsReferenceCopy, SelfieNotLive: a suspected presentation attack,
-                under the ``refuse`` presentation-attack policy.
+            SelfieIsReferenceCopy, SelfieNotLive, a burst's reason: a suspected
+                presentation attack, under the ``refuse`` presentation-attack policy.
         """
-        if not selfie:
-            raise InvalidRequest("selfie is required", field="selfie")
         if not reference:
             raise InvalidRequest("reference is required", field="reference")
         point = self.point_for(reference_kind)
         view = self.presentation.compares_views
-        a, b = await analyse_both(
-            self.engine.analyse(selfie, "selfie", True, selfie=True, view=view),
+        (a, outcome), b = await analyse_both(
+            analyse_selfie(self.engine, self.presentation, selfie, burst, view),
             self.engine.analyse(reference, "reference", False, view=view))
-        presentation = await self.presentation.check("Verify", a, b)
+        presentation = await self.presentation.check("Verify", a, b, outcome)
         score = float(a.embedding @ b.embedding)
         match = score >= point.threshold
         self.metrics.outcomes.labels("Verify", "match" if match else "no_match").inc()

@@ -7,6 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class LivenessAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LIVENESS_ACTION_UNSPECIFIED: _ClassVar[LivenessAction]
+    LOOK_STRAIGHT: _ClassVar[LivenessAction]
+    TURN_LEFT: _ClassVar[LivenessAction]
+    TURN_RIGHT: _ClassVar[LivenessAction]
+    LOOK_UP: _ClassVar[LivenessAction]
+    LOOK_DOWN: _ClassVar[LivenessAction]
+    COME_CLOSER: _ClassVar[LivenessAction]
+
 class ReferenceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     REFERENCE_KIND_UNSPECIFIED: _ClassVar[ReferenceKind]
@@ -20,6 +30,13 @@ class ReviewState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PENDING_REVIEW: _ClassVar[ReviewState]
     CONFIRMED_DUPLICATE: _ClassVar[ReviewState]
     CLEARED: _ClassVar[ReviewState]
+LIVENESS_ACTION_UNSPECIFIED: LivenessAction
+LOOK_STRAIGHT: LivenessAction
+TURN_LEFT: LivenessAction
+TURN_RIGHT: LivenessAction
+LOOK_UP: LivenessAction
+LOOK_DOWN: LivenessAction
+COME_CLOSER: LivenessAction
 REFERENCE_KIND_UNSPECIFIED: ReferenceKind
 PHOTO: ReferenceKind
 ID_CARD: ReferenceKind
@@ -29,8 +46,82 @@ PENDING_REVIEW: ReviewState
 CONFIRMED_DUPLICATE: ReviewState
 CLEARED: ReviewState
 
+class StartLivenessRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class LivenessStep(_message.Message):
+    __slots__ = ("action", "duration_ms")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    action: LivenessAction
+    duration_ms: int
+    def __init__(self, action: _Optional[_Union[LivenessAction, str]] = ..., duration_ms: _Optional[int] = ...) -> None: ...
+
+class LivenessSession(_message.Message):
+    __slots__ = ("session_id", "nonce", "challenge", "expires_at", "min_frames", "max_frames", "max_frame_bytes", "max_span_ms", "request_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    MIN_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SPAN_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    nonce: bytes
+    challenge: _containers.RepeatedCompositeFieldContainer[LivenessStep]
+    expires_at: float
+    min_frames: int
+    max_frames: int
+    max_frame_bytes: int
+    max_span_ms: int
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., challenge: _Optional[_Iterable[_Union[LivenessStep, _Mapping]]] = ..., expires_at: _Optional[float] = ..., min_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., max_span_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class LivenessCapture(_message.Message):
+    __slots__ = ("session_id", "nonce", "frames")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    nonce: bytes
+    frames: _containers.RepeatedCompositeFieldContainer[LivenessFrame]
+    def __init__(self, session_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., frames: _Optional[_Iterable[_Union[LivenessFrame, _Mapping]]] = ...) -> None: ...
+
+class LivenessFrame(_message.Message):
+    __slots__ = ("image", "offset_ms")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_MS_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    offset_ms: int
+    def __init__(self, image: _Optional[bytes] = ..., offset_ms: _Optional[int] = ...) -> None: ...
+
+class LivenessResult(_message.Message):
+    __slots__ = ("checked", "live", "steps", "steps_followed", "depth_score", "same_face_score", "matched_frame", "frames")
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FOLLOWED_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_SCORE_FIELD_NUMBER: _ClassVar[int]
+    SAME_FACE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_FRAME_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    checked: bool
+    live: bool
+    steps: int
+    steps_followed: int
+    depth_score: float
+    same_face_score: float
+    matched_frame: int
+    frames: int
+    def __init__(self, checked: _Optional[bool] = ..., live: _Optional[bool] = ..., steps: _Optional[int] = ..., steps_followed: _Optional[int] = ..., depth_score: _Optional[float] = ..., same_face_score: _Optional[float] = ..., matched_frame: _Optional[int] = ..., frames: _Optional[int] = ...) -> None: ...
+
 class EnrollRequest(_message.Message):
-    __slots__ = ("nik", "selfie", "reference", "metadata", "request_id", "reference_kind")
+    __slots__ = ("nik", "selfie", "reference", "metadata", "request_id", "reference_kind", "liveness")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,13 +135,15 @@ class EnrollRequest(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_KIND_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_FIELD_NUMBER: _ClassVar[int]
     nik: str
     selfie: bytes
     reference: bytes
     metadata: _containers.ScalarMap[str, str]
     request_id: str
     reference_kind: ReferenceKind
-    def __init__(self, nik: _Optional[str] = ..., selfie: _Optional[bytes] = ..., reference: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ..., reference_kind: _Optional[_Union[ReferenceKind, str]] = ...) -> None: ...
+    liveness: LivenessCapture
+    def __init__(self, nik: _Optional[str] = ..., selfie: _Optional[bytes] = ..., reference: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ..., reference_kind: _Optional[_Union[ReferenceKind, str]] = ..., liveness: _Optional[_Union[LivenessCapture, _Mapping]] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("nik", "score", "suspected_duplicate")
@@ -226,16 +319,18 @@ class DeleteEnrollmentResponse(_message.Message):
     def __init__(self, deleted: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("selfie", "reference", "request_id", "reference_kind")
+    __slots__ = ("selfie", "reference", "request_id", "reference_kind", "liveness")
     SELFIE_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_KIND_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_FIELD_NUMBER: _ClassVar[int]
     selfie: bytes
     reference: bytes
     request_id: str
     reference_kind: ReferenceKind
-    def __init__(self, selfie: _Optional[bytes] = ..., reference: _Optional[bytes] = ..., request_id: _Optional[str] = ..., reference_kind: _Optional[_Union[ReferenceKind, str]] = ...) -> None: ...
+    liveness: LivenessCapture
+    def __init__(self, selfie: _Optional[bytes] = ..., reference: _Optional[bytes] = ..., request_id: _Optional[str] = ..., reference_kind: _Optional[_Union[ReferenceKind, str]] = ..., liveness: _Optional[_Union[LivenessCapture, _Mapping]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("match", "score", "operating_point", "selfie_face", "reference_face", "model_version", "request_id")
@@ -314,18 +409,20 @@ class Face(_message.Message):
     def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., landmark_scheme: _Optional[str] = ..., detector_score: _Optional[float] = ..., quality: _Optional[_Union[FaceQuality, _Mapping]] = ..., faces_found: _Optional[int] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., rotation_degrees: _Optional[int] = ..., presentation_attack: _Optional[_Union[PresentationAttack, _Mapping]] = ...) -> None: ...
 
 class PresentationAttack(_message.Message):
-    __slots__ = ("suspected", "reasons", "reference_copy_score", "checks", "live_score")
+    __slots__ = ("suspected", "reasons", "reference_copy_score", "checks", "live_score", "liveness")
     SUSPECTED_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_COPY_SCORE_FIELD_NUMBER: _ClassVar[int]
     CHECKS_FIELD_NUMBER: _ClassVar[int]
     LIVE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_FIELD_NUMBER: _ClassVar[int]
     suspected: bool
     reasons: _containers.RepeatedScalarFieldContainer[str]
     reference_copy_score: float
     checks: _containers.RepeatedScalarFieldContainer[str]
     live_score: float
-    def __init__(self, suspected: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., reference_copy_score: _Optional[float] = ..., checks: _Optional[_Iterable[str]] = ..., live_score: _Optional[float] = ...) -> None: ...
+    liveness: LivenessResult
+    def __init__(self, suspected: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., reference_copy_score: _Optional[float] = ..., checks: _Optional[_Iterable[str]] = ..., live_score: _Optional[float] = ..., liveness: _Optional[_Union[LivenessResult, _Mapping]] = ...) -> None: ...
 
 class FaceQuality(_message.Message):
     __slots__ = ("face_width", "face_height", "sharpness", "brightness", "turn", "advice")
@@ -388,11 +485,12 @@ class ServerInfo(_message.Message):
     def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ..., serving: _Optional[_Union[ServingSettings, _Mapping]] = ..., duplicate_target_fpir: _Optional[float] = ..., duplicate_pairwise_fmr: _Optional[float] = ..., duplicate_threshold_extrapolated: _Optional[bool] = ..., reference_operating_points: _Optional[_Iterable[_Union[OperatingPoint, _Mapping]]] = ..., presentation_attack: _Optional[_Union[PresentationAttackSettings, _Mapping]] = ...) -> None: ...
 
 class PresentationAttackSettings(_message.Message):
-    __slots__ = ("policy", "reference_copy_checked", "reference_copy_threshold", "reference_copy_genuine_rate", "enrolled_copy_threshold", "measure", "liveness_checked", "live_threshold", "live_bpcer_target", "live_bpcer", "liveness_bona_fide", "liveness_dataset", "liveness_version", "live_bpcer_confidence")
+    __slots__ = ("policy", "reference_copy_checked", "reference_copy_threshold", "reference_copy_genuine_rate", "reference_face_copy_threshold", "enrolled_copy_threshold", "measure", "liveness_checked", "live_threshold", "live_bpcer_target", "live_bpcer", "liveness_bona_fide", "liveness_dataset", "liveness_version", "live_bpcer_confidence", "liveness_sessions", "liveness_session_measure", "liveness_depth_threshold", "liveness_same_face_threshold", "liveness_session_bpcer_target", "liveness_session_bona_fide", "liveness_session_ttl_s")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_COPY_CHECKED_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_COPY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_COPY_GENUINE_RATE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FACE_COPY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     ENROLLED_COPY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MEASURE_FIELD_NUMBER: _ClassVar[int]
     LIVENESS_CHECKED_FIELD_NUMBER: _ClassVar[int]
@@ -403,10 +501,18 @@ class PresentationAttackSettings(_message.Message):
     LIVENESS_DATASET_FIELD_NUMBER: _ClassVar[int]
     LIVENESS_VERSION_FIELD_NUMBER: _ClassVar[int]
     LIVE_BPCER_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_SESSION_MEASURE_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_DEPTH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_SAME_FACE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_SESSION_BPCER_TARGET_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_SESSION_BONA_FIDE_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
     policy: str
     reference_copy_checked: bool
     reference_copy_threshold: float
     reference_copy_genuine_rate: float
+    reference_face_copy_threshold: float
     enrolled_copy_threshold: float
     measure: str
     liveness_checked: bool
@@ -417,7 +523,14 @@ class PresentationAttackSettings(_message.Message):
     liveness_dataset: str
     liveness_version: str
     live_bpcer_confidence: float
-    def __init__(self, policy: _Optional[str] = ..., reference_copy_checked: _Optional[bool] = ..., reference_copy_threshold: _Optional[float] = ..., reference_copy_genuine_rate: _Optional[float] = ..., enrolled_copy_threshold: _Optional[float] = ..., measure: _Optional[str] = ..., liveness_checked: _Optional[bool] = ..., live_threshold: _Optional[float] = ..., live_bpcer_target: _Optional[float] = ..., live_bpcer: _Optional[float] = ..., liveness_bona_fide: _Optional[int] = ..., liveness_dataset: _Optional[str] = ..., liveness_version: _Optional[str] = ..., live_bpcer_confidence: _Optional[float] = ...) -> None: ...
+    liveness_sessions: bool
+    liveness_session_measure: str
+    liveness_depth_threshold: float
+    liveness_same_face_threshold: float
+    liveness_session_bpcer_target: float
+    liveness_session_bona_fide: int
+    liveness_session_ttl_s: int
+    def __init__(self, policy: _Optional[str] = ..., reference_copy_checked: _Optional[bool] = ..., reference_copy_threshold: _Optional[float] = ..., reference_copy_genuine_rate: _Optional[float] = ..., reference_face_copy_threshold: _Optional[float] = ..., enrolled_copy_threshold: _Optional[float] = ..., measure: _Optional[str] = ..., liveness_checked: _Optional[bool] = ..., live_threshold: _Optional[float] = ..., live_bpcer_target: _Optional[float] = ..., live_bpcer: _Optional[float] = ..., liveness_bona_fide: _Optional[int] = ..., liveness_dataset: _Optional[str] = ..., liveness_version: _Optional[str] = ..., live_bpcer_confidence: _Optional[float] = ..., liveness_sessions: _Optional[bool] = ..., liveness_session_measure: _Optional[str] = ..., liveness_depth_threshold: _Optional[float] = ..., liveness_same_face_threshold: _Optional[float] = ..., liveness_session_bpcer_target: _Optional[float] = ..., liveness_session_bona_fide: _Optional[int] = ..., liveness_session_ttl_s: _Optional[int] = ...) -> None: ...
 
 class ServingSettings(_message.Message):
     __slots__ = ("processes", "workers", "intra_op_threads", "batch_concurrency", "detect_max_batch", "embed_max_batch", "batch_wait_ms", "batch_buckets", "max_queue", "cudnn_conv_algo_search")

@@ -74,6 +74,11 @@ class FaceVerificationStub:
                 request_serializer=faceverify_dot_v1_dot_faceverify__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=faceverify_dot_v1_dot_faceverify__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.StartLiveness = channel.unary_unary(
+                '/faceverify.v1.FaceVerification/StartLiveness',
+                request_serializer=faceverify_dot_v1_dot_faceverify__pb2.StartLivenessRequest.SerializeToString,
+                response_deserializer=faceverify_dot_v1_dot_faceverify__pb2.LivenessSession.FromString,
+                _registered_method=True)
 
 
 class FaceVerificationServicer:
@@ -162,6 +167,19 @@ class FaceVerificationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartLiveness(self, request, context):
+        """StartLiveness opens a liveness session: a random challenge (look at the
+        camera, then four head movements) that the applicant follows while the
+        client captures a burst of frames, sent with the session in Verify or
+        Enroll (LivenessCapture) in place of a single selfie. A session answers
+        one call and expires (expires_at). Statuses: OK, FAILED_PRECONDITION
+        (LIVENESS_NOT_AVAILABLE: the model set's detector gives no mouth corners,
+        or its calibration has no liveness record), RESOURCE_EXHAUSTED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FaceVerificationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -204,6 +222,11 @@ def add_FaceVerificationServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=faceverify_dot_v1_dot_faceverify__pb2.GetServerInfoRequest.FromString,
                     response_serializer=faceverify_dot_v1_dot_faceverify__pb2.ServerInfo.SerializeToString,
+            ),
+            'StartLiveness': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartLiveness,
+                    request_deserializer=faceverify_dot_v1_dot_faceverify__pb2.StartLivenessRequest.FromString,
+                    response_serializer=faceverify_dot_v1_dot_faceverify__pb2.LivenessSession.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -422,6 +445,33 @@ class FaceVerification:
             '/faceverify.v1.FaceVerification/GetServerInfo',
             faceverify_dot_v1_dot_faceverify__pb2.GetServerInfoRequest.SerializeToString,
             faceverify_dot_v1_dot_faceverify__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartLiveness(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/faceverify.v1.FaceVerification/StartLiveness',
+            faceverify_dot_v1_dot_faceverify__pb2.StartLivenessRequest.SerializeToString,
+            faceverify_dot_v1_dot_faceverify__pb2.LivenessSession.FromString,
             options,
             channel_credentials,
             insecure,

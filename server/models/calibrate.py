@@ -503,44 +503,68 @@ def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
     }
 
 
-def genuine_copy_scores(emb: Embedded) -> np.ndarray:
-    """The replay check's copy score (:mod:`server.pipeline.replay`) of every genuine
-    pair: two different photos of one person."""
+def genuine_copy_scores(emb: Embedded) -> tuple[np.ndarray, np.ndarray]:
+    """The replay check's copy score (:mod:`server.pipeline.replay`) and the face
+    score (embeddings' cosine) of every genuine pair, two different photos of one
+    person, in the same order."""
     assert emb.bands is not None
-    scores = []
+    copies: list[float] = []
+    faces: list[float] = []
     for label in np.unique(emb.labels):
         members = np.nonzero(emb.labels == label)[0]
         if len(members) < 2:
             continue
         moved = [replay.spectra(emb.bands[i]) for i in members]
         for x in range(len(members)):
-            fixed = replay.reference_spectrum(emb.bands[members[x]])
-            scores += [replay.compare(fixed, moved[y]) for y in range(x + 1, len(members))]
-    return np.asarray(scores, np.float64)
+            fixed = replay.fixed_sides(emb.bands[members[x]])
+            copies += [replay.compare_sides(fixed, moved[y]) for y in range(x + 1, len(members))]
+            faces += [float(emb.embeddings[members[x]] @ emb.embeddings[members[y]])
+                      for y in range(x + 1, len(members))]
+    return np.asarray(copies, np.float64), np.asarray(faces, np.float64)
 
 
-def _lowest_reached_by_at_most(scores: np.ndarray, rate: float) -> tuple[float, int]:
-    """The lowest threshold at most ``rate`` of ``scores`` reach, and how many do."""
+def _lowest_reached_by(scores: np.ndarray, allowed: int) -> tuple[float, int]:
+    """The lowest threshold at most ``allowed`` of ``scores`` reach, and how many do."""
     desc = descending(scores)
-    allowed = int(np.floor(rate * len(desc)))
     above = float(np.nextafter(desc[allowed], np.inf)) if allowed < len(desc) else 1.0
     threshold = math.ceil(above * 1e6) / 1e6  # as stored: six decimals, never lower
     return threshold, int((desc >= threshold).sum())
 
 
+def joint_thresholds(copies: np.ndarray, faces: np.ndarray, rate: float
+                     ) -> tuple[float, float, int]:
+    """Thresholds on the copy score and the face score, each reached by the same
+    number of genuine pairs, the most for which at most ``rate`` of the pairs reach
+    either; and how many pairs reach either."""
+    allowed = int(np.floor(rate * len(copies)))
+    best = (_lowest_reached_by(copies, 0)[0], _lowest_reached_by(faces, 0)[0], 0)
+    low, high = 0, allowed
+    while low <= high:  # the union only grows with each rule's share
+        each = (low + high) // 2
+        copy_t, face_t = _lowest_reached_by(copies, each)[0], _lowest_reached_by(faces, each)[0]
+        either = int(((copies >= copy_t) | (faces >= face_t)).sum())
+        if either <= allowed:
+            best, low = (copy_t, face_t, either), each + 1
+        else:
+            high = each - 1
+    return best
+
+
 def replay_record(emb: Embedded, genuine: np.ndarray, rate: float = REPLAY_GENUINE_RATE
                   ) -> dict[str, Any]:
     """The replay check's thresholds (see :class:`server.pipeline.replay.ReplayCheck`):
-    the lowest copy score that at most ``rate`` of the genuine pairs (two photos of
-    one person) reach, and the same for their embeddings' cosine (``genuine``), which
-    is all a stored template keeps."""
-    copies = genuine_copy_scores(emb)
-    threshold, above = _lowest_reached_by_at_most(copies, rate)
-    template, template_above = _lowest_reached_by_at_most(genuine, rate)
-    return {"measure": replay.MEASURE, "threshold": threshold,
+    on the copy score and the face score together, so that at most ``rate`` of the
+    genuine pairs (two photos of one person) reach either; and on the embeddings'
+    cosine alone (``genuine``, every genuine pair), which is all a stored template
+    keeps."""
+    copies, faces = genuine_copy_scores(emb)
+    threshold, face_threshold, either = joint_thresholds(copies, faces, rate)
+    template, template_above = _lowest_reached_by(genuine, int(np.floor(rate * len(genuine))))
+    return {"measure": replay.MEASURE, "threshold": threshold, "face_threshold": face_threshold,
             "genuine_pairs": int(len(copies)), "target_genuine_rate": rate,
-            "genuine_at_or_above": above,
-            "genuine_max": float(copies.max()) if len(copies) else None,
+            "genuine_at_or_above": either,
+            "genuine_copy_max": float(copies.max()) if len(copies) else None,
+            "genuine_face_max": float(faces.max()) if len(faces) else None,
             "template_threshold": template,
             "template_genuine_at_or_above": template_above}
 

@@ -35,6 +35,7 @@ from server.pipeline.types import (
 from server.pipeline.upright import turn, turns_to_upright, unturn_box, unturn_points
 
 STAGES = ("decode", "detect", "align", "embed")
+NOT_EMBEDDED = np.zeros(0, np.float32)  # the embedding of a face analysed without one
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ class FacePipeline:
         return (pixels, faces, 0) if best is None else best[1:]
 
     def steps(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
-              timings: Timings, selfie: bool = False, view: bool = False
+              timings: Timings, selfie: bool = False, view: bool = False, embed: bool = True
               ) -> Steps[AnalysedFace]:
         """The analysis of one image as a sequence of steps, for a driver to run.
 
@@ -273,6 +274,8 @@ class FacePipeline:
             selfie: run the face stages too (a selfie: its presentation-attack check).
             view: keep the face's view for the replay check (an image compared with
                 another: a selfie and its reference).
+            embed: compute the embedding (else it is empty: a liveness frame, whose
+                chip is embedded later if at all, :meth:`embed_steps`).
         """
         with timings.stage("decode"):
             if isinstance(data, np.ndarray):
@@ -287,8 +290,10 @@ class FacePipeline:
             subject, ambiguous, chip, surroundings, quality, local = yield CpuStep(
                 self.subject_chip, (replace(decoded, pixels=pixels), faces, field_name,
                                     refuse_ambiguous, turns, view))
-        with timings.stage("embed"):
-            embedding = yield from call_one(self.embed_call, chip)
+        embedding = NOT_EMBEDDED
+        if embed:
+            with timings.stage("embed"):
+                embedding = yield from call_one(self.embed_call, chip)
         results: dict[str, Any] = {}
         for stage in self.stages if selfie else ():
             with timings.stage(stage.name):
@@ -296,10 +301,15 @@ class FacePipeline:
         return AnalysedFace(subject, quality, embedding, len(faces), ambiguous, decoded.size,
                             chip, surroundings, turns, results)
 
+    def embed_steps(self, chip: np.ndarray) -> Steps[np.ndarray]:
+        """The embedding of an aligned face (:attr:`AnalysedFace.chip`)."""
+        embedding: np.ndarray = yield from call_one(self.embed_call, chip)
+        return embedding
+
     def analyse(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
-                timings: Timings | None = None, selfie: bool = False, view: bool = False
-                ) -> AnalysedFace:
+                timings: Timings | None = None, selfie: bool = False, view: bool = False,
+                embed: bool = True) -> AnalysedFace:
         """Run :meth:`steps` here, one model call at a time (see :func:`choose_subject`
         for the per-image errors)."""
         return run_steps(self.steps(data, field_name, refuse_ambiguous, timings or Timings(),
-                                    selfie, view))
+                                    selfie, view, embed))

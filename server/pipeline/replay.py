@@ -52,7 +52,7 @@ GREY = np.array([0.299, 0.587, 0.114], np.float32)
 # Names the measure in calibrations: a threshold is read only by the measure it was
 # measured with.
 MEASURE = (f"context{CONTEXT}-dog{BAND[0]}-{BAND[1]}@{SIDE}-shift{MAX_SHIFT}"
-           f"-scales{len(SCALES)}-turns{len(TURNS)}")
+           f"-scales{len(SCALES)}-turns{len(TURNS)}-mirror")
 
 
 def view(pixels: np.ndarray, face: DetectedFace,
@@ -129,6 +129,18 @@ def reference_spectrum(face_band: np.ndarray) -> tuple[np.ndarray, float]:
     return np.fft.rfft2(pa), float(np.linalg.norm(pa))
 
 
+def fixed_sides(face_band: np.ndarray) -> list[tuple[np.ndarray, float]]:
+    """A face's band and its mirror image as the fixed side of a comparison.
+
+    A copy may be mirrored (by the sender, or by an EXIF orientation tag added to
+    the reference's own bytes, which decoding applies): the aligned view of a
+    mirrored photo is the mirror image of the original's view, up to the
+    landmarks' jitter that the shift search absorbs (the alignment template is
+    symmetric, and so is the band-pass)."""
+    return [reference_spectrum(face_band),
+            reference_spectrum(np.ascontiguousarray(face_band[:, ::-1]))]
+
+
 def compare(fixed: tuple[np.ndarray, float], moved: list[tuple[np.ndarray, float]]) -> float:
     """The best normalised cross-correlation of ``fixed`` with any of ``moved``
     (:func:`spectra`) over shifts of up to :data:`MAX_SHIFT` pixels."""
@@ -143,27 +155,41 @@ def compare(fixed: tuple[np.ndarray, float], moved: list[tuple[np.ndarray, float
     return best
 
 
+def compare_sides(fixed: list[tuple[np.ndarray, float]],
+                  moved: list[tuple[np.ndarray, float]]) -> float:
+    """The best of :func:`compare` over the fixed side as it is and mirrored
+    (:func:`fixed_sides`)."""
+    return max(compare(side, moved) for side in fixed)
+
+
 def copy_score(a: np.ndarray, b: np.ndarray) -> float:
-    """How alike two faces' views (:func:`view`) are as pictures, -1 to 1 (see the
-    module)."""
-    return compare(reference_spectrum(band(a)), spectra(band(b)))
+    """How alike two faces' views (:func:`view`) are as pictures, as they are or one
+    mirrored, -1 to 1 (see the module)."""
+    return compare_sides(fixed_sides(band(a)), spectra(band(b)))
 
 
 @dataclass(frozen=True)
 class ReplayCheck:
-    """The copy decisions: a copy score at or above ``threshold`` says the selfie is
-    a copy of the reference (``SELFIE_IS_REFERENCE_COPY``); an embedding whose cosine
-    with the template stored for the same NIK is at or above ``template_threshold``
-    says the selfie is a copy of the enrolled photo (``SELFIE_IS_ENROLLED_COPY``).
+    """The copy decisions.  The selfie is a copy of the reference sent with it
+    (``SELFIE_IS_REFERENCE_COPY``) where their copy score is at or above
+    ``threshold`` *or* their faces' cosine (the match score) is at or above
+    ``face_threshold``: a face matching the reference better than two photos of one
+    person ever do is evidence in itself, whatever was done to the picture (a
+    mirror, noise, a tight crop, grey).  The two are calibrated together, so that
+    at most the target share of genuine pairs reaches either.  An embedding whose
+    cosine with the template stored for the same NIK is at or above
+    ``template_threshold`` says the selfie is a copy of the enrolled photo
+    (``SELFIE_IS_ENROLLED_COPY``).
 
     Attributes:
-        threshold, template_threshold: from the model set's calibration
-            (``replay``), measured on genuine pairs of different photos.
-        genuine_pairs: how many genuine pairs it was measured on.
-        genuine_rate: the share of them at or above it.
+        threshold, face_threshold, template_threshold: from the model set's
+            calibration (``replay``), measured on genuine pairs of different photos.
+        genuine_pairs: how many genuine pairs they were measured on.
+        genuine_rate: the share of them taken for copies (either rule).
     """
 
     threshold: float
+    face_threshold: float
     template_threshold: float
     genuine_pairs: int = 0
     genuine_rate: float = 0.0
@@ -175,8 +201,9 @@ class ReplayCheck:
         if not isinstance(record, dict) or record.get("measure") != MEASURE:
             return None
         pairs = int(record["genuine_pairs"])
-        return cls(float(record["threshold"]), float(record["template_threshold"]), pairs,
+        return cls(float(record["threshold"]), float(record["face_threshold"]),
+                   float(record["template_threshold"]), pairs,
                    int(record["genuine_at_or_above"]) / pairs if pairs else 0.0)
 
-    def is_copy(self, score: float) -> bool:
-        return score >= self.threshold
+    def is_copy(self, copy_score: float, face_score: float) -> bool:
+        return copy_score >= self.threshold or face_score >= self.face_threshold

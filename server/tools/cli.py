@@ -286,6 +286,52 @@ def cmd_reviews_resolve(args: argparse.Namespace) -> int:
         args.nik, args.reviews_command == "confirm", args.reviewer, args.note))
 
 
+def cmd_liveness_start(args: argparse.Namespace) -> int:
+    return _client_call(args, lambda c: c.start_liveness())
+
+
+def frames_at(paths: list[str], session: Any) -> list[tuple[bytes, int]]:
+    """Frame files, each at the milliseconds into the challenge its name gives
+    after an ``@`` (``f3.jpg@2400``), else spread evenly over the challenge."""
+    total = sum(int(step.get("duration_ms", 0)) for step in session.get("challenge", []))
+    out = []
+    for i, given in enumerate(paths):
+        path, _, ms = given.rpartition("@") if "@" in given else (given, "", "")
+        at = int(ms) if ms else round(i * total / max(len(paths), 1))
+        out.append((Path(path).read_bytes(), at))
+    return out
+
+
+def cmd_liveness_verify(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import ParseDict
+
+    from server.gen import faceverify_pb2 as pb
+    from server.tools.client import capture
+
+    started = json.loads(Path(args.session).read_text())
+    session = ParseDict(started, pb.LivenessSession(), ignore_unknown_fields=True)
+    burst = capture(session, frames_at(args.frames, started))
+    reference = Path(args.reference).read_bytes()
+    return _client_call(args, lambda c: c.verify(b"", reference, id_card=args.id_card,
+                                                 liveness=burst))
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from server.api.web import Gateway
+
+    gateway = Gateway(args.target, client_tls(args), args.api_key, args.files, args.host,
+                      args.port)
+    print(f"capture page on http://{args.host}:{gateway.port}/ (calls {args.target}); "
+          "Ctrl-C stops", file=sys.stderr)
+    try:
+        gateway.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        gateway.close()
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     return _client_call(args, lambda c: c.server_info())
 
@@ -722,6 +768,32 @@ def parser() -> argparse.ArgumentParser:
                          "rotation)")
     add_flags(rs, Settings(), DATA_FLAGS)
     rs.set_defaults(func=cmd_data_reseal)
+
+    lv = sub.add_parser("liveness", help="liveness sessions: a challenge, then a burst of "
+                        "frames in place of a selfie (docs/presentation-attacks.md)")
+    lvsub = lv.add_subparsers(dest="liveness_command", required=True)
+    ls = lvsub.add_parser("start", help="start a session (prints its JSON: save it for verify)")
+    client_flags(ls)
+    ls.set_defaults(func=cmd_liveness_start)
+    lvv = lvsub.add_parser("verify", help="verify a burst captured for a session against a "
+                           "reference photo (prints JSON)")
+    lvv.add_argument("session", help="the JSON `liveness start` printed")
+    lvv.add_argument("reference")
+    lvv.add_argument("frames", nargs="+", help="the frames in order; FILE@MS gives a frame's "
+                     "milliseconds into the challenge (default: spread over it)")
+    lvv.add_argument("--id-card", action="store_true",
+                     help="the reference is an identity card's portrait")
+    client_flags(lvv)
+    lvv.set_defaults(func=cmd_liveness_verify)
+
+    w = sub.add_parser("web", help="serve the reference liveness capture page and a gRPC-web "
+                       "gateway to the server (for app developers and testers)")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    w.add_argument("--port", type=int, default=8080, help="port (default %(default)s)")
+    w.add_argument("--files", type=Path, help="a folder of photos served at /files/ (a "
+                   "reference: open /?reference=/files/NAME.jpg)")
+    client_flags(w, timeout=False)
+    w.set_defaults(func=cmd_web)
 
     i = sub.add_parser("info", help="show the server's models, provider and operating point")
     client_flags(i)

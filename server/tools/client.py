@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -50,6 +51,14 @@ def call_error(exc: grpc.RpcError) -> CallError:
     return CallError(code.name, reason, details or "", metadata)
 
 
+def capture(session: pb.LivenessSession, frames: Sequence[tuple[bytes, int]]
+            ) -> pb.LivenessCapture:
+    """A burst of (image, milliseconds into the challenge) for ``session``."""
+    return pb.LivenessCapture(session_id=session.session_id, nonce=session.nonce,
+                              frames=[pb.LivenessFrame(image=image, offset_ms=ms)
+                                      for image, ms in frames])
+
+
 class FaceVerifyClient:
     """Blocking client for ``faceverify.v1.FaceVerification``.
 
@@ -79,21 +88,29 @@ class FaceVerifyClient:
             raise call_error(exc) from None
 
     def verify(self, selfie: bytes, reference: bytes, request_id: str = "",
-               id_card: bool = False) -> pb.VerifyResponse:
+               id_card: bool = False, liveness: pb.LivenessCapture | None = None
+               ) -> pb.VerifyResponse:
         """``id_card``: the reference is an identity card's portrait (its own
-        operating point)."""
+        operating point); ``liveness``: a session's burst in place of the selfie
+        (:func:`capture`)."""
         response: pb.VerifyResponse = self._call("Verify", pb.VerifyRequest(
             selfie=selfie, reference=reference, request_id=request_id,
-            reference_kind=pb.ID_CARD if id_card else pb.PHOTO))
+            reference_kind=pb.ID_CARD if id_card else pb.PHOTO, liveness=liveness))
         return response
 
     def enroll(self, nik: str, selfie: bytes, reference: bytes = b"",
                metadata: dict[str, str] | None = None, request_id: str = "",
-               id_card: bool = False) -> pb.EnrollResponse:
+               id_card: bool = False, liveness: pb.LivenessCapture | None = None
+               ) -> pb.EnrollResponse:
         response: pb.EnrollResponse = self._call("Enroll", pb.EnrollRequest(
             nik=nik, selfie=selfie, reference=reference, metadata=metadata or {},
-            request_id=request_id, reference_kind=pb.ID_CARD if id_card else pb.PHOTO))
+            request_id=request_id, reference_kind=pb.ID_CARD if id_card else pb.PHOTO,
+            liveness=liveness))
         return response
+
+    def start_liveness(self) -> pb.LivenessSession:
+        session: pb.LivenessSession = self._call("StartLiveness", pb.StartLivenessRequest())
+        return session
 
     def search(self, image: bytes, top_k: int = 5) -> pb.SearchResponse:
         response: pb.SearchResponse = self._call("Search", pb.SearchRequest(image=image,
