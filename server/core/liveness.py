@@ -6,9 +6,10 @@ data directory (shared by the server's processes on this machine; a session
 started on one machine is unknown to another: route a client's calls to one).
 :meth:`LivenessSessions.analyse` takes a burst back: the session is claimed in
 one transaction (a second claim finds it used), every frame's digest is kept
-for a day (a frame sent before is ``FRAME_REPLAYED``), the frames are analysed
-without embeddings, the geometry decides (:mod:`server.pipeline.liveness`) and
-the frame to match is analysed as a selfie.  The reasons it finds are judged
+for a day (a frame sent before is ``FRAME_REPLAYED``), the frames taken during
+the look at the camera are analysed as selfies (one of them is matched) and the
+others only located, the geometry decides (:mod:`server.pipeline.liveness`) and
+the frames that moved most are embedded.  The reasons it finds are judged
 with the other presentation-attack reasons, under the same policy
 (:class:`server.core.presentation.PresentationChecks`).
 """
@@ -277,18 +278,21 @@ class LivenessSessions:
             lambda: self.store.claim(capture.session_id, capture.nonce))
         digests = [hashlib.sha256(data).digest() for data, _ in capture.frames]
         replayed = await self._in_store(lambda: self.store.seen(digests))
+        # The frames taken during the look at the camera, one of which is matched,
+        # are analysed as selfies at once; the others only located.
+        looking = set(lv.looking_frames(challenge, [ms for _, ms in capture.frames]))
         faces = await asyncio.gather(*(
-            self.engine.analyse(data, f"liveness.frames[{i}]", True, embed=False)
+            self.engine.analyse(data, f"liveness.frames[{i}]", True, selfie=i in looking,
+                                view=view and i in looking, embed=i in looking)
             for i, (data, _) in enumerate(capture.frames)))
         frames = [lv.Frame(f.face.landmarks, tuple(f.face.box), f.chip,
                            lv.in_chip(f.face.landmarks, self.template), ms)
                   for f, (_, ms) in zip(faces, capture.frames, strict=True)]
         a = await asyncio.get_running_loop().run_in_executor(
             self.cpu_pool, lv.geometry, challenge, frames, t)
-        best, *others = await asyncio.gather(
-            self.engine.analyse(capture.frames[a.matched][0], f"liveness.frames[{a.matched}]",
-                                True, selfie=True, view=view),
-            *(self.engine.embed(frames[i].chip) for i in a.depth_frames))
+        best = faces[a.matched]
+        others = await asyncio.gather(*(self.engine.embed(frames[i].chip)
+                                        for i in a.depth_frames))
         a = a.with_faces([best.embedding, *others])
         reasons = [r for r in (problem, lv.FRAME_REPLAYED if replayed else None) if r]
         # A capture cannot take longer than the session has been open.

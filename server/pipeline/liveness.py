@@ -325,13 +325,18 @@ class Assessment:
         return out
 
 
-def matched_frame(challenge: Sequence[Step], frames: Sequence[Frame]) -> int:
-    """The frame compared with the reference: the largest face among those taken
-    while the applicant was asked to look at the camera (the first step), else the
-    first frame."""
+def looking_frames(challenge: Sequence[Step], offsets: Sequence[int]) -> list[int]:
+    """The frames taken while the applicant was asked to look at the camera (the
+    first step), else the first frame."""
     looking = challenge[0].duration_ms if challenge[0].action is Action.LOOK_STRAIGHT else 0
-    straight = [i for i, f in enumerate(frames) if f.offset_ms < looking] or [0]
-    return max(straight, key=lambda i: pose_of(frames[i].landmarks, frames[i].box).size)
+    return [i for i, ms in enumerate(offsets) if ms < looking] or [0]
+
+
+def matched_frame(challenge: Sequence[Step], frames: Sequence[Frame]) -> int:
+    """The frame compared with the reference: the largest face of
+    :func:`looking_frames`."""
+    return max(looking_frames(challenge, [f.offset_ms for f in frames]),
+               key=lambda i: pose_of(frames[i].landmarks, frames[i].box).size)
 
 
 def geometry(challenge: Sequence[Step], frames: Sequence[Frame], t: Thresholds
