@@ -56,10 +56,9 @@ from server.pipeline.loader import load_models
 from server.pipeline.pad import threshold_for
 
 KINDS = ("bona_fide", "print", "bent_print", "screen", "cut_out", "replayed", "switched", "still")
-BPCER_PER_CHECK = 0.02  # the depth and same-face thresholds' each; the burst's is measured
-PEAK_PERCENTILE = 5  # a movement's threshold: MARGIN of this percentile of its peaks,
-MARGIN = 0.8  # and never under FLOOR (the landmarks' wobble while looking still)
-FLOOR = {"turn": 0.08, "nod": 0.04, "closer": 1.12}
+BPCER_PER_CHECK = 0.01  # each of the depth, parallax and same-face thresholds'
+MOVE_SHARE = 0.3  # a movement's threshold: this share of its median peak, and never
+FLOOR = {"turn": 0.08, "nod": 0.05, "closer": 1.12}  # under FLOOR (the wobble looking still)
 Burst = list[tuple[bytes, int]]
 
 
@@ -110,13 +109,16 @@ def _reencoded(data: bytes) -> bytes:
 
 def frames_of(pipeline: FacePipeline, frames: Burst
               ) -> tuple[list[lv.Frame], list[AnalysedFace]] | None:
-    """The frames analysed as the server does (one face each); None where one fails."""
+    """The frames analysed as the server does (one face each; the later frames
+    upright as the first was found to be); None where one fails."""
     template = chip_template(pipeline)
     assert template is not None
-    out, faces = [], []
+    out: list[lv.Frame] = []
+    faces: list[AnalysedFace] = []
     for i, (data, ms) in enumerate(frames):
         try:
-            face = pipeline.analyse(data, f"frames[{i}]", True)
+            face = pipeline.analyse(data, f"frames[{i}]", True,
+                                    turns=faces[0].turns if faces else None)
         except FaceVerifyError:
             return None
         out.append(lv.Frame(face.face.landmarks, tuple(face.face.box), face.chip,
@@ -130,7 +132,7 @@ def evidence(challenge: list[lv.Step], frames: Sequence[lv.Frame], faces: Sequen
     """The burst's assessment, and each movement's peak (how far the frames taken
     during it went in its direction), for calibration."""
     a = lv.assess(challenge, frames, t, lambda idx: [faces[i].embedding for i in idx])
-    poses = [lv.pose_of(f.landmarks, f.box) for f in frames]
+    poses = lv.poses_of(frames, lv.nose_shifts(frames))
     first, peaks, start = poses[0], {}, 0
     for step in challenge:
         during = [p for f, p in zip(frames, poses, strict=True)
@@ -162,7 +164,7 @@ def peak_summary(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
             for k, v in peaks.items()}
 
 
-UNSET = lv.Thresholds(turn=1e9, nod=1e9, closer=1e9, depth=0.0, same_face=-1.0)
+UNSET = lv.Thresholds(turn=1e9, nod=1e9, closer=1e9, depth=0.0, parallax=0.0, same_face=-1.0)
 
 
 def run_bursts(pipeline: FacePipeline, photos: list[tuple[str, sim.Photo]], kinds: Sequence[str],
@@ -185,11 +187,11 @@ def run_bursts(pipeline: FacePipeline, photos: list[tuple[str, sim.Photo]], kind
 
 
 def calibrate(rows: list[dict[str, Any]]) -> lv.Thresholds:
-    """The thresholds from bona fide bursts: each movement's at :data:`MARGIN` of its
-    peaks' :data:`PEAK_PERCENTILE` (at least :data:`FLOOR`), depth and same face at
+    """The thresholds from bona fide bursts: each movement's at :data:`MOVE_SHARE` of
+    its median peak (at least :data:`FLOOR`), depth, parallax and same face at
     :data:`BPCER_PER_CHECK` each."""
     peaks: dict[str, list[float]] = {}
-    depths, same = [], []
+    depths, parallaxes, same = [], [], []
     for row in rows:
         if row["frames"] is None:
             continue
@@ -197,15 +199,17 @@ def calibrate(rows: list[dict[str, Any]]) -> lv.Thresholds:
         for key, values in p.items():
             peaks.setdefault(key, []).extend(values)
         depths.append(a.depth)
+        parallaxes.append(a.parallax)
         same.append(a.same_face)
 
     def step(key: str) -> float:
-        low = float(np.percentile(peaks[key], PEAK_PERCENTILE))
-        value = 1 + (low - 1) * MARGIN if key == "closer" else low * MARGIN
+        middle = float(np.median(peaks[key]))
+        value = 1 + (middle - 1) * MOVE_SHARE if key == "closer" else middle * MOVE_SHARE
         return round(max(value, FLOOR[key]), 4)
 
     return lv.Thresholds(turn=step("turn"), nod=step("nod"), closer=step("closer"),
                          depth=threshold_for(np.asarray(depths), BPCER_PER_CHECK),
+                         parallax=threshold_for(np.asarray(parallaxes), BPCER_PER_CHECK),
                          same_face=threshold_for(np.asarray(same), BPCER_PER_CHECK),
                          bpcer_target=BPCER_PER_CHECK, bona_fide=len(depths),
                          dataset="lfw-dev, simulated bursts (benchmarks.liveness)")
@@ -216,13 +220,14 @@ def measure(rows: list[dict[str, Any]], t: lv.Thresholds) -> dict[str, Any]:
     and of each reason found."""
     reasons: dict[str, int] = {}
     passed = failed = 0
-    depth, same = [], []
+    depth, parallax, same = [], [], []
     for row in rows:
         if row["frames"] is None:
             failed += 1
             continue
         a, _ = evidence(row["challenge"], row["frames"], row["faces"], t)
         depth.append(a.depth)
+        parallax.append(a.parallax)
         same.append(a.same_face)
         found = a.reasons(t)
         passed += not found
@@ -233,6 +238,8 @@ def measure(rows: list[dict[str, Any]], t: lv.Thresholds) -> dict[str, Any]:
             "reasons": {r: round(c / n, 4) for r, c in sorted(reasons.items())},
             "depth_p5_p50_p95": [round(float(np.percentile(depth, q)), 3) for q in (5, 50, 95)]
             if depth else [],
+            "parallax_p5_p50_p95": [round(float(np.percentile(parallax, q)), 3)
+                                    for q in (5, 50, 95)] if parallax else [],
             "same_face_p5_p50": [round(float(np.percentile(same, q)), 3) for q in (5, 50)]
             if same else []}
 
@@ -241,7 +248,7 @@ def record_of(t: lv.Thresholds) -> dict[str, Any]:
     return {"measure": lv.MEASURE, "bpcer_target": t.bpcer_target, "bona_fide": t.bona_fide,
             "dataset": t.dataset,
             "thresholds": {"turn": t.turn, "nod": t.nod, "closer": t.closer, "depth": t.depth,
-                           "same_face": t.same_face}}
+                           "parallax": t.parallax, "same_face": t.same_face}}
 
 
 def main(argv: list[str] | None = None) -> int:

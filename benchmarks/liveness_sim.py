@@ -107,7 +107,7 @@ def pose_at(challenge: list[Step], s: Subject, seconds: float) -> Pose:
 # When the reference capture page (server/web/capture.js) takes its frames: the
 # shares of each step.
 LOOKING = (0.6,)
-MOVING = (0.5, 0.85)
+MOVING = (0.7, 0.95)
 
 
 def poses(challenge: list[Step], s: Subject, rng: np.random.Generator

@@ -24,6 +24,7 @@ class Backend:
 
     open: Callable[[str, Path, str, int, Sealer, float], Registry]
     read_meta: Callable[[str, Path], tuple[str, int]]
+    read_audit_head: Callable[[str, Path, str], tuple[int, str] | None]
 
 
 def _sqlite_path(url: str, data_dir: Path) -> Path:
@@ -43,6 +44,12 @@ def _sqlite_meta(url: str, data_dir: Path) -> tuple[str, int]:
     return SqliteRegistry.read_meta(_sqlite_path(url, data_dir))
 
 
+def _sqlite_audit_head(url: str, data_dir: Path, origin: str) -> tuple[int, str] | None:
+    from index.sqlite_registry import SqliteRegistry
+
+    return SqliteRegistry.read_audit_head(_sqlite_path(url, data_dir), origin)
+
+
 def _open_postgres(url: str, data_dir: Path, model_version: str, dim: int, sealer: Sealer,
                    connect_timeout: float) -> Registry:
     from index.postgres_registry import PostgresRegistry
@@ -56,8 +63,14 @@ def _postgres_meta(url: str, data_dir: Path) -> tuple[str, int]:
     return PostgresRegistry.read_meta(url)
 
 
-SQLITE = Backend(_open_sqlite, _sqlite_meta)
-POSTGRES = Backend(_open_postgres, _postgres_meta)
+def _postgres_audit_head(url: str, data_dir: Path, origin: str) -> tuple[int, str] | None:
+    from index.postgres_registry import PostgresRegistry
+
+    return PostgresRegistry.read_audit_head(url, origin)
+
+
+SQLITE = Backend(_open_sqlite, _sqlite_meta, _sqlite_audit_head)
+POSTGRES = Backend(_open_postgres, _postgres_meta, _postgres_audit_head)
 # URL prefix -> backend; the empty URL is the embedded default.
 SCHEMES: dict[str, Backend] = {"sqlite:///": SQLITE, "postgresql://": POSTGRES,
                                "postgres://": POSTGRES}

@@ -71,6 +71,11 @@ CREATE TABLE IF NOT EXISTS faceverify_audit_outbox (
     origin TEXT NOT NULL,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS faceverify_audit_heads (
+    origin TEXT PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    hash TEXT NOT NULL
+);
 """
 
 _DOWN = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
@@ -176,7 +181,8 @@ class PostgresRegistry(SqlRegistry):
 
     TABLES: ClassVar[dict[str, str]] = {"enrollments": "faceverify_enrollments",
                                         "changes": "faceverify_changes",
-                                        "outbox": "faceverify_audit_outbox"}
+                                        "outbox": "faceverify_audit_outbox",
+                                        "heads": "faceverify_audit_heads"}
     MARK = "%s"
     FOR_UPDATE = " FOR UPDATE"
     UNLIMITED = None
@@ -196,6 +202,25 @@ class PostgresRegistry(SqlRegistry):
             raise StartupError(f"no readable registry at {redact(url)}: "
                                f"{str(exc).splitlines()[0]}") from exc
         return str(meta["model_version"]), int(meta["dim"])
+
+    @staticmethod
+    def read_audit_head(url: str, origin: str) -> tuple[int, str] | None:
+        """The audit head anchored for ``origin`` (:meth:`audit_anchor`); None where
+        there is none.
+
+        Raises:
+            StartupError: no readable registry there.
+        """
+        try:
+            with psycopg.connect(url, connect_timeout=5) as conn:
+                row = conn.execute("SELECT seq, hash FROM faceverify_audit_heads "
+                                   "WHERE origin = %s", (origin,)).fetchone()
+        except psycopg.errors.UndefinedTable:
+            return None
+        except psycopg.Error as exc:
+            raise StartupError(f"no readable registry at {redact(url)}: "
+                               f"{str(exc).splitlines()[0]}") from exc
+        return None if row is None else (int(row[0]), str(row[1]))
 
     def listen(self) -> ChangeListener:
         """A connection of its own that ``LISTEN``s for the change notices.

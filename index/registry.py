@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -33,8 +34,18 @@ from index.sealing import SealAltered, Sealer, SealError
 
 log = logging.getLogger(__name__)
 
-# What an erased NIK becomes in other enrolments' candidate lists.
+# What an erased NIK becomes in other enrolments' candidate lists and review notes.
 ERASED = "erased"
+# Sixteen digits, whatever spaces or punctuation a person put between them
+# ("3174 0145 0590 0051", "3174-0145-0590-0051"): a NIK as text.
+NIK_LIKE = re.compile(r"(?<!\d)\d(?:[^\w\n]{0,3}\d){15}(?!\d)")
+
+
+def strike_nik(text: str, nik: str) -> str:
+    """``text`` with every writing of ``nik`` (:data:`NIK_LIKE`) replaced by
+    :data:`ERASED`."""
+    return NIK_LIKE.sub(lambda m: ERASED if re.sub(r"\D", "", m.group()) == nik
+                        else m.group(), text)
 # Review states of an enrolment: none (never flagged), pending (flagged, awaiting a
 # person), confirmed (a person confirmed the duplicate), cleared (not a duplicate).
 REVIEW_STATES = ("none", "pending", "confirmed", "cleared")
@@ -204,6 +215,14 @@ class Registry(Protocol):
 
     def audit_exported(self, origin: str, upto: int) -> None:
         """Forget ``origin``'s records up to outbox id ``upto`` (now in its log)."""
+
+    def audit_anchor(self, origin: str, seq: int, head_hash: str) -> None:
+        """Hold ``origin``'s audit log head (its last record's sequence number and
+        hash) outside the log, so that a log and checkpoints rolled back together
+        are found out; never moves back."""
+
+    def audit_head(self, origin: str) -> tuple[int, str] | None:
+        """The head last anchored for ``origin``; None where none was."""
 
     def close(self) -> None: ...
 

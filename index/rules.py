@@ -28,6 +28,7 @@ from index.registry import (
     NotPending,
     RowCodec,
     audit_var,
+    strike_nik,
 )
 
 
@@ -52,7 +53,7 @@ class SqlRegistry(RowCodec, abc.ABC):
     :meth:`_after_erase`.
     """
 
-    TABLES: ClassVar[dict[str, str]]  # enrollments, changes, outbox -> table names
+    TABLES: ClassVar[dict[str, str]]  # enrollments, changes, outbox, heads -> table names
     MARK: ClassVar[str]  # the parameter mark: "?" or "%s"
     FOR_UPDATE: ClassVar[str]  # appended to a read that precedes a write of the row
     UNLIMITED: ClassVar[int | None]  # a LIMIT value meaning none
@@ -220,12 +221,16 @@ class SqlRegistry(RowCodec, abc.ABC):
                               (self._blob(self._sealed_json("candidates", other_nik, struck)),
                                other))
                     self._retag(ex, other)
-            # A reviewer's note may name it too.
-            for (other,) in self._run(
-                    ex, "UPDATE {enrollments} SET review_note = replace(review_note, ?, ?) "
-                    "WHERE replace(review_note, ?, '') <> review_note RETURNING id",
-                    (nik, ERASED, nik)).fetchall():
-                self._retag(ex, other)
+            # A reviewer's note may name it too, in any spacing (notes written since
+            # refuse NIKs: see server.core.enrolment).
+            for other, note in self._run(
+                    ex, "SELECT id, review_note FROM {enrollments} WHERE review_note <> ''"
+            ).fetchall():
+                kept = strike_nik(note, nik)
+                if kept != note:
+                    self._run(ex, "UPDATE {enrollments} SET review_note = ? WHERE id = ?",
+                              (kept, other))
+                    self._retag(ex, other)
         self._after_erase()
         return self._match_row(row)  # erasing a quarantined enrolment is allowed
 
@@ -261,6 +266,19 @@ class SqlRegistry(RowCodec, abc.ABC):
     def audit_exported(self, origin: str, upto: int) -> None:
         with self._reading("audit outbox") as ex:
             self._run(ex, "DELETE FROM {outbox} WHERE origin = ? AND id <= ?", (origin, upto))
+
+    def audit_anchor(self, origin: str, seq: int, head_hash: str) -> None:
+        with self._reading("audit head") as ex:
+            self._run(ex, "INSERT INTO {heads} (origin, seq, hash) VALUES (?, ?, ?) "
+                      "ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq, "
+                      "hash = excluded.hash WHERE excluded.seq > {heads}.seq",
+                      (origin, seq, head_hash))
+
+    def audit_head(self, origin: str) -> tuple[int, str] | None:
+        with self._reading("audit head") as ex:
+            row = self._run(ex, "SELECT seq, hash FROM {heads} WHERE origin = ?",
+                            (origin,)).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
 
     # -- reads ------------------------------------------------------------------------
 

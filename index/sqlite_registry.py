@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS audit_outbox (
     origin TEXT NOT NULL,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit_heads (
+    origin TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
 """
 
 
@@ -82,7 +87,7 @@ class SqliteRegistry(SqlRegistry):
     """
 
     TABLES: ClassVar[dict[str, str]] = {"enrollments": "enrollments", "changes": "changes",
-                                        "outbox": "audit_outbox"}
+                                        "outbox": "audit_outbox", "heads": "audit_heads"}
     MARK = "?"
     FOR_UPDATE = ""  # the transaction is BEGIN IMMEDIATE: no other writer meanwhile
     UNLIMITED = -1
@@ -163,6 +168,22 @@ class SqliteRegistry(SqlRegistry):
         finally:
             db.close()
         return str(meta["model_version"]), int(meta["dim"])
+
+    @staticmethod
+    def read_audit_head(path: Path, origin: str) -> tuple[int, str] | None:
+        """The audit head anchored for ``origin`` (:meth:`audit_anchor`), read only;
+        None where there is none (or no registry)."""
+        if not path.is_file():
+            return None
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT seq, hash FROM audit_heads WHERE origin = ?",
+                             (origin,)).fetchone()
+        except sqlite3.OperationalError:  # written before heads were anchored
+            return None
+        finally:
+            db.close()
+        return None if row is None else (int(row[0]), str(row[1]))
 
     def _check_key(self) -> None:
         """Refuse to start with no data key, or the wrong one, for sealed data.

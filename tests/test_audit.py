@@ -176,24 +176,34 @@ def test_a_key_others_can_read_is_refused(tmp_path: Path) -> None:
         AuditKey.load(key, create=False)
 
 
-def test_a_flood_of_unidentified_refusals_costs_bounded_disk(trail: Trail) -> None:
+def test_a_flood_of_refusals_costs_bounded_disk(trail: Trail) -> None:
+    """Per source address (a new connection, a new port, each call), identity,
+    method and reason: five one by one, then one count."""
     trail.log.close()
-    trail.log = trail.open(refusals_per_peer=5, refusal_interval=3600)
+    trail.log = trail.open(refusals_per_source=5, refusal_interval=3600)
 
-    async def flood() -> None:
+    async def flood() -> list[bool]:
+        written = []
         for i in range(200):
-            await trail.log.refusal(Event("Enroll", "-", "ipv4:6.6.6.6:1", f"r{i}",
-                                          "UNAUTHENTICATED", "UNAUTHENTICATED",
-                                          presented="cn:intruder"))
-    asyncio.run(flood())
+            written.append(await trail.log.refusal(Event(
+                "Enroll", "-", f"ipv4:6.6.6.6:{40000 + i}", f"r{i}", "UNAUTHENTICATED",
+                "UNAUTHENTICATED", presented="cn:intruder")))
+            written.append(await trail.log.refusal(Event(
+                "DeleteEnrollment", "kyc-verifier", f"ipv6:[2001:db8::7]:{40000 + i}",
+                f"d{i}", "PERMISSION_DENIED", "PERMISSION_DENIED")))
+        return written
+    written = asyncio.run(flood())
+    assert sum(written) == 10
     trail.log.close()  # flushes the interval's count
     trail.log = trail.open()
     records = trail.records()
-    assert sum(r["kind"] == "call" for r in records) == 5
-    assert all(r.get("presented") == "cn:intruder" for r in records if r["kind"] == "call")
-    (total,) = [r for r in records if r["kind"] == "refusals"]
-    assert (total["count"], total["peer"], total["presented"]) == (200, "ipv4:6.6.6.6:1",
-                                                                   "cn:intruder")
+    assert sum(r["kind"] == "call" for r in records) == 10
+    assert all(r.get("presented") == "cn:intruder" for r in records
+               if r["kind"] == "call" and r["identity"] == "-")
+    totals = sorted((r["peer"], r["identity"], r["count"], r.get("presented", ""))
+                    for r in records if r["kind"] == "refusals")
+    assert totals == [("ipv4:6.6.6.6", "-", 200, "cn:intruder"),
+                      ("ipv6:[2001:db8::7]", "kyc-verifier", 200, "")]
 
 
 def _faceverify_verify(data: Path, *extra: str, process: bool = False
@@ -286,3 +296,52 @@ def test_a_forged_checkpoint_is_reported(written: Path) -> None:
                                                   separators=(",", ":")) + "\n")
     code, report = _faceverify_verify(written)
     assert code == 1 and any("signature" in p for p in report["problems"])  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("rollback", ["to an earlier copy", "emptied"])
+def test_a_log_rolled_back_with_its_checkpoints_is_found_by_the_registrys_head(
+        tmp_path: Path, rollback: str) -> None:
+    """The log and its checkpoints cut back together still vouch for each other;
+    the head the registry holds (moved as changes are exported and at each
+    checkpoint) does not: `audit verify` fails, and a server opening the log is
+    unhealthy, says why, and keeps the anchor where it was."""
+    t = Trail(tmp_path / "data")
+    t.record(3)
+    t.enrol(NIK)
+    asyncio.run(t.log.export())
+    t.log.close()
+    early = {name: (t.data / name).read_bytes() for name in (AUDIT_FILE, CHECKPOINT_FILE)}
+    t.log = t.open()
+    t.record(20)
+    t.enrol("3174011505900002")
+    asyncio.run(t.log.export())
+    t.log.close()
+    anchored = t.registry.audit_head(t.origin)
+    assert anchored is not None and anchored[0] == len(t.records())
+    assert _faceverify_verify(t.data)[0] == 0
+    for name, data in early.items():
+        (t.data / name).write_bytes(data if rollback == "to an earlier copy" else b"")
+    # The two files agree with each other: only the registry's head tells.
+    assert verify_chain(t.data / AUDIT_FILE, t.key, t.signing,
+                        t.data / CHECKPOINT_FILE).intact
+    code, report = _faceverify_verify(t.data)
+    assert code == 1 and not report["intact"]
+    assert any(f"audit head at record {anchored[0]}" in p for p in report["problems"])
+    t.log = t.open()
+    t.log.recover()
+    assert not t.log.healthy and t.log.rolled_back is not None
+    t.record(40)  # written on, still unhealthy, the anchor kept as evidence
+    assert not t.log.healthy
+    t.log.close()
+    assert t.registry.audit_head(t.origin) == anchored
+    t.registry.close()
+
+
+def test_the_head_is_anchored_only_once_the_log_is_on_disk_and_never_moves_back(
+        trail: Trail) -> None:
+    trail.enrol(NIK)
+    asyncio.run(trail.log.export())
+    head = trail.registry.audit_head(trail.origin)
+    assert head is not None and head[0] == len(trail.records())
+    trail.registry.audit_anchor(trail.origin, head[0] - 1, "an older head")
+    assert trail.registry.audit_head(trail.origin) == head

@@ -53,28 +53,27 @@ def test_a_challenge_is_a_look_then_four_movements_never_one_twice_in_a_row() ->
     assert len(seen) > 150  # 296 sequences: a replayed burst rarely meets its own
 
 
-def _landmarks(turn: float = 0.0, nod: float = 0.0, scale: float = 1.0) -> np.ndarray:
+def _landmarks(turn: float = 0.0, scale: float = 1.0) -> np.ndarray:
     """arcface5 landmarks of a face 100 px between the eyes, the nose moved."""
-    base = np.array([[-50, 0], [50, 0], [turn * 100, 55 + nod * 110], [-40, 110], [40, 110]],
-                    np.float64)
+    base = np.array([[-50, 0], [50, 0], [turn * 100, 55], [-40, 110], [40, 110]], np.float64)
     return base * scale + 300
 
 
 @pytest.mark.fast
-def test_poses_read_from_the_landmarks_show_the_movements_against_the_first_frame() -> None:
-    t = lv.Thresholds(turn=0.1, nod=0.05, closer=1.2, depth=0.2, same_face=0.3)
+def test_poses_show_the_movements_against_the_first_frame() -> None:
+    t = lv.Thresholds(turn=0.1, nod=0.05, closer=1.2, depth=0.2, parallax=0.1, same_face=0.3)
     box = (200.0, 200.0, 400.0, 450.0)
     first = lv.pose_of(_landmarks(), box)
     left = lv.pose_of(_landmarks(turn=0.25), box)  # the nose to the image's right
     assert lv.shows(left, first, t) == {lv.Action.TURN_LEFT}
     assert lv.shows(lv.pose_of(_landmarks(turn=-0.25), box), first, t) == {lv.Action.TURN_RIGHT}
-    assert lv.shows(lv.pose_of(_landmarks(nod=-0.1), box), first, t) == {lv.Action.LOOK_UP}
-    assert lv.shows(lv.pose_of(_landmarks(nod=0.1), box), first, t) == {lv.Action.LOOK_DOWN}
+    assert lv.shows(lv.pose_of(_landmarks(), box, nod=-0.1), first, t) == {lv.Action.LOOK_UP}
+    assert lv.shows(lv.pose_of(_landmarks(), box, nod=0.1), first, t) == {lv.Action.LOOK_DOWN}
     closer = lv.pose_of(_landmarks(), (150.0, 150.0, 450.0, 525.0))
     assert lv.shows(closer, first, t) == {lv.Action.COME_CLOSER}
     challenge = [lv.Step(lv.Action.LOOK_STRAIGHT, 800), lv.Step(lv.Action.TURN_LEFT, 1000),
                  lv.Step(lv.Action.LOOK_UP, 1000)]
-    up = lv.pose_of(_landmarks(nod=-0.1), box)
+    up = lv.pose_of(_landmarks(), box, nod=-0.1)
     assert lv.followed(challenge, [first, left, up], t) == 2
     assert lv.followed(challenge, [first, up, left], t) == 1  # out of order
 
@@ -116,6 +115,37 @@ def test_a_picture_seen_through_a_homography_is_flat_and_a_bulge_that_moves_is_n
     bump = 6 * np.exp(-((xs - c) ** 2 + (ys - c) ** 2) / (2 * 10 ** 2))
     turned = planar + np.stack([bump, np.zeros_like(bump)], -1)
     assert lv.depth_score(_frame(face), _frame(_warped(face, turned))) > max(0.15, 5 * flat)
+
+
+@pytest.mark.fast
+def test_the_nose_found_off_the_plane_of_the_eyes_and_mouth_by_its_picture() -> None:
+    """The nose's patch moved 4 px down against a tilted picture (where the
+    landmarks, nose included, stayed on the plane): a shift of 4 px over the
+    eyes-to-mouth height; the picture alone: none; moved beyond the search: lost."""
+    face = _texture(2)
+    h, w = face.shape[:2]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    c = (w - 1) / 2
+    denom = 1 + 0.002 * (ys - c)
+    planar = np.stack([(xs - c) / denom + c - xs, (ys - c) / denom + c - ys], -1)
+    tilted = _warped(face, planar)
+    points = CHIP_POINTS.copy()
+    for k, (x, y) in enumerate(CHIP_POINTS):  # where the tilt takes each landmark
+        d = 1 - 0.002 * (y - c)
+        points[k] = [(x - c) / d + c, (y - c) / d + c]
+    found = lv.nose_shift(_frame(face), _frame(tilted, points))
+    assert found is not None and abs(found[0]) < 0.02 and abs(found[1]) < 0.02
+    nx, ny = CHIP_POINTS[2]
+    near = np.clip(2 - np.hypot(xs - nx, ys - ny) / 9, 0, 1)  # 1 over the nose's patch
+    nodded = _warped(face, planar - np.stack([np.zeros_like(near), 4 * near], -1))
+    found = lv.nose_shift(_frame(face), _frame(nodded, points))
+    assert found is not None
+    along, down = found
+    height = CHIP_POINTS[3:].mean(0)[1] - CHIP_POINTS[:2].mean(0)[1]
+    assert abs(along) < 0.03 and down == pytest.approx(4 / height, abs=0.03)
+    # Moved further than it is looked for: lost, not a shift to the edge of the search.
+    far = _warped(face, planar - np.stack([np.zeros_like(near), 24 * near], -1))
+    assert lv.nose_shift(_frame(face), _frame(far, points)) is None
 
 
 @pytest.mark.fast

@@ -129,10 +129,22 @@ def test_a_torn_audit_tail_is_set_aside_and_never_an_unknown_or_a_leak(
     assert list(settings.data_dir.glob("audit.log.damaged-*"))
 
 
-def test_an_audit_log_that_cannot_be_written_fails_closed(
-        calibrated_dlib_model_dir: Path, tmp_path: Path) -> None:
+def _health_soon_not_serving(client: FaceVerifyClient, seconds: float = 10) -> bool:
+    """Whether the server's health says NOT_SERVING within ``seconds``."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    health = health_pb2_grpc.HealthStub(client.channel)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_an_audit_log_that_cannot_be_written_fails_closed(
+        calibrated_dlib_model_dir: Path, tmp_path: Path) -> None:
     settings = server_settings(calibrated_dlib_model_dir, tmp_path / "data", metrics_port=0)
     with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
         log_file = settings.data_dir / "audit.log"
@@ -141,14 +153,7 @@ def test_an_audit_log_that_cannot_be_written_fails_closed(
             with pytest.raises(CallError) as err:
                 client.get_enrollment("3174011505900001")
             assert (err.value.code, err.value.reason) == ("UNAVAILABLE", "AUDIT_UNAVAILABLE")
-        health = health_pb2_grpc.HealthStub(client.channel)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
-            time.sleep(0.1)
-        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert _health_soon_not_serving(client)
         assert s.running is not None and s.running.metrics_server is not None
         m = scrape(s.running.metrics_server.port)
     assert sample(m, "faceverify_audit_failures_total", stage="record") == 3
@@ -156,3 +161,19 @@ def test_an_audit_log_that_cannot_be_written_fails_closed(
     assert sample(m, "faceverify_requests_in_flight") == 0
     assert sample(m, "faceverify_requests_total", method="GetEnrollment",
                   code="UNAVAILABLE") == 3
+
+
+def test_a_server_started_on_a_rolled_back_audit_log_is_not_serving(
+        calibrated_dlib_model_dir: Path, tmp_path: Path, lfw_dir: Path) -> None:
+    """The log and its checkpoints emptied together between two runs: the registry
+    still holds the head the first run reached."""
+    settings = server_settings(calibrated_dlib_model_dir, tmp_path / "data", metrics_port=0)
+    with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
+        client.enroll("3174011505900001", lfw_image(lfw_dir, "Abel_Pacheco", 1))
+        client.delete_enrollment("3174011505900001")
+    for name in ("audit.log", "audit.checkpoints"):
+        (settings.data_dir / name).write_bytes(b"")
+    with ServerThread(settings) as s, FaceVerifyClient(s.target) as client:
+        assert _health_soon_not_serving(client)
+        assert s.running is not None and s.running.metrics_server is not None
+        assert sample(scrape(s.running.metrics_server.port), "faceverify_audit_healthy") == 0

@@ -5,9 +5,11 @@ a server's processes, and the CLI's hints for a refused handshake."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,14 @@ import pytest
 
 from server.api.access import (
     RATE_FILE,
+    STORE_RETRY,
     AccessControl,
     SharedBuckets,
     TokenBucket,
     hash_key,
     new_api_key,
     parse_policy,
+    read_policy,
 )
 from server.api.tls import ClientTls
 from server.errors import ConfigurationError, Unauthenticated
@@ -43,10 +47,34 @@ def _entry(name: str = "kyc", **extra: object) -> dict[str, object]:
      "another entry already has this certificate_cn"),
     ({"clients": [], "roles": {"verifier": ["DeleteEnrollment"]}}, "built in"),
     ({"clients": [], "revoked": [{"name": "x"}]}, "revoked\\[0\\]"),
+    # numbers that are not limits: a boolean, NaN, infinities (1e999 reads as one),
+    # none at all, nothing or less, and absurd ones
+    ({"clients": [_entry(rate_per_second=True)]}, "rate_per_second must be a number > 0"),
+    ({"clients": [_entry(rate_per_second=float("inf"))]}, "got Infinity"),
+    ({"clients": [_entry(rate_per_second=float("nan"))]}, "got NaN"),
+    ({"clients": [_entry(rate_per_second=None)]}, "got null"),
+    ({"clients": [_entry(rate_per_second=0)]}, "rate_per_second must be a number > 0"),
+    ({"clients": [_entry(rate_per_second=1e9)]}, "at most 100000"),
+    ({"clients": [_entry(rate_per_second="5")]}, "got \"5\""),
+    ({"clients": [_entry(rate_per_second=5, burst=0.5)]}, "burst must be a number >= 1"),
+    ({"clients": [_entry(rate_per_second=5, burst=False)]}, "burst must be a number >= 1"),
+    ({"clients": [_entry(rate_per_second=5, burst=-float("inf"))]}, "got -Infinity"),
 ])
 def test_the_policy_is_read_strictly(policy: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         parse_policy(policy, "policy.json")
+
+
+def test_json_numbers_too_large_for_a_float_are_refused_as_read_from_the_file(
+        tmp_path: Path) -> None:
+    """``1e999`` and ``Infinity`` in the file itself (JSON reads both as infinity)."""
+    for text in ("1e999", "Infinity"):
+        path = tmp_path / "policy.json"
+        entry = json.dumps(_entry())[:-1] + f', "rate_per_second": {text}}}'
+        path.write_text(f'{{"clients": [{entry}]}}')
+        path.chmod(0o600)
+        with pytest.raises(ConfigurationError, match="rate_per_second must be a number"):
+            read_policy(path)
 
 
 def _write(path: Path, policy: dict[str, object], mode: int = 0o600) -> Path:
@@ -120,7 +148,7 @@ def test_nik_returned_by_a_search_count_against_the_rate() -> None:
 
 
 def _hammer(path: str, seconds: float, out: Any) -> None:
-    buckets = SharedBuckets(Path(path))
+    buckets = SharedBuckets(Path(path), wait=10.0)  # the file's arithmetic, however contended
     ok, start = 0, time.time()
     while time.time() < start + seconds:
         ok += buckets.take("kyc-registrar", 10.0, 10.0) == 0
@@ -165,3 +193,43 @@ def test_the_cli_says_what_a_refused_handshake_means(message: str, tls: ClientTl
                                                      says: str) -> None:
     hint = handshake_hint(message, tls)
     assert hint is not None and says in hint
+
+
+def test_a_locked_rate_store_neither_stalls_the_server_nor_fails_the_call(
+        tmp_path: Path) -> None:
+    """Another process holds the shared store locked: each call waits at most a
+    moment, off the event loop, then is limited by this process's own buckets
+    (counted); once the store answers again it is used again."""
+    path = tmp_path / RATE_FILE
+    fallbacks: list[int] = []
+    buckets = SharedBuckets(path, on_fallback=lambda: fallbacks.append(1))
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+
+    async def calls() -> tuple[list[float], float, float]:
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        start = time.perf_counter()
+        waits = [await buckets.take_async("kyc", 1.0, 2.0) for _ in range(3)]
+        took = time.perf_counter() - start
+        tick.cancel()
+        return waits, took, max(gaps)
+
+    waits, took, longest_stall = asyncio.run(calls())
+    assert waits[:2] == [0.0, 0.0] and waits[2] > 0  # the fallback's burst of 2, then wait
+    assert took < 1.0 and longest_stall < 0.1
+    assert len(fallbacks) == 3
+    holder.execute("ROLLBACK")
+    time.sleep(STORE_RETRY)
+    assert asyncio.run(buckets.take_async("kyc", 1.0, 2.0)) == 0.0  # the file's own bucket
+    assert len(fallbacks) == 3
+    assert holder.execute("SELECT name FROM buckets").fetchall() == [("kyc",)]

@@ -281,10 +281,17 @@ def test_erasure_removes_the_face_and_strikes_the_nik_from_candidates_and_notes(
     face = unit(1)
     asyncio.run(svc.enroll(nik(1), faces.photo(face), None, {}))
     asyncio.run(svc.enroll(nik(2), faces.photo(like(face, 0.97, 2)), None, {}))
-    asyncio.run(svc.resolve_review(nik(2), True, "desk-3", f"same person as {nik(1)}"))
+    # A note naming a NIK is refused now, in any spacing; one written before (here
+    # straight into the registry) is struck at the erasure all the same.
+    spaced = " ".join(nik(1)[i:i + 4] for i in range(0, 16, 4))
+    for note in (f"same person as {nik(1)}", f"same as {spaced}", nik(1).replace("0", "0-")):
+        with pytest.raises(InvalidRequest, match="note holds a NIK"):
+            asyncio.run(svc.resolve_review(nik(2), True, "desk-3", note))
+    svc.gallery.resolve_review(nik(2), "confirmed", "desk-3",
+                               f"same person as {spaced}, not {nik(5)}")
     erased = asyncio.run(svc.delete(nik(1)))
     assert erased.nik == nik(1) and len(svc.gallery) == 1
-    assert asyncio.run(svc.get(nik(2))).review_note == f"same person as {ERASED}"
+    assert asyncio.run(svc.get(nik(2))).review_note == f"same person as {ERASED}, not {nik(5)}"
     with pytest.raises(NotEnrolled):
         asyncio.run(svc.get(nik(1)))
     with pytest.raises(NotEnrolled):
@@ -293,6 +300,18 @@ def test_erasure_removes_the_face_and_strikes_the_nik_from_candidates_and_notes(
     # The face is gone from the index: enrolling it under a new NIK is no duplicate of it.
     again = asyncio.run(svc.enroll(nik(3), faces.photo(like(face, 0.999, 3)), None, {}))
     assert [m.nik for m in again.candidates] == [nik(2)]
+
+
+def test_metadata_naming_a_nik_is_refused(tmp_path: Path, pool: ThreadPoolExecutor) -> None:
+    """An erasure could not reach a NIK kept in another enrolment's metadata."""
+    svc, faces = service(tmp_path, pool, DuplicatePolicy.FLAG)
+    for metadata in ({"related_nik": nik(7)}, {"note": f"sibling of {nik(7)[:8]} {nik(7)[8:]}"},
+                     {nik(7): "x"}):
+        with pytest.raises(InvalidRequest, match="holds a NIK"):
+            asyncio.run(svc.enroll(nik(1), faces.photo(unit(1)), None, metadata))
+    done = asyncio.run(svc.enroll(nik(1), faces.photo(unit(1)), None,
+                                  {"phone": "081234567890", "branch": "JKT-01"}))
+    assert done.enrollment is not None and done.enrollment.metadata["branch"] == "JKT-01"
 
 
 def test_concurrent_enrolments_of_one_face_under_two_niks_enrol_it_once(

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,7 +58,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Authority:
 
 @pytest.fixture(scope="module")
 def keys() -> dict[str, tuple[str, str]]:
-    return {role: new_api_key() for role in ("verifier", "registrar", "admin", "limited")}
+    return {role: new_api_key()
+            for role in ("verifier", "registrar", "admin", "limited", "flooder")}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,8 @@ def tls_server(calibrated_dlib_model_dir: Path, pki: Authority,
         {"name": "ops-admin", "api_key_sha256": keys["admin"][1], "roles": ["admin"]},
         {"name": "throttled", "api_key_sha256": keys["limited"][1], "roles": ["verifier"],
          "rate_per_second": 0.5, "burst": 2},
+        {"name": "flooder", "api_key_sha256": keys["flooder"][1], "roles": ["verifier"],
+         "rate_per_second": 1, "burst": 3},
     ])
     settings = server_settings(calibrated_dlib_model_dir, tmp / "data", insecure=False,
                                tls_cert=server.cert, tls_key=server.key,
@@ -374,6 +379,52 @@ def test_an_unknown_callers_refusal_is_audited_with_what_it_presented(
     mine = [r for r in records if r.get("request_id") == err.value.metadata["request_id"]]
     assert [(r["identity"], r["presented"]) for r in mine] == [
         ("-", "key:" + hashlib.sha256(stranger.encode()).hexdigest()[:12])]
+
+
+def test_a_flood_of_refused_calls_is_slowed_and_costs_bounded_log_and_audit(
+        tls_server: ServerThread, pki: Authority, keys: dict[str, tuple[str, str]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A wrong key on a new connection for every call, and a known caller calling
+    what its role does not allow: each is one source (the port aside), logged and
+    audited one by one up to ten, then counted; the refused calls count against
+    the caller's rate, so the flood is soon RATE_LIMITED too."""
+    audit_file = tls_server.settings.data_dir / "audit.log"
+    before = len(audit_file.read_text().splitlines())
+    stranger, _ = new_api_key()
+    with caplog.at_level(logging.WARNING, logger="server.api.interceptor"):
+        for _ in range(25):
+            with _client(tls_server, pki, stranger) as c, pytest.raises(CallError):
+                c.server_info()
+        reasons = []
+        with _client(tls_server, pki, keys["flooder"][0]) as c:
+            for _ in range(25):
+                with pytest.raises(CallError) as err:
+                    c.delete_enrollment(NIK)
+                reasons.append(err.value.reason)
+    assert reasons[:3] == ["PERMISSION_DENIED"] * 3  # the burst of three
+    assert reasons.count("RATE_LIMITED") >= 15
+    records = [json.loads(line) for line in audit_file.read_text().splitlines()[before:]]
+    calls = Counter((r["identity"], r["method"], r["reason"]) for r in records
+                    if r["kind"] == "call")
+    assert 1 <= calls[("-", "GetServerInfo", "UNAUTHENTICATED")] <= 10  # others' count too
+    assert calls[("flooder", "DeleteEnrollment", "PERMISSION_DENIED")] <= 10
+    assert calls[("flooder", "DeleteEnrollment", "RATE_LIMITED")] == 10
+    lines = [r.getMessage().split() for r in caplog.records
+             if r.getMessage().startswith("refused ") and " calls of " not in r.getMessage()]
+    one_by_one = Counter((w[1], w[3], w[-1]) for w in lines)  # method, identity, reason
+    assert one_by_one[("DeleteEnrollment", "flooder", "RATE_LIMITED")] == 10, one_by_one
+    assert max(one_by_one.values()) == 10, one_by_one
+    # The rest are counted, and summarised at the end of the minute (here: forced).
+    assert tls_server.running is not None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="server.api.interceptor"):
+        tls_server.loop.call_soon_threadsafe(tls_server.running.interceptor.log_refusals)
+        time.sleep(0.5)
+    summaries = sorted(r.getMessage() for r in caplog.records)
+    assert any(m.startswith("refused ") and " calls of GetServerInfo from - (ipv4:127.0.0.1) "
+               in m for m in summaries), summaries
+    assert any(" of DeleteEnrollment from flooder " in m and "RATE_LIMITED" in m
+               for m in summaries), summaries
 
 
 def test_reflection_passes_access_control(calibrated_dlib_model_dir: Path, pki: Authority,

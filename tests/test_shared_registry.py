@@ -160,3 +160,21 @@ def test_an_unreachable_registry_fails_fast_and_is_reconnected(
                 raise
             time.sleep(0.5)
     assert a.get(nik(1)) is not None and a.registry.count() == 2  # nothing lost
+
+
+def test_each_servers_audit_head_is_anchored_in_the_shared_registry(
+        replicas: list[Gallery], registry_url: str, tmp_path: Path) -> None:
+    """One row per origin (data directory), moved forward only, and read back by
+    `audit verify` without opening the registry for writing."""
+    from index.backends import backend
+
+    a, b = replicas[0].registry, replicas[1].registry
+    a.audit_anchor("origin-a", 10, "h10")
+    b.audit_anchor("origin-b", 3, "h3")
+    a.audit_anchor("origin-a", 7, "an older head")  # never back
+    b.audit_anchor("origin-a", 12, "h12")  # another server of the same directory: forward
+    assert a.audit_head("origin-a") == (12, "h12") and a.audit_head("origin-b") == (3, "h3")
+    assert a.audit_head("origin-c") is None
+    read = backend(registry_url).read_audit_head
+    assert read(registry_url, tmp_path, "origin-a") == (12, "h12")
+    assert read(registry_url, tmp_path, "origin-c") is None

@@ -29,16 +29,20 @@ change that is refused is logged and counted, and the previous policy stays.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
+import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,20 +126,41 @@ class LocalBuckets:
                 return 0.0
             return bucket.take(self.clock())
 
+    async def take_async(self, name: str, rate: float, burst: float, calls: float = 1.0,
+                         debt: bool = False) -> float:
+        """:meth:`take` (in memory: no wait)."""
+        return self.take(name, rate, burst, calls, debt)
+
+
+STORE_WAIT = 0.25  # seconds a call waits for the shared rate store before its fallback
+STORE_RETRY = 1.0  # seconds the fallback is used before the store is tried again
+
 
 class SharedBuckets:
     """Token buckets shared by every process of a server on this machine (a SQLite
     file in the data directory, one immediate transaction a call), so that
     ``--processes N`` does not multiply a client's rate by N.  Across machines
-    each server has its own: see docs/scaling.md for where a global limiter goes."""
+    each server has its own: see docs/scaling.md for where a global limiter goes.
 
-    def __init__(self, path: Path, clock: Any = time.time) -> None:
-        import sqlite3
+    Calls reach the file from a thread of their own, never the event loop
+    (:meth:`take_async`), and wait for it at most ``wait`` seconds.  Where it is
+    unavailable (another process holds it locked longer, or it fails), each
+    process limits from its own buckets instead (so a client gets at most its rate
+    times the processes) for :data:`STORE_RETRY` seconds before trying the file
+    again: logged once an outage and counted (``on_fallback``), never an error
+    for the caller."""
 
+    def __init__(self, path: Path, clock: Any = time.time, wait: float = STORE_WAIT,
+                 on_fallback: Callable[[], None] = lambda: None) -> None:
         self.clock = clock
+        self.wait = wait
+        self.on_fallback = on_fallback
+        self.fallback = LocalBuckets()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rate-store")
+        self._down_until = 0.0
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                   timeout=5.0)
+                                   timeout=wait)
         os.chmod(path, 0o600)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=OFF")  # a lost update costs a few tokens
@@ -166,6 +191,23 @@ class SharedBuckets:
                 raise
             db.execute("COMMIT")
         return wait
+
+    async def take_async(self, name: str, rate: float, burst: float, calls: float = 1.0,
+                         debt: bool = False) -> float:
+        """:meth:`take` off the event loop, from the file where it answers within
+        ``wait`` seconds, else from this process's fallback buckets."""
+        if time.monotonic() >= self._down_until:
+            job = self._pool.submit(self.take, name, rate, burst, calls, debt)
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(job), self.wait * 2)
+            except (sqlite3.Error, TimeoutError) as exc:
+                if time.monotonic() >= self._down_until:
+                    log.warning("the shared rate-limit store is unavailable (%s); limiting "
+                                "per process for %g s", str(exc) or "no answer in time",
+                                STORE_RETRY)
+                self._down_until = time.monotonic() + STORE_RETRY
+        self.on_fallback()
+        return self.fallback.take(name, rate, burst, calls, debt)
 
 
 @dataclass(frozen=True)
@@ -218,6 +260,24 @@ class Policy:
 POLICY_FIELDS = frozenset({"clients", "roles", "revoked"})
 CLIENT_FIELDS = frozenset({"name", "certificate_cn", "api_key_sha256", "roles",
                            "rate_per_second", "burst"})
+
+
+MAX_RATE = 100_000.0  # calls a second: above it a rate is a typo, not a limit
+MAX_BURST = 1_000_000.0
+
+
+def _number(value: object, name: str, where: str, low: float, high: float,
+            low_included: bool) -> float:
+    """A policy's number: a JSON number (not a boolean, not NaN or an infinity, nor
+    1e999, which JSON reads as one) within its range, or the field named."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and (value >= low if low_included else value > low)
+          and value <= high)
+    if not ok:
+        bound = f">= {low:g}" if low_included else f"> {low:g}"
+        raise ConfigurationError(f"{where}: {name} must be a number {bound} and at most "
+                                 f"{high:g}; got {json.dumps(value)}")
+    return float(value)  # type: ignore[arg-type]
 
 
 def _key_hash(value: object, where: str) -> str:
@@ -307,14 +367,12 @@ def parse_policy(data: Mapping[str, Any], source: str) -> Policy:
             raise ConfigurationError(f"{where}: unknown roles {unknown_roles}; "
                                      f"known: {sorted(roles)}")
         rate, burst = entry.get("rate_per_second"), entry.get("burst")
-        if rate is not None and not (isinstance(rate, (int, float)) and rate > 0):
-            raise ConfigurationError(f"{where}: rate_per_second must be a positive number")
-        if burst is not None and not (isinstance(burst, (int, float)) and burst >= 1):
-            raise ConfigurationError(f"{where}: burst must be >= 1")
+        if "rate_per_second" in entry:
+            rate = _number(rate, "rate_per_second", where, 0.0, MAX_RATE, False)
+        if "burst" in entry:
+            burst = _number(burst, "burst", where, 1.0, MAX_BURST, True)
         methods = frozenset().union(*(roles[r] for r in given))
-        clients.append(Client(entry["name"], tuple(given), methods, cn, key,
-                              None if rate is None else float(rate),
-                              None if burst is None else float(burst)))
+        clients.append(Client(entry["name"], tuple(given), methods, cn, key, rate, burst))
     revoked_cns, revoked_keys = _revoked(data.get("revoked", []), source)
     return Policy(clients, revoked_cns, revoked_keys)
 
@@ -453,22 +511,25 @@ class AccessControl:
         raise Unauthenticated("no credentials: present a client certificate (mutual TLS) or "
                               "an API key (authorization: Bearer <key>)")
 
-    def charge(self, client: Client, calls: int) -> None:
+    async def charge(self, client: Client, calls: int) -> None:
         """Count ``calls`` more against ``client``'s rate (see :meth:`TokenBucket.charge`)."""
         if client.rate_per_second is None or calls <= 0:
             return
-        self.buckets.take(client.name, client.rate_per_second, _burst(client), calls,
-                          debt=True)
+        await self.buckets.take_async(client.name, client.rate_per_second, _burst(client),
+                                      calls, debt=True)
 
-    def authorize(self, client: Client, method: str) -> None:
-        """Raises PermissionDenied (role) or RateLimited (rate) for ``client`` calling
-        ``method`` (an RPC name such as ``Enroll``)."""
+    async def authorize(self, client: Client, method: str) -> None:
+        """Raises RateLimited (rate) or PermissionDenied (role) for ``client`` calling
+        ``method`` (an RPC name such as ``Enroll``).  The rate first: a call the
+        client may not make counts against its rate too, so a flood of them is
+        slowed like any other."""
+        if client.rate_per_second is not None:
+            wait = await self.buckets.take_async(client.name, client.rate_per_second,
+                                                 _burst(client))
+            if wait > 0:
+                raise RateLimited(f"{client.name} is over its rate of "
+                                  f"{client.rate_per_second:g} calls/s; retry in "
+                                  f"{wait * 1000:.0f} ms", retry_after=wait)
         if method not in client.methods:
             raise PermissionDenied(f"{client.name} (roles {', '.join(client.roles)}) may not "
                                    f"call {method}", method=method)
-        if client.rate_per_second is None:
-            return
-        wait = self.buckets.take(client.name, client.rate_per_second, _burst(client))
-        if wait > 0:
-            raise RateLimited(f"{client.name} is over its rate of {client.rate_per_second:g} "
-                              f"calls/s; retry in {wait * 1000:.0f} ms", retry_after=wait)

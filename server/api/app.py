@@ -90,6 +90,7 @@ class RunningServer:
     executors: tuple[ThreadPoolExecutor, ...]
     port: int
     services: Services
+    interceptor: ErrorInterceptor
     metrics_server: MetricsServer | None = None
     key_port: int | None = None  # the API-key port beside mutual TLS, once bound
     health_server: grpc.aio.Server | None = None
@@ -128,8 +129,9 @@ class RunningServer:
                 if bad else "", time.monotonic() - started)
 
     async def tick_audit(self, every: float) -> None:
-        """Export committed changes' records, flush aggregated refusals and sign
-        checkpoints while the server runs; health follows the audit log's."""
+        """Export committed changes' records, flush aggregated refusals (the audit's
+        and the log's) and sign checkpoints while the server runs; health follows the
+        audit log's."""
         audit = self.services.audit
         metrics = self.services.metrics
         loop = asyncio.get_running_loop()
@@ -141,9 +143,14 @@ class RunningServer:
             loop.create_task(self.mark("audit", not healthy))
 
         audit.watch(changed)
-        metrics.audit_healthy.set(1)
+        if audit.healthy:
+            metrics.audit_healthy.set(1)
+        else:  # rolled back, found at open
+            changed(False)
         while True:
             await asyncio.sleep(every)
+            if self.interceptor.refusal_log.due():
+                self.interceptor.log_refusals()
             try:
                 await audit.tick()
             except Exception:
@@ -183,6 +190,7 @@ class RunningServer:
         sessions = self.services.verification.presentation.sessions
         if sessions is not None:
             sessions.store.close()
+        self.interceptor.log_refusals()
         self.services.audit.close()  # before the registry: it exports from there
         self.services.gallery.close()
         if self.metrics_server is not None:
@@ -286,9 +294,10 @@ def liveness_sessions(settings: Settings, calibration: dict[str, Any],
                                 settings.liveness_session_seconds)
     if sessions.available:
         assert thresholds is not None
-        log.info("liveness sessions open for %d s: depth threshold %.4f, same face %.4f "
-                 "(each for BPCER %g on %d bursts of %s)", settings.liveness_session_seconds,
-                 thresholds.depth, thresholds.same_face, thresholds.bpcer_target,
+        log.info("liveness sessions open for %d s: depth threshold %.4f, parallax %.4f, "
+                 "same face %.4f (each for BPCER %g on %d bursts of %s)",
+                 settings.liveness_session_seconds, thresholds.depth, thresholds.parallax,
+                 thresholds.same_face, thresholds.bpcer_target,
                  thresholds.bona_fide, thresholds.dataset)
     else:
         log.warning("no liveness sessions: %s", sessions.why_not())
@@ -338,7 +347,8 @@ def transport_security(settings: Settings, metrics: Metrics
     buckets = None
     if settings.access_policy is not None:
         # Shared by every process of this server: --processes N keeps each rate.
-        buckets = SharedBuckets(private_dir(settings.data_dir) / RATE_FILE)
+        buckets = SharedBuckets(private_dir(settings.data_dir) / RATE_FILE,
+                                on_fallback=metrics.rate_store_fallbacks.inc)
     access = AccessControl(settings.access_policy,
                            on_refused_reload=metrics.policy_refused.inc, buckets=buckets)
     if access.policy is None:
@@ -361,10 +371,10 @@ async def start(settings: Settings) -> RunningServer:
         for pool in pools:
             pool.shutdown(wait=False)
         raise
+    interceptor = ErrorInterceptor(metrics, access, services.audit,
+                                   settings.max_concurrent_rpcs, settings.max_message_bytes)
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(metrics, access, services.audit,
-                                       settings.max_concurrent_rpcs,
-                                       settings.max_message_bytes)],
+        interceptors=[interceptor],
         # The interceptor refuses calls over the limit with a reason; gRPC's own
         # limit (which answers without one) is only a backstop.
         maximum_concurrent_rpcs=2 * settings.max_concurrent_rpcs + 16,
@@ -385,7 +395,7 @@ async def start(settings: Settings) -> RunningServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
-    running = RunningServer(server, health_servicer, pools, 0, services)
+    running = RunningServer(server, health_servicer, pools, 0, services, interceptor)
     try:
         running.port = (server.add_insecure_port(settings.address) if credentials is None
                         else server.add_secure_port(settings.address, credentials))

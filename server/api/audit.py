@@ -1,8 +1,10 @@
 """The audit trail: an append-only, tamper-evident record of who did what.
 
 One JSON line per audited call: every enrolment, erasure, review decision,
-lookup of personal data (GetEnrollment, Search), and every call refused by
-access control.  A record holds who (the policy identity, or what an unknown
+lookup of personal data (GetEnrollment, Search), and the calls refused by
+access control (the first ten of each source address, identity, method and
+reason a minute one by one, the rest as one count: :mod:`server.api.refusals`).
+A record holds who (the policy identity, or what an unknown
 caller presented, and the peer address), what (the RPC and its outcome), when,
 and the request id; never an image, an embedding or a NIK in clear.  A NIK
 appears only as a keyed hash (:meth:`AuditKey.nik`), so an auditor holding the
@@ -29,6 +31,13 @@ Tamper evidence, three layers:
   ``faceverify audit verify`` needs to find records missing or rewritten up to
   the last checkpoint, as Certificate Transparency's signed tree heads or
   CloudTrail's digest files do; records after it are reported as not covered.
+* The head anchored outside both files: the registry holds the last record's
+  sequence number and hash (:meth:`index.registry.Registry.audit_anchor`),
+  moved forward as each change's record is exported and at every checkpoint
+  (the log synced to disk first), never back.  The log and its checkpoints cut
+  back together (or emptied) vouch for each other, but no longer reach the
+  registry's head: found at start (health ``NOT_SERVING``, an error logged, the
+  anchor held where it was) and by ``faceverify audit verify``.
 
 Records are read strictly: a duplicated key, an unknown field, a wrong type or a
 line not in canonical form is not a record.  A damaged tail (a torn last line, a
@@ -66,6 +75,7 @@ from index.durable import check_private, private_file
 from index.errors import RegistryUnavailable
 from index.registry import Registry
 from server import strict
+from server.api.refusals import Tally, source_of
 from server.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -93,8 +103,9 @@ KINDS: dict[str, tuple[dict[str, type], dict[str, type]]] = {
     "call": (_CALL, {"outcome": str, "nik_hash": str, "presented": str}),
     "change": ({**_CALL, "outcome": str, "outbox": int, "committed": str},
                {"nik_hash": str}),
+    # peer: the source address (no port); identity "-" for a caller without one
     "refusals": ({"peer": str, "method": str, "reason": str, "count": int, "since": str},
-                 {"presented": str}),
+                 {"presented": str, "identity": str}),
     "damaged": ({"bytes": int, "sha256": str, "set_aside": str, "missing": int}, {}),
 }
 
@@ -296,13 +307,6 @@ class Event:
 
 
 @dataclass
-class _Aggregate:
-    count: int = 0
-    since: str = ""
-    presented: str = ""
-
-
-@dataclass
 class _Health:
     failures: int = 0
     healthy: bool = True
@@ -316,14 +320,15 @@ class AuditLog:
     Args:
         registry: where committed changes' records wait to be exported.
         signing: the checkpoint key (its private half).
-        refusals_per_peer: refusals of unidentified callers recorded one by one
-            per peer and reason in each ``refusal_interval``; beyond that they are
-            counted and written as one ``refusals`` record at the interval's end.
+        refusals_per_source: refused calls recorded one by one per source address,
+            identity, method and reason in each ``refusal_interval``
+            (:mod:`server.api.refusals`); beyond that they are counted and written
+            as one ``refusals`` record at the interval's end.
     """
 
     def __init__(self, path: Path, key: AuditKey, signing: SigningKey, origin: str,
                  registry: Registry | None = None, checkpoint_records: int = CHECKPOINT_RECORDS,
-                 checkpoint_seconds: float = CHECKPOINT_SECONDS, refusals_per_peer: int = 10,
+                 checkpoint_seconds: float = CHECKPOINT_SECONDS, refusals_per_source: int = 10,
                  refusal_interval: float = 60.0, on_damage: Callable[[], None] = lambda: None
                  ) -> None:
         self.path = path
@@ -334,8 +339,6 @@ class AuditLog:
         self.registry = registry
         self.checkpoint_records = checkpoint_records
         self.checkpoint_seconds = checkpoint_seconds
-        self.refusals_per_peer = refusals_per_peer
-        self.refusal_interval = refusal_interval
         self.on_damage = on_damage
         private_file(path)
         private_file(self.checkpoint_path)
@@ -347,8 +350,10 @@ class AuditLog:
         self._checkpointed = 0  # seq of the last checkpoint, any process's
         self._checkpointed_at = 0.0
         self._outbox_done: int | None = None  # highest outbox id in the log (None: not read)
-        self._refusals: dict[tuple[str, str, str], _Aggregate] = {}
-        self._interval_start = time.monotonic()
+        self._anchored = 0  # seq of the head last held in the registry
+        self._anchored_at = time.time()
+        self.rolled_back: str | None = None  # what the registry's head says is missing
+        self._refusals = Tally(refusals_per_source, refusal_interval)
         self._health = _Health()
         self._mutex = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="audit")
@@ -520,6 +525,8 @@ class AuditLog:
                 self._outbox_done = max(self._outbox_done, int(r["outbox"]))
         if head.seq - self._checkpointed >= self.checkpoint_records:
             self._checkpoint()
+        if head.seq - self._anchored >= self.checkpoint_records:
+            self._anchor()
 
     def _checkpoint(self) -> None:
         """Sign the head into the checkpoint file (the lock held)."""
@@ -536,6 +543,55 @@ class AuditLog:
             os.fsync(f.fileno())
         self._checkpointed = self._head.seq
         self._checkpointed_at = time.time()
+
+    def _anchor(self) -> None:
+        """Hold the head in the registry (the lock held), the log synced first: the
+        registry never holds a head the disk could still lose.  Not while a
+        rollback is found (the anchor is the evidence)."""
+        if (self.registry is None or self.rolled_back is not None
+                or self._head.seq <= self._anchored):
+            return
+        os.fsync(self._file.fileno())
+        try:
+            self.registry.audit_anchor(self.origin, self._head.seq, self._head.hash)
+        except RegistryUnavailable:
+            return  # held at the next chance
+        self._anchored, self._anchored_at = self._head.seq, time.time()
+
+    def _hash_at(self, seq: int) -> str | None:
+        """The hash of record ``seq`` (read back from the end); None if none."""
+        for _, line in _lines_backwards(self._file, self._offset):
+            try:
+                record = parse_record(line)
+            except ValueError:
+                continue
+            if record["seq"] <= seq:
+                return str(record["hash"]) if record["seq"] == seq else None
+        return None
+
+    def _check_anchor(self) -> None:
+        """At open (the lock held): does the log still reach the head the registry
+        holds?  If not it was rolled back (cut, emptied, or replaced by an older
+        copy, checkpoints and all): :attr:`rolled_back` says so, health is
+        unhealthy for good, and the anchor is no longer moved."""
+        if self.registry is None:
+            return
+        try:
+            anchored = self.registry.audit_head(self.origin)
+        except RegistryUnavailable:
+            log.warning("audit: the registry cannot be reached; the log's head is not checked "
+                        "against it now")
+            return
+        if anchored is None:
+            return
+        problem = anchor_problem(anchored, self._hash_at(anchored[0]), self._head.seq)
+        if problem is None:
+            self._anchored = anchored[0]
+            return
+        self.rolled_back = problem
+        log.error("audit log %s: %s. Restore the log and its checkpoints from a backup; "
+                  "health stays NOT_SERVING until then", self.path, problem)
+        self._health.healthy = False
 
     def _append(self, fields: list[dict[str, Any]], durable: bool) -> None:
         with self._locked():
@@ -571,6 +627,7 @@ class AuditLog:
                 fresh = [(i, r) for i, r in rows if i > done]
                 if fresh:
                     self._write([_change(i, r) for i, r in fresh], durable=True)
+                    self._anchor()
                     moved += len(fresh)
                 if rows:
                     self.registry.audit_exported(self.origin, rows[-1][0])
@@ -582,37 +639,35 @@ class AuditLog:
         self._export()
         with self._locked():
             self._catch_up()
-            if time.monotonic() - self._interval_start >= self.refusal_interval:
+            if self._refusals.due():
                 self._flush_refusals()
             if (self._head.seq > self._checkpointed
                     and time.time() - self._checkpointed_at >= self.checkpoint_seconds):
                 self._read_checkpoint_tail()
                 self._checkpoint()
+            if time.time() - self._anchored_at >= self.checkpoint_seconds:
+                self._anchor()
 
     def _flush_refusals(self) -> None:
-        records = [{"kind": "refusals", "peer": peer, "method": method, "reason": reason,
-                    "count": agg.count, "since": agg.since,
-                    **({"presented": agg.presented} if agg.presented else {})}
-                   for (peer, method, reason), agg in self._refusals.items()
-                   if agg.count > self.refusals_per_peer]
-        self._refusals.clear()
-        self._interval_start = time.monotonic()
+        records = [{"kind": "refusals", "peer": source, "identity": identity, "method": method,
+                    "reason": reason, "count": t.count, "since": t.since,
+                    **({"presented": t.presented} if t.presented else {})}
+                   for (source, identity, method, reason), t in self._refusals.take()]
         if records:
             self._write(records, durable=False)
 
-    def _refusal(self, event: Event) -> None:
-        """A refusal of a caller without a valid identity: recorded one by one up to
-        the per-peer allowance, then only counted."""
+    def _refusal(self, event: Event) -> bool:
+        """A refused call: recorded one by one up to the allowance of its source,
+        identity, method and reason, then only counted; whether it was recorded."""
         with self._locked():
             self._catch_up()
-            if time.monotonic() - self._interval_start >= self.refusal_interval:
+            if self._refusals.due():
                 self._flush_refusals()
-            agg = self._refusals.setdefault((event.peer, event.method, event.reason),
-                                            _Aggregate(since=_now()))
-            agg.count += 1
-            agg.presented = agg.presented or event.presented
-            if agg.count <= self.refusals_per_peer:
-                self._write([self._call(event)], durable=False)
+            if not self._refusals.note((source_of(event.peer), event.identity, event.method,
+                                        event.reason), event.presented):
+                return False
+            self._write([self._call(event)], durable=False)
+            return True
 
     def _call(self, event: Event) -> dict[str, Any]:
         fields: dict[str, Any] = {"kind": "call", "method": event.method,
@@ -646,9 +701,9 @@ class AuditLog:
         """
         await self._run(self._append, [self._call(event)], durable)
 
-    async def refusal(self, event: Event) -> None:
-        """Append (or count, see :meth:`_refusal`) a refusal of an unidentified caller."""
-        await self._run(self._refusal, event)
+    async def refusal(self, event: Event) -> bool:
+        """Append (or count, see :meth:`_refusal`) a refused call; whether appended."""
+        return bool(await self._run(self._refusal, event))
 
     async def export(self) -> int:
         """Export committed changes' records now (after a state change)."""
@@ -658,7 +713,11 @@ class AuditLog:
         await self._run(self._tick)
 
     def recover(self) -> int:
-        """At start-up, before serving: export what a crash left in the registry."""
+        """At start-up, before serving: check the log against the head the registry
+        holds (:meth:`_check_anchor`), export what a crash left in the registry."""
+        with self._locked():
+            self._catch_up()
+            self._check_anchor()
         moved = self._export()
         with self._locked():
             self._catch_up()
@@ -691,7 +750,7 @@ class AuditLog:
     def _succeeded(self) -> None:
         h = self._health
         h.failures = 0
-        if not h.healthy:
+        if not h.healthy and self.rolled_back is None:
             h.healthy = True
             for listener in h.listeners:
                 listener(True)
@@ -706,6 +765,7 @@ class AuditLog:
                     self._catch_up()
                     self._flush_refusals()
                     self._checkpoint()
+                    self._anchor()
         try:
             self._pool.submit(final).result()
         except Exception as exc:
@@ -849,11 +909,29 @@ def read_records(path: Path) -> Iterator[tuple[int, bytes]]:
                 yield n, line.rstrip(b"\n")
 
 
+def anchor_problem(anchored: tuple[int, str], hash_there: str | None, head_seq: int
+                   ) -> str | None:
+    """What is wrong where the registry holds the head ``anchored`` (sequence
+    number, hash) and the log's record at that number has ``hash_there`` (None:
+    the log has none) and its last is ``head_seq``; None where nothing is."""
+    seq, expected = anchored
+    if hash_there is None:
+        return (f"the registry holds the audit head at record {seq}, and the log ends at "
+                f"record {head_seq}: it was rolled back or cut short (its checkpoints with "
+                "it, where they agree)")
+    if not hmac.compare_digest(hash_there, expected):
+        return (f"record {seq} is not the one the registry holds as the audit head: the log "
+                "was rolled back and written again, or rewritten")
+    return None
+
+
 def verify_chain(path: Path, key: AuditKey | None, public: SigningKey | None = None,
-                 checkpoints: Path | None = None) -> ChainReport:
+                 checkpoints: Path | None = None,
+                 anchored: tuple[int, str] | None = None) -> ChainReport:
     """Check every record (strictly read, linked, hashed; its MAC with ``key``),
     then the checkpoints with ``public``: each signed, and the log's record at
-    each checkpoint's sequence number carrying the signed hash."""
+    each checkpoint's sequence number carrying the signed hash; and that the log
+    reaches the head the registry holds (``anchored``), where given."""
     report = ChainReport()
     head = Head()
     hashes: dict[int, str] = {}
@@ -883,6 +961,10 @@ def verify_chain(path: Path, key: AuditKey | None, public: SigningKey | None = N
         head = Head.of(record)
         hashes[head.seq] = head.hash
         report.records += 1
+    if anchored is not None and report.broken_at is None:
+        problem = anchor_problem(anchored, hashes.get(anchored[0]), head.seq)
+        if problem is not None:
+            report.problems.append(problem)
     if public is None or checkpoints is None:
         return report
     if not checkpoints.exists():

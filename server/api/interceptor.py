@@ -23,6 +23,7 @@ from index.registry import AuditEntry, audit_var
 from server.api.access import AccessControl, Client, caller_var
 from server.api.audit import AuditLog, Event
 from server.api.audit import AuditUnavailable as AuditDown
+from server.api.refusals import Tally, source_of
 from server.api.rpcs import ADMIN, AUDITED, DURABLE, OPEN_SERVICES, RPCS
 from server.core.metrics import Metrics
 from server.errors import (
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 REQUEST_ID_HEADER = "x-request-id"
+# Refusals logged one by one per source address, identity, method and reason in
+# each interval (seconds); the rest are counted in one line at its end.
+REFUSALS_LOGGED = 10
+REFUSAL_INTERVAL = 60.0
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,64}$")
 
 
@@ -207,6 +212,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.audit = audit
         self.max_in_flight = max_in_flight
         self.max_message_bytes = max_message_bytes
+        self.refusal_log = Tally(REFUSALS_LOGGED, REFUSAL_INTERVAL)
         self._in_flight = 0
 
     async def intercept_service(
@@ -326,7 +332,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         error = refused
                         response = None
                 if response is not None:
-                    self._charge(method, response)
+                    await self._charge(method, response)
                     account(grpc.StatusCode.OK)
                     return response
             if method.audited and not isinstance(error, AuditUnavailable):
@@ -396,34 +402,48 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                                           context.invocation_metadata() or ())
             identity = client.name
             if method.name in RPCS:
-                self.access.authorize(client, method.name)
+                await self.access.authorize(client, method.name)
             elif ADMIN not in client.roles:
                 raise PermissionDenied(f"{client.name} may not call {method.name} (only the "
                                        "admin role may)", method=method.name)
         except (Unauthenticated, PermissionDenied, RateLimited) as exc:
             self.metrics.refused.labels(method.name, exc.reason).inc()
-            log.warning("refused %s from %s (%s): %s", method.name, identity, context.peer(),
-                        exc.reason)
+            peer = context.peer() or ""
+            presented = getattr(exc, "presented", "")
+            if self.refusal_log.due():
+                self.log_refusals()
+            if self.refusal_log.note((source_of(peer), identity, method.name, exc.reason),
+                                     presented):
+                log.warning("refused %s from %s (%s): %s", method.name, identity, peer,
+                            exc.reason)
+            else:
+                self.metrics.refusals_summarised.labels("log").inc()
             if self.audit is not None:
-                event = Event(method.name, identity, context.peer() or "", rid,
-                              code_of(exc).name, exc.reason, "", _nik(request),
-                              getattr(exc, "presented", ""))
+                event = Event(method.name, identity, peer, rid, code_of(exc).name, exc.reason,
+                              "", _nik(request), presented)
                 try:
-                    if identity == "-":
-                        await self.audit.refusal(event)
-                    else:
-                        await self.audit.record(event)
+                    if not await self.audit.refusal(event):
+                        self.metrics.refusals_summarised.labels("audit").inc()
                 except AuditDown:
                     self.metrics.audit_failures.labels("record").inc()
             raise
         return client
 
-    def _charge(self, method: _Method, response: Any) -> None:
+    def log_refusals(self) -> None:
+        """One log line for each source, identity, method and reason whose refusals
+        went over the allowance in the interval that ended (called as refusals come,
+        by the server's periodic task and at its stop)."""
+        for (source, identity, method, reason), t in self.refusal_log.take():
+            log.warning("refused %d calls of %s from %s (%s) since %s: %s; the first %d "
+                        "logged one by one", t.count, method, identity, source, t.since, reason,
+                        self.refusal_log.per_key)
+
+    async def _charge(self, method: _Method, response: Any) -> None:
         """Charge a response's listed NIKs past the first to the caller's rate."""
         charged = RPCS[method.name].charged if method.name in RPCS else ""
         client = caller_var.get()
         if charged and client is not None:
-            self.access.charge(client, len(getattr(response, charged)) - 1)
+            await self.access.charge(client, len(getattr(response, charged)) - 1)
 
     def _admit(self, method: _Method, request: Any) -> None:
         """Raises Overloaded beyond ``max_in_flight``, RequestTooLarge or

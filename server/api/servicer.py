@@ -78,6 +78,7 @@ def liveness_pb(burst: LivenessOutcome | None) -> pb.LivenessResult:
     if (a := burst.assessment) is not None:
         out.steps, out.steps_followed = a.steps, a.steps_followed
         out.depth_score, out.same_face_score = a.depth, a.same_face
+        out.parallax_score = a.parallax
         out.matched_frame = a.matched
     return out
 
@@ -123,6 +124,7 @@ def presentation_settings_pb(checks: PresentationChecks) -> pb.PresentationAttac
         s = sessions.thresholds
         out.liveness_sessions, out.liveness_session_measure = True, f"liveness-session:{MEASURE}"
         out.liveness_depth_threshold, out.liveness_same_face_threshold = s.depth, s.same_face
+        out.liveness_parallax_threshold = s.parallax
         out.liveness_session_bpcer_target = s.bpcer_target
         out.liveness_session_bona_fide = s.bona_fide
         out.liveness_session_ttl_s = sessions.ttl_seconds

@@ -20,7 +20,7 @@ from typing import TypeVar
 import numpy as np
 
 from index.gallery import Gallery, Match
-from index.registry import Enrollment, NotPending
+from index.registry import NIK_LIKE, Enrollment, NotPending
 from server.core.duplicates import DuplicatePoint, DuplicateThreshold, kind
 from server.core.inference import InferenceEngine
 from server.core.liveness import Capture
@@ -78,6 +78,11 @@ def _validate_metadata(metadata: dict[str, str]) -> dict[str, str]:
         if not k or len(k) > 64 or len(v) > MAX_METADATA_CHARS:
             raise InvalidRequest("metadata keys must be 1-64 characters and values at most "
                                  f"{MAX_METADATA_CHARS}", field="metadata")
+        if NIK_LIKE.search(k) or NIK_LIKE.search(v):
+            raise InvalidRequest(f"metadata[{k[:64]!r}] holds a NIK (16 digits): a NIK is "
+                                 "personal data an erasure must reach, so it is kept only as "
+                                 "an enrolment's own; refer to other records by your own id",
+                                 field="metadata")
     return dict(metadata)
 
 
@@ -277,6 +282,10 @@ class EnrolmentService:
         if len(note) > MAX_NOTE_CHARS:
             raise InvalidRequest(f"note must be at most {MAX_NOTE_CHARS} characters",
                                  field="note")
+        if NIK_LIKE.search(note):
+            raise InvalidRequest("note holds a NIK (16 digits, in any spacing): the enrolment's "
+                                 "candidates already name the NIKs concerned; a note may not "
+                                 "(an erasure must reach every copy)", field="note")
         decision = "confirmed" if confirm else "cleared"
         try:
             e = await self._index("index_write", self.gallery.resolve_review, nik, decision,

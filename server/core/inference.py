@@ -77,8 +77,8 @@ class InferenceEngine:
         return run
 
     async def analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool,
-                      selfie: bool = False, view: bool = False, embed: bool = True
-                      ) -> AnalysedFace:
+                      selfie: bool = False, view: bool = False, embed: bool = True,
+                      turns: int | None = None) -> AnalysedFace:
         """The subject face of one encoded image: :meth:`FacePipeline.steps`, with
         per-image steps in the CPU pool and model calls batched across requests.
         Stage times go to the metrics (``detect`` and ``embed`` include the wait
@@ -91,7 +91,7 @@ class InferenceEngine:
         timings = Timings()
         try:
             face: AnalysedFace = await self._drive(self.pipeline.steps(
-                data, field_name, refuse_ambiguous, timings, selfie, view, embed))
+                data, field_name, refuse_ambiguous, timings, selfie, view, embed, turns))
         finally:
             self.metrics.observe_stages(timings.seconds)
         return face

@@ -279,12 +279,18 @@ class LivenessSessions:
         digests = [hashlib.sha256(data).digest() for data, _ in capture.frames]
         replayed = await self._in_store(lambda: self.store.seen(digests))
         # The frames taken during the look at the camera, one of which is matched,
-        # are analysed as selfies at once; the others only located.
-        looking = set(lv.looking_frames(challenge, [ms for _, ms in capture.frames]))
-        faces = await asyncio.gather(*(
-            self.engine.analyse(data, f"liveness.frames[{i}]", True, selfie=i in looking,
-                                view=view and i in looking, embed=i in looking)
-            for i, (data, _) in enumerate(capture.frames)))
+        # are analysed as selfies at once; the others only located, upright as
+        # the first of those was found to be (one camera).
+        looking = lv.looking_frames(challenge, [ms for _, ms in capture.frames])
+        seen = dict(zip(looking, await asyncio.gather(*(
+            self.engine.analyse(capture.frames[i][0], f"liveness.frames[{i}]", True,
+                                selfie=True, view=view) for i in looking)), strict=True))
+        turns = seen[looking[0]].turns
+        rest = [i for i in range(len(capture.frames)) if i not in seen]
+        seen.update(zip(rest, await asyncio.gather(*(
+            self.engine.analyse(capture.frames[i][0], f"liveness.frames[{i}]", True,
+                                embed=False, turns=turns) for i in rest)), strict=True))
+        faces = [seen[i] for i in range(len(capture.frames))]
         frames = [lv.Frame(f.face.landmarks, tuple(f.face.box), f.chip,
                            lv.in_chip(f.face.landmarks, self.template), ms)
                   for f, (_, ms) in zip(faces, capture.frames, strict=True)]

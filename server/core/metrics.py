@@ -145,6 +145,15 @@ class Metrics:
                                       "Changed access policies refused (malformed, or others "
                                       "could change the file); the previous policy stays",
                                       registry=r)
+        self.refusals_summarised = Counter(
+            "faceverify_refusals_summarised",
+            "Refused calls counted in a summary instead of written one by one (beyond the "
+            "first 10 a minute of a source, identity, method and reason)", ["record"],
+            registry=r)
+        self.rate_store_fallbacks = Counter(
+            "faceverify_rate_store_fallbacks",
+            "Calls rate-limited per process because the shared rate-limit store did not "
+            "answer in time (locked by another process, or failing)", registry=r)
         self.tls_reloads = Counter("faceverify_tls_reloads",
                                    "Times the TLS certificate files were reloaded", registry=r)
         self.index_lag = Gauge("faceverify_index_lag_changes",

@@ -101,7 +101,7 @@ class LivenessFrame(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., offset_ms: _Optional[int] = ...) -> None: ...
 
 class LivenessResult(_message.Message):
-    __slots__ = ("checked", "live", "steps", "steps_followed", "depth_score", "same_face_score", "matched_frame", "frames")
+    __slots__ = ("checked", "live", "steps", "steps_followed", "depth_score", "same_face_score", "matched_frame", "frames", "parallax_score")
     CHECKED_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class LivenessResult(_message.Message):
     SAME_FACE_SCORE_FIELD_NUMBER: _ClassVar[int]
     MATCHED_FRAME_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
+    PARALLAX_SCORE_FIELD_NUMBER: _ClassVar[int]
     checked: bool
     live: bool
     steps: int
@@ -118,7 +119,8 @@ class LivenessResult(_message.Message):
     same_face_score: float
     matched_frame: int
     frames: int
-    def __init__(self, checked: _Optional[bool] = ..., live: _Optional[bool] = ..., steps: _Optional[int] = ..., steps_followed: _Optional[int] = ..., depth_score: _Optional[float] = ..., same_face_score: _Optional[float] = ..., matched_frame: _Optional[int] = ..., frames: _Optional[int] = ...) -> None: ...
+    parallax_score: float
+    def __init__(self, checked: _Optional[bool] = ..., live: _Optional[bool] = ..., steps: _Optional[int] = ..., steps_followed: _Optional[int] = ..., depth_score: _Optional[float] = ..., same_face_score: _Optional[float] = ..., matched_frame: _Optional[int] = ..., frames: _Optional[int] = ..., parallax_score: _Optional[float] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
     __slots__ = ("nik", "selfie", "reference", "metadata", "request_id", "reference_kind", "liveness")
@@ -485,7 +487,7 @@ class ServerInfo(_message.Message):
     def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ..., serving: _Optional[_Union[ServingSettings, _Mapping]] = ..., duplicate_target_fpir: _Optional[float] = ..., duplicate_pairwise_fmr: _Optional[float] = ..., duplicate_threshold_extrapolated: _Optional[bool] = ..., reference_operating_points: _Optional[_Iterable[_Union[OperatingPoint, _Mapping]]] = ..., presentation_attack: _Optional[_Union[PresentationAttackSettings, _Mapping]] = ...) -> None: ...
 
 class PresentationAttackSettings(_message.Message):
-    __slots__ = ("policy", "reference_copy_checked", "reference_copy_threshold", "reference_copy_genuine_rate", "reference_face_copy_threshold", "enrolled_copy_threshold", "measure", "liveness_checked", "live_threshold", "live_bpcer_target", "live_bpcer", "liveness_bona_fide", "liveness_dataset", "liveness_version", "live_bpcer_confidence", "liveness_sessions", "liveness_session_measure", "liveness_depth_threshold", "liveness_same_face_threshold", "liveness_session_bpcer_target", "liveness_session_bona_fide", "liveness_session_ttl_s")
+    __slots__ = ("policy", "reference_copy_checked", "reference_copy_threshold", "reference_copy_genuine_rate", "reference_face_copy_threshold", "enrolled_copy_threshold", "measure", "liveness_checked", "live_threshold", "live_bpcer_target", "live_bpcer", "liveness_bona_fide", "liveness_dataset", "liveness_version", "live_bpcer_confidence", "liveness_sessions", "liveness_session_measure", "liveness_depth_threshold", "liveness_same_face_threshold", "liveness_session_bpcer_target", "liveness_session_bona_fide", "liveness_session_ttl_s", "liveness_parallax_threshold")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_COPY_CHECKED_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_COPY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -508,6 +510,7 @@ class PresentationAttackSettings(_message.Message):
     LIVENESS_SESSION_BPCER_TARGET_FIELD_NUMBER: _ClassVar[int]
     LIVENESS_SESSION_BONA_FIDE_FIELD_NUMBER: _ClassVar[int]
     LIVENESS_SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_PARALLAX_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     policy: str
     reference_copy_checked: bool
     reference_copy_threshold: float
@@ -530,7 +533,8 @@ class PresentationAttackSettings(_message.Message):
     liveness_session_bpcer_target: float
     liveness_session_bona_fide: int
     liveness_session_ttl_s: int
-    def __init__(self, policy: _Optional[str] = ..., reference_copy_checked: _Optional[bool] = ..., reference_copy_threshold: _Optional[float] = ..., reference_copy_genuine_rate: _Optional[float] = ..., reference_face_copy_threshold: _Optional[float] = ..., enrolled_copy_threshold: _Optional[float] = ..., measure: _Optional[str] = ..., liveness_checked: _Optional[bool] = ..., live_threshold: _Optional[float] = ..., live_bpcer_target: _Optional[float] = ..., live_bpcer: _Optional[float] = ..., liveness_bona_fide: _Optional[int] = ..., liveness_dataset: _Optional[str] = ..., liveness_version: _Optional[str] = ..., live_bpcer_confidence: _Optional[float] = ..., liveness_sessions: _Optional[bool] = ..., liveness_session_measure: _Optional[str] = ..., liveness_depth_threshold: _Optional[float] = ..., liveness_same_face_threshold: _Optional[float] = ..., liveness_session_bpcer_target: _Optional[float] = ..., liveness_session_bona_fide: _Optional[int] = ..., liveness_session_ttl_s: _Optional[int] = ...) -> None: ...
+    liveness_parallax_threshold: float
+    def __init__(self, policy: _Optional[str] = ..., reference_copy_checked: _Optional[bool] = ..., reference_copy_threshold: _Optional[float] = ..., reference_copy_genuine_rate: _Optional[float] = ..., reference_face_copy_threshold: _Optional[float] = ..., enrolled_copy_threshold: _Optional[float] = ..., measure: _Optional[str] = ..., liveness_checked: _Optional[bool] = ..., live_threshold: _Optional[float] = ..., live_bpcer_target: _Optional[float] = ..., live_bpcer: _Optional[float] = ..., liveness_bona_fide: _Optional[int] = ..., liveness_dataset: _Optional[str] = ..., liveness_version: _Optional[str] = ..., live_bpcer_confidence: _Optional[float] = ..., liveness_sessions: _Optional[bool] = ..., liveness_session_measure: _Optional[str] = ..., liveness_depth_threshold: _Optional[float] = ..., liveness_same_face_threshold: _Optional[float] = ..., liveness_session_bpcer_target: _Optional[float] = ..., liveness_session_bona_fide: _Optional[int] = ..., liveness_session_ttl_s: _Optional[int] = ..., liveness_parallax_threshold: _Optional[float] = ...) -> None: ...
 
 class ServingSettings(_message.Message):
     __slots__ = ("processes", "workers", "intra_op_threads", "batch_concurrency", "detect_max_batch", "embed_max_batch", "batch_wait_ms", "batch_buckets", "max_queue", "cudnn_conv_algo_search")

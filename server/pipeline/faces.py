@@ -258,8 +258,8 @@ class FacePipeline:
         return (pixels, faces, 0) if best is None else best[1:]
 
     def steps(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
-              timings: Timings, selfie: bool = False, view: bool = False, embed: bool = True
-              ) -> Steps[AnalysedFace]:
+              timings: Timings, selfie: bool = False, view: bool = False, embed: bool = True,
+              turns: int | None = None) -> Steps[AnalysedFace]:
         """The analysis of one image as a sequence of steps, for a driver to run.
 
         The one definition of what analysing an image means, whoever runs it:
@@ -276,6 +276,9 @@ class FacePipeline:
                 another: a selfie and its reference).
             embed: compute the embedding (else it is empty: a liveness frame, whose
                 chip is embedded later if at all, :meth:`embed_steps`).
+            turns: the quarter turns that make the image upright, where they are
+                known (a burst's frames, from one camera): detected once, so turned;
+                None: found by :meth:`upright_steps`.
         """
         with timings.stage("decode"):
             if isinstance(data, np.ndarray):
@@ -283,9 +286,14 @@ class FacePipeline:
             else:
                 decoded = yield CpuStep(self.decode, (data, field_name))
         with timings.stage("detect"):
-            faces = yield from detection_steps(self.detector, self.detector_calls,
-                                                decoded.pixels)
-            pixels, faces, turns = yield from self.upright_steps(decoded.pixels, faces)
+            if turns is None:
+                faces = yield from detection_steps(self.detector, self.detector_calls,
+                                                    decoded.pixels)
+                pixels, faces, turns = yield from self.upright_steps(decoded.pixels, faces)
+            else:
+                pixels = decoded.pixels if not turns else (
+                    yield CpuStep(turn, (decoded.pixels, turns)))
+                faces = yield from detection_steps(self.detector, self.detector_calls, pixels)
         with timings.stage("align"):
             subject, ambiguous, chip, surroundings, quality, local = yield CpuStep(
                 self.subject_chip, (replace(decoded, pixels=pixels), faces, field_name,
@@ -308,8 +316,8 @@ class FacePipeline:
 
     def analyse(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
                 timings: Timings | None = None, selfie: bool = False, view: bool = False,
-                embed: bool = True) -> AnalysedFace:
+                embed: bool = True, turns: int | None = None) -> AnalysedFace:
         """Run :meth:`steps` here, one model call at a time (see :func:`choose_subject`
         for the per-image errors)."""
         return run_steps(self.steps(data, field_name, refuse_ambiguous, timings or Timings(),
-                                    selfie, view, embed))
+                                    selfie, view, embed, turns))

@@ -9,21 +9,29 @@ eye, nose tip, image-left and image-right mouth corner).
 
 * **The challenge was followed** (``CHALLENGE_NOT_FOLLOWED``): each frame's pose
   against the first frame's: the turn (the nose tip's offset along the eyes, in
-  eye distances; :func:`server.pipeline.quality.turn_of`), the nod (the nose
-  tip's place between the eyes and the mouth) and the size (the box's).  Each
-  step must be shown by some frame, in the challenge's order.  Frames are as the
-  camera saw them, not mirrored: turning to one's own left moves the nose to the
-  image's right.
+  eye distances; :func:`server.pipeline.quality.turn_of`), the nod (how far the
+  nose has moved off the plane of the eyes and mouth towards the mouth, found
+  by following the nose's own picture: :func:`nose_shift`; the detector's nose
+  landmark barely follows a nod) and the size (the box's).  A frame shows the
+  movements that pass their thresholds and come near the strongest of its
+  movements (each in its threshold's units: :data:`DOMINANCE`), so that a turn
+  does not also count as the nod its nose's picture drifts into.  Each step
+  must be shown by some frame, in the challenge's order.  Frames are as the camera saw
+  them, not mirrored: turning to one's own left moves the nose to the image's
+  right.
 * **The face is not flat** (``FACE_IS_FLAT``): a picture, however it is moved,
   tilted or bent a little, shows its face to the camera through one homography
   from one frame to another; a head turning or nodding does not (its nose
-  stands in front of its cheeks, its outline slides over the room).  The
-  depth score is what is left after the best homography (with a gain and an
-  offset for exposure) takes the face of the first frame onto the face of a
-  moved frame (:func:`depth_score`), in the first frame's contrast, for the
-  two frames that moved the most.  The five landmarks alone do not settle it:
-  the detector places a tilted picture's nose tip as if the face had turned
-  (docs/presentation-attacks.md has the figures).
+  stands in front of its cheeks, its outline slides over the room).  Two
+  scores, both must reach their thresholds: the depth score, what is left
+  after the best homography (with a gain and an offset for exposure) takes the
+  face of the first frame onto the face of a moved frame (:func:`depth_score`),
+  in the first frame's contrast, for the two frames that moved the most; and
+  the parallax, how far the nose's picture moved off the plane of the eyes
+  and mouth (:func:`nose_shift`), in the frame where it moved the second most.
+  The five landmarks alone do not settle it: the detector places a tilted
+  picture's nose tip as if the face had turned (docs/presentation-attacks.md
+  has the figures).
 * **One face throughout** (``FACE_CHANGED``): the frames that gave the depth
   score are embedded and must match the frame that is compared with the
   reference.
@@ -46,7 +54,8 @@ import numpy as np
 
 from server.pipeline.geometry import umeyama
 
-MEASURE = "pose-turn-nod-size.depth-lk-homography64-m22-top2of3.same-top2"
+MEASURE = ("pose-turn-noseshift16-size-dominant70.depth-lk-homography64-m22-top2of3"
+           ".parallax-2nd.same-top2")
 
 CHALLENGE_NOT_FOLLOWED = "CHALLENGE_NOT_FOLLOWED"
 FACE_IS_FLAT = "FACE_IS_FLAT"
@@ -97,25 +106,54 @@ def new_challenge(rng: random.Random, moves: int = 4) -> list[Step]:
 
 @dataclass(frozen=True)
 class FramePose:
-    """What one frame's landmarks say of the head."""
+    """What one frame says of the head."""
 
     turn: float  # nose tip along the eyes from their middle, in eye distances
-    nod: float  # nose tip from the eyes towards the mouth, as a share of the way
+    nod: float  # the nose's shift towards the mouth since the first frame (nose_shift)
     size: float  # the square root of the box's area, in pixels
 
 
-def pose_of(landmarks: np.ndarray, box: Sequence[float]) -> FramePose:
-    eyes = (landmarks[0] + landmarks[1]) / 2
+def _axes(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Along the eyes and down the face (unit vectors), the eye distance and the
+    height from the eyes to the mouth."""
     across = landmarks[1] - landmarks[0]
     span = float(np.linalg.norm(across)) or 1e-6
     along = across / span
     down = np.array([-along[1], along[0]])
-    mouth = (landmarks[3] + landmarks[4]) / 2
-    nose = landmarks[2] - eyes
-    height = float((mouth - eyes) @ down) or 1e-6
+    height = float(((landmarks[3] + landmarks[4]) / 2 - (landmarks[0] + landmarks[1]) / 2)
+                   @ down) or 1e-6
+    return along, down, span, height
+
+
+def pose_of(landmarks: np.ndarray, box: Sequence[float], nod: float = 0.0) -> FramePose:
+    """A frame's pose from its landmarks and box, with its ``nod`` (:func:`nose_shift`)."""
+    along, _, span, _ = _axes(landmarks)
+    nose = landmarks[2] - (landmarks[0] + landmarks[1]) / 2
     x0, y0, x1, y1 = box
-    return FramePose(turn=float(nose @ along) / span, nod=float(nose @ down) / height,
+    return FramePose(turn=float(nose @ along) / span, nod=nod,
                      size=float(np.sqrt(max(x1 - x0, 0.0) * max(y1 - y0, 0.0))))
+
+
+Shift = tuple[float, float] | None  # a nose shift; None where the nose was lost
+
+
+def nose_shifts(frames: Sequence[Frame]) -> list[Shift]:
+    """Each frame's :func:`nose_shift` from the first ((0, 0) for the first)."""
+    return [(0.0, 0.0), *(nose_shift(frames[0], f) for f in frames[1:])]
+
+
+def poses_of(frames: Sequence[Frame], shifts: Sequence[Shift]) -> list[FramePose]:
+    """Every frame's pose, its nod from its nose shift (:func:`nose_shifts`; none
+    where the nose was lost)."""
+    return [pose_of(f.landmarks, f.box, s[1] if s is not None else 0.0)
+            for f, s in zip(frames, shifts, strict=True)]
+
+
+def parallax(shifts: Sequence[Shift]) -> float:
+    """The second largest nose shift (its length) of the frames where the nose was
+    found: one frame's could be a slip, two agreeing are the head's."""
+    lengths = sorted(math.hypot(*s) for s in shifts[1:] if s is not None)
+    return lengths[-2] if len(lengths) > 1 else 0.0
 
 
 @dataclass(frozen=True)
@@ -125,7 +163,8 @@ class Thresholds:
     turn: float  # a turn shows once the turn has changed this much from the first frame
     nod: float  # looking up or down: the nod's change
     closer: float  # coming closer: the size's ratio
-    depth: float  # a depth score at or above this: not flat
+    depth: float  # a depth score at or above this, and
+    parallax: float  # a parallax at or above this: not flat
     same_face: float  # the cosine of the parallax frames with the matched frame
     bpcer_target: float = 0.0
     bona_fide: int = 0  # bursts they were measured on
@@ -138,24 +177,25 @@ class Thresholds:
             return None
         t = record["thresholds"]
         return cls(float(t["turn"]), float(t["nod"]), float(t["closer"]), float(t["depth"]),
-                   float(t["same_face"]), float(record["bpcer_target"]),
+                   float(t["parallax"]), float(t["same_face"]), float(record["bpcer_target"]),
                    int(record["bona_fide"]), str(record["dataset"]))
 
 
+DOMINANCE = 0.7  # a frame shows a movement this near its strongest one, or nearer
+
+
 def shows(pose: FramePose, first: FramePose, t: Thresholds) -> set[Action]:
-    """The movements a frame shows against the first frame."""
-    out = set()
-    if pose.turn - first.turn >= t.turn:
-        out.add(Action.TURN_LEFT)
-    if pose.turn - first.turn <= -t.turn:
-        out.add(Action.TURN_RIGHT)
-    if pose.nod - first.nod <= -t.nod:
-        out.add(Action.LOOK_UP)
-    if pose.nod - first.nod >= t.nod:
-        out.add(Action.LOOK_DOWN)
-    if pose.size >= first.size * t.closer:
-        out.add(Action.COME_CLOSER)
-    return out
+    """The movements a frame shows against the first frame: each movement's
+    strength in its threshold's units (1: just shown), those at 1 or more and at
+    least :data:`DOMINANCE` of the strongest."""
+    turn, nod = pose.turn - first.turn, pose.nod - first.nod
+    strength = {
+        Action.TURN_LEFT if turn > 0 else Action.TURN_RIGHT: abs(turn) / t.turn,
+        Action.LOOK_DOWN if nod > 0 else Action.LOOK_UP: abs(nod) / t.nod,
+        Action.COME_CLOSER: math.log(max(pose.size, 1e-6) / max(first.size, 1e-6))
+        / math.log(t.closer)}
+    strongest = max(strength.values())
+    return {a for a, s in strength.items() if s >= 1 and s >= DOMINANCE * strongest}
 
 
 def followed(challenge: Sequence[Step], poses: Sequence[FramePose], t: Thresholds) -> int:
@@ -189,16 +229,21 @@ DEPTH_SIZE = 64  # the faces are compared at this many pixels a side
 DEPTH_MARGIN = 0.22  # of the aligned face left out each side: the inner face
 
 
-def _grey(chip: np.ndarray, size: int) -> np.ndarray:
-    """An aligned face as grey levels, smoothed (JPEG and sensor noise out) and
-    reduced to ``size`` a side."""
-    grey = chip.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+def _smoothed(chip: np.ndarray) -> np.ndarray:
+    """An aligned face as grey levels, smoothed (JPEG and sensor noise out)."""
+    grey: np.ndarray = chip.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     for axis in (0, 1):  # a [1 2 1] / 4 smoothing, twice each way
         for _ in range(2):
             padded = np.pad(grey, [(1, 1) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
             lo, mid, hi = (np.take(padded, np.arange(k, k + grey.shape[axis]), axis=axis)
                            for k in (0, 1, 2))
             grey = (lo + 2 * mid + hi) / 4
+    return grey
+
+
+def _grey(chip: np.ndarray, size: int) -> np.ndarray:
+    """:func:`_smoothed`, reduced to ``size`` a side."""
+    grey = _smoothed(chip)
     step = grey.shape[0] / size
     at = (np.arange(size) + 0.5) * step - 0.5
     return bilinear(grey, *np.meshgrid(at, at))
@@ -236,6 +281,58 @@ def in_chip(landmarks: np.ndarray, template: np.ndarray) -> np.ndarray:
     a, t = umeyama(np.asarray(landmarks, np.float64), template)
     out: np.ndarray = np.asarray(landmarks, np.float64) @ a.T + t
     return out
+
+
+NOSE_PATCH = 8 / 112  # the nose's picture: this share of the chip's side each way
+NOSE_SEARCH = 16 / 112  # looked for this far (share of the side) from where a plane puts it
+
+
+def _apply(h: np.ndarray, points: np.ndarray) -> np.ndarray:
+    out = np.c_[points, np.ones(len(points))] @ h.T
+    result: np.ndarray = out[:, :2] / out[:, 2:]
+    return result
+
+
+def _peak(scores: np.ndarray, i: int) -> float:
+    """The sub-pixel place of a maximum at ``i`` (a parabola through it and its
+    neighbours)."""
+    if 0 < i < len(scores) - 1:
+        curve = scores[i - 1] - 2 * scores[i] + scores[i + 1]
+        if curve < 0:
+            return i + 0.5 * float(scores[i - 1] - scores[i + 1]) / float(curve)
+    return float(i)
+
+
+def nose_shift(first: Frame, other: Frame) -> tuple[float, float] | None:
+    """How far the nose tip has moved off the plane of the eyes and mouth between
+    two frames: along the eyes (in eye distances) and towards the mouth (in
+    eye-to-mouth heights).  The patch of the first face about its nose tip is
+    looked for (normalised cross-correlation, whole pixels, then a parabola) in
+    the other face about where the eyes-and-mouth homography puts it: a head that
+    nods moves its nose off that plane, a picture cannot.  The detector's own
+    nose landmark follows a turn but barely a nod (benchmarks.liveness).  None
+    where the best place is at the edge of the search: the nose was lost."""
+    a, b = _smoothed(first.chip), _smoothed(other.chip)
+    side = first.chip.shape[0]
+    half, search = max(2, round(NOSE_PATCH * side)), max(2, round(NOSE_SEARCH * side))
+    h = homography(first.chip_landmarks[PLANE], other.chip_landmarks[PLANE])
+    nx, ny = first.chip_landmarks[2]
+    reach = half + search
+    ys, xs = np.mgrid[-reach:reach + 1, -reach:reach + 1].astype(np.float64)
+    around = bilinear(b, *_apply(h, np.c_[xs.ravel() + nx, ys.ravel() + ny]).T
+                      ).reshape(xs.shape)
+    ys, xs = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float64)
+    patch = bilinear(a, xs + nx, ys + ny)
+    patch = (patch - patch.mean()) / (patch.std() + 1e-6)
+    windows = np.lib.stride_tricks.sliding_window_view(around, patch.shape)
+    mean, spread = windows.mean((2, 3)), windows.std((2, 3)) + 1e-6
+    scores = ((windows - mean[..., None, None]) * patch).mean((2, 3)) / spread
+    iy, ix = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    if 2 * search in (iy, ix) or 0 in (iy, ix):
+        return None
+    shift = np.array([_peak(scores[iy, :], int(ix)), _peak(scores[:, ix], int(iy))]) - search
+    along, down, span, height = _axes(other.chip_landmarks)
+    return float(shift @ along) / span, float(shift @ down) / height
 
 
 def depth_score(first: Frame, other: Frame, iterations: int = 40) -> float:
@@ -304,6 +401,7 @@ class Assessment:
     steps: int  # the challenge's movements
     steps_followed: int
     depth: float  # the depth score (0 where no frame moved)
+    parallax: float  # the nose's shift off the plane (:func:`parallax`)
     same_face: float  # the lowest cosine of a depth frame with the matched frame
     matched: int  # the frame compared with the reference
     depth_frames: tuple[int, ...]
@@ -318,7 +416,7 @@ class Assessment:
         out = []
         if self.steps_followed < self.steps:
             out.append(CHALLENGE_NOT_FOLLOWED)
-        if self.depth < t.depth:
+        if self.depth < t.depth or self.parallax < t.parallax:
             out.append(FACE_IS_FLAT)
         if self.same_face < t.same_face:
             out.append(FACE_CHANGED)
@@ -342,14 +440,15 @@ def matched_frame(challenge: Sequence[Step], frames: Sequence[Frame]) -> int:
 def geometry(challenge: Sequence[Step], frames: Sequence[Frame], t: Thresholds
              ) -> Assessment:
     """What the frames' geometry shows: the challenge followed, the frame to match,
-    and the depth score of the frames that moved most (``same_face`` is left at 1:
+    the depth score of the frames that moved most and the parallax (``same_face`` is left at 1:
     :meth:`Assessment.with_faces` sets it from their embeddings)."""
-    poses = [pose_of(f.landmarks, f.box) for f in frames]
+    shifts = nose_shifts(frames)
+    poses = poses_of(frames, shifts)
     steps = sum(1 for s in challenge if s.action is not Action.LOOK_STRAIGHT)
     scores = sorted(((depth_score(frames[0], frames[i]), i)
                      for i in moved_most(poses)), reverse=True)[:2]
     depth = float(np.mean([s for s, _ in scores])) if scores else 0.0
-    return Assessment(steps, followed(challenge, poses, t), depth, 1.0,
+    return Assessment(steps, followed(challenge, poses, t), depth, parallax(shifts), 1.0,
                       matched_frame(challenge, frames), tuple(i for _, i in scores))
 
 

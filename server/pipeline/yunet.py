@@ -1,7 +1,10 @@
 """OpenCV Zoo's YuNet detector with 5 landmarks (operator-supplied model, MIT).
 
-The image is scaled so its longer side is ``input_size``, padded to that
-square (a multiple of 32), and fed as BGR 0-255.  For each stride (8, 16,
+The image is scaled so its longer side is ``input_size``, padded on the right
+and at the bottom to multiples of 32 (a 480x640 frame is fed as 480x640, not
+as a 640x640 square: a quarter less to compute, the same outputs for every
+cell of the image; a model exported for one size is fed that square), as BGR
+0-255.  For each stride (8, 16,
 32) the model gives, per grid cell (one anchor), class and objectness scores
 (the detection score is their geometric mean), a box (centre offset in cells,
 log size in strides) and five keypoints (offsets in cells): eyes, nose tip,
@@ -55,15 +58,18 @@ class YunetDetector:
         shape = session.get_inputs()[0].shape
         fixed = [d for d in shape[2:] if isinstance(d, int)]
         # A model exported for one image size is fed that size.
+        self.square = bool(fixed)
         self.input_size = max(fixed) if fixed else -(-input_size // 32) * 32
 
     def prepare(self, image: np.ndarray, attempt: int) -> DetectorInput | None:
-        """One scan: the image scaled to ``input_size``, padded to that square, BGR."""
+        """One scan: the image scaled to ``input_size``, padded (see the module), BGR."""
         if attempt > 0:
             return None
         resized, scale = fit_within(image, self.input_size)
         nh, nw = resized.shape[:2]
-        blob = np.zeros((3, self.input_size, self.input_size), dtype=np.float32)
+        h, w = ((self.input_size, self.input_size) if self.square
+                else (-(-nh // 32) * 32, -(-nw // 32) * 32))
+        blob = np.zeros((3, h, w), dtype=np.float32)
         blob[:, :nh, :nw] = resized[..., ::-1].transpose(2, 0, 1)
         return DetectorInput(blob, scale)
 
@@ -76,10 +82,10 @@ class YunetDetector:
     def finish(self, image: np.ndarray, prepared: DetectorInput,
                output: dict[str, np.ndarray]) -> list[DetectedFace]:
         scale = float(prepared.context)
-        side = prepared.tensor.shape[1]
+        width = prepared.tensor.shape[2]
         boxes, scores, kps = [], [], []
         for s in STRIDES:
-            cols = side // s
+            cols = width // s
             score = np.sqrt(np.clip(output[f"cls_{s}"][:, 0], 0, 1)
                             * np.clip(output[f"obj_{s}"][:, 0], 0, 1))
             keep = np.nonzero(score >= self.threshold)[0]

@@ -447,12 +447,31 @@ def _audit_files(args: argparse.Namespace, required: bool = True) -> tuple[Path,
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from server.api.audit import CHECKPOINT_FILE, PUBLIC_KEY_FILE, SigningKey, verify_chain
+    from index.backends import backend
+    from index.errors import StartupError
+    from server.api.audit import (
+        CHECKPOINT_FILE,
+        ORIGIN_FILE,
+        PUBLIC_KEY_FILE,
+        SigningKey,
+        verify_chain,
+    )
 
     path, key = _audit_files(args, required=False)
     public_file = args.public_key or path.with_name(PUBLIC_KEY_FILE)
     public = SigningKey.load_public(public_file) if public_file.exists() else None
-    report = verify_chain(path, key, public, path.with_name(CHECKPOINT_FILE))
+    settings = _settings(args)
+    unread, anchored = "", None
+    origin = settings.data_dir / ORIGIN_FILE
+    try:
+        if origin.exists():
+            anchored = backend(settings.registry_url).read_audit_head(
+                settings.registry_url, settings.data_dir, origin.read_text().strip())
+    except StartupError as exc:
+        unread = str(exc)
+    report = verify_chain(path, key, public, path.with_name(CHECKPOINT_FILE), anchored)
+    if unread:
+        report.problems.append(f"the registry's audit head not checked: {unread}")
     if public is None:
         report.problems.append(f"no public key ({public_file}): checkpoints not checked, "
                                "so records cut from the end would go unseen")

@@ -117,7 +117,7 @@ async function verifyBurst(session, reference, frames) {
     liveness: {checked: !!one(live, 1, 0), live: !!one(live, 2, 0), steps: one(live, 3, 0),
                stepsFollowed: one(live, 4, 0), depthScore: one(live, 5, 0),
                sameFaceScore: one(live, 6, 0), matchedFrame: one(live, 7, 0),
-               frames: one(live, 8, 0)},
+               frames: one(live, 8, 0), parallaxScore: one(live, 9, 0)},
   };
 }
 
@@ -134,7 +134,7 @@ function grab(video, canvas) {
 
 // One frame during the look at the camera, two during each movement (at these
 // shares of the step: the head has arrived by then).
-const WHEN = {LOOK_STRAIGHT: [0.6], move: [0.5, 0.85]};
+const WHEN = {LOOK_STRAIGHT: [0.6], move: [0.7, 0.95]};
 
 async function captureBurst(video, canvas, challenge, say) {
   const frames = [];
