@@ -80,6 +80,8 @@ class Settings:
         snapshot_every: index snapshot after this many enrolments or erasures.
         grace_seconds: how long SIGTERM waits for in-flight calls.
         max_concurrent_rpcs: calls beyond this are refused with RESOURCE_EXHAUSTED.
+        messages_in_flight_bytes: a call whose request message would take the bytes
+            of the calls in flight past this is refused with RESOURCE_EXHAUSTED.
         batch_buckets: pad every model batch to the next power of two (up to the
             maximum), so that a GPU provider sees a few shapes, each planned and
             warmed at start-up, instead of planning anew for every batch size.
@@ -153,6 +155,7 @@ class Settings:
     snapshot_every: int = 1000
     grace_seconds: float = 10.0
     max_concurrent_rpcs: int = 256
+    messages_in_flight_bytes: int = 24 * 1024 * 1024
     limits: ImageLimits = field(default_factory=ImageLimits)
     policy: FacePolicy = field(default_factory=FacePolicy)
     log_level: str = "INFO"
@@ -214,6 +217,7 @@ GPU_PROFILE: dict[str, Any] = {
     "batch_wait_ms": 2.0,
     "max_queue": 2048,
     "max_concurrent_rpcs": 4096,
+    "messages_in_flight_bytes": 1024 * 1024 * 1024,
     "batch_buckets": True,
 }
 
@@ -225,18 +229,26 @@ GPU_PROFILE: dict[str, Any] = {
 # interleaved pairs in one run (`python -m benchmarks.model_sets`).  dlib's
 # ResNet gains from batching (10.2 -> 8.8 ms a face) and keeps the default.
 CPU_EMBED_MAX_BATCH: dict[str, int] = {"sface": 1}
+# Detector batches on a CPU, by detector kind, likewise: YuNet at 640 x 640 on one
+# thread of the 2-core Intel Xeon, 9.9 ms an image at batch 1, 12.4 at 2, 15.3 at
+# 8, and each image of a batch holds 32 MiB of onnxruntime's arena for good (a
+# batch of 8 at each of the two model slots: 550 MiB).
+CPU_DETECT_MAX_BATCH: dict[str, int] = {"yunet": 1}
 
 
-def for_provider(settings: Settings, provider: str, cpus: int, layout: str = "") -> Settings:
+def for_provider(settings: Settings, provider: str, cpus: int,
+                 kinds: tuple[str, str] = ("", "")) -> Settings:
     """``settings`` with the defaults that suit ``provider`` (already resolved)
     wherever the operator set nothing: on a GPU :data:`GPU_PROFILE` and one
-    server process per two cores (at most 8); on a CPU, the recognizer batch of
-    :data:`CPU_EMBED_MAX_BATCH` for the model set's recognizer ``layout``."""
+    server process per two cores (at most 8); on a CPU, the batches of
+    :data:`CPU_DETECT_MAX_BATCH` and :data:`CPU_EMBED_MAX_BATCH` for the model
+    set's detector kind and recognizer layout (``kinds``)."""
     if provider not in ("cuda", "tensorrt"):
-        batch = CPU_EMBED_MAX_BATCH.get(layout)
-        if batch is None or "embed_max_batch" in settings.explicit:
-            return settings
-        return replace(settings, embed_max_batch=batch)
+        detector, recognizer = kinds
+        batches: dict[str, Any] = {"detect_max_batch": CPU_DETECT_MAX_BATCH.get(detector),
+                   "embed_max_batch": CPU_EMBED_MAX_BATCH.get(recognizer)}
+        return replace(settings, **{k: v for k, v in batches.items()
+                                    if v is not None and k not in settings.explicit})
     profile = {**GPU_PROFILE, "processes": max(1, min(8, cpus // 2))}
     return replace(settings, **{k: v for k, v in profile.items()
                                 if k not in settings.explicit})

@@ -129,6 +129,7 @@ def _rate(v: float) -> bool:
 ENV_NAMES = {
     "limits.max_bytes": "max_image_bytes", "limits.max_pixels": "max_image_pixels",
     "limits.decode_side": "decode_side", "limits.decode_budget_bytes": "decode_budget_mb",
+    "messages_in_flight_bytes": "messages_in_flight_mb",
     "policy.min_face_px": "min_face_px", "policy.ambiguity_ratio": "ambiguity_ratio",
     "index.kind": "index_kind", "index.nlist": "index_nlist", "index.nprobe": "index_nprobe",
 }
@@ -185,8 +186,9 @@ OPTIONS: tuple[Option, ...] = (
            "alignment", int, check=_at_least(1), rule="must be >= 1"),
     Option("batch_concurrency", "model calls (batches) running at once, per model", int,
            check=_at_least(1), rule="must be >= 1"),
-    Option("detect_max_batch", "most images in one detector call", int, check=_at_least(1),
-           rule="must be >= 1"),
+    Option("detect_max_batch", "most images in one detector call (unless set: 1 for YuNet "
+           "on a CPU, where batching makes each image dearer and holds more memory; 64 on a "
+           "GPU)", int, check=_at_least(1), rule="must be >= 1"),
     Option("embed_max_batch", "most faces in one recognizer call (unless set: 1 for the "
            "SFace set on a CPU, where batching makes each face dearer; 128 on a GPU)", int,
            check=_at_least(1), rule="must be >= 1"),
@@ -234,10 +236,11 @@ OPTIONS: tuple[Option, ...] = (
            "WebP reduced as soon as its rows are read); boxes, landmarks and sizes are "
            "still reported in the uploaded image's pixels. `0`: always full size", int,
            check=_at_least(0), rule="must be >= 0 (0: decode at full size)"),
-    Option("limits.decode_budget_bytes", "full-size pixels being decoded at once, over "
-           "all requests, in MiB (8 bytes a pixel counted); a decode waits for room, one "
-           "larger than the budget runs alone", megabytes, check=_at_least(1),
-           rule="must be positive", default="`512`"),
+    Option("limits.decode_budget_bytes", "memory decoding may hold at once, over all "
+           "requests, in MiB, each image charged what its format needs (a progressive "
+           "JPEG's coefficients, a lossless WebP's pixels, a PNG's rows); a decode waits "
+           "for room, and an image that alone needs more is refused `IMAGE_TOO_LARGE`",
+           megabytes, check=_at_least(1), rule="must be positive", default="`160`"),
     Option("batch_buckets", "pad each model batch to the next power of two up to the "
            "maximum, every such shape warmed at start-up", boolean,
            default="off (on for a GPU)"),
@@ -276,6 +279,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_concurrent_rpcs", "calls beyond this are refused with "
            "`RESOURCE_EXHAUSTED` / `OVERLOADED`", int, check=_at_least(1),
            rule="must be >= 1"),
+    Option("messages_in_flight_bytes", "request messages held by the calls in flight, in "
+           "MiB; a call whose message would pass it is refused at once with "
+           "`RESOURCE_EXHAUSTED` / `OVERLOADED` (never less than one message of two images at "
+           "the byte limit)", megabytes, check=_at_least(1), rule="must be positive",
+           default="`24` (`1024` on a GPU)"),
     Option("grace_seconds", "how long SIGTERM lets in-flight calls finish", float,
            check=_at_least(0), rule="must be >= 0"),
 )

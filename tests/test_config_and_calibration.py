@@ -114,20 +114,29 @@ def test_a_gpu_gets_gpu_serving_defaults_where_the_operator_set_none() -> None:
                         16).processes == 1
 
 
-def test_the_sface_set_on_a_cpu_embeds_one_face_a_call_unless_the_operator_says(
+def test_the_default_set_on_a_cpu_detects_and_embeds_one_at_a_time_unless_the_operator_says(
         tmp_path: Path) -> None:
     from server.config import for_provider
-    from server.models.manifest import recognizer_layout
+    from server.models.manifest import model_kinds
 
     s = build_settings({}, {})
-    assert for_provider(s, "cpu", 2, "sface").embed_max_batch == 1
-    assert for_provider(s, "cpu", 2, "").embed_max_batch == s.embed_max_batch  # dlib's
-    assert for_provider(s, "cuda", 2, "sface").embed_max_batch == 128  # the GPU profile's
-    mine = build_settings({"FACEVERIFY_EMBED_MAX_BATCH": "4"}, {})
-    assert for_provider(mine, "cpu", 2, "sface").embed_max_batch == 4
-    (tmp_path / "manifest.json").write_text('{"recognizer": {"layout": "sface"}}')
-    assert recognizer_layout(tmp_path) == "sface"
-    assert recognizer_layout(tmp_path / "missing") == ""
+    default = for_provider(s, "cpu", 2, ("yunet", "sface"))
+    assert (default.detect_max_batch, default.embed_max_batch) == (1, 1)
+    dlib = for_provider(s, "cpu", 2, ("mmod", ""))
+    assert (dlib.detect_max_batch, dlib.embed_max_batch) == (s.detect_max_batch,
+                                                             s.embed_max_batch)
+    gpu = for_provider(s, "cuda", 2, ("yunet", "sface"))
+    assert (gpu.detect_max_batch, gpu.embed_max_batch) == (64, 128)  # the GPU profile's
+    mine = build_settings({"FACEVERIFY_EMBED_MAX_BATCH": "4", "FACEVERIFY_DETECT_MAX_BATCH": "2"},
+                          {})
+    chosen = for_provider(mine, "cpu", 2, ("yunet", "sface"))
+    assert (chosen.detect_max_batch, chosen.embed_max_batch) == (2, 4)
+    (tmp_path / "manifest.json").write_text(
+        '{"detector": {"kind": "yunet"}, "recognizer": {"layout": "sface"}}')
+    assert model_kinds(tmp_path) == ("yunet", "sface")
+    assert model_kinds(tmp_path / "missing") == ("", "")
+    (tmp_path / "manifest.json").write_text('{"detector": [], "recognizer": {}}')
+    assert model_kinds(tmp_path) == ("", "")
 
 
 def test_cudnn_search_mode_is_validated() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import threading
 import zlib
@@ -178,3 +179,92 @@ def test_pillow_global_state_is_untouched() -> None:
     decode_image(encode(_gradient(), "JPEG"), LIMITS, "selfie")
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     assert Image.MAX_IMAGE_PIXELS is not None
+
+
+class _Recording(PixelBudget):
+    """A budget that remembers what each decode was charged."""
+
+    def __init__(self, capacity: int = 1 << 40) -> None:
+        super().__init__(capacity)
+        self.charged: list[int] = []
+
+    def hold(self, nbytes: int):  # type: ignore[no-untyped-def]
+        self.charged.append(nbytes)
+        return super().hold(nbytes)
+
+
+def test_each_decode_is_charged_what_its_format_holds() -> None:
+    img = _gradient(1600, 1200)
+    charged = {}
+    for name, data in {"baseline": encode(img, "JPEG"),
+                       "progressive": encode(img, "JPEG", progressive=True, subsampling=0),
+                       "png": encode(img, "PNG"),
+                       "lossy webp": encode(img, "WEBP", quality=80),
+                       "lossless webp": encode(img, "WEBP", lossless=True)}.items():
+        budget = _Recording()
+        out = decode_image(data, LIMITS, "selfie", budget)
+        assert out.pixels.shape == (600, 800, 3), name  # reduced as read, whatever the format
+        charged[name] = budget.charged[0]
+    pixels = 1600 * 1200
+    # A progressive JPEG keeps every coefficient (3 components of 2 bytes, 4:4:4) ...
+    assert charged["progressive"] >= 6 * pixels > 3 * pixels > charged["baseline"]
+    # ... a PNG its rows in Pillow's 4 bytes a pixel; libwebp scales a lossy WebP as
+    # it decodes and keeps a lossless one's ARGB pixels.
+    assert 4 * pixels <= charged["png"] < 7 * pixels
+    assert charged["lossy webp"] <= pixels  # its output only
+    assert 4 * pixels <= charged["lossless webp"] <= 5 * pixels
+
+
+def test_an_image_that_alone_needs_more_than_the_budget_is_refused_naming_it() -> None:
+    data = encode(_gradient(2000, 1500), "JPEG", progressive=True, subsampling=0)
+    with pytest.raises(ImageTooLarge, match=r"selfie: decoding this 2000x1500 progressive "
+                                            r"JPEG would take \d+ MiB, over the decoding "
+                                            r"budget of 8 MiB"):
+        decode_image(data, LIMITS, "selfie", PixelBudget(8 << 20))
+    # A baseline JPEG of the same size is decoded reduced, within it.
+    assert decode_image(encode(_gradient(2000, 1500), "JPEG"), LIMITS, "selfie",
+                        PixelBudget(8 << 20)).pixels.shape == (750, 1000, 3)
+
+
+def test_libwebp_decodes_as_pillow_does_and_reduces_by_area() -> None:
+    from server.pipeline.webp import LIBWEBP
+
+    assert LIBWEBP is not None, "neither the system's libwebp nor Pillow's copy loaded"
+    img = _gradient(300, 200)
+    for kwargs, off in (({"lossless": True}, 0), ({"quality": 90}, 3)):  # Pillow's upsampling
+        data = encode(img, "WEBP", **kwargs)
+        ours = decode_image(data, LIMITS, "selfie").pixels.astype(int)
+        pillows = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+        assert np.abs(ours - pillows).max() <= off and np.abs(ours - pillows).mean() < 0.2
+    big = _gradient(2000, 1500)
+    reduced = decode_image(encode(big, "WEBP", lossless=True), LIMITS, "selfie")
+    assert reduced.pixels.shape == (500, 667, 3) and reduced.size[0] == 2000
+    assert abs(float(reduced.pixels.mean()) - float(np.asarray(big).mean())) < 1.0
+
+
+def test_webp_alpha_and_orientation() -> None:
+    clear = encode(Image.new("RGBA", (40, 40), (0, 0, 0, 0)), "WEBP", lossless=True)
+    assert (decode_image(clear, LIMITS, "selfie").pixels == 255).all()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = encode(_gradient(64, 48), "WEBP", quality=90, exif=exif.tobytes())
+    assert decode_image(turned, LIMITS, "selfie").pixels.shape == (64, 48, 3)
+
+
+def test_an_animation_is_refused() -> None:
+    frames = [_gradient(64, 48), _gradient(64, 48).rotate(180)]
+    for fmt in ("WEBP", "PNG"):
+        data = encode(frames[0], fmt, save_all=True, append_images=frames[1:])
+        with pytest.raises(InvalidImage, match="selfie: an animated image \\(2 frames\\)"):
+            decode_image(data, LIMITS, "selfie")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "I;16"])
+def test_stripes_reduce_as_the_whole_image_would(mode: str) -> None:
+    base = _gradient(1300, 1000)
+    img = base.convert("L").convert("I;16") if mode == "I;16" else base.convert(mode)
+    out = decode_image(encode(img, "PNG"), LIMITS, "selfie").pixels  # 1300 > 640: halved
+    whole = (Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).astype(np.uint8))
+             if mode == "I;16" else img).convert("RGB").reduce(2)
+    assert out.shape == (500, 650, 3)
+    assert np.abs(out.astype(int) - np.asarray(whole).astype(int)).max() <= 1

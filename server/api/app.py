@@ -56,6 +56,7 @@ from server.errors import ConfigurationError, StartupError
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
 from server.models.manifest import read_calibration
+from server.pipeline.image import return_freed_memory, trim_heap
 from server.pipeline.liveness import Thresholds
 from server.pipeline.loader import load_models, warm_up
 from server.pipeline.replay import ReplayCheck
@@ -65,6 +66,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# How often freed heap pages are given back while images come in.
+TRIM_SECONDS = 2.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FaceVerification"].full_name
 
 
@@ -155,6 +158,18 @@ class RunningServer:
                 await audit.tick()
             except Exception:
                 metrics.audit_failures.labels("tick").inc()
+
+    async def return_memory(self, every: float) -> None:
+        """Give freed heap pages back to the kernel every ``every`` seconds while
+        calls are answered: the heaps keep what a burst of calls freed (their
+        messages, decoded images, detector inputs waiting for their batch) until
+        they are trimmed."""
+        answered = self.interceptor.answered
+        while True:
+            await asyncio.sleep(every)
+            if self.interceptor.answered != answered:
+                answered = self.interceptor.answered
+                await asyncio.to_thread(trim_heap)
 
     async def watch_lag(self, max_lag: int, every: float = 1.0) -> None:
         """A replica of a shared registry: health NOT_SERVING while its index lags more
@@ -362,6 +377,8 @@ def transport_security(settings: Settings, metrics: Metrics
 async def start(settings: Settings) -> RunningServer:
     """Build everything, bind the port and report SERVING once the index agrees
     with the registry."""
+    if not return_freed_memory():
+        log.warning("not on glibc: memory freed after large images may stay with the process")
     metrics = Metrics()
     credentials, access = transport_security(settings, metrics)
     pools = make_pools(settings)
@@ -372,7 +389,10 @@ async def start(settings: Settings) -> RunningServer:
             pool.shutdown(wait=False)
         raise
     interceptor = ErrorInterceptor(metrics, access, services.audit,
-                                   settings.max_concurrent_rpcs, settings.max_message_bytes)
+                                   settings.max_concurrent_rpcs, settings.max_message_bytes,
+                                   # Never less than one message at the limits.
+                                   max(settings.messages_in_flight_bytes,
+                                       settings.max_message_bytes))
     server = grpc.aio.server(
         interceptors=[interceptor],
         # The interceptor refuses calls over the limit with a reason; gRPC's own
@@ -435,6 +455,7 @@ async def start(settings: Settings) -> RunningServer:
     await running.mark("index_sync", not in_sync)
     running.tasks.append(asyncio.create_task(running.tick_audit(
         min(1.0, settings.audit_checkpoint_seconds))))
+    running.tasks.append(asyncio.create_task(running.return_memory(TRIM_SECONDS)))
     if services.gallery.sealer.enabled:
         running.tasks.append(asyncio.create_task(running.scan_registry()))
     if services.follower is not None:

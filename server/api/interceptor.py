@@ -137,10 +137,52 @@ class Malformed:
     size: int
 
 
-def lenient(deserialize: Callable[[bytes], Any] | None, max_bytes: int = 0
-            ) -> Callable[[bytes], Any]:
+@dataclass(frozen=True)
+class Unparsed:
+    """A request left unparsed because the messages of the calls in flight already
+    fill :class:`MessageBudget` (answered RESOURCE_EXHAUSTED / OVERLOADED)."""
+
+    size: int
+
+
+class MessageBudget:
+    """The bytes of the request messages held by calls in flight, bounded.
+
+    gRPC reads a whole message before any handler runs, and the process then
+    holds it two or three times over (the received bytes, the parsed message,
+    the images taken out of it) until the call is answered: sixteen calls of two
+    images each can hold hundreds of megabytes before a pixel is decoded.  A
+    message that would take the total past ``capacity`` is not parsed and its
+    call is refused at once, so what it would have held is let go.  Used from
+    the event loop's thread only (deserialisation and the calls both run there).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._sizes: dict[int, int] = {}  # id of a parsed message in flight -> its bytes
+
+    def admit(self, data: bytes, parse: Callable[[bytes], Any]) -> Any:
+        """``parse(data)``, charged until :meth:`release`; :class:`Unparsed` if it
+        would not fit (``capacity`` 0: no bound)."""
+        if self.capacity and self.used + len(data) > self.capacity:
+            return Unparsed(len(data))
+        message = parse(data)
+        if not isinstance(message, Malformed):
+            self.used += len(data)
+            self._sizes[id(message)] = self._sizes.get(id(message), 0) + len(data)
+        return message
+
+    def release(self, message_id: int) -> None:
+        """The message whose ``id`` this was is answered."""
+        self.used -= self._sizes.pop(message_id, 0)
+
+
+def lenient(deserialize: Callable[[bytes], Any] | None, max_bytes: int = 0,
+            budget: MessageBudget | None = None) -> Callable[[bytes], Any]:
     """``deserialize``, returning :class:`Malformed` instead of raising, and for a
-    message over ``max_bytes`` (0: no limit) without parsing it."""
+    message over ``max_bytes`` (0: no limit) without parsing it; charged to
+    ``budget`` where given."""
     def parse(data: bytes) -> Any:
         if max_bytes and len(data) > max_bytes:
             return Malformed("too large", len(data))
@@ -148,7 +190,10 @@ def lenient(deserialize: Callable[[bytes], Any] | None, max_bytes: int = 0
             return deserialize(data) if deserialize is not None else data
         except Exception as exc:  # protobuf's DecodeError, invalid UTF-8 in a string
             return Malformed(type(exc).__name__, len(data))
-    return parse
+
+    if budget is None:
+        return parse
+    return lambda data: budget.admit(data, parse)
 
 
 def _auth_context(context: grpc.aio.ServicerContext) -> dict[str, Any]:
@@ -206,13 +251,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, metrics: Metrics, access: AccessControl | None = None,
                  audit: AuditLog | None = None, max_in_flight: int = 0,
-                 max_message_bytes: int = 0) -> None:
+                 max_message_bytes: int = 0, messages_in_flight_bytes: int = 0) -> None:
         self.metrics = metrics
         self.access = access or AccessControl(None)
         self.audit = audit
         self.max_in_flight = max_in_flight
         self.max_message_bytes = max_message_bytes
+        self.messages = MessageBudget(messages_in_flight_bytes)
         self.refusal_log = Tally(REFUSALS_LOGGED, REFUSAL_INTERVAL)
+        self.answered = 0  # calls answered, ever
         self._in_flight = 0
 
     async def intercept_service(
@@ -232,11 +279,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                          self.metrics.latency.labels(name))
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await self._call(method, request, context)
+            charged = id(request)
+            answer = self._call(method, request, context)
+            del request  # only the call's own frame holds it, and lets it go before aborting
+            try:
+                return await answer
+            finally:
+                self.messages.release(charged)
 
         return grpc.unary_unary_rpc_method_handler(
             call,
-            request_deserializer=lenient(handler.request_deserializer, self.max_message_bytes),
+            request_deserializer=lenient(handler.request_deserializer, self.max_message_bytes,
+                                         self.messages),
             response_serializer=handler.response_serializer,
         )
 
@@ -342,6 +396,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 error = refused or error
             account(code_of(error))
             status = status_for(error, rid)
+            # gRPC keeps the abort's exception with the call, and its traceback keeps
+            # this frame: nothing large may stay in it (the error's own traceback
+            # holds every frame that handled the request's images).
+            del error
+            request = None
             await context.abort(status.code, status.details,
                                 (*status.trailing_metadata, (REQUEST_ID_HEADER, rid)))
         except asyncio.CancelledError:
@@ -451,6 +510,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if self.max_in_flight and self._in_flight > self.max_in_flight:
             raise Overloaded(f"more than {self.max_in_flight} calls in flight; "
                              "retry with backoff", limit="max_concurrent_rpcs")
+        if isinstance(request, Unparsed):
+            raise Overloaded(f"the messages of the calls in flight hold {self.messages.used} "
+                             f"bytes: this one's {request.size} would pass the limit of "
+                             f"{self.messages.capacity}; retry with backoff",
+                             limit="messages_in_flight_bytes")
         if isinstance(request, Malformed):
             log.warning("malformed %s request (%s)", method.name, request.why)
             if request.size > self.max_message_bytes > 0:
@@ -464,6 +528,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _account(self, method: _Method, code: grpc.StatusCode, start: float) -> None:
         self.metrics.in_flight.dec()
         self._in_flight -= 1
+        self.answered += 1
         self.metrics.requests.labels(method.name, code.name).inc()
         method.latency.observe(time.perf_counter() - start)
 

@@ -117,7 +117,11 @@ class InferenceEngine:
                 step = steps.throw(error) if error is not None else steps.send(value)
             except StopIteration as done:
                 return done.value
-            value, error = None, None
+            finally:
+                # An error raised on from here would otherwise stay in this frame's
+                # locals, a cycle with its own traceback that holds the request's
+                # images until the garbage collector's next full pass.
+                value, error = None, None
             try:
                 value = await dispatch(step, runner)
             except Exception as exc:  # thrown into the steps, which re-raise it

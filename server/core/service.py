@@ -38,9 +38,16 @@ async def analyse_both(selfie: Awaitable[Selfie], other: Awaitable[AnalysedFace]
     """Analyse two images concurrently; on failure raise the selfie's error first
     (that is the photo the applicant can retake)."""
     a, b = await asyncio.gather(selfie, other, return_exceptions=True)
-    for r in (a, b):
-        if isinstance(r, BaseException):
-            raise r
+    error = a if isinstance(a, BaseException) else b if isinstance(b, BaseException) else None
+    if error is not None:
+        # Raised with no reference left in this frame: its traceback holds the frame,
+        # and a cycle through the locals would keep the request's images until the
+        # garbage collector's next full pass.
+        del a, b
+        try:
+            raise error
+        finally:
+            del error
     assert isinstance(a, tuple) and isinstance(b, AnalysedFace)
     return a, b
 

@@ -53,14 +53,22 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     write_bytes_atomically(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
-def recognizer_layout(model_dir: Path) -> str:
-    """The recognizer's layout preset recorded in ``model_dir``'s manifest, without
-    verifying the files (loading the models does); empty where there is none."""
+def model_kinds(model_dir: Path) -> tuple[str, str]:
+    """The detector's kind and the recognizer's layout preset recorded in
+    ``model_dir``'s manifest, without verifying the files (loading the models
+    does); each empty where there is none."""
     try:
         manifest = json.loads((model_dir / MANIFEST).read_text())
-        return str(manifest["recognizer"].get("layout", ""))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return ""
+    except (OSError, ValueError):
+        return "", ""
+
+    def entry(part: str, key: str) -> str:
+        try:
+            return str(manifest[part].get(key, ""))
+        except (KeyError, TypeError, AttributeError):
+            return ""
+
+    return entry("detector", "kind"), entry("recognizer", "layout")
 
 
 def read_manifest(model_dir: Path) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def _print(data: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.api.app import serve, serve_processes
     from server.config import for_provider, serving_summary
-    from server.models.manifest import recognizer_layout
+    from server.models.manifest import model_kinds
     from server.pipeline.runtime import resolve_provider
 
     settings = _settings(args)
@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     provider = resolve_provider(settings.provider)
     # Resolved once here (auto probes the GPU), for every server process.
     settings = replace(for_provider(settings, provider, os.cpu_count() or 1,
-                                    recognizer_layout(settings.model_dir)), provider=provider)
+                                    model_kinds(settings.model_dir)), provider=provider)
     log.info("starting on %s with %s%s", provider, serving_summary(settings),
              " (defaults for a GPU where not set)" if provider != "cpu" else "")
     if settings.processes > 1:
