@@ -268,3 +268,16 @@ def test_stripes_reduce_as_the_whole_image_would(mode: str) -> None:
              if mode == "I;16" else img).convert("RGB").reduce(2)
     assert out.shape == (500, 650, 3)
     assert np.abs(out.astype(int) - np.asarray(whole).astype(int)).max() <= 1
+
+
+def test_a_baseline_jpeg_with_an_exif_thumbnail_is_not_charged_as_progressive() -> None:
+    img = _gradient(1600, 1200)
+    thumbnail = encode(img.resize((160, 120)), "JPEG")  # a whole JPEG, scan and all, in APP1
+    exif = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x00\x00" + thumbnail
+    charged = []
+    for data in (encode(img, "JPEG", exif=exif),
+                 encode(img, "JPEG", exif=exif, progressive=True)):
+        budget = _Recording()
+        decode_image(data, LIMITS, "selfie", budget)
+        charged.append(budget.charged[0])
+    assert charged[0] < 3 * 1600 * 1200 < 5 * 1600 * 1200 <= charged[1]  # 4:2:0 coefficients

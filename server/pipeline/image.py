@@ -275,7 +275,7 @@ def _cost(img: Image.Image, data: bytes, size: tuple[int, int], factor: int,
     """Bytes decoding ``img`` (``size`` as uploaded; JPEG already drafted) will
     hold at its peak, besides what it returns."""
     w, h = size
-    out = -(-img.size[0] // factor) * -(-img.size[1] // factor) * 4
+    out = _up(img.size[0], factor) * _up(img.size[1], factor) * 4
     if webp is not None:
         return webp.cost() + out
     if img.format == "WEBP":
@@ -299,8 +299,23 @@ def _kind(img: Image.Image, data: bytes, webp: Features | None) -> str:
 
 def _multi_scan(img: Image.Image, data: bytes) -> bool:
     """Whether a JPEG comes in several scans (progressive, or a scan a component),
-    which libjpeg can only decode by keeping every coefficient of the image."""
-    return bool(img.info.get("progressive")) or data.count(b"\xff\xda") > 1
+    which libjpeg can only decode by keeping every coefficient of the image.
+
+    Scans are counted from the image's first: the headers before it are walked
+    segment by segment, so that an EXIF thumbnail (a whole JPEG inside APP1)
+    does not count.  Past the first scan a start-of-scan marker cannot occur
+    by chance (entropy-coded 0xFF bytes are stuffed)."""
+    if img.info.get("progressive"):
+        return True
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        if data[pos + 1] == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if data[pos + 1] == 0xDA:
+            return data.find(b"\xff\xda", pos + 2) != -1
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return False
 
 
 def _jpeg_coefficients(img: Image.Image, w: int, h: int) -> int:
@@ -329,7 +344,7 @@ def _rgb_reduced(img: Image.Image, factor: int) -> np.ndarray:
     copy is ever made."""
     w, h = img.size
     rows = max(factor, _STRIPE_ROWS // factor * factor)
-    out = np.empty((-(-h // factor), -(-w // factor), 3), np.uint8)
+    out = np.empty((_up(h, factor), _up(w, factor), 3), np.uint8)
     for top in range(0, h, rows):
         stripe = _rgb(_to_8bit(img.crop((0, top, w, min(h, top + rows)))))
         if factor > 1:
