@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from index.errors import Quarantined
 from index.registry import (
     COLUMNS,
     ERASED,
@@ -282,27 +283,45 @@ class SqlRegistry(RowCodec, abc.ABC):
 
     # -- reads ------------------------------------------------------------------------
 
+    def _batches(self, what: str, where: str, batch: int) -> Iterator[list[Any]]:
+        """The rows ``where`` holds (SQL, true for all: ``TRUE``), in id order, ``batch``
+        at a time, each batch read in a transaction of its own."""
+        last = 0
+        while True:
+            with self._reading(what) as ex:
+                rows = self._run(ex, f"SELECT {COLUMNS} FROM {{enrollments}} WHERE {where} "
+                                 "AND id > ? ORDER BY id LIMIT ?", (last, batch)).fetchall()
+            if not rows:
+                return
+            yield rows
+            last = rows[-1][0]
+
     def scan_rows(self, batch: int = 10_000) -> int:
         """Check every row's integrity; how many are quarantined."""
-        def batches() -> Iterator[list[Any]]:
-            last = 0
-            while True:
-                with self._reading("integrity scan") as ex:
-                    rows = self._run(ex, f"SELECT {COLUMNS} FROM {{enrollments}} WHERE id > ? "
-                                     "ORDER BY id LIMIT ?", (last, batch)).fetchall()
-                if not rows:
-                    return
-                yield rows
-                last = rows[-1][0]
-        return self.scan(batches())
+        return self.scan(self._batches("integrity scan", "TRUE", batch))
 
-    def pending_reviews(self, after_id: int, limit: int) -> list[Enrollment]:
-        """Enrolments awaiting review, oldest first, after the one with id ``after_id``."""
-        with self._reading("reviews") as ex:
-            rows = self._run(ex, f"SELECT {COLUMNS} FROM {{enrollments}} WHERE "
-                             "review = 'pending' AND id > ? ORDER BY id LIMIT ?",
-                             (after_id, limit)).fetchall()
-        return [self._row(r) for r in rows]
+    def review_queue(self, after_id: int, limit: int, batch: int = 1000
+                     ) -> tuple[list[Enrollment], int]:
+        """Enrolments awaiting review, oldest first, after the one with id ``after_id``
+        (at most ``limit``), and how many await review in all.
+
+        Every flagged row is authenticated on the way, whatever its review state
+        says: a pending row set to cleared (or confirmed) behind the service's back
+        is quarantined and counted now, not left out of the queue unseen; only
+        authentic rows are listed or counted."""
+        page: list[Enrollment] = []
+        total = 0
+        for rows in self._batches("reviews", "flagged", batch):
+            for row in rows:
+                try:
+                    enrolment = self._row(row)
+                except Quarantined:
+                    continue
+                if enrolment.review == "pending":
+                    total += 1
+                    if enrolment.id > after_id and len(page) < limit:
+                        page.append(enrolment)
+        return page, total
 
     def count_pending(self) -> int:
         with self._reading("reviews") as ex:

@@ -202,3 +202,27 @@ def test_a_cleared_flag_or_swapped_row_is_quarantined_and_the_rest_served(
     with pytest.raises(Quarantined):
         g.get(NIKS[1])
     g.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_pending_reviews_cleared_behind_the_services_back_are_quarantined_when_listed(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("registry_url") if backend == "postgresql" else ""
+    key = _key(tmp_path / "key")
+    data = tmp_path / "data"
+    g = Gallery(data, "model-x", DIM, IndexSpec(), snapshot_every=1, sealer=Sealer([key]),
+                registry_url=url)
+    g.add(NIKS[0], _vec(0))
+    pending = [f"35780129020000{i:02d}" for i in range(10, 17)]
+    for i, nik in enumerate(pending):
+        g.add(nik, _vec(i + 1), flagged=True, candidates=[(NIKS[0], 0.99)])
+    assert g.registry.review_queue(0, 100)[1] == 7
+    # Three pending reviews are marked cleared on disk: the queue no longer lists them,
+    # and they are quarantined (counted) by that very read, not at the next scan.
+    for nik in pending[1:4]:
+        _tamper(data, "UPDATE enrollments SET review = 'cleared' WHERE nik = ?", nik, url=url)
+    page, total = g.registry.review_queue(0, 2, batch=2)  # several reads, one page
+    assert [e.nik for e in page] == [pending[0], pending[4]] and total == 4
+    assert {g.registry.get_by_ids([i])[i].nik for i in g.registry.quarantined} == set(
+        pending[1:4])
+    g.close()

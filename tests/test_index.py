@@ -82,7 +82,8 @@ def test_a_registry_from_before_reviews_gains_them_and_loses_nothing(tmp_path: P
     flagged = reg.get(nik(2))
     assert flagged.review == "pending" and flagged.candidates == [(nik(1), pytest.approx(0.97))]
     np.testing.assert_array_equal(flagged.embedding, v[1])
-    assert [e.nik for e in reg.pending_reviews(0, 10)] == [nik(2)] and reg.count_pending() == 1
+    page, total = reg.review_queue(0, 10)
+    assert [e.nik for e in page] == [nik(2)] and total == reg.count_pending() == 1
     decided = reg.resolve_review(nik(2), "confirmed", "auditor", "same person")
     assert decided is not None and decided.review == "confirmed" and decided.reviewed_at
     assert reg.count_pending() == 0 and reg.last_seq() == 2  # the index sees no change

@@ -259,9 +259,9 @@ class EnrolmentService:
         except ValueError:
             raise InvalidRequest("page_token is not one this server issued",
                                  field="page_token") from None
-        page = await self._index("index_search", self.gallery.registry.pending_reviews, after,
-                                 size + 1)
-        total = await self._index("index_search", self.gallery.registry.count_pending)
+        # Every flagged row authenticated on the way (see Registry.review_queue).
+        page, total = await self._index("index_search", self.gallery.registry.review_queue,
+                                        after, size + 1)
         token = str(page[size - 1].id) if len(page) > size else ""
         return page[:size], token, total
 
