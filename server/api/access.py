@@ -162,7 +162,17 @@ class SharedBuckets:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                    timeout=wait)
         os.chmod(path, 0o600)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        # Processes starting together race to switch the new file to WAL, and SQLite
+        # answers that race "database is locked" at once, without its busy wait.
+        deadline = time.monotonic() + max(wait, 1.0)
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         self._db.execute("PRAGMA synchronous=OFF")  # a lost update costs a few tokens
         self._db.execute("CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, "
                          "rate REAL, burst REAL, tokens REAL, updated REAL)")
