@@ -41,9 +41,10 @@ def _vec(i: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def _gallery(data_dir: Path, *keys: bytes) -> Gallery:
+def _gallery(data_dir: Path, *keys: bytes, url: str = "") -> Gallery:
+    """A gallery sealed with ``keys`` (none: plain), on SQLite or the PostgreSQL at ``url``."""
     return Gallery(data_dir, "model-x", DIM, IndexSpec(), snapshot_every=1,
-                   sealer=Sealer(list(keys)))
+                   sealer=Sealer(list(keys)), registry_url=url)
 
 
 def test_sealed_values_open_only_with_their_key_and_place() -> None:
@@ -168,12 +169,7 @@ def test_a_cleared_flag_or_swapped_row_is_quarantined_and_the_rest_served(
     url = request.getfixturevalue("registry_url") if backend == "postgresql" else ""
     key = _key(tmp_path / "key")
     data = tmp_path / "data"
-
-    def _gallery(data_dir: Path, *keys: bytes) -> Gallery:
-        return Gallery(data_dir, "model-x", DIM, IndexSpec(), snapshot_every=1,
-                       sealer=Sealer(list(keys)), registry_url=url)
-
-    g = _gallery(data, key)
+    g = _gallery(data, key, url=url)
     g.add(NIKS[0], _vec(0))
     g.add(NIKS[1], _vec(1), flagged=True, candidates=[(NIKS[0], 0.99)])
     third, fourth = "3578012902000003", "3578012902000004"
@@ -186,7 +182,7 @@ def test_a_cleared_flag_or_swapped_row_is_quarantined_and_the_rest_served(
     _tamper(data, "UPDATE enrollments SET embedding = (SELECT embedding FROM enrollments "
             "WHERE nik = ?) WHERE nik = ?", fourth, third, url=url)
     shutil.rmtree(data / "index")  # a rebuild from the registry, the harder case
-    g = _gallery(data, key)  # starts: nothing refused
+    g = _gallery(data, key, url=url)  # starts: nothing refused
     assert g.registry.scan_rows() == 2
     assert g.in_sync()  # the index holds what opens
     with pytest.raises(Quarantined):
@@ -210,8 +206,7 @@ def test_pending_reviews_cleared_behind_the_services_back_are_quarantined_when_l
     url = request.getfixturevalue("registry_url") if backend == "postgresql" else ""
     key = _key(tmp_path / "key")
     data = tmp_path / "data"
-    g = Gallery(data, "model-x", DIM, IndexSpec(), snapshot_every=1, sealer=Sealer([key]),
-                registry_url=url)
+    g = _gallery(data, key, url=url)
     g.add(NIKS[0], _vec(0))
     pending = [f"35780129020000{i:02d}" for i in range(10, 17)]
     for i, nik in enumerate(pending):
