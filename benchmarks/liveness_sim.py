@@ -61,6 +61,7 @@ class Subject:
     distance: float  # eye distances from the camera at the start
     delay: float  # seconds before following each step
     sway: float  # radians of unintended wobble
+    rise: float = 0.45  # seconds from starting a movement to reaching its pose
 
 
 def subject(rng: np.random.Generator) -> Subject:
@@ -89,13 +90,13 @@ def target(action: Action, s: Subject) -> Pose:
 
 def pose_at(challenge: list[Step], s: Subject, seconds: float) -> Pose:
     """Where the head is ``seconds`` after the challenge began: it moves towards each
-    step's pose after a reaction delay (a smooth rise over 0.45 s) and holds it."""
+    step's pose after a reaction delay (a smooth rise over ``s.rise``) and holds it."""
     current, start = Pose(distance=s.distance), 0.0
     for step in challenge:
         goal = target(step.action, s)
         length = step.duration_ms / 1000
         if seconds < start + length or step is challenge[-1]:
-            a = min(1.0, max(0.0, (seconds - start - s.delay) / 0.45))
+            a = min(1.0, max(0.0, (seconds - start - s.delay) / s.rise))
             a = a * a * (3 - 2 * a)
             return Pose(yaw=current.yaw + a * (goal.yaw - current.yaw),
                         pitch=current.pitch + a * (goal.pitch - current.pitch),

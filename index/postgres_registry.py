@@ -59,6 +59,14 @@ CREATE TABLE IF NOT EXISTS faceverify_enrollments (
     photos INTEGER NOT NULL DEFAULT 1
 );
 ALTER TABLE faceverify_enrollments ADD COLUMN IF NOT EXISTS tag BYTEA;
+ALTER TABLE faceverify_enrollments ADD COLUMN IF NOT EXISTS version BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS faceverify_row_versions (
+    seq BIGSERIAL PRIMARY KEY,
+    id BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS faceverify_enrollments_flagged
+    ON faceverify_enrollments (id) WHERE flagged;
+CREATE INDEX IF NOT EXISTS faceverify_row_versions_id ON faceverify_row_versions (id, seq);
 CREATE INDEX IF NOT EXISTS faceverify_enrollments_review
     ON faceverify_enrollments (review, id);
 CREATE TABLE IF NOT EXISTS faceverify_changes (
@@ -182,7 +190,8 @@ class PostgresRegistry(SqlRegistry):
     TABLES: ClassVar[dict[str, str]] = {"enrollments": "faceverify_enrollments",
                                         "changes": "faceverify_changes",
                                         "outbox": "faceverify_audit_outbox",
-                                        "heads": "faceverify_audit_heads"}
+                                        "heads": "faceverify_audit_heads",
+                                        "versions": "faceverify_row_versions"}
     MARK = "%s"
     FOR_UPDATE = " FOR UPDATE"
     UNLIMITED = None

@@ -17,6 +17,8 @@ change-log entries commit in sequence order.  Chosen by ``--registry-url``
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -51,7 +53,12 @@ def strike_nik(text: str, nik: str) -> str:
 REVIEW_STATES = ("none", "pending", "confirmed", "cleared")
 # The columns every implementation selects, in this order (see RowCodec.row).
 COLUMNS = ("id, nik, embedding, flagged, candidates, metadata, created_at, review, "
-           "reviewed_by, reviewed_at, review_note, photos, tag")
+           "reviewed_by, reviewed_at, review_note, photos, tag, version")
+# Read beside them where a row is shown or checked: the newest version the
+# registry gave the row (see RowCodec); SQL with ``{enrollments}`` and ``{versions}``.
+LATEST = "(SELECT MAX(v.seq) FROM {versions} v WHERE v.id = {enrollments}.id)"
+# The heads table's entry that holds the sealed head of the rows (RowsHead).
+ROWS_HEAD = "registry:rows"
 
 
 class NotPending(Exception):
@@ -123,6 +130,45 @@ audit_var: ContextVar[AuditEntry | None] = ContextVar("audit_entry", default=Non
 
 
 @dataclass(frozen=True)
+class RowsHead:
+    """What the registry's rows must add up to, sealed in its heads table and
+    written in the transaction of every change to a row: the newest version
+    given (``seq``), how many rows there are and how many are flagged, and the
+    XOR of a digest of each row's (id, version).  Rows deleted, inserted or put
+    back at an earlier version behind the service's back no longer add up."""
+
+    seq: int = 0
+    count: int = 0
+    flagged: int = 0
+    xor: bytes = bytes(32)
+
+    @staticmethod
+    def term(rid: int, version: int) -> bytes:
+        return hashlib.sha256(f"row {rid} {version}".encode()).digest()
+
+    def changed(self, gone: tuple[int, int, bool] | None = None,
+                new: tuple[int, int, bool] | None = None) -> RowsHead:
+        """This head with row ``gone`` (id, version, flagged) taken out and ``new`` put in."""
+        xor, count, flagged, seq = int.from_bytes(self.xor), self.count, self.flagged, self.seq
+        for row, sign in ((gone, -1), (new, 1)):
+            if row is not None:
+                xor ^= int.from_bytes(self.term(row[0], row[1]))
+                count += sign
+                flagged += sign * bool(row[2])
+                seq = max(seq, row[1])
+        return RowsHead(seq, count, flagged, xor.to_bytes(32))
+
+    def to_json(self) -> bytes:
+        return json.dumps({"seq": self.seq, "count": self.count, "flagged": self.flagged,
+                           "xor": self.xor.hex()}).encode()
+
+    @classmethod
+    def from_json(cls, text: bytes) -> RowsHead:
+        d = json.loads(text)
+        return cls(int(d["seq"]), int(d["count"]), int(d["flagged"]), bytes.fromhex(d["xor"]))
+
+
+@dataclass(frozen=True)
 class Change:
     seq: int
     op: str
@@ -167,6 +213,7 @@ class Registry(Protocol):
     unindexed: set[int]  # those of them whose embedding is not in the index
     registry_id: str  # tells one registry's snapshots from another's
     distributed: bool  # shared by servers on other machines (they NOTIFY changes)
+    head_fault: str | None  # why the rows do not add up to their sealed head, at the last check
 
     def listen(self) -> ChangeListener | None:
         """A connection of its own that waits for other servers' changes (see
@@ -207,8 +254,16 @@ class Registry(Protocol):
 
     def reseal(self, batch: int = 1000) -> int: ...
 
-    def scan_rows(self, batch: int = 10_000) -> int:
-        """Check every row's integrity (with a data key); how many are quarantined."""
+    def check_head(self) -> str | None:
+        """Whether the rows add up to their sealed :class:`RowsHead` (with a data
+        key); what does not, or None.  Sets :attr:`head_fault`."""
+
+    def accept_head(self) -> RowsHead:
+        """Seal the head over the rows as they are (an operator's decision)."""
+
+    def scan_rows(self, batch: int = 10_000, head: bool = True) -> int:
+        """Check the head (unless ``head`` is false) and every row's integrity (with a
+        data key); how many rows are quarantined."""
 
     def audit_pending(self, origin: str, limit: int) -> list[tuple[int, str]]:
         """The audit records of ``origin``'s committed changes not yet exported,
@@ -239,13 +294,18 @@ class RowCodec:
     and metadata with the data key when there is one (see :mod:`index.sealing`).
 
     With a data key every row also carries ``tag``: a digest of all its other
-    columns (the sealed bytes as stored), sealed and bound to the NIK.  A row
-    whose tag does not match, or whose sealed values do not open with a
-    configured key, has been changed outside the service (a flag cleared, a
-    review state set, embeddings swapped between rows): it is quarantined
+    columns (the sealed bytes as stored), sealed and bound to the NIK, and
+    ``version``: each write of a row gives it a new one from the registry's
+    append-only versions table (the tag covers it).  A row whose tag does not
+    match, whose sealed values do not open with a configured key, or whose
+    version is not the newest the registry gave it, has been changed outside the
+    service (a flag cleared, a review state set, embeddings swapped between rows,
+    an earlier authentic copy of the row put back): it is quarantined
     (:class:`~index.errors.Quarantined` for the calls that would show it, left
     out of a rebuilt index, counted in :attr:`quarantined`), and the rest is
-    served."""
+    served.  The review note and the reviewer's name are sealed like the
+    embedding.  What no row can show (a row deleted, or put back together with
+    its versions) the sealed :class:`RowsHead` does."""
 
     sealer: Sealer
     quarantined: set[int]
@@ -256,6 +316,8 @@ class RowCodec:
                   bool(row[3]), hashlib.sha256(_raw(row[4])).hexdigest(),
                   hashlib.sha256(_raw(row[5])).hexdigest(), float(row[6]), row[7], row[8],
                   None if row[9] is None else float(row[9]), row[10], int(row[11])]
+        if int(row[13] or 0):  # rows tagged before versions have none, and a tag without
+            fields.append(int(row[13]))
         return hashlib.sha256(json.dumps(fields).encode()).digest()
 
     def _tag(self, row: tuple[Any, ...] | Any) -> bytes | None:
@@ -264,16 +326,25 @@ class RowCodec:
             return None
         return self.sealer.seal(self._digest(row), f"row:{row[1]}".encode())
 
-    def _authentic(self, row: tuple[Any, ...] | Any) -> bool:
-        tag = row[12]
+    def _fault(self, row: tuple[Any, ...] | Any) -> str | None:
+        """Why a row of :data:`COLUMNS` (and :data:`LATEST`, where read) fails
+        authentication; None if it does not."""
         if not self.sealer.enabled:
-            return True
-        if tag is None:
-            return False
+            return None
+        tag = row[12]
         try:
-            return self.sealer.open(_raw(tag), f"row:{row[1]}".encode()) == self._digest(row)
+            if tag is None or self.sealer.open(_raw(tag), f"row:{row[1]}".encode()) \
+                    != self._digest(row):
+                return "its tag does not match its columns"
         except SealAltered:
-            return False
+            return "its tag does not match its columns"
+        if len(row) > 14 and row[14] is not None and int(row[14]) != int(row[13] or 0):
+            return (f"it is version {int(row[13] or 0)} but the registry wrote version "
+                    f"{int(row[14])}: an earlier copy was put back")
+        return None
+
+    def _authentic(self, row: tuple[Any, ...] | Any) -> bool:
+        return self._fault(row) is None
 
     def _quarantine(self, row: tuple[Any, ...] | Any, why: str) -> Quarantined:
         rid = int(row[0])
@@ -284,20 +355,25 @@ class RowCodec:
         return Quarantined("this enrolment's stored record fails authentication; the operator "
                            "has been alerted")
 
-    def _resealed(self, row: tuple[Any, ...] | Any) -> tuple[bytes, Any, Any] | None:
-        """A row of :data:`COLUMNS`'s embedding, candidates and metadata sealed with
+    def _resealed(self, row: tuple[Any, ...] | Any) -> tuple[bytes, Any, Any, str, str] | None:
+        """A row of :data:`COLUMNS`'s embedding, candidates, metadata, reviewer and note sealed with
         the current key, or None when it needs nothing (or is altered: a reseal
         never launders one; it is quarantined)."""
-        if not self._authentic(row):
-            self._quarantine(row, "its tag does not match its columns")
+        why = self._fault(row)
+        if why:
+            self._quarantine(row, why)
             return None
         nik, emb, cands, meta = row[1], row[2], row[4], row[5]
-        if not any(self.sealer.needs_reseal(_raw(v)) for v in (emb, cands, meta, row[12])):
+        texts = [self._text_blob(row[i]) for i in (8, 10)]
+        if not any(self.sealer.needs_reseal(_raw(v)) for v in (emb, cands, meta, row[12])) \
+                and not any(t and self.sealer.needs_reseal(t) for t in texts):
             return None
         return (self._seal("embedding", nik, self._open("embedding", nik, emb)),
                 self._sealed_json("candidates", nik,
                                   json.loads(self._open("candidates", nik, cands))),
-                self._sealed_json("metadata", nik, json.loads(self._open("metadata", nik, meta))))
+                self._sealed_json("metadata", nik, json.loads(self._open("metadata", nik, meta))),
+                self._seal_text("reviewed_by", nik, self._open_text("reviewed_by", nik, row[8])),
+                self._seal_text("review_note", nik, self._open_text("review_note", nik, row[10])))
 
     def _tag_all_or_none(self, untagged: list[int], any_tagged: bool,
                          retag: Callable[[int], None]) -> None:
@@ -321,8 +397,9 @@ class RowCodec:
         are quarantined."""
         for batch in rows:
             for row in batch:
-                if not self._authentic(row):
-                    self._quarantine(row, "its tag does not match its columns")
+                why = self._fault(row)
+                if why:
+                    self._quarantine(row, why)
         return len(self.quarantined)
 
     def _seal(self, column: str, nik: str, value: bytes) -> bytes:
@@ -331,6 +408,28 @@ class RowCodec:
     def _open(self, column: str, nik: str, value: bytes | str | memoryview) -> bytes:
         raw = value.encode() if isinstance(value, str) else bytes(value)
         return self.sealer.open(raw, f"{column}:{nik}".encode())
+
+    @staticmethod
+    def _text_blob(value: str | None) -> bytes:
+        """A text column's sealed bytes (stored as base64), or b"" for plain text."""
+        if not value:
+            return b""
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return b""
+        return raw if Sealer.is_sealed(raw) else b""
+
+    def _seal_text(self, column: str, nik: str, text: str) -> str:
+        """``text`` sealed and bound to its place, as base64 (empty stays empty)."""
+        if not self.sealer.enabled or not text:
+            return text
+        return base64.b64encode(self._seal(column, nik, text.encode())).decode()
+
+    def _open_text(self, column: str, nik: str, value: str | None) -> str:
+        """A text column's plain value (one written before sealing as it is)."""
+        raw = self._text_blob(value)
+        return self._open(column, nik, raw).decode() if raw else value or ""
 
     def _sealed_json(self, column: str, nik: str, value: object) -> bytes | str:
         text = json.dumps(value)
@@ -342,8 +441,9 @@ class RowCodec:
         Raises:
             Quarantined: the row fails authentication (see the class docstring).
         """
-        if not self._authentic(row):
-            raise self._quarantine(row, "its tag does not match its columns")
+        why = self._fault(row)
+        if why:
+            raise self._quarantine(row, why)
         try:
             return self._decode(row)
         except SealAltered as exc:
@@ -367,8 +467,11 @@ class RowCodec:
                           candidates=[(n, float(s)) for n, s in
                                       json.loads(self._open("candidates", nik, row[4]))],
                           metadata=json.loads(self._open("metadata", nik, row[5])),
-                          created_at=row[6], review=row[7], reviewed_by=row[8],
-                          reviewed_at=row[9], review_note=row[10], photos=int(row[11]))
+                          created_at=row[6], review=row[7],
+                          reviewed_by=self._open_text("reviewed_by", nik, row[8]),
+                          reviewed_at=row[9],
+                          review_note=self._open_text("review_note", nik, row[10]),
+                          photos=int(row[11]))
 
     def _changes(self, rows: list[Any]) -> list[Change]:
         """Changes from rows of (seq, op, id, nik, embedding or None); an added

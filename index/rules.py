@@ -6,16 +6,19 @@ supplies what differs: its table names, its parameter mark, whether a read
 for update locks the row, how a transaction is opened (and what the writer
 lock is), how a change is announced, and what an erasure must do after it
 commits.  Statements are written here with ``?`` marks and ``{enrollments}``,
-``{changes}``, ``{outbox}`` for the tables; both SQLite (3.35 or later:
+``{changes}``, ``{outbox}``, ``{heads}``, ``{versions}`` for the tables; both SQLite (3.35 or later:
 ``RETURNING``) and PostgreSQL run them as written.
 """
 
 from __future__ import annotations
 
 import abc
+import base64
 import contextlib
+import logging
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import astuple
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -24,13 +27,22 @@ from index.errors import Quarantined
 from index.registry import (
     COLUMNS,
     ERASED,
+    LATEST,
+    ROWS_HEAD,
     Change,
     Enrollment,
     NotPending,
     RowCodec,
+    RowsHead,
     audit_var,
     strike_nik,
 )
+from index.sealing import SealAltered
+
+log = logging.getLogger(__name__)
+
+# A row as it is read to be shown or checked: its columns and its newest version.
+READ = f"{COLUMNS}, {LATEST}"
 
 
 class Cursor(Protocol):
@@ -54,11 +66,12 @@ class SqlRegistry(RowCodec, abc.ABC):
     :meth:`_after_erase`.
     """
 
-    TABLES: ClassVar[dict[str, str]]  # enrollments, changes, outbox, heads -> table names
+    TABLES: ClassVar[dict[str, str]]  # enrollments, changes, outbox, heads, versions -> names
     MARK: ClassVar[str]  # the parameter mark: "?" or "%s"
     FOR_UPDATE: ClassVar[str]  # appended to a read that precedes a write of the row
     UNLIMITED: ClassVar[int | None]  # a LIMIT value meaning none
     dim: int
+    head_fault: str | None = None  # why the rows do not add up to their head (check_head)
 
     @abc.abstractmethod
     def _writing(self, what: str) -> contextlib.AbstractContextManager[Executor]:
@@ -93,16 +106,41 @@ class SqlRegistry(RowCodec, abc.ABC):
 
     def _select_row(self, ex: Executor, where: str, params: Sequence[Any],
                     lock: bool = False) -> Any:
-        return self._run(ex, f"SELECT {COLUMNS} FROM {{enrollments}} WHERE {where}"
+        return self._run(ex, f"SELECT {READ} FROM {{enrollments}} WHERE {where}"
                          + (self.FOR_UPDATE if lock else ""), params).fetchone()
 
-    def _retag(self, ex: Executor, rid: int) -> None:
-        """Write row ``rid``'s tag (in the transaction under way)."""
+    def _retag(self, ex: Executor, rid: int, added: bool = False) -> None:
+        """Give row ``rid`` (just written; ``added``: inserted) its next version and
+        its tag, and the rows' head its new sum (in the transaction under way)."""
         if not self.sealer.enabled:
             return
         row = self._select_row(ex, "id = ?", (rid,))
-        if row is not None:
-            self._run(ex, "UPDATE {enrollments} SET tag = ? WHERE id = ?", (self._tag(row), rid))
+        if row is None:
+            return
+        version = int(self._run(ex, "INSERT INTO {versions} (id) VALUES (?) RETURNING seq",
+                                (rid,)).fetchone()[0])
+        self._run(ex, "UPDATE {enrollments} SET version = ?, tag = ? WHERE id = ?",
+                  (version, self._tag((*row[:13], version)), rid))
+        gone = None if added else (rid, int(row[13] or 0), bool(row[3]))
+        self._write_head(ex, (self._read_head(ex) or RowsHead()).changed(
+            gone, (rid, version, bool(row[3]))))
+
+    def _read_head(self, ex: Executor) -> RowsHead | None:
+        row = self._run(ex, "SELECT hash FROM {heads} WHERE origin = ?", (ROWS_HEAD,)).fetchone()
+        return None if row is None else self._open_head(row[0])
+
+    def _open_head(self, text: str) -> RowsHead | None:
+        """The head sealed in ``text``; None (a fault) if it does not open."""
+        try:
+            return RowsHead.from_json(self.sealer.open(base64.b64decode(text), ROWS_HEAD.encode()))
+        except (SealAltered, ValueError, KeyError):
+            return None
+
+    def _write_head(self, ex: Executor, head: RowsHead) -> None:
+        sealed = base64.b64encode(self.sealer.seal(head.to_json(), ROWS_HEAD.encode())).decode()
+        self._run(ex, "INSERT INTO {heads} (origin, seq, hash) VALUES (?, ?, ?) "
+                  "ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                  (ROWS_HEAD, head.seq, sealed))
 
     def _log_change(self, ex: Executor, op: str, rid: int) -> None:
         seq = self._run(ex, "INSERT INTO {changes} (op, id) VALUES (?, ?) RETURNING seq",
@@ -119,10 +157,25 @@ class SqlRegistry(RowCodec, abc.ABC):
                 (entry.origin, entry.record(outcome))).fetchone()[0])
 
     def _tag_untagged(self) -> None:
-        """See :meth:`index.registry.RowCodec._tag_all_or_none`."""
+        """At open, with a data key: the rows' head sealed if there is none yet (a
+        registry from before row versions, or sealing just turned on: nothing has a
+        version), or its absence noted (:attr:`head_fault`); then
+        :meth:`index.registry.RowCodec._tag_all_or_none`."""
         if not self.sealer.enabled:
             return
         with self._exclusive("tag") as ex:
+            if self._run(ex, "SELECT 1 FROM {heads} WHERE origin = ?",
+                         (ROWS_HEAD,)).fetchone() is None:
+                if self._run(ex, "SELECT 1 FROM {versions} LIMIT 1").fetchone() is not None \
+                        or self._run(ex, "SELECT 1 FROM {enrollments} WHERE version <> 0 "
+                                     "LIMIT 1").fetchone() is not None:
+                    self.head_fault = "its sealed head was deleted"
+                    log.error("the registry's sealed head was deleted behind the service's "
+                              "back: deleted or rolled-back rows cannot be ruled out")
+                else:
+                    rows = self._run(ex, "SELECT id, version, flagged FROM {enrollments}"
+                                     ).fetchall()
+                    self._write_head(ex, _sum(rows))
             untagged = [r[0] for r in self._run(
                 ex, "SELECT id FROM {enrollments} WHERE tag IS NULL").fetchall()]
             tagged = self._run(ex, "SELECT 1 FROM {enrollments} WHERE tag IS NOT NULL "
@@ -162,8 +215,8 @@ class SqlRegistry(RowCodec, abc.ABC):
                 (nik, self._seal("embedding", nik, vec.tobytes()), flagged,
                  self._blob(self._sealed_json("candidates", nik, cands)),
                  self._blob(self._sealed_json("metadata", nik, metadata or {})), now, review,
-                 photos, note)).fetchone()[0])
-            self._retag(ex, new_id)
+                 photos, self._seal_text("review_note", nik, note))).fetchone()[0])
+            self._retag(ex, new_id, added=True)
             self._log_change(ex, "add", new_id)
             self._audit(ex, "enrolled_flagged" if flagged else "enrolled")
         return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}),
@@ -185,15 +238,18 @@ class SqlRegistry(RowCodec, abc.ABC):
             row = self._select_row(ex, "nik = ?", (nik,), lock=True)
             if row is None:
                 return None
-            if not self._authentic(row):
-                raise self._quarantine(row, "its tag does not match its columns")
+            why = self._fault(row)
+            if why:
+                raise self._quarantine(row, why)
             if row[7] != "pending":
                 raise NotPending(f"this enrolment awaits no review (it is {row[7]})")
             # A note written at enrolment (why it was flagged) is kept before the reviewer's.
-            joined = f"{row[10]} | {note}" if row[10] and note else row[10] or note
+            before = self._open_text("review_note", nik, row[10])
+            joined = f"{before} | {note}" if before and note else before or note
             self._run(ex, "UPDATE {enrollments} SET review = ?, reviewed_by = ?, "
                       "reviewed_at = ?, review_note = ? WHERE id = ?",
-                      (decision, reviewer, time.time(), joined, row[0]))
+                      (decision, self._seal_text("reviewed_by", nik, reviewer), time.time(),
+                       self._seal_text("review_note", nik, joined), row[0]))
             self._retag(ex, row[0])
             self._audit(ex, decision)
             row = self._select_row(ex, "id = ?", (row[0],))
@@ -209,6 +265,9 @@ class SqlRegistry(RowCodec, abc.ABC):
             if not rows:
                 return None
             row = rows[0]
+            if self.sealer.enabled:
+                self._write_head(ex, (self._read_head(ex) or RowsHead()).changed(
+                    (int(row[0]), int(row[13] or 0), bool(row[3]))))
             self._log_change(ex, "remove", int(row[0]))
             self._audit(ex, "erased")
             # Only flagged enrolments have candidates.
@@ -224,13 +283,18 @@ class SqlRegistry(RowCodec, abc.ABC):
                     self._retag(ex, other)
             # A reviewer's note may name it too, in any spacing (notes written since
             # refuse NIKs: see server.core.enrolment).
-            for other, note in self._run(
-                    ex, "SELECT id, review_note FROM {enrollments} WHERE review_note <> ''"
+            for other, other_nik, stored in self._run(
+                    ex, "SELECT id, nik, review_note FROM {enrollments} WHERE review_note <> ''"
             ).fetchall():
+                try:
+                    note = self._open_text("review_note", other_nik, stored)
+                except SealAltered as exc:
+                    self._quarantine((other,), str(exc))
+                    continue
                 kept = strike_nik(note, nik)
                 if kept != note:
                     self._run(ex, "UPDATE {enrollments} SET review_note = ? WHERE id = ?",
-                              (kept, other))
+                              (self._seal_text("review_note", other_nik, kept), other))
                     self._retag(ex, other)
         self._after_erase()
         return self._match_row(row)  # erasing a quarantined enrolment is allowed
@@ -241,15 +305,16 @@ class SqlRegistry(RowCodec, abc.ABC):
         changed, last = 0, 0
         while True:
             with self._writing("reseal") as ex:
-                rows = self._run(ex, f"SELECT {COLUMNS} FROM {{enrollments}} WHERE id > ? "
+                rows = self._run(ex, f"SELECT {READ} FROM {{enrollments}} WHERE id > ? "
                                  "ORDER BY id LIMIT ?", (last, batch)).fetchall()
                 for row in rows:
                     values = self._resealed(row)
                     if values is None:
                         continue
                     self._run(ex, "UPDATE {enrollments} SET embedding = ?, candidates = ?, "
-                              "metadata = ? WHERE id = ?",
-                              (values[0], self._blob(values[1]), self._blob(values[2]), row[0]))
+                              "metadata = ?, reviewed_by = ?, review_note = ? WHERE id = ?",
+                              (values[0], self._blob(values[1]), self._blob(values[2]),
+                               values[3], values[4], row[0]))
                     self._retag(ex, row[0])
                     changed += 1
             if not rows:
@@ -289,15 +354,63 @@ class SqlRegistry(RowCodec, abc.ABC):
         last = 0
         while True:
             with self._reading(what) as ex:
-                rows = self._run(ex, f"SELECT {COLUMNS} FROM {{enrollments}} WHERE {where} "
+                rows = self._run(ex, f"SELECT {READ} FROM {{enrollments}} WHERE {where} "
                                  "AND id > ? ORDER BY id LIMIT ?", (last, batch)).fetchall()
             if not rows:
                 return
             yield rows
             last = rows[-1][0]
 
-    def scan_rows(self, batch: int = 10_000) -> int:
-        """Check every row's integrity; how many are quarantined."""
+    def check_head(self) -> str | None:
+        """Whether the rows add up to their sealed head (:class:`index.registry.RowsHead`),
+        read with them under the writer lock; rows at an earlier version than the
+        registry gave them are quarantined on the way.  Sets and returns
+        :attr:`head_fault`: None, or what does not add up."""
+        if not self.sealer.enabled:
+            return None
+        with self._exclusive("integrity head") as ex:
+            stored = self._run(ex, "SELECT hash FROM {heads} WHERE origin = ?",
+                               (ROWS_HEAD,)).fetchone()
+            rows = self._run(ex, "SELECT id, version, flagged FROM {enrollments}").fetchall()
+            last = int(self._run(ex, "SELECT MAX(seq) FROM {versions}").fetchone()[0] or 0)
+            stale = self._run(ex, f"SELECT {READ} FROM {{enrollments}} "
+                              f"WHERE version < {LATEST}").fetchall()
+        for row in stale:
+            self._quarantine(row, self._fault(row) or "an earlier copy was put back")
+        head = None if stored is None else self._open_head(stored[0])
+        found = _sum(rows)
+        if stored is None:
+            fault: str | None = "its sealed head was deleted"
+        elif head is None:
+            fault = "its sealed head does not open (altered)"
+        elif (found.count, found.flagged, found.xor) != (head.count, head.flagged, head.xor):
+            fault = (f"its {found.count} rows ({found.flagged} flagged) do not add up to its "
+                     f"sealed head ({head.count}, {head.flagged} flagged): rows deleted, "
+                     "inserted or put back behind the service's back")
+        elif last != head.seq:
+            fault = (f"its versions end at {last} but its sealed head at {head.seq}: "
+                     "cut back or written behind the service's back")
+        else:
+            fault = None
+        self.head_fault = fault
+        return fault
+
+    def accept_head(self) -> RowsHead:
+        """Seal the head over the rows as they are now (an operator's decision after
+        :meth:`check_head` found a fault and what could be restored was)."""
+        with self._exclusive("accept head") as ex:
+            rows = self._run(ex, "SELECT id, version, flagged FROM {enrollments}").fetchall()
+            last = int(self._run(ex, "SELECT MAX(seq) FROM {versions}").fetchone()[0] or 0)
+            head = RowsHead(last, *astuple(_sum(rows))[1:])
+            self._write_head(ex, head)
+        self.head_fault = None
+        return head
+
+    def scan_rows(self, batch: int = 10_000, head: bool = True) -> int:
+        """Check the rows' head (:meth:`check_head`; not if ``head`` is false) and
+        every row's integrity; how many rows are quarantined."""
+        if head:
+            self.check_head()
         return self.scan(self._batches("integrity scan", "TRUE", batch))
 
     def review_queue(self, after_id: int, limit: int, batch: int = 1000
@@ -309,6 +422,16 @@ class SqlRegistry(RowCodec, abc.ABC):
         says: a pending row set to cleared (or confirmed) behind the service's back
         is quarantined and counted now, not left out of the queue unseen; only
         authentic rows are listed or counted."""
+        if self.sealer.enabled:
+            with self._reading("reviews") as ex:  # one statement: one snapshot
+                stored, flagged = self._run(
+                    ex, "SELECT (SELECT hash FROM {heads} WHERE origin = ?), "
+                    "(SELECT COUNT(*) FROM {enrollments} WHERE flagged)", (ROWS_HEAD,)).fetchone()
+            head = None if stored is None else self._open_head(stored)
+            if head is None or head.flagged != int(flagged):
+                # A flag cleared on disk takes its row out of what is read below:
+                # find it now, not at the next start.
+                self.scan_rows()
         page: list[Enrollment] = []
         total = 0
         for rows in self._batches("reviews", "flagged", batch):
@@ -338,7 +461,7 @@ class SqlRegistry(RowCodec, abc.ABC):
             return {}
         marks = ",".join("?" * len(ids))
         with self._reading("look-up") as ex:
-            rows = self._run(ex, f"SELECT {COLUMNS} FROM {{enrollments}} "
+            rows = self._run(ex, f"SELECT {READ} FROM {{enrollments}} "
                              f"WHERE id IN ({marks})", ids).fetchall()
         return {int(r[0]): self._match_row(r) for r in rows}
 
@@ -374,3 +497,12 @@ class SqlRegistry(RowCodec, abc.ABC):
             ids, embs = self._embeddings(rows, self.dim)
             yield ids, embs
             last = int(ids[-1])
+
+
+def _sum(rows: Sequence[Any]) -> RowsHead:
+    """What rows of (id, version, flagged) add up to (their head's ``seq`` aside)."""
+    xor, flagged = 0, 0
+    for rid, version, f in rows:
+        xor ^= int.from_bytes(RowsHead.term(int(rid), int(version or 0)))
+        flagged += bool(f)
+    return RowsHead(0, len(rows), flagged, xor.to_bytes(32))

@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS enrollments (
     reviewed_at REAL,
     review_note TEXT NOT NULL DEFAULT '',
     photos INTEGER NOT NULL DEFAULT 1,
-    tag BLOB
+    tag BLOB,
+    version INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -57,6 +58,11 @@ CREATE TABLE IF NOT EXISTS audit_outbox (
     origin TEXT NOT NULL,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS row_versions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS row_versions_id ON row_versions (id, seq);
 CREATE TABLE IF NOT EXISTS audit_heads (
     origin TEXT PRIMARY KEY,
     seq INTEGER NOT NULL,
@@ -74,6 +80,7 @@ ADDED_COLUMNS = {
     "review_note": "TEXT NOT NULL DEFAULT ''",
     "photos": "INTEGER NOT NULL DEFAULT 1",
     "tag": "BLOB",
+    "version": "INTEGER NOT NULL DEFAULT 0",
 }
 LOCK_FILE = "gallery.lock"
 
@@ -87,7 +94,8 @@ class SqliteRegistry(SqlRegistry):
     """
 
     TABLES: ClassVar[dict[str, str]] = {"enrollments": "enrollments", "changes": "changes",
-                                        "outbox": "audit_outbox", "heads": "audit_heads"}
+                                        "outbox": "audit_outbox", "heads": "audit_heads",
+                                        "versions": "row_versions"}
     MARK = "?"
     FOR_UPDATE = ""  # the transaction is BEGIN IMMEDIATE: no other writer meanwhile
     UNLIMITED = -1
@@ -134,6 +142,8 @@ class SqliteRegistry(SqlRegistry):
                 self._db.execute("UPDATE enrollments SET review = 'pending' WHERE flagged = 1")
             self._db.execute("CREATE INDEX IF NOT EXISTS enrollments_review "
                              "ON enrollments (review, id)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS enrollments_flagged "
+                             "ON enrollments (id) WHERE flagged")
 
     def _check_meta(self, model_version: str, dim: int) -> None:
         with self._tx():

@@ -137,7 +137,11 @@ def test_the_capture_page_verifies_a_live_burst_in_headless_chromium(
             session = pb.LivenessSession.FromString(call.response)
             steps = [lv.Step(lv.Action(pb.LivenessAction.Name(s.action)), s.duration_ms)
                      for s in session.challenge]
-            follows = sim.Subject(**{**CLEAR.__dict__, "delay": 0.1})
+            # A brisk subject: each pose held from 0.4 s into its step until 0.25 s
+            # into the next, so the page's frames (at 0.7 and 0.95 of a step of
+            # 1.0-1.6 s) find it even with the camera's video 0.3 s ahead or behind
+            # the page's clock (the video's start is only estimated by ``lead``).
+            follows = sim.Subject(**{**CLEAR.__dict__, "delay": 0.25, "rise": 0.15})
             video.write_bytes(sim.y4m(sim.bona_fide_layers(photo), steps, follows,
                                       np.random.default_rng(0), lead=1.2))
         relayed.append(call)

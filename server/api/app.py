@@ -124,12 +124,24 @@ class RunningServer:
         half a minute a million); what fails is quarantined and counted."""
         registry = self.services.gallery.registry
         started = time.monotonic()
-        bad = await asyncio.to_thread(registry.scan_rows)
+        await asyncio.to_thread(registry.check_head)  # a second or two a million rows
+        await self.mark_registry_head()
+        bad = await asyncio.to_thread(registry.scan_rows, head=False)
         log.log(logging.ERROR if bad else logging.INFO,
                 "integrity scan of the registry: %d enrolments fail authentication%s "
                 "(%.1f s)", bad, " and are quarantined (changed outside the service): their "
                 "calls answer ENROLLMENT_QUARANTINED; restore them from a backup or erase them"
                 if bad else "", time.monotonic() - started)
+
+    async def mark_registry_head(self) -> None:
+        """Health follows whether the rows add up to their sealed head (a deleted or
+        rolled-back row is found no other way): NOT_SERVING while they do not."""
+        fault = self.services.gallery.registry.head_fault
+        if fault:
+            log.error("the registry fails its integrity check: %s. NOT_SERVING until it is "
+                      "restored from a backup, or an operator accepts it as it is "
+                      "(`faceverify data check --accept`)", fault)
+        await self.mark("registry", fault is not None)
 
     async def tick_audit(self, every: float) -> None:
         """Export committed changes' records, flush aggregated refusals (the audit's
@@ -285,6 +297,7 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
     metrics.track_duplicates(enrolment.duplicate_point, dedup.fpir)
     audit = open_audit(settings, gallery, metrics)
     metrics.quarantined.set_function(lambda: len(gallery.registry.quarantined))
+    metrics.registry_intact.set_function(lambda: 0 if gallery.registry.head_fault else 1)
     follower = None
     if gallery.registry.distributed:  # last: nothing after it can fail and leave it running
         # Imported here: psycopg is needed only with a PostgreSQL registry.

@@ -141,6 +141,11 @@ class Metrics:
                                  "Enrolments whose stored record failed authentication (changed "
                                  "outside the service): not served; restore or erase them",
                                  registry=r)
+        self.registry_intact = Gauge("faceverify_registry_head_intact",
+                                     "1 while the registry's rows add up to their sealed head "
+                                     "(with a data key); 0 when rows were deleted, inserted or "
+                                     "rolled back behind the service (health is then "
+                                     "NOT_SERVING)", registry=r)
         self.policy_refused = Counter("faceverify_policy_reloads_refused",
                                       "Changed access policies refused (malformed, or others "
                                       "could change the file); the previous policy stays",

@@ -507,6 +507,37 @@ def cmd_data_reseal(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from index.backends import stored_model
+    from index.gallery import Gallery
+    from index.registry import redact
+    from server.config import data_sealer
+
+    settings = _settings(args)
+    setup_logging(settings.log_level)
+    sealer = data_sealer(settings)
+    if not sealer.enabled:
+        raise SystemExit("the registry is checked with its data key: configure it "
+                         "(FACEVERIFY_DATA_KEY_FILE or FACEVERIFY_DATA_KEY)")
+    version, dim = stored_model(settings.registry_url, settings.data_dir)
+    gallery = Gallery(settings.data_dir, version, dim, settings.index, sealer=sealer,
+                      registry_url=settings.registry_url)
+    try:
+        registry = gallery.registry
+        quarantined = registry.scan_rows()
+        fault = registry.head_fault
+        accepted = bool(args.accept and fault)
+        if accepted:
+            registry.accept_head()
+        rows = registry.count()
+    finally:
+        gallery.close()
+    _print({"registry": redact(settings.registry_url) or str(settings.data_dir),
+            "rows": rows, "quarantined": quarantined, "head": fault or "intact",
+            "accepted": accepted})
+    return 1 if quarantined or (fault and not accepted) else 0
+
+
 def _server_flags(p: argparse.ArgumentParser) -> None:
     """The flags of every command that loads the models: where they are, the
     provider, the log level."""
@@ -787,6 +818,14 @@ def parser() -> argparse.ArgumentParser:
                          "rotation)")
     add_flags(rs, Settings(), DATA_FLAGS)
     rs.set_defaults(func=cmd_data_reseal)
+    ck = dsub.add_parser("check", help="check every enrolment's tag and that the rows add up "
+                         "to the registry's sealed head (exit 1 on a fault; the server does "
+                         "the same at start)")
+    add_flags(ck, Settings(), DATA_FLAGS)
+    ck.add_argument("--accept", action="store_true", help="after restoring what could be "
+                    "restored: seal the head over the rows as they are now (the server "
+                    "serves again at its next start)")
+    ck.set_defaults(func=cmd_data_check)
 
     lv = sub.add_parser("liveness", help="liveness sessions: a challenge, then a burst of "
                         "frames in place of a selfie (docs/presentation-attacks.md)")
