@@ -79,6 +79,10 @@ CREATE TABLE IF NOT EXISTS faceverify_audit_outbox (
     origin TEXT NOT NULL,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS faceverify_pseudonyms (
+    handle TEXT PRIMARY KEY,
+    secret BYTEA NOT NULL
+);
 CREATE TABLE IF NOT EXISTS faceverify_audit_heads (
     origin TEXT PRIMARY KEY,
     seq BIGINT NOT NULL,
@@ -191,7 +195,8 @@ class PostgresRegistry(SqlRegistry):
                                         "changes": "faceverify_changes",
                                         "outbox": "faceverify_audit_outbox",
                                         "heads": "faceverify_audit_heads",
-                                        "versions": "faceverify_row_versions"}
+                                        "versions": "faceverify_row_versions",
+                                        "pseudonyms": "faceverify_pseudonyms"}
     MARK = "%s"
     FOR_UPDATE = " FOR UPDATE"
     UNLIMITED = None

@@ -105,8 +105,11 @@ class AuditEntry:
     ``origin`` into its chain and then deletes them.
 
     Attributes:
-        nik_hash: the NIK's keyed hash (never the NIK itself).
+        nik_hash: the NIK's pseudonym (never the NIK itself: see
+            :meth:`server.api.audit.AuditLog.names`).
         origin: the audit log the record is for (one per data directory).
+        handle: the NIK's entry in the registry's pseudonym table: an erasure
+            destroys its secret, in the erasure's transaction.
         outbox_id: set by the registry once the record is written.
     """
 
@@ -116,6 +119,7 @@ class AuditEntry:
     request_id: str
     nik_hash: str
     origin: str
+    handle: str = ""
     outbox_id: int | None = None
 
     def record(self, outcome: str) -> str:
@@ -264,6 +268,11 @@ class Registry(Protocol):
     def scan_rows(self, batch: int = 10_000, head: bool = True) -> int:
         """Check the head (unless ``head`` is false) and every row's integrity (with a
         data key); how many rows are quarantined."""
+
+    def pseudonym_secret(self, handle: str, create: bool = True) -> bytes | None:
+        """The secret behind the audit pseudonym of the NIK ``handle`` stands for; a
+        new random one if it has none and ``create``, else None.  Erasing the NIK
+        (:meth:`remove` under its :class:`AuditEntry`) destroys it."""
 
     def audit_pending(self, origin: str, limit: int) -> list[tuple[int, str]]:
         """The audit records of ``origin``'s committed changes not yet exported,

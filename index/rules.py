@@ -6,8 +6,9 @@ supplies what differs: its table names, its parameter mark, whether a read
 for update locks the row, how a transaction is opened (and what the writer
 lock is), how a change is announced, and what an erasure must do after it
 commits.  Statements are written here with ``?`` marks and ``{enrollments}``,
-``{changes}``, ``{outbox}``, ``{heads}``, ``{versions}`` for the tables; both SQLite (3.35 or later:
-``RETURNING``) and PostgreSQL run them as written.
+``{changes}``, ``{outbox}``, ``{heads}``, ``{versions}``, ``{pseudonyms}`` for
+the tables; both SQLite (3.35 or later: ``RETURNING``) and PostgreSQL run them
+as written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import abc
 import base64
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import astuple
@@ -256,48 +258,56 @@ class SqlRegistry(RowCodec, abc.ABC):
         return self._row(row)
 
     def remove(self, nik: str) -> Enrollment | None:
-        """Erase an enrolment, log the removal and its audit record, and strike the
-        NIK from other enrolments' candidate lists and review notes (``erased``
-        stands in); None if the NIK is not enrolled."""
+        """Erase an enrolment, log the removal and its audit record, destroy the
+        secret of its audit pseudonym (enrolled or not), and strike the NIK from
+        other enrolments' candidate lists and review notes (``erased`` stands in);
+        None if the NIK is not enrolled."""
         with self._writing("erase") as ex:
+            entry = audit_var.get()
+            shredded = entry is not None and bool(entry.handle) and self._run(
+                ex, "DELETE FROM {pseudonyms} WHERE handle = ?", (entry.handle,)).rowcount > 0
             rows = self._run(ex, f"DELETE FROM {{enrollments}} WHERE nik = ? "
                              f"RETURNING {COLUMNS}", (nik,)).fetchall()
-            if not rows:
-                return None
-            row = rows[0]
-            if self.sealer.enabled:
-                self._write_head(ex, (self._read_head(ex) or RowsHead()).changed(
-                    (int(row[0]), int(row[13] or 0), bool(row[3]))))
-            self._log_change(ex, "remove", int(row[0]))
-            self._audit(ex, "erased")
-            # Only flagged enrolments have candidates.
-            for other, other_nik, sealed in self._run(
-                    ex, "SELECT id, nik, candidates FROM {enrollments} WHERE flagged"
-            ).fetchall():
-                candidates = self._candidates(other, other_nik, sealed)
-                if any(n == nik for n, _ in candidates):
-                    struck = [[ERASED if n == nik else n, s] for n, s in candidates]
-                    self._run(ex, "UPDATE {enrollments} SET candidates = ? WHERE id = ?",
-                              (self._blob(self._sealed_json("candidates", other_nik, struck)),
-                               other))
-                    self._retag(ex, other)
-            # A reviewer's note may name it too, in any spacing (notes written since
-            # refuse NIKs: see server.core.enrolment).
-            for other, other_nik, stored in self._run(
-                    ex, "SELECT id, nik, review_note FROM {enrollments} WHERE review_note <> ''"
-            ).fetchall():
-                try:
-                    note = self._open_text("review_note", other_nik, stored)
-                except SealAltered as exc:
-                    self._quarantine((other,), str(exc))
-                    continue
-                kept = strike_nik(note, nik)
-                if kept != note:
-                    self._run(ex, "UPDATE {enrollments} SET review_note = ? WHERE id = ?",
-                              (self._seal_text("review_note", other_nik, kept), other))
-                    self._retag(ex, other)
-        self._after_erase()
-        return self._match_row(row)  # erasing a quarantined enrolment is allowed
+            if rows:
+                self._erased(ex, nik, rows[0])
+        if rows or shredded:
+            self._after_erase()
+        return self._match_row(rows[0]) if rows else None  # a quarantined one too
+
+    def _erased(self, ex: Executor, nik: str, row: Any) -> None:
+        """What an erasure of ``row`` does beside deleting it (in its transaction):
+        the head, the change log, the audit record, and the strikes."""
+        if self.sealer.enabled:
+            self._write_head(ex, (self._read_head(ex) or RowsHead()).changed(
+                (int(row[0]), int(row[13] or 0), bool(row[3]))))
+        self._log_change(ex, "remove", int(row[0]))
+        self._audit(ex, "erased")
+        # Only flagged enrolments have candidates.
+        for other, other_nik, sealed in self._run(
+                ex, "SELECT id, nik, candidates FROM {enrollments} WHERE flagged"
+        ).fetchall():
+            candidates = self._candidates(other, other_nik, sealed)
+            if any(n == nik for n, _ in candidates):
+                struck = [[ERASED if n == nik else n, s] for n, s in candidates]
+                self._run(ex, "UPDATE {enrollments} SET candidates = ? WHERE id = ?",
+                          (self._blob(self._sealed_json("candidates", other_nik, struck)),
+                           other))
+                self._retag(ex, other)
+        # A reviewer's note may name it too, in any spacing (notes written since
+        # refuse NIKs: see server.core.enrolment).
+        for other, other_nik, stored in self._run(
+                ex, "SELECT id, nik, review_note FROM {enrollments} WHERE review_note <> ''"
+        ).fetchall():
+            try:
+                note = self._open_text("review_note", other_nik, stored)
+            except SealAltered as exc:
+                self._quarantine((other,), str(exc))
+                continue
+            kept = strike_nik(note, nik)
+            if kept != note:
+                self._run(ex, "UPDATE {enrollments} SET review_note = ? WHERE id = ?",
+                          (self._seal_text("review_note", other_nik, kept), other))
+                self._retag(ex, other)
 
     def reseal(self, batch: int = 1000) -> int:
         """Seal every value with the current data key (opening it with whichever
@@ -322,6 +332,23 @@ class SqlRegistry(RowCodec, abc.ABC):
             last = rows[-1][0]
         self._after_erase()
         return changed
+
+    def pseudonym_secret(self, handle: str, create: bool = True) -> bytes | None:
+        """See :meth:`index.registry.Registry.pseudonym_secret` (sealed with the data
+        key where there is one, bound to ``handle``).
+
+        Raises:
+            SealError: the stored secret does not open (altered or moved).
+        """
+        query = "SELECT secret FROM {pseudonyms} WHERE handle = ?"
+        with self._reading("pseudonym") as ex:
+            row = self._run(ex, query, (handle,)).fetchone()
+            if row is None and create:
+                secret = self._seal("pseudonym", handle, os.urandom(32))
+                self._run(ex, "INSERT INTO {pseudonyms} (handle, secret) VALUES (?, ?) "
+                          "ON CONFLICT (handle) DO NOTHING", (handle, self._blob(secret)))
+                row = self._run(ex, query, (handle,)).fetchone()  # another's, if first
+        return None if row is None else self._open("pseudonym", handle, row[0])
 
     def audit_pending(self, origin: str, limit: int) -> list[tuple[int, str]]:
         with self._reading("audit outbox") as ex:

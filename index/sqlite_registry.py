@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS row_versions (
     id INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS row_versions_id ON row_versions (id, seq);
+CREATE TABLE IF NOT EXISTS pseudonyms (
+    handle TEXT PRIMARY KEY,
+    secret BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit_heads (
     origin TEXT PRIMARY KEY,
     seq INTEGER NOT NULL,
@@ -95,7 +99,7 @@ class SqliteRegistry(SqlRegistry):
 
     TABLES: ClassVar[dict[str, str]] = {"enrollments": "enrollments", "changes": "changes",
                                         "outbox": "audit_outbox", "heads": "audit_heads",
-                                        "versions": "row_versions"}
+                                        "versions": "row_versions", "pseudonyms": "pseudonyms"}
     MARK = "?"
     FOR_UPDATE = ""  # the transaction is BEGIN IMMEDIATE: no other writer meanwhile
     UNLIMITED = -1

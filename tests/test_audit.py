@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from server.api.audit import (
     AuditLog,
     Event,
     SigningKey,
+    find_nik,
     load_origin,
     verify_chain,
 )
@@ -85,6 +87,17 @@ class Trail:
     def close(self) -> None:
         self.log.close()
         self.registry.close()
+
+
+    def erase(self, nik: str, handle: str) -> None:
+        """A committed erasure, as the registry writes it inside a call."""
+        entry = AuditEntry("DeleteEnrollment", "ops-admin", "ipv4:10.0.0.1:5000",
+                           "rid-erase-" + nik, "", self.origin, handle=handle)
+        token = audit_var.set(entry)
+        try:
+            self.registry.remove(nik)
+        finally:
+            audit_var.reset(token)
 
 
 @pytest.fixture
@@ -345,3 +358,36 @@ def test_the_head_is_anchored_only_once_the_log_is_on_disk_and_never_moves_back(
     assert head is not None and head[0] == len(trail.records())
     trail.registry.audit_anchor(trail.origin, head[0] - 1, "an older head")
     assert trail.registry.audit_head(trail.origin) == head
+
+
+def test_an_erased_niks_records_no_longer_lead_back_to_it(trail: Trail) -> None:
+    names = trail.log.names(NIK)
+    assert names is not None
+    alias, handle = names
+    assert alias != trail.key.nik(NIK)  # not the audit key's hash: a secret of its own
+    assert trail.log.names(NIK) == names  # the same name for every call about it
+    asyncio.run(trail.log.record(Event("GetEnrollment", "kyc-registrar", "ipv4:10.0.0.1:5000",
+                                       "r1", "NOT_FOUND", "NOT_ENROLLED", nik=NIK)))
+    secret = trail.registry.pseudonym_secret(handle, create=False)
+    assert [r["nik_hash"] for r in find_nik(trail.data / AUDIT_FILE, trail.key, NIK,
+                                            secret)] == [alias]
+    # Erased (here, never enrolled: an erasure shreds the secret all the same).
+    trail.erase(NIK, handle)
+    assert trail.registry.pseudonym_secret(handle, create=False) is None
+    assert find_nik(trail.data / AUDIT_FILE, trail.key, NIK, None) == []
+    text = (trail.data / AUDIT_FILE).read_text()
+    assert alias in text and trail.key.nik(NIK) not in text
+    # Calls about it from now on go by a new name, unlinked to the old one.
+    assert trail.log.names(NIK) not in (None, names)
+
+
+def test_refused_calls_and_malformed_niks_make_no_pseudonym(trail: Trail) -> None:
+    refused = Event("DeleteEnrollment", "-", "ipv4:10.0.0.9:4000", "r1", "UNAUTHENTICATED",
+                    "UNKNOWN_API_KEY", nik="3273015505900002")
+    assert asyncio.run(trail.log.refusal(refused))
+    assert asyncio.run(trail.log.refusal(replace(refused, nik="not a nik")))
+    records = [r for r in trail.records() if r.get("kind") == "call"]
+    assert len(records) == 2 and not any("nik_hash" in r for r in records)
+    assert trail.registry.pseudonym_secret(trail.key.nik("3273015505900002"),
+                                           create=False) is None
+    assert trail.log.names("not a nik") is None

@@ -22,6 +22,7 @@ from google.rpc import error_details_pb2
 
 from benchmarks.serverproc import free_port, wait_serving
 from server.api.access import new_api_key
+from server.api.audit import KEY_FILE, AuditKey
 from server.api.tls import ClientTls
 from server.config import check_secured
 from server.errors import ConfigurationError
@@ -183,16 +184,24 @@ def test_audit_log_records_who_did_what_and_detects_tampering(
         tls_server: ServerThread, pki: Authority, keys: dict[str, tuple[str, str]],
         lfw_dir: Path) -> None:
     nik = "3273015505900002"
+    data_dir = tls_server.settings.data_dir
+
+    def faceverify(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "server.tools.cli", "audit", *args,
+                               "--data-dir", str(data_dir)], capture_output=True, text=True,
+                              timeout=60)
+
     with _client(tls_server, pki, keys["registrar"][0]) as registrar:
         registrar.enroll(nik, lfw_image(lfw_dir, "Dean_Barker", 1))
         with pytest.raises(CallError):
             registrar.delete_enrollment(nik)
+    found = json.loads(faceverify("find", nik).stdout)
+    assert [r["method"] for r in found][-2:] == ["Enroll", "DeleteEnrollment"]
     with _client(tls_server, pki, keys["admin"][0]) as admin:
         admin.delete_enrollment(nik)
-    data_dir = tls_server.settings.data_dir
     log_file = data_dir / "audit.log"
     text = log_file.read_text()
-    assert nik not in text  # only its keyed hash
+    assert nik not in text  # only its pseudonym
     records = [json.loads(line) for line in text.splitlines()]
     mine = [(r["method"], r["identity"], r["code"]) for r in records
             if r.get("nik_hash") and r["method"] in ("Enroll", "DeleteEnrollment")][-3:]
@@ -201,17 +210,12 @@ def test_audit_log_records_who_did_what_and_detects_tampering(
                     ("DeleteEnrollment", "ops-admin", "OK")]
     assert all(r["request_id"] and r["peer"] and r["time"] for r in records)
     assert oct(log_file.stat().st_mode & 0o777) == "0o600"
-
-    def faceverify(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "server.tools.cli", "audit", *args,
-                               "--data-dir", str(data_dir)], capture_output=True, text=True,
-                              timeout=60)
-
     verified = faceverify("verify")
     assert verified.returncode == 0 and json.loads(verified.stdout)["intact"]
-    found = json.loads(faceverify("find", nik).stdout)
-    assert [r["method"] for r in found][-3:] == ["Enroll", "DeleteEnrollment",
-                                                 "DeleteEnrollment"]
+    # Erased: its pseudonym's secret is gone, so no record leads back to the NIK, not
+    # even for the holder of the audit key trying every NIK (its keyed hash is in none).
+    assert json.loads(faceverify("find", nik).stdout) == []
+    assert AuditKey.load(data_dir / KEY_FILE, create=False).nik(nik) not in text
     # Rewrite one record's outcome, as someone covering their tracks would.
     copy = data_dir.parent / "tampered"
     shutil.copytree(data_dir, copy)

@@ -7,8 +7,11 @@ reason a minute one by one, the rest as one count: :mod:`server.api.refusals`).
 A record holds who (the policy identity, or what an unknown
 caller presented, and the peer address), what (the RPC and its outcome), when,
 and the request id; never an image, an embedding or a NIK in clear.  A NIK
-appears only as a keyed hash (:meth:`AuditKey.nik`), so an auditor holding the
-key can find a person's records and nobody else can read them.
+appears only as its pseudonym (:meth:`AuditLog.names`): a keyed hash with a
+secret of the NIK's own, kept in the registry, so that an auditor holding the
+audit key and the registry can find a living person's records, nobody else can
+read them, and once the NIK is erased (its secret destroyed) nobody can link
+them to it again.
 
 Part of the transaction.  The record of a state change is written by the
 registry in the change's own transaction (:class:`index.registry.AuditEntry`)
@@ -76,7 +79,8 @@ from index.errors import RegistryUnavailable
 from index.registry import Registry
 from server import strict
 from server.api.refusals import Tally, source_of
-from server.errors import ConfigurationError
+from server.core.nik import validate_nik
+from server.errors import ConfigurationError, InvalidNik
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +119,7 @@ class AuditUnavailable(Exception):
 
 
 class AuditKey:
-    """The secret behind the chain's MACs and the NIKs' keyed hashes."""
+    """The secret behind the chain's MACs and the NIKs' handles (see :meth:`AuditLog.names`)."""
 
     def __init__(self, key: bytes) -> None:
         if len(key) < 32:
@@ -304,6 +308,7 @@ class Event:
     outcome: str = ""
     nik: str = ""
     presented: str = ""  # what an unidentified caller presented (CN, key hash prefix)
+    nik_hash: str = ""  # the NIK's pseudonym, where the interceptor took it already
 
 
 @dataclass
@@ -666,18 +671,42 @@ class AuditLog:
             if not self._refusals.note((source_of(event.peer), event.identity, event.method,
                                         event.reason), event.presented):
                 return False
-            self._write([self._call(event)], durable=False)
+            self._write([self._call(event, create=False)], durable=False)
             return True
 
-    def _call(self, event: Event) -> dict[str, Any]:
+    def names(self, nik: str, create: bool = True) -> tuple[str, str] | None:
+        """(pseudonym, handle): the name ``nik`` goes by in this log, a keyed hash
+        with a secret of the NIK's own kept in the registry
+        (:meth:`index.registry.Registry.pseudonym_secret`), and that secret's
+        handle there (the audit key's hash of the NIK).  Erasing the NIK destroys
+        the secret: the records written before no longer lead back to it, not even
+        for someone holding the audit key and guessing NIKs.  None where the NIK
+        has no secret and ``create`` is false, or ``nik`` is not a well-formed NIK
+        (its call was refused for that; no secret is made for it).  Blocking: the
+        registry is read."""
+        try:
+            validate_nik(nik)
+        except InvalidNik:
+            return None
+        handle = self.key.nik(nik)
+        if self.registry is None:
+            return handle, handle
+        secret = self.registry.pseudonym_secret(handle, create)
+        return None if secret is None else (pseudonym(secret, nik), handle)
+
+    def _call(self, event: Event, create: bool = True) -> dict[str, Any]:
+        """A call's record; a NIK without a pseudonym yet gets one if ``create``,
+        else (a refused call) goes unnamed."""
         fields: dict[str, Any] = {"kind": "call", "method": event.method,
                                   "identity": event.identity, "peer": event.peer,
                                   "request_id": event.request_id, "code": event.code,
                                   "reason": event.reason}
         if event.outcome:
             fields["outcome"] = event.outcome
-        if event.nik:
-            fields["nik_hash"] = self.key.nik(event.nik)
+        names = (event.nik_hash, "") if event.nik_hash else \
+            self.names(event.nik, create) if event.nik else None
+        if names is not None:
+            fields["nik_hash"] = names[0]
         if event.presented:
             fields["presented"] = event.presented
         return fields
@@ -699,7 +728,7 @@ class AuditLog:
         Raises:
             AuditUnavailable: it could not be written (counted; see :meth:`watch`).
         """
-        await self._run(self._append, [self._call(event)], durable)
+        await self._run(lambda: self._append([self._call(event)], durable))
 
     async def refusal(self, event: Event) -> bool:
         """Append (or count, see :meth:`_refusal`) a refused call; whether appended."""
@@ -1000,15 +1029,23 @@ def verify_chain(path: Path, key: AuditKey | None, public: SigningKey | None = N
     return report
 
 
-def find_nik(path: Path, key: AuditKey, nik: str) -> list[dict[str, Any]]:
-    """Every record about ``nik``."""
-    digest = key.nik(nik)
+def pseudonym(secret: bytes, nik: str) -> str:
+    """``nik``'s name in the audit log, from its own secret (see :meth:`AuditLog.names`)."""
+    return hmac.new(secret, b"nik:" + nik.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def find_nik(path: Path, key: AuditKey, nik: str, secret: bytes | None
+             ) -> list[dict[str, Any]]:
+    """Every record about ``nik``: by its pseudonym from ``secret`` (the registry's,
+    None once it is erased), and by the audit key's hash, which named NIKs in
+    records written before pseudonyms."""
+    digests = {key.nik(nik), *([pseudonym(secret, nik)] if secret is not None else [])}
     out = []
     for _, line in read_records(path):
         try:
             record = parse_record(line)
         except ValueError:
             continue
-        if record.get("nik_hash") == digest:
+        if record.get("nik_hash") in digests:
             out.append(record)
     return out

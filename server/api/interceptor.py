@@ -11,7 +11,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -365,12 +365,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             request_id_var.set(rid)
             context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
             entry = None
-            if method.durable and self.audit is not None:
-                nik = getattr(request, "nik", "")
-                entry = AuditEntry(method.name, identity, context.peer() or "", rid,
-                                   self.audit.key.nik(nik) if nik else "", self.audit.origin)
-                entry_token = audit_var.set(entry)
             try:
+                if method.durable and self.audit is not None:
+                    entry = await self._entry(method, request, identity,
+                                              context.peer() or "", rid)
+                    entry_token = audit_var.set(entry)
                 response = await method.handler(request, context)
             except RequestError as exc:
                 error = exc
@@ -431,7 +430,29 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except AuditDown:
                 self.metrics.audit_failures.labels("export").inc()
             return None
+        if entry is not None:  # named once, before the call: an erasure shreds its secret
+            event = replace(event, nik_hash=entry.nik_hash)
         return await self._record(event, method.durable)
+
+    async def _entry(self, method: _Method, request: Any, identity: str, peer: str,
+                     rid: str) -> AuditEntry:
+        """The audit entry of a state change, its NIK named by its pseudonym (read
+        from the registry, off the event loop).
+
+        Raises:
+            AuditUnavailable: the pseudonym cannot be had (counted).
+        """
+        assert self.audit is not None
+        nik = _nik(request)
+        try:
+            names = await asyncio.to_thread(self.audit.names, nik) if nik else None
+        except Exception as exc:
+            log.error("audit: no pseudonym for a %s call's NIK: %s", method.name, exc)
+            self.metrics.audit_failures.labels("record").inc()
+            raise AuditUnavailable("the audit log cannot name this call's NIK now, so this "
+                                   "call is not answered; retry shortly") from exc
+        return AuditEntry(method.name, identity, peer, rid, names[0] if names else "",
+                          self.audit.origin, handle=names[1] if names else "")
 
     async def _record(self, event: Event, durable: bool) -> AuditUnavailable | None:
         if self.audit is None:

@@ -480,10 +480,21 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_find(args: argparse.Namespace) -> int:
+    from index.backends import open_registry, stored_model
     from server.api.audit import find_nik
+    from server.config import data_sealer
 
     path, key = _audit_files(args)
-    _print(find_nik(path, key, args.nik))
+    settings = _settings(args)
+    # The NIK's pseudonym comes from its secret in the registry (none once erased).
+    version, dim = stored_model(settings.registry_url, settings.data_dir)
+    registry = open_registry(settings.registry_url, settings.data_dir, version, dim,
+                             data_sealer(settings))
+    try:
+        secret = registry.pseudonym_secret(key.nik(args.nik), create=False)
+    finally:
+        registry.close()
+    _print(find_nik(path, key, args.nik, secret))
     return 0
 
 
@@ -801,6 +812,8 @@ def parser() -> argparse.ArgumentParser:
         ap = ausub.add_parser(name, help=what)
         if name == "find":
             ap.add_argument("nik")
+            add_flags(ap, Settings(), ("registry_url", "data_key_file",
+                                       "previous_data_key_files"))
         ap.add_argument("--data-dir", type=Path, help="the server's data directory "
                         "(FACEVERIFY_DATA_DIR)")
         ap.add_argument("--key-file", type=Path, help="the audit key (default: "
