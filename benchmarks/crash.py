@@ -116,10 +116,22 @@ def check(target: str, jobs: list[tuple[str, int, bytes]], acknowledged: set[str
     }
 
 
-def audit_gaps(dirs: list[Path], present: list[str]) -> dict[str, object]:
+def audit_gaps(dirs: list[Path], present: list[str], registry_url: str = ""
+               ) -> dict[str, object]:
     """Enrolled NIKs with no enrolment record in any server's audit log, and logs
-    whose chain does not verify (read after the servers stopped)."""
-    from server.api.audit import AUDIT_FILE, KEY_FILE, AuditKey, parse_record, verify_chain
+    whose chain does not verify (read after the servers stopped).  A record names
+    its NIK by the pseudonym from the NIK's secret in the registry (one per audit
+    key: each server's)."""
+    from index.backends import open_registry, stored_model
+    from index.sealing import Sealer
+    from server.api.audit import (
+        AUDIT_FILE,
+        KEY_FILE,
+        AuditKey,
+        parse_record,
+        pseudonym,
+        verify_chain,
+    )
 
     recorded: set[str] = set()
     broken = []
@@ -134,7 +146,15 @@ def audit_gaps(dirs: list[Path], present: list[str]) -> dict[str, object]:
             record = parse_record(line)
             if record["kind"] == "change" and record["method"] == "Enroll":
                 recorded.add(str(record.get("nik_hash")))
-    unaudited = [n for n in present if not any(k.nik(n) in recorded for k in keys)]
+    registry = open_registry(registry_url, dirs[0], *stored_model(registry_url, dirs[0]),
+                             Sealer())
+    try:
+        names = {n: {pseudonym(s, n) for k in keys
+                     if (s := registry.pseudonym_secret(k.nik(n), create=False)) is not None}
+                 for n in present}
+    finally:
+        registry.close()
+    unaudited = [n for n in present if not names[n] & recorded]
     return {"enrolled_without_audit_record": len(unaudited), "audit_logs_broken": broken}
 
 
@@ -187,7 +207,7 @@ def crash_test(model_dir: Path, lfw: Path, data_dir: Path, rounds: int, people_p
         present = state.pop("present")
         for st in states[1:]:
             st.pop("present")
-        audit = audit_gaps(dirs, present)  # type: ignore[arg-type]
+        audit = audit_gaps(dirs, present, registry_url)  # type: ignore[arg-type]
         state.update(audit)
         ok = all(not st["lost"] and st["faces_under_two_niks"] == 0
                  and st["gallery_size"] == st["enrolled"] for st in states) \

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import random
 import sys
 import time
@@ -46,7 +45,7 @@ from PIL import Image
 
 from benchmarks import liveness_sim as sim
 from benchmarks.lfw import default_lfw_dir
-from benchmarks.replay import held_out, ship_record
+from benchmarks.replay import held_out, print_and_ship
 from server.core.liveness import chip_template
 from server.errors import FaceVerifyError
 from server.pipeline import liveness as lv
@@ -293,11 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                      "apcer": {k: r["passed"] for k, r in results.items() if k != "bona_fide"}},
         "kinds": results, "calibration_peaks_p1_p5_p50": peak_summary(seen["bona_fide"]),
         "seconds": round(time.time() - start)}
-    if args.write_calibration:
-        report["written"] = ship_record(args.model_dir, models, "liveness", record_of(t))
-    json.dump(report, sys.stdout, indent=2)
-    print()
-    return 0
+    return print_and_ship(report, args.model_dir, models, "liveness", record_of(t),
+                          args.write_calibration)
 
 
 if __name__ == "__main__":

@@ -241,6 +241,17 @@ def ship_record(model_dir: Path, models: LoadedModels, key: str, record: dict[st
     return written
 
 
+def print_and_ship(report: dict[str, Any], model_dir: Path, models: LoadedModels, key: str,
+                   record: dict[str, Any], write: bool) -> int:
+    """Print ``report`` as JSON, ``record`` first shipped as ``key`` (:func:`ship_record`)
+    where ``write``; the exit status."""
+    if write:
+        report["written"] = ship_record(model_dir, models, key, record)
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model-dir", type=Path, required=True)
@@ -282,11 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                        unseen[0], match_threshold),
         "seconds": round(time.time() - start),
     }
-    if args.write_calibration:
-        report["written"] = ship_record(args.model_dir, models, "replay", record)
-    json.dump(report, sys.stdout, indent=2)
-    print()
-    return 0
+    return print_and_ship(report, args.model_dir, models, "replay", record,
+                          args.write_calibration)
 
 
 if __name__ == "__main__":

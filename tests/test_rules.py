@@ -49,7 +49,7 @@ from server.pipeline.faces import AnalysedFace
 from server.pipeline.pad import Threshold
 from server.pipeline.quality import Quality
 from server.pipeline.replay import ReplayCheck
-from server.pipeline.types import DetectedFace
+from server.pipeline.types import BOTH, DetectedFace
 
 DIM = 128
 CALIBRATION = (Path(__file__).resolve().parent.parent / "server" / "models" / "calibration"
@@ -88,7 +88,8 @@ class ChosenFaces:
         return name
 
     async def analyse(self, data: bytes, field: str, refuse_ambiguous: bool,
-                      selfie: bool = False, view: bool = False) -> AnalysedFace:
+                      selfie: bool = False, view: bool = False, half: str = BOTH
+                      ) -> AnalysedFace:
         face = DetectedFace(np.array([0.0, 0.0, 100.0, 100.0]), 0.99, np.zeros((5, 2)))
         embedding, chip, live = self.faces[data]
         return AnalysedFace(face, Quality(100, 100, 2.0, 120, 0.99), embedding, 1,

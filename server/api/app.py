@@ -51,7 +51,7 @@ from server.core.inference import InferenceEngine
 from server.core.liveness import SESSION_FILE, LivenessSessions, SessionStore, chip_template
 from server.core.metrics import Metrics, MetricsServer
 from server.core.presentation import AttackPolicy, LivenessCheck, PresentationChecks
-from server.core.service import VerificationService, operating_points
+from server.core.service import MirrorRule, VerificationService, operating_points
 from server.errors import ConfigurationError, StartupError
 from server.gen import faceverify_pb2 as pb
 from server.gen import faceverify_pb2_grpc as pb_grpc
@@ -267,7 +267,8 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
     presentation = PresentationChecks(replay_check, liveness,
                                       AttackPolicy(settings.presentation_attack_policy),
                                       image_pool, metrics, sessions)
-    verification = VerificationService(models, points, engine, metrics, presentation)
+    verification = VerificationService(models, points, engine, metrics, presentation,
+                                       MirrorRule.from_calibration(calibration))
     floor = (operating_points(calibration, settings.search_floor_fmr)["photo"].threshold
              if settings.search_floor_fmr else None)
     enrolment = EnrolmentService(gallery, engine, index_pool, verification.point_for, dedup,

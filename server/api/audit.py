@@ -696,15 +696,21 @@ class AuditLog:
 
     def _call(self, event: Event, create: bool = True) -> dict[str, Any]:
         """A call's record; a NIK without a pseudonym yet gets one if ``create``,
-        else (a refused call) goes unnamed."""
+        else (a refused call) goes unnamed, as it does while the registry that holds
+        the pseudonyms' secrets cannot be reached."""
         fields: dict[str, Any] = {"kind": "call", "method": event.method,
                                   "identity": event.identity, "peer": event.peer,
                                   "request_id": event.request_id, "code": event.code,
                                   "reason": event.reason}
         if event.outcome:
             fields["outcome"] = event.outcome
-        names = (event.nik_hash, "") if event.nik_hash else \
-            self.names(event.nik, create) if event.nik else None
+        try:
+            names = (event.nik_hash, "") if event.nik_hash else \
+                self.names(event.nik, create) if event.nik else None
+        except RegistryUnavailable:
+            # Unnamed rather than unrecorded (or named by a hash erasure cannot
+            # shred): a call the registry's absence failed, as its reason says.
+            names = None
         if names is not None:
             fields["nik_hash"] = names[0]
         if event.presented:

@@ -440,12 +440,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         from the registry, off the event loop).
 
         Raises:
-            AuditUnavailable: the pseudonym cannot be had (counted).
+            RegistryUnavailable: the registry, which holds the pseudonyms' secrets,
+                cannot be reached now.
+            AuditUnavailable: the pseudonym cannot be had otherwise (counted).
         """
         assert self.audit is not None
         nik = _nik(request)
         try:
             names = await asyncio.to_thread(self.audit.names, nik) if nik else None
+        except RequestError:  # the shared registry out of reach: said as such
+            raise
         except Exception as exc:
             log.error("audit: no pseudonym for a %s call's NIK: %s", method.name, exc)
             self.metrics.audit_failures.labels("record").inc()

@@ -22,7 +22,7 @@ import numpy as np
 from server.core.metrics import Metrics
 from server.pipeline.batching import Batcher, BatchLimits, padded
 from server.pipeline.faces import AnalysedFace, FacePipeline, Timings
-from server.pipeline.types import Call, CpuStep, ModelCall, Steps, dispatch
+from server.pipeline.types import BOTH, Call, CpuStep, ModelCall, Steps, dispatch
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class InferenceEngine:
 
     async def analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool,
                       selfie: bool = False, view: bool = False, embed: bool = True,
-                      turns: int | None = None) -> AnalysedFace:
+                      turns: int | None = None, half: str = BOTH) -> AnalysedFace:
         """The subject face of one encoded image: :meth:`FacePipeline.steps`, with
         per-image steps in the CPU pool and model calls batched across requests.
         Stage times go to the metrics (``detect`` and ``embed`` include the wait
@@ -91,18 +91,18 @@ class InferenceEngine:
         timings = Timings()
         try:
             face: AnalysedFace = await self._drive(self.pipeline.steps(
-                data, field_name, refuse_ambiguous, timings, selfie, view, embed, turns))
+                data, field_name, refuse_ambiguous, timings, selfie, view, embed, turns, half))
         finally:
             self.metrics.observe_stages(timings.seconds)
         return face
 
-    async def embed(self, chip: np.ndarray) -> np.ndarray:
+    async def embed(self, chip: np.ndarray, half: str = BOTH) -> np.ndarray:
         """The embedding of an aligned face (:attr:`AnalysedFace.chip`), batched with
-        the others."""
+        the others: the recognizer's passes ``half`` names."""
         timings = Timings()
         try:
             with timings.stage("embed"):
-                embedding: np.ndarray = await self._drive(self.pipeline.embed_steps(chip))
+                embedding: np.ndarray = await self._drive(self.pipeline.embed_steps(chip, half))
         finally:
             self.metrics.observe_stages(timings.seconds)
         return embedding

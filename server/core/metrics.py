@@ -137,6 +137,11 @@ class Metrics:
         self.audit_healthy = Gauge("faceverify_audit_healthy",
                                    "1 while the audit log is written; 0 after repeated "
                                    "failures (health is then NOT_SERVING)", registry=r)
+        self.mirror_passes = Counter("faceverify_mirror_passes",
+                                     "Verify calls whose decision needed the recognizer's "
+                                     "mirror pass (taken) or not (skipped: the plain passes' "
+                                     "score further than the calibrated margin from every "
+                                     "threshold)", ("pass",), registry=r)
         self.quarantined = Gauge("faceverify_registry_quarantined",
                                  "Enrolments whose stored record failed authentication (changed "
                                  "outside the service): not served; restore or erase them",
@@ -181,6 +186,8 @@ class Metrics:
             self.stage.labels(stage)
         for decision in ("confirmed", "cleared"):
             self.reviews_resolved.labels(decision)
+        for taken in ("taken", "skipped"):
+            self.mirror_passes.labels(taken)
         for method, outcomes in OUTCOMES.items():
             for outcome in outcomes:
                 self.outcomes.labels(method, outcome)

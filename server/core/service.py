@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, replace
 from typing import Any
+
+import numpy as np
 
 from server.core.inference import InferenceEngine
 from server.core.liveness import Capture, LivenessOutcome
@@ -26,6 +28,7 @@ from server.errors import (
 from server.models.calibrate import operating_point
 from server.pipeline.faces import AnalysedFace
 from server.pipeline.loader import LoadedModels
+from server.pipeline.types import BOTH, MIRRORED, PLAIN
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +56,11 @@ async def analyse_both(selfie: Awaitable[Selfie], other: Awaitable[AnalysedFace]
 
 
 async def analyse_selfie(engine: InferenceEngine, presentation: PresentationChecks,
-                         selfie: bytes, burst: Capture | None, view: bool) -> Selfie:
-    """The selfie's face: a single still, or the matched frame of a liveness
-    session's burst with the burst's result.
+                         selfie: bytes, burst: Capture | None, view: bool,
+                         half: str = BOTH) -> Selfie:
+    """The selfie's face: a single still (its embedding of the recognizer's passes
+    ``half`` names), or the matched frame of a liveness session's burst with the
+    burst's result.
 
     Raises:
         InvalidRequest: neither or both sent.
@@ -71,7 +76,31 @@ async def analyse_selfie(engine: InferenceEngine, presentation: PresentationChec
         return await presentation.sessions.analyse(burst, view)
     if not selfie:
         raise InvalidRequest("selfie is required (or a liveness capture)", field="selfie")
-    return await engine.analyse(selfie, "selfie", True, selfie=True, view=view), None
+    return await engine.analyse(selfie, "selfie", True, selfie=True, view=view, half=half), None
+
+
+@dataclass(frozen=True)
+class MirrorRule:
+    """When a 1:1 decision needs the recognizer's mirror pass.
+
+    A flipping recognizer's embedding averages a face's pass with its mirror
+    image's: twice the work, and what the thresholds were calibrated on.  A score
+    of the plain passes alone differs from it by at most ``margin`` (the largest
+    difference seen over the calibration's pairs, with a safety factor: the
+    calibration's ``mirror`` record, ``benchmarks.mirror``), so a decision whose
+    plain score is further than that from every threshold it is held to comes
+    out the same without the mirror pass; only the rest take it.
+    """
+
+    margin: float
+
+    @staticmethod
+    def from_calibration(calibration: dict[str, Any]) -> MirrorRule | None:
+        record = calibration.get("mirror")
+        return MirrorRule(float(record["margin"])) if isinstance(record, dict) else None
+
+    def needed(self, score: float, thresholds: Iterable[float]) -> bool:
+        return any(abs(score - t) <= self.margin for t in thresholds)
 
 
 @dataclass(frozen=True)
@@ -132,12 +161,15 @@ class VerificationService:
 
     def __init__(self, models: LoadedModels, points: dict[str, OperatingPoint],
                  engine: InferenceEngine, metrics: Metrics,
-                 presentation: PresentationChecks) -> None:
+                 presentation: PresentationChecks, mirror: MirrorRule | None = None) -> None:
         self.models = models
         self.metrics = metrics
         self.presentation = presentation
         self.points = points
         self.engine = engine
+        # The mirror pass only where a decision needs it (a flipping recognizer with
+        # the margin calibrated); else every face takes both passes.
+        self.mirror = mirror if models.flip else None
 
     @property
     def point(self) -> OperatingPoint:
@@ -181,12 +213,39 @@ class VerificationService:
             raise InvalidRequest("reference is required", field="reference")
         point = self.point_for(reference_kind)
         view = self.presentation.compares_views
+        half = PLAIN if self.mirror is not None else BOTH
         (a, outcome), b = await analyse_both(
-            analyse_selfie(self.engine, self.presentation, selfie, burst, view),
-            self.engine.analyse(reference, "reference", False, view=view))
+            analyse_selfie(self.engine, self.presentation, selfie, burst, view, half),
+            self.engine.analyse(reference, "reference", False, view=view, half=half))
+        if self.mirror is not None:
+            a, b = await self._mirrored_where_needed(a, b, point)
         presentation = await self.presentation.check("Verify", a, b, outcome)
         score = float(a.embedding @ b.embedding)
         match = score >= point.threshold
         self.metrics.outcomes.labels("Verify", "match" if match else "no_match").inc()
         return Verification(match, score, a, b, point, presentation)
+
+    async def _mirrored_where_needed(self, a: AnalysedFace, b: AnalysedFace,
+                                     point: OperatingPoint) -> tuple[AnalysedFace, AnalysedFace]:
+        """``a`` and ``b`` with the mirror pass added to their plain embeddings where
+        their score is within the margin of a threshold it is held to (the match's,
+        and the copy check's face rule); as they are elsewhere (:class:`MirrorRule`)."""
+        assert self.mirror is not None
+        thresholds = [point.threshold]
+        if self.presentation.replay is not None:
+            thresholds.append(self.presentation.replay.face_threshold)
+        needed = self.mirror.needed(float(a.embedding @ b.embedding), thresholds)
+        self.metrics.mirror_passes.labels("taken" if needed else "skipped").inc()
+        if not needed:
+            return a, b
+        halves = [f for f in (a, b) if f.half == PLAIN]
+        mirrored = await asyncio.gather(*(self.engine.embed(f.chip, MIRRORED) for f in halves))
+        whole = {id(f): replace(f, embedding=_unit(f.embedding + m), half=BOTH)
+                 for f, m in zip(halves, mirrored, strict=True)}
+        return whole.get(id(a), a), whole.get(id(b), b)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    unit: np.ndarray = (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
+    return unit
 

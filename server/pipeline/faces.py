@@ -20,6 +20,7 @@ from server.pipeline import replay
 from server.pipeline.image import Decoded, ImageLimits, PixelBudget, decode_image
 from server.pipeline.quality import Quality, measure
 from server.pipeline.types import (
+    BOTH,
     CpuStep,
     DetectedFace,
     Detector,
@@ -85,6 +86,7 @@ class AnalysedFace:
     turns: int = 0  # counter-clockwise quarter turns that made the face upright
     # Each face stage's result (FacePipeline.stages), where the stages were run.
     stages: dict[str, Any] = field(default_factory=dict)
+    half: str = BOTH  # the recognizer's passes the embedding is made of (types.BOTH...)
 
     def kept_view(self) -> np.ndarray:
         """The face's :attr:`view`, which its analysis was asked to keep."""
@@ -164,8 +166,9 @@ class FacePipeline:
         self.policy = policy
         self.budget = PixelBudget(limits.decode_budget_bytes)
         self.detector_calls = DetectorCalls.of(detector)
-        self.embed_call = ModelCall("embed", lambda chips: list(recognizer.embed(np.stack(chips))),
-                                    "face")
+        # Items: (chip, half): the passes to make of it (types.BOTH, PLAIN, MIRRORED).
+        self.embed_call = ModelCall("embed", lambda items: list(recognizer.embed(
+            np.stack([chip for chip, _ in items]), [half for _, half in items])), "face")
         # Every model call the steps make: the server batches each (InferenceEngine).
         self.calls = (*self.detector_calls.all, self.embed_call,
                       *(call for stage in self.stages for call in stage.calls))
@@ -259,7 +262,7 @@ class FacePipeline:
 
     def steps(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
               timings: Timings, selfie: bool = False, view: bool = False, embed: bool = True,
-              turns: int | None = None) -> Steps[AnalysedFace]:
+              turns: int | None = None, half: str = BOTH) -> Steps[AnalysedFace]:
         """The analysis of one image as a sequence of steps, for a driver to run.
 
         The one definition of what analysing an image means, whoever runs it:
@@ -279,6 +282,8 @@ class FacePipeline:
             turns: the quarter turns that make the image upright, where they are
                 known (a burst's frames, from one camera): detected once, so turned;
                 None: found by :meth:`upright_steps`.
+            half: the recognizer's passes to embed with (:data:`~server.pipeline.types.BOTH`;
+                PLAIN leaves the mirror pass to :meth:`embed_steps`, where it is needed).
         """
         with timings.stage("decode"):
             if isinstance(data, np.ndarray):
@@ -301,23 +306,25 @@ class FacePipeline:
         embedding = NOT_EMBEDDED
         if embed:
             with timings.stage("embed"):
-                embedding = yield from call_one(self.embed_call, chip)
+                embedding = yield from call_one(self.embed_call, (chip, half))
         results: dict[str, Any] = {}
         for stage in self.stages if selfie else ():
             with timings.stage(stage.name):
                 results[stage.name] = yield from stage.steps(pixels, local)
         return AnalysedFace(subject, quality, embedding, len(faces), ambiguous, decoded.size,
-                            chip, surroundings, turns, results)
+                            chip, surroundings, turns, results, half)
 
-    def embed_steps(self, chip: np.ndarray) -> Steps[np.ndarray]:
-        """The embedding of an aligned face (:attr:`AnalysedFace.chip`)."""
-        embedding: np.ndarray = yield from call_one(self.embed_call, chip)
+    def embed_steps(self, chip: np.ndarray, half: str = BOTH) -> Steps[np.ndarray]:
+        """The embedding of an aligned face (:attr:`AnalysedFace.chip`): the passes
+        ``half`` names."""
+        embedding: np.ndarray = yield from call_one(self.embed_call, (chip, half))
         return embedding
 
     def analyse(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
                 timings: Timings | None = None, selfie: bool = False, view: bool = False,
-                embed: bool = True, turns: int | None = None) -> AnalysedFace:
+                embed: bool = True, turns: int | None = None, half: str = BOTH
+                ) -> AnalysedFace:
         """Run :meth:`steps` here, one model call at a time (see :func:`choose_subject`
         for the per-image errors)."""
         return run_steps(self.steps(data, field_name, refuse_ambiguous, timings or Timings(),
-                                    selfie, view, embed, turns))
+                                    selfie, view, embed, turns, half))

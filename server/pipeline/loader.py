@@ -31,7 +31,6 @@ from server.pipeline.types import (
     Detector,
     FaceStage,
     Recognizer,
-    call_one,
     detection_steps,
     run_steps,
 )
@@ -191,7 +190,7 @@ def warm_up(models: LoadedModels, detect_batch: int = 1, embed_batch: int = 1) -
     # Finds nothing, so runs every scan.
     run_steps(detection_steps(pipe.detector, pipe.detector_calls, image), runner)
     chip = np.zeros((*pipe.recognizer.chip_shape, 3), dtype=np.uint8)
-    run_steps(call_one(pipe.embed_call, chip), runner)
+    run_steps(pipe.embed_steps(chip), runner)
     face = DetectedFace(np.array([64.0, 64.0, 192.0, 192.0]), 1.0, UNSET)
     for stage in pipe.stages:
         run_steps(stage.steps(image, face), runner)

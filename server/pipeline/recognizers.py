@@ -12,6 +12,7 @@ models).  All return L2-normalised embeddings whose size is read from the model.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from server.errors import ModelError
 from server.models.manifest import RECOGNIZER_LAYOUTS
 from server.pipeline.geometry import umeyama, warp_bilinear
 from server.pipeline.runtime import fixed_batch, run_batched
-from server.pipeline.types import ARCFACE5, DLIB5, DetectedFace
+from server.pipeline.types import ARCFACE5, BOTH, DLIB5, MIRRORED, DetectedFace
 
 # dlib's mean 5-point face shape in the unit square (get_face_chip_details).
 DLIB5_TEMPLATE = np.array([
@@ -237,12 +238,19 @@ class _OnnxRecognizer:
         out = run_batched(self.session, self.input_name, x, self.batch, [self.output_name])[0]
         return _l2_normalise(out.reshape(len(out), -1))
 
-    def embed(self, chips: np.ndarray) -> np.ndarray:
+    def embed(self, chips: np.ndarray, halves: Sequence[str] | None = None) -> np.ndarray:
+        """Each chip's embedding (see :class:`~server.pipeline.types.Recognizer`): both
+        passes averaged where the recognizer flips, or the ``halves`` asked for."""
         x = self.preprocess(chips)
-        if not self.flip:
-            return self._run(x)
-        out = self._run(np.concatenate([x, x[..., ::-1]]))
-        return _l2_normalise(out[: len(x)] + out[len(x):])
+        rows: list[np.ndarray] = []
+        plan: list[list[int]] = []
+        for i, half in enumerate(halves or [BOTH] * len(x)):
+            passes = [x[i], x[i][..., ::-1]] if half == BOTH and self.flip else \
+                [x[i][..., ::-1]] if half == MIRRORED else [x[i]]
+            plan.append(list(range(len(rows), len(rows) + len(passes))))
+            rows += passes
+        out = self._run(np.stack(rows))
+        return _l2_normalise(np.stack([out[p].sum(axis=0) for p in plan]))
 
 
 class DlibResnet(_OnnxRecognizer):

@@ -112,6 +112,13 @@ class Detector(Protocol):
         ...
 
 
+# Which passes an embedding is made of, where the recognizer averages each face
+# with its mirror image (``flip``): both (the embedding the calibration and the
+# gallery use), or one of the two halves alone; their sum, L2-normalised, is the
+# whole.  A recognizer that does not flip makes one pass for BOTH and PLAIN.
+BOTH, PLAIN, MIRRORED = "both", "plain", "mirrored"
+
+
 class Recognizer(Protocol):
     """Turns one detected face into an embedding."""
 
@@ -130,8 +137,10 @@ class Recognizer(Protocol):
         """(N, H, W, 3) uint8 chips -> the model's input tensor."""
         ...
 
-    def embed(self, chips: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) uint8 chips -> (N, dim) float32 L2-normalised embeddings."""
+    def embed(self, chips: np.ndarray, halves: Sequence[str] | None = None) -> np.ndarray:
+        """(N, H, W, 3) uint8 chips -> (N, dim) float32 L2-normalised embeddings: of
+        the passes each of ``halves`` names (:data:`BOTH`, :data:`PLAIN`,
+        :data:`MIRRORED`; default all :data:`BOTH`)."""
         ...
 
 
