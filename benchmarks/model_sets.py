@@ -32,6 +32,7 @@ from benchmarks.throughput import (
     calls,
     choose_pairs,
     drive_level,
+    load_average,
     machine,
     summary,
 )
@@ -66,6 +67,7 @@ def speed(model_dir: Path, env: dict[str, str], pairs: list[tuple[bytes, bytes]]
             wait_serving(target, proc)
             asyncio.run(_drive(target, pairs, 4, 16))  # warm the connection and the pools
             server = psutil.Process(proc.pid)
+            load = load_average()
             before = server.cpu_times()
             lat, took, shed = drive_level(target, pairs, concurrency,
                                           calls(100_000, concurrency), seconds, 1)
@@ -75,7 +77,8 @@ def speed(model_dir: Path, env: dict[str, str], pairs: list[tuple[bytes, bytes]]
             proc.wait(timeout=60)
     cpu = (after.user - before.user) + (after.system - before.system)
     return {"concurrency": concurrency, **summary(lat, took), "shed": shed,
-            "server_cpu_ms_per_verification": round(1000 * cpu / max(len(lat), 1), 1)}
+            "server_cpu_ms_per_verification": round(1000 * cpu / max(len(lat), 1), 1),
+            "load_before_after": [load, load_average()]}
 
 
 def main(argv: list[str] | None = None) -> int:
