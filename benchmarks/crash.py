@@ -120,8 +120,8 @@ def audit_gaps(dirs: list[Path], present: list[str], registry_url: str = ""
                ) -> dict[str, object]:
     """Enrolled NIKs with no enrolment record in any server's audit log, and logs
     whose chain does not verify (read after the servers stopped).  A record names
-    its NIK by the pseudonym from the NIK's secret in the registry (one per audit
-    key: each server's)."""
+    its NIK by the pseudonym from the NIK's secret in the registry (every server's
+    records the same)."""
     from index.backends import open_registry, stored_model
     from index.sealing import Sealer
     from server.api.audit import (
@@ -135,10 +135,8 @@ def audit_gaps(dirs: list[Path], present: list[str], registry_url: str = ""
 
     recorded: set[str] = set()
     broken = []
-    keys = []
     for d in dirs:
         key = AuditKey.load(d / KEY_FILE, create=False)
-        keys.append(key)
         report = verify_chain(d / AUDIT_FILE, key)
         if report.broken_at is not None:
             broken.append(f"{d.name}: line {report.broken_at}: {report.why}")
@@ -149,12 +147,11 @@ def audit_gaps(dirs: list[Path], present: list[str], registry_url: str = ""
     registry = open_registry(registry_url, dirs[0], *stored_model(registry_url, dirs[0]),
                              Sealer())
     try:
-        names = {n: {pseudonym(s, n) for k in keys
-                     if (s := registry.pseudonym_secret(k.nik(n), create=False)) is not None}
-                 for n in present}
+        names = {n: pseudonym(s, n) for n in present
+                 if (s := registry.pseudonym_secret(n, create=False)) is not None}
     finally:
         registry.close()
-    unaudited = [n for n in present if not names[n] & recorded]
+    unaudited = [n for n in present if names.get(n) not in recorded]
     return {"enrolled_without_audit_record": len(unaudited), "audit_logs_broken": broken}
 
 

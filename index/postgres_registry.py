@@ -196,7 +196,8 @@ class PostgresRegistry(SqlRegistry):
                                         "outbox": "faceverify_audit_outbox",
                                         "heads": "faceverify_audit_heads",
                                         "versions": "faceverify_row_versions",
-                                        "pseudonyms": "faceverify_pseudonyms"}
+                                        "pseudonyms": "faceverify_pseudonyms",
+                                        "meta": "faceverify_meta"}
     MARK = "%s"
     FOR_UPDATE = " FOR UPDATE"
     UNLIMITED = None

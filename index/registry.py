@@ -106,10 +106,8 @@ class AuditEntry:
 
     Attributes:
         nik_hash: the NIK's pseudonym (never the NIK itself: see
-            :meth:`server.api.audit.AuditLog.names`).
+            :meth:`server.api.audit.AuditLog.name`).
         origin: the audit log the record is for (one per data directory).
-        handle: the NIK's entry in the registry's pseudonym table: an erasure
-            destroys its secret, in the erasure's transaction.
         outbox_id: set by the registry once the record is written.
     """
 
@@ -119,7 +117,6 @@ class AuditEntry:
     request_id: str
     nik_hash: str
     origin: str
-    handle: str = ""
     outbox_id: int | None = None
 
     def record(self, outcome: str) -> str:
@@ -269,10 +266,10 @@ class Registry(Protocol):
         """Check the head (unless ``head`` is false) and every row's integrity (with a
         data key); how many rows are quarantined."""
 
-    def pseudonym_secret(self, handle: str, create: bool = True) -> bytes | None:
-        """The secret behind the audit pseudonym of the NIK ``handle`` stands for; a
-        new random one if it has none and ``create``, else None.  Erasing the NIK
-        (:meth:`remove` under its :class:`AuditEntry`) destroys it."""
+    def pseudonym_secret(self, nik: str, create: bool = True) -> bytes | None:
+        """The secret behind ``nik``'s audit pseudonym; a new random one if it has
+        none and ``create``, else None.  Erasing the NIK (:meth:`remove`) destroys
+        it, in the erasure's transaction, whichever server named it."""
 
     def audit_pending(self, origin: str, limit: int) -> list[tuple[int, str]]:
         """The audit records of ``origin``'s committed changes not yet exported,

@@ -6,8 +6,8 @@ supplies what differs: its table names, its parameter mark, whether a read
 for update locks the row, how a transaction is opened (and what the writer
 lock is), how a change is announced, and what an erasure must do after it
 commits.  Statements are written here with ``?`` marks and ``{enrollments}``,
-``{changes}``, ``{outbox}``, ``{heads}``, ``{versions}``, ``{pseudonyms}`` for
-the tables; both SQLite (3.35 or later: ``RETURNING``) and PostgreSQL run them
+``{changes}``, ``{outbox}``, ``{heads}``, ``{versions}``, ``{pseudonyms}``,
+``{meta}`` for the tables; both SQLite (3.35 or later: ``RETURNING``) and PostgreSQL run them
 as written.
 """
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 import abc
 import base64
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
 import time
@@ -68,12 +70,14 @@ class SqlRegistry(RowCodec, abc.ABC):
     :meth:`_after_erase`.
     """
 
-    TABLES: ClassVar[dict[str, str]]  # enrollments, changes, outbox, heads, versions -> names
+    # enrollments, changes, outbox, heads, versions, pseudonyms, meta -> table names
+    TABLES: ClassVar[dict[str, str]]
     MARK: ClassVar[str]  # the parameter mark: "?" or "%s"
     FOR_UPDATE: ClassVar[str]  # appended to a read that precedes a write of the row
     UNLIMITED: ClassVar[int | None]  # a LIMIT value meaning none
     dim: int
     head_fault: str | None = None  # why the rows do not add up to their head (check_head)
+    _pseudonym_key: bytes | None = None  # see _handle
 
     @abc.abstractmethod
     def _writing(self, what: str) -> contextlib.AbstractContextManager[Executor]:
@@ -123,9 +127,14 @@ class SqlRegistry(RowCodec, abc.ABC):
                                 (rid,)).fetchone()[0])
         self._run(ex, "UPDATE {enrollments} SET version = ?, tag = ? WHERE id = ?",
                   (version, self._tag((*row[:13], version)), rid))
-        gone = None if added else (rid, int(row[13] or 0), bool(row[3]))
-        self._write_head(ex, (self._read_head(ex) or RowsHead()).changed(
-            gone, (rid, version, bool(row[3]))))
+        self._move_head(ex, None if added else (rid, int(row[13] or 0), bool(row[3])),
+                        (rid, version, bool(row[3])))
+
+    def _move_head(self, ex: Executor, gone: tuple[int, int, bool] | None,
+                   new: tuple[int, int, bool] | None = None) -> None:
+        """The rows' head with row ``gone`` (id, version, flagged) taken out and ``new``
+        put in (in the transaction under way)."""
+        self._write_head(ex, (self._read_head(ex) or RowsHead()).changed(gone, new))
 
     def _read_head(self, ex: Executor) -> RowsHead | None:
         row = self._run(ex, "SELECT hash FROM {heads} WHERE origin = ?", (ROWS_HEAD,)).fetchone()
@@ -263,9 +272,8 @@ class SqlRegistry(RowCodec, abc.ABC):
         other enrolments' candidate lists and review notes (``erased`` stands in);
         None if the NIK is not enrolled."""
         with self._writing("erase") as ex:
-            entry = audit_var.get()
-            shredded = entry is not None and bool(entry.handle) and self._run(
-                ex, "DELETE FROM {pseudonyms} WHERE handle = ?", (entry.handle,)).rowcount > 0
+            shredded = self._run(ex, "DELETE FROM {pseudonyms} WHERE handle = ?",
+                                 (self._handle(ex, nik),)).rowcount > 0
             rows = self._run(ex, f"DELETE FROM {{enrollments}} WHERE nik = ? "
                              f"RETURNING {COLUMNS}", (nik,)).fetchall()
             if rows:
@@ -278,8 +286,7 @@ class SqlRegistry(RowCodec, abc.ABC):
         """What an erasure of ``row`` does beside deleting it (in its transaction):
         the head, the change log, the audit record, and the strikes."""
         if self.sealer.enabled:
-            self._write_head(ex, (self._read_head(ex) or RowsHead()).changed(
-                (int(row[0]), int(row[13] or 0), bool(row[3]))))
+            self._move_head(ex, (int(row[0]), int(row[13] or 0), bool(row[3])))
         self._log_change(ex, "remove", int(row[0]))
         self._audit(ex, "erased")
         # Only flagged enrolments have candidates.
@@ -330,18 +337,41 @@ class SqlRegistry(RowCodec, abc.ABC):
             if not rows:
                 break
             last = rows[-1][0]
+        with self._writing("reseal") as ex:  # the audit pseudonyms' secrets (a few per NIK)
+            for handle, secret in self._run(ex, "SELECT handle, secret FROM {pseudonyms}"
+                                            ).fetchall():
+                if self.sealer.needs_reseal(bytes(secret)):
+                    self._run(ex, "UPDATE {pseudonyms} SET secret = ? WHERE handle = ?",
+                              (self._blob(self._seal("pseudonym", handle,
+                                                     self._open("pseudonym", handle, secret))),
+                               handle))
         self._after_erase()
         return changed
 
-    def pseudonym_secret(self, handle: str, create: bool = True) -> bytes | None:
+    def _handle(self, ex: Executor, nik: str) -> str:
+        """Where ``nik``'s pseudonym secret is kept: a keyed hash of the NIK with a
+        random key of the registry's own (made once, in its meta table), the same for
+        every server that shares the registry, so that any one's erasure finds it."""
+        if self._pseudonym_key is None:
+            query = "SELECT value FROM {meta} WHERE key = 'pseudonym_key'"
+            row = self._run(ex, query).fetchone()
+            if row is None:
+                self._run(ex, "INSERT INTO {meta} (key, value) VALUES ('pseudonym_key', ?) "
+                          "ON CONFLICT (key) DO NOTHING", (os.urandom(32).hex(),))
+                row = self._run(ex, query).fetchone()  # another's, if first
+            self._pseudonym_key = bytes.fromhex(row[0])
+        return hmac.new(self._pseudonym_key, nik.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def pseudonym_secret(self, nik: str, create: bool = True) -> bytes | None:
         """See :meth:`index.registry.Registry.pseudonym_secret` (sealed with the data
-        key where there is one, bound to ``handle``).
+        key where there is one, bound to its handle).
 
         Raises:
             SealError: the stored secret does not open (altered or moved).
         """
         query = "SELECT secret FROM {pseudonyms} WHERE handle = ?"
         with self._reading("pseudonym") as ex:
+            handle = self._handle(ex, nik)
             row = self._run(ex, query, (handle,)).fetchone()
             if row is None and create:
                 secret = self._seal("pseudonym", handle, os.urandom(32))

@@ -99,7 +99,8 @@ class SqliteRegistry(SqlRegistry):
 
     TABLES: ClassVar[dict[str, str]] = {"enrollments": "enrollments", "changes": "changes",
                                         "outbox": "audit_outbox", "heads": "audit_heads",
-                                        "versions": "row_versions", "pseudonyms": "pseudonyms"}
+                                        "versions": "row_versions", "pseudonyms": "pseudonyms",
+                                        "meta": "meta"}
     MARK = "?"
     FOR_UPDATE = ""  # the transaction is BEGIN IMMEDIATE: no other writer meanwhile
     UNLIMITED = -1

@@ -98,6 +98,7 @@ def test_rotation_keeps_everything_and_reseal_retires_the_old_key(tmp_path: Path
     plain.close()
     g = _gallery(data, old)
     g.add(NIKS[1], _vec(3))
+    secret = g.registry.pseudonym_secret(NIKS[1])  # an audit pseudonym's, sealed too
     g.close()
     # Rotate: the new key seals, the old one still opens.
     g = _gallery(data, new, old)
@@ -111,6 +112,7 @@ def test_rotation_keeps_everything_and_reseal_retires_the_old_key(tmp_path: Path
     assert json.loads(out.stdout)["resealed"] == 2
     g = _gallery(data, new)  # the old key is no longer needed
     assert g.get(NIKS[0]).metadata == {"k": "v"}  # type: ignore[union-attr]
+    assert g.registry.pseudonym_secret(NIKS[1], create=False) == secret
     assert len(g) == 2
     g.close()
     assert files_holding(data, _vec(2).tobytes(), b'"k"') == []

@@ -7,7 +7,7 @@ reason a minute one by one, the rest as one count: :mod:`server.api.refusals`).
 A record holds who (the policy identity, or what an unknown
 caller presented, and the peer address), what (the RPC and its outcome), when,
 and the request id; never an image, an embedding or a NIK in clear.  A NIK
-appears only as its pseudonym (:meth:`AuditLog.names`): a keyed hash with a
+appears only as its pseudonym (:meth:`AuditLog.name`): a keyed hash with a
 secret of the NIK's own, kept in the registry, so that an auditor holding the
 audit key and the registry can find a living person's records, nobody else can
 read them, and once the NIK is erased (its secret destroyed) nobody can link
@@ -119,7 +119,8 @@ class AuditUnavailable(Exception):
 
 
 class AuditKey:
-    """The secret behind the chain's MACs and the NIKs' handles (see :meth:`AuditLog.names`)."""
+    """The secret behind the chain's MACs (and the NIKs' names in records written
+    before pseudonyms, :meth:`AuditLog.name`)."""
 
     def __init__(self, key: bytes) -> None:
         if len(key) < 32:
@@ -674,25 +675,22 @@ class AuditLog:
             self._write([self._call(event, create=False)], durable=False)
             return True
 
-    def names(self, nik: str, create: bool = True) -> tuple[str, str] | None:
-        """(pseudonym, handle): the name ``nik`` goes by in this log, a keyed hash
-        with a secret of the NIK's own kept in the registry
-        (:meth:`index.registry.Registry.pseudonym_secret`), and that secret's
-        handle there (the audit key's hash of the NIK).  Erasing the NIK destroys
-        the secret: the records written before no longer lead back to it, not even
-        for someone holding the audit key and guessing NIKs.  None where the NIK
-        has no secret and ``create`` is false, or ``nik`` is not a well-formed NIK
-        (its call was refused for that; no secret is made for it).  Blocking: the
-        registry is read."""
+    def name(self, nik: str, create: bool = True) -> str | None:
+        """The name ``nik`` goes by in this log: a keyed hash with a secret of the
+        NIK's own kept in the registry (:meth:`index.registry.Registry.pseudonym_secret`).
+        Erasing the NIK destroys the secret: the records written before no longer
+        lead back to it, not even for someone holding the audit key and guessing
+        NIKs.  None where the NIK has no secret and ``create`` is false, or ``nik``
+        is not a well-formed NIK (its call was refused for that; no secret is made
+        for it).  Blocking: the registry is read."""
         try:
             validate_nik(nik)
         except InvalidNik:
             return None
-        handle = self.key.nik(nik)
         if self.registry is None:
-            return handle, handle
-        secret = self.registry.pseudonym_secret(handle, create)
-        return None if secret is None else (pseudonym(secret, nik), handle)
+            return self.key.nik(nik)
+        secret = self.registry.pseudonym_secret(nik, create)
+        return None if secret is None else pseudonym(secret, nik)
 
     def _call(self, event: Event, create: bool = True) -> dict[str, Any]:
         """A call's record; a NIK without a pseudonym yet gets one if ``create``,
@@ -705,14 +703,13 @@ class AuditLog:
         if event.outcome:
             fields["outcome"] = event.outcome
         try:
-            names = (event.nik_hash, "") if event.nik_hash else \
-                self.names(event.nik, create) if event.nik else None
+            name = event.nik_hash or (self.name(event.nik, create) if event.nik else None)
         except RegistryUnavailable:
             # Unnamed rather than unrecorded (or named by a hash erasure cannot
             # shred): a call the registry's absence failed, as its reason says.
-            names = None
-        if names is not None:
-            fields["nik_hash"] = names[0]
+            name = None
+        if name is not None:
+            fields["nik_hash"] = name
         if event.presented:
             fields["presented"] = event.presented
         return fields
@@ -1036,7 +1033,7 @@ def verify_chain(path: Path, key: AuditKey | None, public: SigningKey | None = N
 
 
 def pseudonym(secret: bytes, nik: str) -> str:
-    """``nik``'s name in the audit log, from its own secret (see :meth:`AuditLog.names`)."""
+    """``nik``'s name in the audit log, from its own secret (see :meth:`AuditLog.name`)."""
     return hmac.new(secret, b"nik:" + nik.encode(), hashlib.sha256).hexdigest()[:32]
 
 

@@ -447,7 +447,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         assert self.audit is not None
         nik = _nik(request)
         try:
-            names = await asyncio.to_thread(self.audit.names, nik) if nik else None
+            name = await asyncio.to_thread(self.audit.name, nik) if nik else None
         except RequestError:  # the shared registry out of reach: said as such
             raise
         except Exception as exc:
@@ -455,8 +455,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self.metrics.audit_failures.labels("record").inc()
             raise AuditUnavailable("the audit log cannot name this call's NIK now, so this "
                                    "call is not answered; retry shortly") from exc
-        return AuditEntry(method.name, identity, peer, rid, names[0] if names else "",
-                          self.audit.origin, handle=names[1] if names else "")
+        return AuditEntry(method.name, identity, peer, rid, name or "", self.audit.origin)
 
     async def _record(self, event: Event, durable: bool) -> AuditUnavailable | None:
         if self.audit is None:

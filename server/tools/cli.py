@@ -491,7 +491,7 @@ def cmd_audit_find(args: argparse.Namespace) -> int:
     registry = open_registry(settings.registry_url, settings.data_dir, version, dim,
                              data_sealer(settings))
     try:
-        secret = registry.pseudonym_secret(key.nik(args.nik), create=False)
+        secret = registry.pseudonym_secret(args.nik, create=False)
     finally:
         registry.close()
     _print(find_nik(path, key, args.nik, secret))
