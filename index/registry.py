@@ -349,9 +349,6 @@ class RowCodec:
                     f"{int(row[14])}: an earlier copy was put back")
         return None
 
-    def _authentic(self, row: tuple[Any, ...] | Any) -> bool:
-        return self._fault(row) is None
-
     def _quarantine(self, row: tuple[Any, ...] | Any, why: str) -> Quarantined:
         rid = int(row[0])
         if rid not in self.quarantined:

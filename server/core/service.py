@@ -13,8 +13,6 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
 from server.core.inference import InferenceEngine
 from server.core.liveness import Capture, LivenessOutcome
 from server.core.metrics import Metrics
@@ -28,6 +26,7 @@ from server.errors import (
 from server.models.calibrate import operating_point
 from server.pipeline.faces import AnalysedFace
 from server.pipeline.loader import LoadedModels
+from server.pipeline.recognizers import l2_normalise
 from server.pipeline.types import BOTH, MIRRORED, PLAIN
 
 log = logging.getLogger(__name__)
@@ -240,12 +239,7 @@ class VerificationService:
             return a, b
         halves = [f for f in (a, b) if f.half == PLAIN]
         mirrored = await asyncio.gather(*(self.engine.embed(f.chip, MIRRORED) for f in halves))
-        whole = {id(f): replace(f, embedding=_unit(f.embedding + m), half=BOTH)
+        whole = {id(f): replace(f, embedding=l2_normalise((f.embedding + m)[None])[0], half=BOTH)
                  for f, m in zip(halves, mirrored, strict=True)}
         return whole.get(id(a), a), whole.get(id(b), b)
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    unit: np.ndarray = (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
-    return unit
 

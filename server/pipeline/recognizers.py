@@ -186,7 +186,7 @@ def template_chip(image: np.ndarray, landmarks: np.ndarray, template: np.ndarray
     return warp_bilinear(image, a, t, height, width, truncate=False)
 
 
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
+def l2_normalise(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     unit: np.ndarray = (x / np.maximum(norms, 1e-12)).astype(np.float32)
     return unit
@@ -236,7 +236,7 @@ class _OnnxRecognizer:
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         out = run_batched(self.session, self.input_name, x, self.batch, [self.output_name])[0]
-        return _l2_normalise(out.reshape(len(out), -1))
+        return l2_normalise(out.reshape(len(out), -1))
 
     def embed(self, chips: np.ndarray, halves: Sequence[str] | None = None) -> np.ndarray:
         """Each chip's embedding (see :class:`~server.pipeline.types.Recognizer`): both
@@ -250,7 +250,7 @@ class _OnnxRecognizer:
             plan.append(list(range(len(rows), len(rows) + len(passes))))
             rows += passes
         out = self._run(np.stack(rows))
-        return _l2_normalise(np.stack([out[p].sum(axis=0) for p in plan]))
+        return l2_normalise(np.stack([out[p].sum(axis=0) for p in plan]))
 
 
 class DlibResnet(_OnnxRecognizer):
