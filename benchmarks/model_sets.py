@@ -10,7 +10,9 @@ a real ``faceverify serve`` driven at concurrency 8 (``--concurrency``) with
 LFW pairs for ``--seconds``: verifications/s, p50 and p99.  The sets run one
 after another in one process on one machine (named in the output), so their
 figures are side by side; the CPU time per verification is the server's own
-(its process's user + system time over the level).
+(its process's, from its metrics), split by model and per-image step
+(``benchmarks.throughput.serve_level``, the load generator every throughput
+figure comes from).
 """
 
 from __future__ import annotations
@@ -23,19 +25,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from benchmarks.lfw import default_lfw_dir, image_path
 from benchmarks.serverproc import free_port, start_server, wait_serving
-from benchmarks.throughput import (
-    _drive,
-    calls,
-    choose_pairs,
-    drive_level,
-    load_average,
-    machine,
-    summary,
-)
+from benchmarks.throughput import _drive, calls, choose_pairs, machine, serve_level
 from server.models.manifest import read_calibration, read_manifest
 from server.pipeline.faces import FacePolicy
 from server.pipeline.image import ImageLimits
@@ -58,27 +50,19 @@ def accuracy(model_dir: Path, env: dict[str, str]) -> dict[str, Any]:
 
 def speed(model_dir: Path, env: dict[str, str], pairs: list[tuple[bytes, bytes]],
           concurrency: int, seconds: float) -> dict[str, Any]:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data_dir:
         proc = start_server(model_dir, Path(data_dir), port, FACEVERIFY_LOG_LEVEL="WARNING",
-                            **env)
+                            FACEVERIFY_METRICS_PORT=str(metrics_port), **env)
         try:
             wait_serving(target, proc)
             asyncio.run(_drive(target, pairs, 4, 16))  # warm the connection and the pools
-            server = psutil.Process(proc.pid)
-            load = load_average()
-            before = server.cpu_times()
-            lat, took, shed = drive_level(target, pairs, concurrency,
-                                          calls(100_000, concurrency), seconds, 1)
-            after = server.cpu_times()
+            return serve_level(target, metrics_port, pairs, concurrency,
+                               calls(100_000, concurrency), seconds)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    cpu = (after.user - before.user) + (after.system - before.system)
-    return {"concurrency": concurrency, **summary(lat, took), "shed": shed,
-            "server_cpu_ms_per_verification": round(1000 * cpu / max(len(lat), 1), 1),
-            "load_before_after": [load, load_average()]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -233,8 +233,9 @@ def drive_level(target: str, pairs: list[tuple[bytes, bytes]], concurrency: int,
 
 
 def scrape(metrics_port: int) -> dict[str, float]:
-    """Every server process's stage-time and batch-size sums and counts and its
-    mirror passes, added up (process ``i`` serves its metrics on ``metrics_port + i``)."""
+    """Every server process's stage-time and batch-size sums and counts, its mirror
+    passes, its CPU time and the CPU time of each model and per-image step, added up
+    (process ``i`` serves its metrics on ``metrics_port + i``)."""
     totals: dict[str, float] = {}
     for i in range(64):
         try:
@@ -245,7 +246,8 @@ def scrape(metrics_port: int) -> dict[str, float]:
             break
         for family in text_string_to_metric_families(text):
             if family.name not in ("faceverify_stage_duration_seconds", "faceverify_batch_size",
-                                   "faceverify_mirror_passes"):
+                                   "faceverify_mirror_passes", "faceverify_cpu_seconds",
+                                   "process_cpu_seconds"):
                 continue
             for sample in family.samples:
                 if sample.name.endswith(("_sum", "_count", "_total")):
@@ -254,10 +256,27 @@ def scrape(metrics_port: int) -> dict[str, float]:
     return totals
 
 
-def per_item(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+def cpu_split(before: dict[str, float], after: dict[str, float], verifications: int
+              ) -> dict[str, Any]:
+    """The servers' CPU time per verification between two :func:`scrape` results (ms):
+    all of it, and each model's batches and each per-image step, by the thread that ran
+    it; ``rest`` is the difference (gRPC, protobuf, the event loop, the batchers'
+    hand-offs, metrics, audit)."""
+    def delta(key: str) -> float:
+        return 1000 * (after.get(key, 0.0) - before.get(key, 0.0)) / max(verifications, 1)
+    parts = {key.split("{", 1)[1].rstrip("}"): round(delta(key), 2) for key in after
+             if key.startswith("faceverify_cpu_seconds_total{") and delta(key) > 0}
+    total = delta("process_cpu_seconds_total{}")
+    return {"server_cpu_ms_per_verification": round(total, 1),
+            "cpu_ms_per_verification": {
+                **dict(sorted(parts.items(), key=lambda kv: -kv[1])),
+                "rest": round(total - sum(parts.values()), 2)}}
+
+
+def per_item(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     """Mean stage time (ms) and batch size between two :func:`scrape` results, and the
     share of Verify calls that took the recognizer's mirror pass."""
-    out = {}
+    out: dict[str, Any] = {}
     taken, skipped = (after.get(f"faceverify_mirror_passes_total{{{p}}}", 0.0)
                       - before.get(f"faceverify_mirror_passes_total{{{p}}}", 0.0)
                       for p in ("taken", "skipped"))
@@ -280,6 +299,23 @@ def per_item(before: dict[str, float], after: dict[str, float]) -> dict[str, flo
     return out
 
 
+def serve_level(target: str, metrics_port: int, pairs: list[tuple[bytes, bytes]],
+                concurrency: int, requests: int, seconds: float | None, clients: int = 1
+                ) -> dict[str, Any]:
+    """One load level against a running server, as every benchmark reports it: rate,
+    latency, calls shed, the load average before and after, GPU use, stage times and
+    batch sizes, the mirror pass's share, and the server's CPU split
+    (:func:`cpu_split`)."""
+    before = scrape(metrics_port)
+    load = load_average()
+    with GpuUtilisation() as gpu:
+        lat, took, shed = drive_level(target, pairs, concurrency, requests, seconds, clients)
+    after = scrape(metrics_port)
+    return {"concurrency": concurrency, **summary(lat, took), "shed": shed,
+            "load_before_after": [load, load_average()], **gpu.summary(),
+            **per_item(before, after), **cpu_split(before, after, len(lat))}
+
+
 def run_faceverify(model_dir: Path, env: dict[str, str], pairs: list[tuple[bytes, bytes]],
                    accuracy_pairs: list[tuple[bytes, bytes]], levels: list[int],
                    requests: int, seconds: float | None = None, clients: int = 1
@@ -296,16 +332,8 @@ def run_faceverify(model_dir: Path, env: dict[str, str], pairs: list[tuple[bytes
             _, _, responses, _ = asyncio.run(_drive(target, accuracy_pairs, 32,
                                                     len(accuracy_pairs)))
             accuracy_seconds = time.perf_counter() - start
-            results = []
-            for c in levels:
-                before = scrape(metrics_port)
-                load = load_average()
-                with GpuUtilisation() as gpu:
-                    lat, took, shed = drive_level(target, pairs, c, calls(requests, c),
-                                                  seconds, clients)
-                results.append({"concurrency": c, **summary(lat, took), "shed": shed,
-                                "load_before_after": [load, load_average()],
-                                **gpu.summary(), **per_item(before, scrape(metrics_port))})
+            results = [serve_level(target, metrics_port, pairs, c, calls(requests, c), seconds,
+                                   clients) for c in levels]
         finally:
             proc.terminate()
             proc.wait(timeout=60)

@@ -61,6 +61,13 @@ def test_rpcs_stages_batches_and_build_are_exported(metered: ServerThread,
     assert sample(m, "faceverify_batch_size_sum", model="detect") >= 4
     assert sample(m, "faceverify_batch_size_sum", model="embed") == 3
     assert sample(m, "faceverify_queue_depth", model="detect") == 0
+    # CPU time by the thread that spent it: each model's batches, each per-image step,
+    # within the process's own total.
+    cpu = {dict(labels)["part"]: v for (name, labels), v in m.items()
+           if name == "faceverify_cpu_seconds_total"}
+    assert {"model:detect", "model:embed", "step:decode", "step:subject_chip"} <= set(cpu)
+    assert cpu["model:embed"] > 0 and cpu["step:decode"] > 0
+    assert sum(cpu.values()) < sample(m, "process_cpu_seconds_total")
     assert sample(m, "faceverify_serving") == 1
     assert sample(m, "faceverify_index_in_sync") == 1
     assert sample(m, "faceverify_index_size") == 0

@@ -190,7 +190,7 @@ def test_the_default_set_records_its_wheel_licences_and_repairs(sface_model_dir:
     assert "Apache-2.0" in src["licences"]["recognizer"]
     assert all(r["max_relative_change"] <= 1e-4 and r["opset"] == 17
                for r in m["repairs"].values())
-    assert m["repairs"]["recognizer"]["prelu"] == "relu"
+    assert m["repairs"]["recognizer"]["prelu"] == m["sources"]["prelu"] == "conv"
     assert m["repairs"]["recognizer"]["unread_inputs_dropped"] == 29
     assert set(m["files"]) == {"sface_2021dec.onnx", "yunet_2023mar.onnx"}
     assert m["recognizer"]["layout"] == "sface" and m["recognizer"]["mean"] == [0.0, 0.0, 0.0]

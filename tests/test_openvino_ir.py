@@ -168,7 +168,7 @@ def test_operator_ir_recognizer_is_built_validated_and_served(
     yunet = third_party_models / "yunet_2023mar.onnx"
     face = lfw_dir / "images" / "Abel_Pacheco" / "Abel_Pacheco_0001.jpg"
     m = import_operator_models(tmp_path / "intel", yunet, intel_xml, "openvino-reid",
-                               prelu="relu", check_image=face)
+                               prelu="conv", check_image=face)
     rec = m["recognizer"]
     assert rec["kind"] == "template" and rec["file"] == f"{INTEL}.onnx"
     assert rec["chip"] == [128, 128] and rec["colour"] == "bgr" and rec["mean"] == [0, 0, 0]

@@ -12,6 +12,7 @@ are raised by the per-image steps, before an image joins a batch.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -143,7 +144,16 @@ class _BatchedRunner:
     loop: asyncio.AbstractEventLoop
 
     async def cpu(self, step: CpuStep) -> Any:
-        return await self.loop.run_in_executor(self.engine.cpu_pool, step.fn, *step.args)
+        return await self.loop.run_in_executor(self.engine.cpu_pool, self._timed, step)
+
+    def _timed(self, step: CpuStep) -> Any:
+        """The step, its CPU time counted under its function's name (``step:decode``)."""
+        start = time.thread_time()
+        try:
+            return step.fn(*step.args)
+        finally:
+            name = getattr(step.fn, "__name__", type(step.fn).__name__)
+            self.engine.metrics.cpu(f"step:{name}", time.thread_time() - start)
 
     async def model(self, step: Call) -> Any:
         batcher = self.engine.batchers.get(step.call.name)

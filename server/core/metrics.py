@@ -18,6 +18,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    ProcessCollector,
     start_http_server,
 )
 
@@ -56,6 +57,12 @@ class Metrics:
                                "Time per pipeline stage and image (detect and embed include "
                                "the wait for a batch), and per index operation",
                                ("stage",), buckets=LATENCY_BUCKETS, registry=r)
+        self.cpu_seconds = Counter(
+            "faceverify_cpu_seconds", "CPU time on the thread that ran it: each model's "
+            "batches (model:NAME) and each per-image step (step:NAME); the process's CPU "
+            "(process_cpu_seconds_total) less their sum is gRPC, protobuf, the event loop, "
+            "the batchers' hand-offs, metrics, audit and the registry", ("part",), registry=r)
+        ProcessCollector(registry=r)
         self.batch_size = Histogram("faceverify_batch_size", "Inputs per model call",
                                     ("model",), buckets=BATCH_BUCKETS, registry=r)
         self.queue_wait = Histogram("faceverify_queue_wait_seconds",
@@ -234,6 +241,9 @@ class Metrics:
 
     def dropped_input(self, name: str, why: str) -> None:
         self.dropped.labels(name, why).inc()
+
+    def cpu(self, part: str, seconds: float) -> None:
+        self.cpu_seconds.labels(part).inc(seconds)
 
 
 def _or_nan(read: Callable[[], float]) -> Callable[[], float]:

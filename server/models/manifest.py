@@ -37,7 +37,7 @@ RECOGNIZER_LAYOUTS = ("arcface", "openvino-reid", "sface")
 # an identity card, photographed (`calibrate --references`).
 REFERENCE_KINDS = ("photo", "id_card")
 # What `models build --prelu` may do to PReLU ops (server.models.rewrite).
-PRELU_MODES = ("keep", "relu")
+PRELU_MODES = ("keep", "relu", "conv")
 
 
 def sha256_file(path: Path) -> str:

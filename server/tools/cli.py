@@ -641,8 +641,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the recognizer's output that is the embedding, for a model with "
                    "several (default: its first)")
     b.add_argument("--prelu", choices=PRELU_MODES, default="keep",
-                   help="relu: rewrite PReLU as Relu ops (outputs checked equal; faster in "
-                   "some onnxruntime builds)")
+                   help="rewrite PReLU (outputs checked equal within float rounding; faster "
+                   "in some onnxruntime builds): relu, as Relu ops; conv, as Relu ops and "
+                   "1x1 depthwise convolutions (all in onnxruntime's blocked CPU layout)")
     b.add_argument("--check-image", type=Path,
                    help="a photo with one face: the new models must find and embed it")
     b.set_defaults(func=cmd_models_build)
