@@ -655,7 +655,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", type=Path, required=True,
                    help="folder of face images (one sub-folder per identity) to calibrate "
                    "activation ranges on")
-    q.add_argument("--faces", type=int, default=200, help="faces to calibrate on")
+    q.add_argument("--faces", type=int, default=60,
+                   help="faces to calibrate on (onnxruntime holds every activation of every "
+                   "face in memory: about 130 MB a face for SFace)")
     q.set_defaults(func=cmd_models_quantize)
 
     pa = msub.add_parser("presentation", help="add the operator's presentation-attack models "
