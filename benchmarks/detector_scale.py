@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from benchmarks.dedup import MORE_LABEL_ERRORS
 from benchmarks.lfw import default_lfw_dir
 from benchmarks.throughput import load_average, machine
 from server.errors import FaceVerifyError
@@ -138,7 +139,7 @@ def measure(model_dir: Path, lfw: Path, variant: str, images: int | None) -> dic
         labels.append(ids.setdefault(identity, len(ids)))
         names.append(path.name)
     exclude = (read_excluded_pairs(lfw / "LABEL_ERRORS.tsv")
-               | read_excluded_pairs(Path(__file__).with_name("lfw_label_errors.tsv")))
+               | read_excluded_pairs(MORE_LABEL_ERRORS))
     emb = Embedded(np.asarray(embeddings, np.float32), np.asarray(labels), len(items), failed,
                    tuple(names))
     genuine, impostor, _ = pair_scores(emb, exclude)

@@ -2,9 +2,9 @@
 
 ``prelu_as_relu``: each ``PRelu(x, slope)`` becomes ``Relu(x) - slope * Relu(-x)``.
 Where x > 0 the second term is exactly 0, where x < 0 the first is, and
-negation is exact.  Some onnxruntime builds run PReLU slower than Relu, Neg,
-Mul and Sub together (Intel's re-identification recognizer: 15.3 instead of
-18.8 ms a face on one AMD EPYC core).
+negation is exact.  onnxruntime runs PReLU slower than Relu, Neg, Mul and Sub
+together (Intel's re-identification recognizer: 12.0 instead of 16.2 ms a face on
+one Intel Xeon core, benchmarks.recognizer_graphs).
 
 ``prelu_as_conv``: the same sum with its factors as 1x1 depthwise
 convolutions, ``Relu(x) + Conv[-slope](Relu(Conv[-1](x)))``, for a per-channel
