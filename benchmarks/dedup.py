@@ -32,7 +32,12 @@ at ``FACEVERIFY_DEDUP_FPIR`` 1e-2 and 1e-3 (from the calibration, each
 comparison held to its own: photo or two-photo template), with the FPIR these
 attempts measure there: by the rule the server uses (the calibration's
 simulated searches) and, side by side, by the pairwise rule it replaced
-(``pairwise``: FPIR = 1 - (1 - FMR)^N).
+(``pairwise``: FPIR = 1 - (1 - FMR)^N); and, beyond the largest gallery the
+calibration searched, by the rule before 2026-12-08
+(``searches_before_2026_12_08``: the union bound over galleries of that size
+alone; see :mod:`server.core.duplicates`).  Beside each rule's detection rate,
+``expected_catch``: what the calibration's genuine comparisons expect its
+thresholds to catch (what ``GetServerInfo`` reports).
 """
 
 from __future__ import annotations
@@ -181,19 +186,21 @@ class Measure:
         # side, by the pairwise rule it used before (independent comparisons).
         for fpir in (1e-2, 1e-3):
             rules = {"searches": DuplicateThreshold.from_calibration(calibration, fpir),
+                     "searches_before_2026_12_08": GalleriesOnly.from_calibration(
+                         calibration, fpir),
                      "pairwise": DuplicateThreshold.from_calibration(
                          {**calibration, "searches": None}, fpir)}
             if self.photos > 1 and not rules["searches"].fuses:
                 report["server"] = "the calibration has no two-photo tails"
                 break
             report[f"server_dedup_fpir_{fpir:g}"] = {
-                rule: self._server(dedup, size, mated_found, non_mated_found)
-                for rule, dedup in rules.items() if dedup.rule == rule}
+                rule: self._server(dedup, size, self.photos, mated_found, non_mated_found)
+                for rule, dedup in rules.items() if rule.startswith(dedup.rule)}
         return report
 
 
     @staticmethod
-    def _server(dedup: DuplicateThreshold, size: int,
+    def _server(dedup: DuplicateThreshold, size: int, enrolled: int,
                 mated_found: list[tuple[tuple[list[Match], int], str | None]],
                 non_mated_found: list[tuple[list[Match], int]]) -> dict[str, Any]:
         def suspects(found: list[Match], photos: int) -> set[str]:
@@ -201,12 +208,29 @@ class Measure:
                     if m.score >= dedup.at(size, kind(photos, m.photos)).threshold}
 
         point = dedup.at(size, "single")
+        # What the calibration's genuine comparisons expect the threshold to catch, each
+        # attempt held to the comparison it makes with its mate (a template or a photo).
+        # (A mated attempt's mate enrolled as many photos as this measure fuses.)
+        expected = [dedup.at(size, kind(photos, enrolled)).expected_catch
+                    for (_, photos), _ in mated_found]
         return {"single_threshold": point.threshold, "pairwise_fmr": point.pairwise_fmr,
                 "extrapolated": point.extrapolated,
+                "thresholds": {k: round(dedup.at(size, k).threshold, 4) for k in dedup.kinds},
                 "detection_rate": float(np.mean([mate in suspects(found, photos)
                                                  for (found, photos), mate in mated_found])),
+                "expected_catch": None if None in expected else float(np.mean(expected)),
                 "measured_fpir": float(np.mean([bool(suspects(found, photos))
                                                 for found, photos in non_mated_found]))}
+
+
+class GalleriesOnly(DuplicateThreshold):
+    """The rule before 2026-12-08, side by side: beyond the largest gallery searched,
+    the union bound over galleries of that size alone (no bound over single
+    comparisons), so a template kind, searched in smaller galleries, got far
+    stricter thresholds than its comparisons need."""
+
+    def _by_pairs(self, comparisons: int, kind: str) -> float:
+        return 1.0
 
 
 def run(model_dir: Path, lfw: Path, seed: int, k: int, photos: int) -> dict[str, object]:

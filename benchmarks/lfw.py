@@ -132,7 +132,10 @@ class Embedder:
                 self.stored = z["stored"].item()
 
     def _cache_file(self) -> Path:
-        return RESULTS / f"embeddings-{self.models.model_version}-{pipeline_code()}.npz"
+        # The detector's settings (its input size) place the landmarks too.
+        detector = hashlib.sha256(json.dumps(self.models.manifest["detector"],
+                                             sort_keys=True).encode()).hexdigest()[:8]
+        return RESULTS / f"embeddings-{self.models.model_version}-{pipeline_code()}-{detector}.npz"
 
     def save(self) -> None:
         if self.transform is None:

@@ -64,7 +64,8 @@ Burst = list[tuple[bytes, int]]
 def photo_of(pipeline: FacePipeline, path: Path) -> sim.Photo | None:
     data = path.read_bytes()
     try:
-        face = pipeline.analyse(data, "photo", False)
+        # Located as a burst's frames are: its landmarks place the mesh.
+        face = pipeline.analyse(data, "photo", False, frame=True)
     except FaceVerifyError:
         return None
     pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -117,7 +118,7 @@ def frames_of(pipeline: FacePipeline, frames: Burst
     for i, (data, ms) in enumerate(frames):
         try:
             face = pipeline.analyse(data, f"frames[{i}]", True,
-                                    turns=faces[0].turns if faces else None)
+                                    turns=faces[0].turns if faces else None, frame=True)
         except FaceVerifyError:
             return None
         out.append(lv.Frame(face.face.landmarks, tuple(face.face.box), face.chip,

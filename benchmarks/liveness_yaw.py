@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print("this model set has no liveness calibration", file=sys.stderr)
         return 2
     data = (args.lfw / "images" / args.photo).read_bytes()
-    face = models.pipeline.analyse(data, "photo", False)
+    face = models.pipeline.analyse(data, "photo", False, frame=True)  # as benchmarks.liveness
     photo = sim.Photo(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
                       face.face.landmarks)
     draw = random.Random(11)

@@ -71,6 +71,8 @@ class Settings:
         dedup_fpir: the false-positive identification rate (false duplicate alarms
             per enrolment attempt) the duplicate threshold is set for, at the
             gallery's current size (see server.core.duplicates).
+        dedup_catch_floor: the share of duplicates the threshold is expected to
+            catch below which the server warns (and the alert fires).
         presentation_attack_policy: ``report``, ``flag`` or ``refuse`` a selfie
             suspected of a presentation attack (:mod:`server.core.presentation`).
         liveness_session_seconds: how long a liveness session (StartLiveness) stays
@@ -148,6 +150,7 @@ class Settings:
     max_index_lag: int = 1000
     index: IndexSpec = field(default_factory=IndexSpec)
     dedup_fpir: float = 1e-3
+    dedup_catch_floor: float = 0.9
     search_floor_fmr: float = 0.0
     duplicate_policy: str = "flag"
     presentation_attack_policy: str = "report"

@@ -125,6 +125,10 @@ def _rate(v: float) -> bool:
     return 0 < v < 1
 
 
+def _share(v: float) -> bool:
+    return 0 <= v <= 1
+
+
 # Names of the settings whose variable is not the field's path.
 ENV_NAMES = {
     "limits.max_bytes": "max_image_bytes", "limits.max_pixels": "max_image_pixels",
@@ -269,6 +273,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("dedup_fpir", "false duplicate alarms per enrolment attempt the duplicate "
            "threshold is set for, at the gallery's current size (see docs/deduplication.md)",
            float, check=_rate, rule="must be between 0 and 1"),
+    Option("dedup_catch_floor", "the share of duplicates the duplicate threshold is expected "
+           "to catch (at the gallery's size, by the calibration) below which the server warns "
+           "and FaceverifyDuplicateCatchLow fires; 0: never", float, check=_share,
+           rule="must be between 0 and 1"),
     Option("index.kind", "`flat` (exact) or `ivf` (approximate, for millions)",
            choices=INDEX_KINDS),
     Option("index.nlist", "IVF cells", int, check=_at_least(1), rule="must be >= 1"),

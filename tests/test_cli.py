@@ -145,3 +145,34 @@ def test_cli_says_what_to_do_when_tls_meets_a_plaintext_server(server: ServerThr
     assert out.returncode == 1
     error = json.loads(out.stdout)["error"]
     assert error["code"] == "UNAVAILABLE" and "--plaintext" in error["hint"]
+
+
+def test_cli_dedup_plan_reads_the_shipped_calibration() -> None:
+    """What an operator plans a national registry with: the threshold and what it
+    catches at each size and target FPIR, the larger galleries marked extrapolated."""
+    shipped = REPO / "server" / "models" / "calibration" / "sface-yunet.json"
+    out = _faceverify("models", "dedup-plan", "--calibration", str(shipped),
+                      "--gallery", "1000", "1e6", "--fpir", "1e-3")
+    assert out.returncode == 0, out.stderr
+    small, large = json.loads(out.stdout)["plan"]
+    assert (small["gallery"], large["gallery"], large["fpir"]) == (1000, 1_000_000, 1e-3)
+    for row in (small, large):
+        assert list(row["comparisons"]) == ["photo/photo", "template/photo",
+                                            "template/template"]
+    photo_small, photo_large = small["comparisons"]["photo/photo"], \
+        large["comparisons"]["photo/photo"]
+    assert not photo_small["extrapolated"] and photo_large["extrapolated"]
+    assert photo_small["threshold"] < photo_large["threshold"]
+    assert photo_small["expected_catch"] > photo_large["expected_catch"] > 0
+    table = _faceverify("models", "dedup-plan", "--calibration", str(shipped), "--markdown")
+    assert table.returncode == 0 and "| 10,000,000 | 0.01 |" in table.stdout
+    # Where the calibration searched, the union bound (the rule beyond) is close to what
+    # the searches measured: within 0.02 of the threshold at every size and comparison.
+    check = _faceverify("models", "dedup-plan", "--calibration", str(shipped), "--check-bound",
+                        "--fpir", "1e-2")
+    rows = json.loads(check.stdout)["bound_check"]["0.01"]
+    assert {r["comparison"] for r in rows} == {"photo/photo", "template/photo",
+                                               "template/template"}
+    assert all(abs(r["measured"] - r["union_bound"]) < 0.02 for r in rows), rows
+    missing = _faceverify("models", "dedup-plan", "--calibration", "/nonexistent.json")
+    assert missing.returncode != 0 and "cannot read the calibration" in missing.stderr

@@ -241,12 +241,20 @@ def test_duplicate_thresholds_come_from_measured_searches() -> None:
     assert ts[2] <= dedup.at(20).threshold <= ts[3]
     far = dedup.at(10_000)
     assert far.extrapolated and ts[-1] <= far.threshold <= 1.0
-    # Beyond the largest gallery searched (100): 10 galleries of 100 hold the target
-    # if each is held to a tenth of it (the union bound), read from its searches.
+    # Beyond the largest gallery searched (100), two union bounds: 10 galleries of 100
+    # hold the target if each is held to a tenth of it (read from its searches), and
+    # 1,000 comparisons hold it at a pairwise FMR of 1e-5 (read from the tail), divided
+    # by the most the searches' FPIR exceeded N x FMR where they measured it; the lower
+    # threshold of the two.
     top = record["searches"]["single"][-1]
     tenth = next(p["threshold"] for p in top["grid"] if abs(p["fpir"] - 1e-3) < 1e-9)
+    excess = dedup.excess["single"]
+    assert excess == max(1.0, *(r for _, _, r in dedup._measured(record["searches"]["single"],
+                                                                 "single")))
+    by_pairs = dedup._by_pairs(1000, "single")
     assert dedup.at(1000).extrapolated
-    assert abs(dedup.at(1000).threshold - tenth) < 1e-6
+    assert abs(dedup.at(1000).threshold - max(min(tenth, by_pairs), ts[-1])) < 1e-6
+    assert dedup.fmr_at(by_pairs) == pytest.approx(1e-5 / excess, rel=0.2)
     # Measured again on other galleries (another seed), the thresholds hold the rate.
     photos = _photo_units(emb)
     again = simulated_searches(emb, photos, photos, seed=99, searches=20_000)
@@ -286,3 +294,46 @@ def test_searches_leave_out_excluded_pairs_and_cover_templates() -> None:
     single, one_fused, both = (dedup.at(30, k).threshold
                                for k in ("single", "fused_single", "fused_fused"))
     assert single < one_fused < both
+
+
+def test_genuine_comparisons_say_what_a_threshold_catches() -> None:
+    """Every identity counts once in what a duplicate threshold is expected to catch,
+    for each comparison kind; a template compares with photos outside it."""
+    from server.core.duplicates import DuplicateThreshold
+    from server.models.calibrate import GENUINE_PHOTOS, genuine_distributions
+
+    rng = np.random.default_rng(8)
+    emb = _embedded(rng, identities=200, per=4)
+    # Identity 0 has 40 photos, all one picture: alone it would be most of the pairs.
+    x = np.concatenate([np.repeat(emb.embeddings[:1], 40, axis=0), emb.embeddings[4:]])
+    labels = np.concatenate([np.zeros(40, np.int64), emb.labels[4:]])
+    emb = Embedded(x, labels, len(labels), 0)
+    genuine = genuine_distributions(emb)
+    assert set(genuine) == {"single", "fused_single", "fused_fused"}
+    single = genuine["single"]
+    assert single["identities"] == 200
+    pairs = GENUINE_PHOTOS * (GENUINE_PHOTOS - 1) // 2
+    assert single["comparisons"] == pairs + 199 * 6
+    # 4 photos: 2 templates, each against the 2 photos outside it; 1 template pair.
+    assert genuine["fused_single"]["comparisons"] == 6 * (GENUINE_PHOTOS - 2) + 199 * 4
+    assert genuine["fused_fused"]["comparisons"] == 15 + 199
+    for kind in genuine.values():
+        shares = [p["share"] for p in kind["grid"]]
+        assert shares == sorted(shares, reverse=True) and shares[0] == 1.0
+    record = {**calibrate(emb, [1e-2], "s", "m"), "genuine": genuine}
+    dedup = DuplicateThreshold.from_calibration(record, 1e-2)
+    assert dedup.catch(-1.0) == 1.0
+    # At 0.999 only identity 0's copies match: 1 in 200, not 66 pairs in 1,260.
+    assert dedup.catch(0.999) == pytest.approx(1 / 200, abs=1e-9)
+    point = dedup.at(30)
+    assert point.expected_catch == dedup.catch(point.threshold)
+    # A larger gallery needs a higher threshold and catches fewer; fused templates,
+    # compared on more evidence, catch more at their own thresholds.
+    far = dedup.at(3_000)
+    assert far.expected_catch is not None and far.expected_catch < point.expected_catch
+    catches = [dedup.at(3_000, kind).expected_catch
+               for kind in ("single", "fused_single", "fused_fused")]
+    assert catches[0] < catches[1] <= catches[2]
+    # A calibration without genuine comparisons expects nothing.
+    assert DuplicateThreshold.from_calibration(
+        {k: v for k, v in record.items() if k != "genuine"}, 1e-2).at(30).expected_catch is None

@@ -230,7 +230,7 @@ def test_a_frame_is_taken_once(tmp_path: Path) -> None:
 def photo(sface_model_dir: Path, lfw_dir: Path) -> sim.Photo:
     models = load_models(sface_model_dir, "cpu", 0, ImageLimits(), FacePolicy(min_face_px=0))
     data = lfw_image(lfw_dir, *REFERENCE)
-    face = models.pipeline.analyse(data, "photo", False)
+    face = models.pipeline.analyse(data, "photo", False, frame=True)  # as benchmarks.liveness
     return sim.Photo(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), face.face.landmarks)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -196,6 +197,37 @@ def test_the_default_set_records_its_wheel_licences_and_repairs(sface_model_dir:
     assert m["recognizer"]["layout"] == "sface" and m["recognizer"]["mean"] == [0.0, 0.0, 0.0]
     # The shipped calibration is installed for exactly this version.
     assert read_calibration(sface_model_dir, m["model_version"] + "+flip")["dataset"] == "lfw-dev"
+
+
+def test_photos_and_liveness_frames_are_scanned_at_their_own_sizes(sface_model_dir: Path,
+                                                                   lfw_dir: Path) -> None:
+    """YuNet scans a photo at 448 (as accurate as 640 on lfw-dev, half the time) and a
+    liveness frame at 640 (its landmarks give the parallax), one session for both."""
+    from PIL import Image
+
+    from server.pipeline.faces import FacePolicy
+    from server.pipeline.image import ImageLimits
+    from server.pipeline.loader import load_models
+    from tests.conftest import lfw_image
+
+    m = read_manifest(sface_model_dir)
+    assert (m["detector"]["input_size"], m["detector"]["frame_input_size"]) == (448, 640)
+    assert m["sources"]["detector_input"] == [448, 640]
+    pipeline = load_models(sface_model_dir, "cpu", 1, ImageLimits(),
+                           FacePolicy(min_face_px=0)).pipeline
+    photo, frame = pipeline.detector, pipeline.frame_detector
+    assert photo.session is frame.session  # type: ignore[attr-defined]
+    data = lfw_image(lfw_dir, "Aaron_Sorkin", 1)
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert photo.prepare(pixels, 0).tensor.shape == (3, 448, 448)  # type: ignore[union-attr]
+    assert frame.prepare(pixels, 0).tensor.shape == (3, 640, 640)  # type: ignore[union-attr]
+    # Analysed as a frame, the face's landmarks are the frame scan's.
+    as_frame = pipeline.analyse(data, "frame", False, frame=True).face.landmarks
+    as_photo = pipeline.analyse(data, "photo", False).face.landmarks
+    scanned = frame.finish(pixels, prepared := frame.prepare(pixels, 0),  # type: ignore[union-attr]
+                           frame.infer([prepared.tensor])[0])
+    np.testing.assert_allclose(as_frame, scanned[0].landmarks, atol=1e-6)
+    assert 0 < np.abs(as_frame - as_photo).max() < 8  # pixels of a 250x250 photo
 
 
 def test_the_default_set_build_is_idempotent(sface_model_dir: Path, tmp_path: Path,

@@ -155,6 +155,21 @@ def test_server_info_reports_provider_and_model(client: FaceVerifyClient,
     assert info.serving.cudnn_conv_algo_search == "HEURISTIC"
 
 
+def test_server_info_says_what_the_duplicate_threshold_catches(client: FaceVerifyClient) -> None:
+    """At the gallery's size, for each comparison, from the shipped calibration's
+    genuine comparisons; the headline is a photo against a photo."""
+    info = client.server_info()
+    catches = {c.comparison: c for c in info.duplicate_expected_catch}
+    assert list(catches) == ["photo/photo", "template/photo", "template/template"]
+    photo = catches["photo/photo"]
+    assert photo.threshold == pytest.approx(info.duplicate_threshold)
+    assert info.duplicate_expected_catch_rate == photo.expected_catch_rate
+    # A small gallery: nearly every duplicate is caught; templates at least as often.
+    assert 0.95 < photo.expected_catch_rate <= 1.0 and photo.genuine_identities > 50
+    assert catches["template/template"].expected_catch_rate >= photo.expected_catch_rate
+    assert info.duplicate_expected_catch_floor == 0.9
+
+
 def test_id_card_references_have_an_operating_point_of_their_own(
         client: FaceVerifyClient, server: ServerThread, lfw_dir: Path) -> None:
     from benchmarks.idcard import id_card_like

@@ -45,7 +45,7 @@ from server.api.logs import setup_logging
 from server.api.servicer import FaceVerificationServicer
 from server.api.tls import ReloadingCredentials, TlsFiles
 from server.config import Settings, check_secured, data_sealer, serving_summary
-from server.core.duplicates import DuplicateThreshold
+from server.core.duplicates import COMPARISONS, DuplicateThreshold
 from server.core.enrolment import DuplicatePolicy, EnrolmentService
 from server.core.inference import InferenceEngine
 from server.core.liveness import SESSION_FILE, LivenessSessions, SessionStore, chip_template
@@ -231,6 +231,26 @@ def make_pools(settings: Settings) -> tuple[ThreadPoolExecutor, ...]:
             ThreadPoolExecutor(settings.index_threads, thread_name_prefix="index"))
 
 
+def warn_on_catch(dedup: DuplicateThreshold, size: int, floor: float) -> None:
+    """Say what the duplicate threshold is expected to catch now, and warn where a
+    comparison falls below ``floor``; or that the calibration cannot say."""
+    catches = {kind: dedup.at(size, kind).expected_catch for kind in dedup.kinds}
+    if all(c is None for c in catches.values()):
+        log.warning("the calibration records no genuine comparisons: the share of duplicates "
+                    "the threshold catches is unknown; run `faceverify calibrate` again")
+        return
+    said = ", ".join(f"{COMPARISONS[k]} {100 * c:.1f} %" for k, c in catches.items()
+                     if c is not None)
+    low = [COMPARISONS[k] for k, c in catches.items() if c is not None and c < floor]
+    if low:
+        log.warning("at %d enrolments the duplicate threshold is expected to catch %s of "
+                    "duplicates: %s below the floor of %.0f %% (FACEVERIFY_DEDUP_CATCH_FLOOR); "
+                    "see docs/deduplication.md for what raises it", size, said,
+                    " and ".join(low), 100 * floor)
+    else:
+        log.info("duplicates expected to be caught at %d enrolments: %s", size, said)
+
+
 def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
                    metrics: Metrics) -> Services:
     """Load, verify and warm the models, open the gallery; raises StartupError naming
@@ -281,6 +301,7 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
              dup.comparisons, "measured searches" if dedup.rule == "searches" else
              "pairwise rule: it has no searches", dup.pairwise_fmr,
              ", extrapolated" if dup.extrapolated else "")
+    warn_on_catch(dedup, len(gallery), settings.dedup_catch_floor)
     for kind, p in points.items():
         if kind != "photo":
             log.info("%s references: decision threshold %.4f for FMR %g (calibrated on %s)",
@@ -295,7 +316,9 @@ def build_services(settings: Settings, pools: tuple[ThreadPoolExecutor, ...],
                         "recognizer": models.pipeline.recognizer.name})
     metrics.track_index(lambda: len(gallery), lambda: 1.0 if gallery.in_sync() else 0.0,
                         gallery.registry.count_pending)
-    metrics.track_duplicates(enrolment.duplicate_point, dedup.fpir)
+    metrics.track_duplicates(enrolment.duplicate_point, dedup.fpir,
+                             {kind: COMPARISONS[kind] for kind in dedup.kinds},
+                             settings.dedup_catch_floor)
     audit = open_audit(settings, gallery, metrics)
     metrics.quarantined.set_function(lambda: len(gallery.registry.quarantined))
     metrics.registry_intact.set_function(lambda: 0 if gallery.registry.head_fault else 1)
@@ -422,7 +445,7 @@ async def start(settings: Settings) -> RunningServer:
     )
     pb_grpc.add_FaceVerificationServicer_to_server(  # type: ignore[no-untyped-call]
         FaceVerificationServicer(services.verification, services.enrolment,
-                                 serving_summary(settings)), server)
+                                 serving_summary(settings), settings.dedup_catch_floor), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:

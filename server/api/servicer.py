@@ -11,6 +11,7 @@ from index.registry import Enrollment
 from server import __version__
 from server.api.access import ANONYMOUS, caller_var
 from server.api.interceptor import request_id_var
+from server.core.duplicates import COMPARISONS
 from server.core.enrolment import EnrolmentService
 from server.core.liveness import Capture, Limits, LivenessOutcome, Session
 from server.core.presentation import Presentation, PresentationChecks
@@ -158,10 +159,11 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
     (:class:`VerificationService`, :class:`EnrolmentService`)."""
 
     def __init__(self, service: VerificationService, enrolment: EnrolmentService,
-                 serving: dict[str, Any]) -> None:
+                 serving: dict[str, Any], catch_floor: float) -> None:
         self.service = service
         self.enrolment = enrolment
         self.serving = serving
+        self.catch_floor = catch_floor
 
     @property
     def _scheme(self) -> str:
@@ -290,4 +292,13 @@ class FaceVerificationServicer(pb_grpc.FaceVerificationServicer):
                                         for kind, p in self.service.points.items()
                                         if kind != "photo"],
             presentation_attack=presentation_settings_pb(self.service.presentation),
+            duplicate_expected_catch_rate=dup.expected_catch or 0.0,
+            duplicate_expected_catch=[
+                pb.DuplicateCatch(comparison=COMPARISONS[kind], threshold=p.threshold,
+                                  pairwise_fmr=p.pairwise_fmr, extrapolated=p.extrapolated,
+                                  expected_catch_rate=p.expected_catch or 0.0,
+                                  genuine_identities=self.enrolment.dedup.genuine_identities(kind))
+                for kind in self.enrolment.dedup.kinds
+                for p in [self.enrolment.duplicate_point(kind)]],
+            duplicate_expected_catch_floor=self.catch_floor,
         )

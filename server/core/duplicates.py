@@ -11,14 +11,30 @@ It is read from searches the calibration measured
 (:func:`server.models.calibrate.simulated_searches`): for galleries of several sizes
 drawn from the calibration set, the distribution of the best non-mated score,
 as NIST's 1:N evaluations measure FPIR.  Between measured sizes the
-threshold is interpolated in log N.  Beyond the largest size N0 it is read
-from N0's searches at the rate FPIR x N0 / N: a gallery of N faces is N / N0
-galleries of N0, and by the union bound the false alarms of the whole are at
-most the sum of its parts', so the target holds (reported as extrapolated;
-below the lowest rate N0's searches measure, along the line through their
-last decade).
+threshold is interpolated in log N.  Beyond the largest size N0 no search
+measures it, and two union bounds hold instead (reported as extrapolated):
+a gallery of N faces is N / N0 galleries of N0, so N0's searches at the rate
+FPIR x N0 / N keep the target; and it is N single comparisons, so a
+threshold whose pairwise FMR (the impostor tail, along its fitted line below
+the lowest rate measured) is FPIR / N would keep it too, were the tail's
+pairs weighted as a registry's are.  They are not quite (an identity with
+many photos has many pairs; a registry has one enrolment a person, and the
+lookalikes sit among people with one photo), so the searches' FPIR can
+exceed N x FMR: the bound is held to FPIR / (excess x N), the excess being
+the most the searches exceeded it by at any size that measured the rate.
+The lower of the two thresholds is used, never below the curve's last
+measured one.  The second is the one that counts for large galleries: N0's
+searches measure rates down to about 1e-4 only, and the line through their
+last decade falls far too steeply below it, while the tails are measured on
+millions of pairs (docs/deduplication.md).
 Each comparison kind (a photo, or a two-photo template: fused embeddings
-score higher against everyone) has its own searches.
+score higher against everyone) has its own searches and its own tail, so
+a template's threshold follows from its own comparisons, never from the
+smaller galleries its searches could draw alone.
+
+What a threshold catches is read from the calibration's genuine comparisons
+(:func:`server.models.calibrate.genuine_distributions`): the share of two
+enrolments of one person, of each kind, scoring at or above it.
 
 A calibration made before searches were measured falls back to the pairwise
 rule: FPIR = 1 - (1 - FMR)^N, as if the N comparisons were independent, with
@@ -45,6 +61,9 @@ from server.errors import ModelError
 # templates.  Each has its own impostor distribution (fused embeddings sit
 # closer to everyone), so each its own tail.
 KINDS = ("single", "fused_single", "fused_fused")
+# How each is named where people read it (GetServerInfo, metrics, docs).
+COMPARISONS = {"single": "photo/photo", "fused_single": "template/photo",
+               "fused_fused": "template/template"}
 
 
 @dataclass(frozen=True)
@@ -54,12 +73,15 @@ class DuplicatePoint:
     ``pairwise_fmr`` is the false-match rate of one comparison at ``threshold``
     (from the impostor tail); ``extrapolated``: the gallery is larger than any
     the calibration searched (or, under the pairwise rule, the rate is below
-    the lowest it measured)."""
+    the lowest it measured); ``expected_catch``: the share of genuine
+    comparisons of this kind (two enrolments of one person) the calibration
+    saw at or above ``threshold``, None where it recorded none."""
 
     threshold: float
     pairwise_fmr: float
     comparisons: int
     extrapolated: bool
+    expected_catch: float | None = None
 
 
 def pairwise_fmr(fpir: float, comparisons: int) -> float:
@@ -149,6 +171,8 @@ class DuplicateThreshold:
         tails: per kind, (FMR, threshold) pairs in any order and the line below them.
         searches: per kind, the calibration's simulated searches (see the module
             docstring); a kind without them uses the pairwise rule.
+        genuine: per kind, the calibration's genuine comparisons (their share at or
+            above each threshold); a kind without them has no expected catch.
 
     Raises:
         ModelError: an FPIR out of range, no thresholds, or searches that do not
@@ -156,7 +180,8 @@ class DuplicateThreshold:
     """
 
     def __init__(self, fpir: float, tails: dict[str, tuple[Grid, Fit]],
-                 searches: dict[str, list[dict[str, Any]]] | None = None) -> None:
+                 searches: dict[str, list[dict[str, Any]]] | None = None,
+                 genuine: dict[str, dict[str, Any]] | None = None) -> None:
         if not 0 < fpir < 1:
             raise ModelError(f"the target FPIR {fpir:g} must be between 0 and 1")
         if not tails.get("single", ([], None))[0]:
@@ -171,6 +196,18 @@ class DuplicateThreshold:
         self.largest = {kind: (int(top["gallery"]), _grid(top))
                         for kind, sizes in (searches or {}).items() if kind in self.curves
                         for top in [max(sizes, key=lambda e: int(e["gallery"]))]}
+        # How far the searches' FPIR went beyond N x FMR (the union bound over single
+        # comparisons), at most, where they measured this rate: the bound beyond them
+        # is held to FPIR / (excess x N).
+        self.excess = {kind: max([1.0, *(r for _, _, r in self._measured(sizes, kind))])
+                       for kind, sizes in (searches or {}).items() if kind in self.curves}
+        # threshold rising, share falling
+        self.genuine = {kind: ([float(p["threshold"]) for p in entry["grid"]],
+                               [float(p["share"]) for p in entry["grid"]])
+                        for kind, entry in (genuine or {}).items()
+                        if kind in self.tails and entry.get("grid")}
+        self.identities = {kind: int(genuine[kind]["identities"]) for kind in self.genuine
+                           if genuine}
 
     @classmethod
     def from_calibration(cls, calibration: dict[str, Any], fpir: float) -> DuplicateThreshold:
@@ -179,7 +216,7 @@ class DuplicateThreshold:
         tails = calibration.get("tails")
         if tails:
             return cls(fpir, {kind: _tail(tail) for kind, tail in tails.items()},
-                       calibration.get("searches"))
+                       calibration.get("searches"), calibration.get("genuine"))
         return cls(fpir, {"single": _points(calibration["points"])})
 
     @property
@@ -201,48 +238,128 @@ class DuplicateThreshold:
         return float(min(grid[-1][0], 10 ** (fit[0] * threshold + fit[1])))
 
     @property
+    def kinds(self) -> tuple[str, ...]:
+        """The comparisons the server makes: photos, and templates where calibrated."""
+        return KINDS if self.fuses else KINDS[:1]
+
+    def genuine_identities(self, kind: str) -> int:
+        """The people the expected catch of ``kind`` is read from (0: none)."""
+        return self.identities.get(kind, 0)
+
+    @property
     def fuses(self) -> bool:
         """Whether two-photo templates are calibrated (else only selfies are enrolled)."""
         return {"fused_single", "fused_fused"} <= set(self.tails)
 
+    def catch(self, threshold: float, kind: str = "single") -> float | None:
+        """The share of the calibration's genuine comparisons of ``kind`` scoring at or
+        above ``threshold``; None where it recorded none."""
+        if kind not in self.genuine:
+            return None
+        ts, shares = self.genuine[kind]
+        return _interpolate(threshold, ts, shares)
+
     def at(self, comparisons: int, kind: str = "single") -> DuplicatePoint:
         """The threshold for an attempt against ``comparisons`` gallery faces, for a
-        comparison of ``kind``."""
+        comparison of ``kind``, and what it is expected to catch."""
         curve = self.curves.get(kind)
-        if curve is not None:
-            return self._searched(curve, comparisons, kind)
-        return self._pairwise(comparisons, kind)
+        t, extrapolated = (self._searched(curve, comparisons, kind) if curve is not None
+                           else self._pairwise(comparisons, kind))
+        return DuplicatePoint(t, pairwise_fmr(self.fpir, comparisons)
+                              if curve is None else self.fmr_at(t, kind),
+                              comparisons, extrapolated, self.catch(t, kind))
 
-    def _searched(self, curve: SearchCurve, comparisons: int, kind: str) -> DuplicatePoint:
+    def _searched(self, curve: SearchCurve, comparisons: int, kind: str
+                  ) -> tuple[float, bool]:
         x = math.log10(max(comparisons, 1))
         xs, ts = [c[0] for c in curve], [c[1] for c in curve]
         size, grid = self.largest[kind]
         if comparisons <= size:
-            t = _interpolate(x, xs, ts)
-            return DuplicatePoint(t, self.fmr_at(t, kind), comparisons, False)
-        rate = self.fpir * size / comparisons  # the union bound over galleries of `size`
+            return _interpolate(x, xs, ts), False
+        # Two union bounds (see the module docstring): over galleries of `size`, and
+        # over single comparisons.
+        rate = self.fpir * size / comparisons
         at = _threshold_at(grid, rate)
-        t = min(max(at if at is not None else _below_grid(grid, rate), ts[-1]), 1.0)
-        return DuplicatePoint(t, self.fmr_at(t, kind), comparisons, True)
+        by_galleries = at if at is not None else _below_grid(grid, rate)
+        return min(max(min(by_galleries, self._by_pairs(comparisons, kind)), ts[-1]), 1.0), True
 
-    def _pairwise(self, comparisons: int, kind: str) -> DuplicatePoint:
+    def _by_pairs(self, comparisons: int, kind: str) -> float:
+        """The union bound over single comparisons: the threshold at pairwise FMR
+        FPIR / N, N held to the most the searches exceeded it by (see the module
+        docstring)."""
+        return self._for_fmr(self.fpir / (self.excess.get(kind, 1.0) * comparisons), kind)[0]
+
+    def _measured(self, sizes: list[dict[str, Any]], kind: str
+                  ) -> list[tuple[int, float, float]]:
+        """(N, threshold, FPIR over N x FMR) at each searched size that measured the
+        target rate."""
+        out = []
+        for entry in sorted(sizes, key=lambda e: int(e["gallery"])):
+            t = _threshold_at(_grid(entry), self.fpir)
+            if t is not None:
+                n = int(entry["gallery"])
+                out.append((n, t, self.fpir / (n * self.fmr_at(t, kind))))
+        return out
+
+    def _pairwise(self, comparisons: int, kind: str) -> tuple[float, bool]:
+        return self._for_fmr(pairwise_fmr(self.fpir, comparisons), kind)
+
+    def _for_fmr(self, fmr: float, kind: str) -> tuple[float, bool]:
+        """The threshold at which one comparison of ``kind`` matches at rate ``fmr``,
+        and whether that rate is below those the tail measured."""
         grid, fit = self.tails[kind]
-        fmr = pairwise_fmr(self.fpir, comparisons)
         top_fmr, top_t = grid[0]
         if fmr >= top_fmr:  # a tiny gallery: the grid's highest rate (stricter)
-            return DuplicatePoint(top_t, fmr, comparisons, False)
+            return top_t, False
         for (f0, t0), (f1, t1) in zip(grid, grid[1:], strict=False):
             if f1 <= fmr <= f0:
                 w = (math.log10(f0) - math.log10(fmr)) / (math.log10(f0) - math.log10(f1))
-                return DuplicatePoint(t0 + w * (t1 - t0), fmr, comparisons, False)
+                return t0 + w * (t1 - t0), False
         low_t = grid[-1][1]
         if fit is None or fit[0] >= 0:
-            return DuplicatePoint(low_t, fmr, comparisons, True)
+            return low_t, True
         slope, intercept = fit
-        t = (math.log10(fmr) - intercept) / slope
-        return DuplicatePoint(min(max(t, low_t), 1.0), fmr, comparisons, True)
+        return min(max((math.log10(fmr) - intercept) / slope, low_t), 1.0), True
 
 
 def kind(photos_a: int, photos_b: int) -> str:
     """What comparing a template of ``photos_a`` photos with one of ``photos_b`` is."""
     return KINDS[(photos_a > 1) + (photos_b > 1)]
+
+
+def plan(calibration: dict[str, Any], galleries: list[int], fpirs: list[float]
+         ) -> list[dict[str, Any]]:
+    """What a registry of each size would catch at each target FPIR, by comparison:
+    the threshold, its pairwise FMR, whether it is extrapolated and the expected
+    catch (None where the calibration recorded no genuine comparisons).
+
+    Raises:
+        ModelError: as :class:`DuplicateThreshold`.
+    """
+    rows = []
+    for fpir in fpirs:
+        dedup = DuplicateThreshold.from_calibration(calibration, fpir)
+        for size in galleries:
+            rows.append({"gallery": size, "fpir": fpir, "comparisons": {
+                COMPARISONS[k]: {"threshold": round(p.threshold, 4),
+                                 "pairwise_fmr": float(f"{p.pairwise_fmr:.3g}"),
+                                 "extrapolated": p.extrapolated,
+                                 "expected_catch": None if p.expected_catch is None
+                                 else round(p.expected_catch, 4)}
+                for k in dedup.kinds for p in [dedup.at(size, k)]}})
+    return rows
+
+
+def bound_check(calibration: dict[str, Any], fpir: float) -> list[dict[str, Any]]:
+    """How close the union bound over single comparisons (the rule beyond the
+    searched galleries) comes to the searches where they measured: for each kind
+    and searched size, the measured threshold, the plain bound's (FMR = FPIR / N),
+    and the measured FPIR over N x FMR at the measured threshold (1 where the bound
+    is exact, under 1 where it is conservative, over 1 where the searches found
+    more than it allows: the largest is the excess the rule corrects by)."""
+    dedup = DuplicateThreshold.from_calibration(calibration, fpir)
+    return [{"comparison": COMPARISONS[k], "gallery": n, "measured": round(t, 4),
+             "union_bound": round(dedup._for_fmr(fpir / n, k)[0], 4),
+             "fpir_over_n_fmr": round(ratio, 3)}
+            for k, sizes in (calibration.get("searches") or {}).items() if k in dedup.curves
+            for n, t, ratio in dedup._measured(sizes, k)]

@@ -118,9 +118,10 @@ class EnrolmentService:
         self.policy = policy
         self.candidates_k = candidates_k
 
-    def duplicate_point(self) -> DuplicatePoint:
-        """The duplicate threshold an enrolment attempt would meet now."""
-        return self.dedup.at(len(self.gallery))
+    def duplicate_point(self, comparison: str = "single") -> DuplicatePoint:
+        """The duplicate threshold an enrolment attempt would meet now, for a
+        comparison of that kind (:data:`server.core.duplicates.KINDS`)."""
+        return self.dedup.at(len(self.gallery), comparison)
 
     async def _index(self, stage: str, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn`` in the index pool, timed as ``stage``, in the call's context (the

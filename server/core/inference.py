@@ -79,7 +79,8 @@ class InferenceEngine:
 
     async def analyse(self, data: bytes, field_name: str, refuse_ambiguous: bool,
                       selfie: bool = False, view: bool = False, embed: bool = True,
-                      turns: int | None = None, half: str = BOTH) -> AnalysedFace:
+                      turns: int | None = None, half: str = BOTH, frame: bool = False
+                      ) -> AnalysedFace:
         """The subject face of one encoded image: :meth:`FacePipeline.steps`, with
         per-image steps in the CPU pool and model calls batched across requests.
         Stage times go to the metrics (``detect`` and ``embed`` include the wait
@@ -92,7 +93,8 @@ class InferenceEngine:
         timings = Timings()
         try:
             face: AnalysedFace = await self._drive(self.pipeline.steps(
-                data, field_name, refuse_ambiguous, timings, selfie, view, embed, turns, half))
+                data, field_name, refuse_ambiguous, timings, selfie, view, embed, turns, half,
+                frame))
         finally:
             self.metrics.observe_stages(timings.seconds)
         return face

@@ -284,12 +284,14 @@ class LivenessSessions:
         looking = lv.looking_frames(challenge, [ms for _, ms in capture.frames])
         seen = dict(zip(looking, await asyncio.gather(*(
             self.engine.analyse(capture.frames[i][0], f"liveness.frames[{i}]", True,
-                                selfie=True, view=view) for i in looking)), strict=True))
+                                selfie=True, view=view, frame=True) for i in looking)),
+            strict=True))
         turns = seen[looking[0]].turns
         rest = [i for i in range(len(capture.frames)) if i not in seen]
         seen.update(zip(rest, await asyncio.gather(*(
             self.engine.analyse(capture.frames[i][0], f"liveness.frames[{i}]", True,
-                                embed=False, turns=turns) for i in rest)), strict=True))
+                                embed=False, turns=turns, frame=True) for i in rest)),
+            strict=True))
         faces = [seen[i] for i in range(len(capture.frames))]
         frames = [lv.Frame(f.face.landmarks, tuple(f.face.box), f.chip,
                            lv.in_chip(f.face.landmarks, self.template), ms)

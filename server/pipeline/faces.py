@@ -154,12 +154,17 @@ class FacePipeline:
     """
 
     def __init__(self, detector: Detector, recognizer: Recognizer, limits: ImageLimits,
-                 policy: FacePolicy, stages: Sequence[FaceStage] = ()) -> None:
+                 policy: FacePolicy, stages: Sequence[FaceStage] = (),
+                 frame_detector: Detector | None = None) -> None:
         if detector.landmark_scheme != recognizer.landmark_scheme:
             raise ConfigurationError(
                 f"detector {detector.name} gives {detector.landmark_scheme} landmarks but "
                 f"recognizer {recognizer.name} aligns with {recognizer.landmark_scheme}")
         self.detector = detector
+        # A liveness burst's frames are located by this one (the same model scanning
+        # at another size where the set says so: the parallax is read from their
+        # landmarks to a fraction of a pixel).
+        self.frame_detector = frame_detector or detector
         self.recognizer = recognizer
         self.stages = tuple(stages)
         self.limits = limits
@@ -217,7 +222,8 @@ class FacePipeline:
                                    unturn_points(subject.landmarks, turns, width, height))
         return subject, ambiguous, chip, surroundings, quality, local
 
-    def upright_steps(self, pixels: np.ndarray, faces: list[DetectedFace]
+    def upright_steps(self, pixels: np.ndarray, faces: list[DetectedFace],
+                      detector: Detector | None = None
                       ) -> Steps[tuple[np.ndarray, list[DetectedFace], int]]:
         """Where no face was found, or the most prominent one is sideways or upside
         down by its own keypoints, or scores low enough to be a turned face the
@@ -232,7 +238,8 @@ class FacePipeline:
         Returns:
             The image to go on with, its faces, and the quarter turns it was turned.
         """
-        confident = self.detector.upright_score
+        detector = detector or self.detector
+        confident = detector.upright_score
         best: tuple[float, np.ndarray, list[DetectedFace], int] | None = None
         if faces:
             main = most_prominent(faces, pixels)
@@ -248,7 +255,7 @@ class FacePipeline:
             tries = [1, 3, 2]  # a quarter turn either way is likelier than upside down
         for k in tries:
             turned = yield CpuStep(turn, (pixels, k))
-            found = yield from detection_steps(self.detector, self.detector_calls, turned)
+            found = yield from detection_steps(detector, self.detector_calls, turned)
             if not found:
                 continue
             main = most_prominent(found, turned)
@@ -262,7 +269,8 @@ class FacePipeline:
 
     def steps(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
               timings: Timings, selfie: bool = False, view: bool = False, embed: bool = True,
-              turns: int | None = None, half: str = BOTH) -> Steps[AnalysedFace]:
+              turns: int | None = None, half: str = BOTH, frame: bool = False
+              ) -> Steps[AnalysedFace]:
         """The analysis of one image as a sequence of steps, for a driver to run.
 
         The one definition of what analysing an image means, whoever runs it:
@@ -284,21 +292,24 @@ class FacePipeline:
                 None: found by :meth:`upright_steps`.
             half: the recognizer's passes to embed with (:data:`~server.pipeline.types.BOTH`;
                 PLAIN leaves the mirror pass to :meth:`embed_steps`, where it is needed).
+            frame: a liveness burst's frame, located by :attr:`frame_detector`.
         """
         with timings.stage("decode"):
             if isinstance(data, np.ndarray):
                 decoded = Decoded(data, 1.0, (data.shape[1], data.shape[0]))
             else:
                 decoded = yield CpuStep(self.decode, (data, field_name))
+        detector = self.frame_detector if frame else self.detector
         with timings.stage("detect"):
             if turns is None:
-                faces = yield from detection_steps(self.detector, self.detector_calls,
+                faces = yield from detection_steps(detector, self.detector_calls,
                                                     decoded.pixels)
-                pixels, faces, turns = yield from self.upright_steps(decoded.pixels, faces)
+                pixels, faces, turns = yield from self.upright_steps(decoded.pixels, faces,
+                                                                     detector)
             else:
                 pixels = decoded.pixels if not turns else (
                     yield CpuStep(turn, (decoded.pixels, turns)))
-                faces = yield from detection_steps(self.detector, self.detector_calls, pixels)
+                faces = yield from detection_steps(detector, self.detector_calls, pixels)
         with timings.stage("align"):
             subject, ambiguous, chip, surroundings, quality, local = yield CpuStep(
                 self.subject_chip, (replace(decoded, pixels=pixels), faces, field_name,
@@ -322,9 +333,9 @@ class FacePipeline:
 
     def analyse(self, data: bytes | np.ndarray, field_name: str, refuse_ambiguous: bool,
                 timings: Timings | None = None, selfie: bool = False, view: bool = False,
-                embed: bool = True, turns: int | None = None, half: str = BOTH
-                ) -> AnalysedFace:
+                embed: bool = True, turns: int | None = None, half: str = BOTH,
+                frame: bool = False) -> AnalysedFace:
         """Run :meth:`steps` here, one model call at a time (see :func:`choose_subject`
         for the per-image errors)."""
         return run_steps(self.steps(data, field_name, refuse_ambiguous, timings or Timings(),
-                                    selfie, view, embed, turns, half))
+                                    selfie, view, embed, turns, half, frame))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,6 +119,7 @@ def load_models(model_dir: Path, provider: str, intra_op_threads: int, limits: I
     resolved = resolve_provider(provider)
     det_cfg, rec_cfg = manifest["detector"], manifest["recognizer"]
 
+    @functools.cache  # one session a file, shared by every model object that runs it
     def session(file: str) -> ort.InferenceSession:
         return make_session(model_dir / file, resolved, intra_op_threads,
                             cudnn_conv_algo_search)
@@ -143,7 +145,10 @@ def load_models(model_dir: Path, provider: str, intra_op_threads: int, limits: I
             raise ModelError(f"unknown {section} kind {cfg.get('kind')!r} in {model_dir} (this "
                              f"server knows {', '.join(sorted(kinds))})")
         stages.append(make_stage(cfg, build))
-    pipeline = FacePipeline(detector, recognizer, limits, policy, stages)
+    # The same model scanning liveness frames at another size, where the set says so.
+    frame_detector = (make_detector({**det_cfg, "input_size": det_cfg["frame_input_size"]},
+                                    build) if "frame_input_size" in det_cfg else detector)
+    pipeline = FacePipeline(detector, recognizer, limits, policy, stages, frame_detector)
     used = recognizer.session.get_providers()[0]
     log.info("models %s loaded from %s on %s (embedding size %d%s)", manifest["model_version"],
              model_dir, used, recognizer.dim,

@@ -108,6 +108,35 @@ def cmd_models_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_dedup_plan(args: argparse.Namespace) -> int:
+    from server.core.duplicates import bound_check, plan
+    from server.models.manifest import CALIBRATION
+
+    path = args.calibration or _settings(args).model_dir / CALIBRATION
+    try:
+        calibration = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot read the calibration {path}: {exc}") from exc
+    if args.check_bound:
+        _print({"calibration": str(path), "bound_check": {
+            f"{fpir:g}": bound_check(calibration, fpir) for fpir in args.fpir}})
+        return 0
+    rows = plan(calibration, args.gallery, args.fpir)
+    if not args.markdown:
+        _print({"calibration": str(path), "model_version": calibration.get("model_version"),
+                "dataset": calibration.get("dataset"), "plan": rows})
+        return 0
+    kinds = list(rows[0]["comparisons"]) if rows else []
+    print("| gallery | FPIR | " + " | ".join(f"{k}: threshold, caught" for k in kinds) + " |")
+    print("| ---: | ---: |" + " ---: |" * len(kinds))
+    for row in rows:
+        cells = [f"{c['threshold']:.3f}, " + ("?" if c["expected_catch"] is None
+                                              else f"{100 * c['expected_catch']:.1f} %")
+                 + (" *" if c["extrapolated"] else "") for c in row["comparisons"].values()]
+        print(f"| {row['gallery']:,} | {row['fpir']:g} | " + " | ".join(cells) + " |")
+    return 0
+
+
 def cmd_models_presentation(args: argparse.Namespace) -> int:
     from server.models.presentation import add_presentation_models, remove_presentation_models
 
@@ -659,6 +688,25 @@ def parser() -> argparse.ArgumentParser:
                    help="faces to calibrate on (onnxruntime holds every activation of every "
                    "face in memory: about 130 MB a face for SFace)")
     q.set_defaults(func=cmd_models_quantize)
+
+    dp = msub.add_parser("dedup-plan", help="what the duplicate threshold would catch at "
+                         "each gallery size and target FPIR, by comparison (from the "
+                         "calibration; plan reviewers and models with it)")
+    _server_flags(dp)
+    dp.add_argument("--calibration", type=Path, metavar="FILE",
+                    help="a calibration file (default: the model directory's)")
+    dp.add_argument("--gallery", type=lambda v: int(float(v)), nargs="+",
+                    default=[10_000, 100_000, 1_000_000, 10_000_000],
+                    help="gallery sizes (default 1e4 1e5 1e6 1e7)")
+    dp.add_argument("--fpir", type=float, nargs="+", default=[1e-3, 1e-2],
+                    help="target false-positive identification rates (default 1e-3 1e-2): "
+                    "false duplicate alarms, each a review, per attempt by someone not enrolled")
+    dp.add_argument("--markdown", action="store_true",
+                    help="a table (* extrapolated) instead of JSON")
+    dp.add_argument("--check-bound", action="store_true",
+                    help="instead: at each gallery size the calibration searched, the measured "
+                    "threshold beside the union bound's (the rule for larger galleries)")
+    dp.set_defaults(func=cmd_models_dedup_plan)
 
     pa = msub.add_parser("presentation", help="add the operator's presentation-attack models "
                          "(e.g. MiniFASNet V2 and V1SE) to the model set, their threshold "
