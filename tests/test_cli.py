@@ -164,8 +164,12 @@ def test_cli_dedup_plan_reads_the_shipped_calibration() -> None:
     assert not photo_small["extrapolated"] and photo_large["extrapolated"]
     assert photo_small["threshold"] < photo_large["threshold"]
     assert photo_small["expected_catch"] > photo_large["expected_catch"] > 0
-    table = _faceverify("models", "dedup-plan", "--calibration", str(shipped), "--markdown")
+    table = _faceverify("models", "dedup-plan", "--calibration", str(shipped), "--markdown",
+                        "--gallery", "1000", "2419", "1e4", "1e5", "1e6", "1e7")
     assert table.returncode == 0 and "| 10,000,000 | 0.01 |" in table.stdout
+    # docs/deduplication.md carries this very table: it is never stale.
+    doc = (REPO / "docs" / "deduplication.md").read_text()
+    assert table.stdout.strip() in doc
     # Where the calibration searched, the union bound (the rule beyond) is close to what
     # the searches measured: within 0.02 of the threshold at every size and comparison.
     check = _faceverify("models", "dedup-plan", "--calibration", str(shipped), "--check-bound",

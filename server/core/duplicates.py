@@ -206,8 +206,8 @@ class DuplicateThreshold:
                                [float(p["share"]) for p in entry["grid"]])
                         for kind, entry in (genuine or {}).items()
                         if kind in self.tails and entry.get("grid")}
-        self.identities = {kind: int(genuine[kind]["identities"]) for kind in self.genuine
-                           if genuine}
+        self.identities = {kind: int((genuine or {})[kind]["identities"])
+                           for kind in self.genuine}
 
     @classmethod
     def from_calibration(cls, calibration: dict[str, Any], fpir: float) -> DuplicateThreshold:
