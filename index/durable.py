@@ -15,6 +15,7 @@ keeps what was loaded before.
 
 from __future__ import annotations
 
+import abc
 import fcntl
 import os
 import stat
@@ -71,7 +72,66 @@ def private_file(path: Path) -> Path:
     return path
 
 
-class FileLock:
+class ProcessesLock(abc.ABC):
+    """A re-entrant thread lock, then a lock across processes (:meth:`_take`,
+    :meth:`_drop`) taken by the outermost holder, which then runs ``on_acquire``
+    (see :class:`index.registry.WriterLock`)."""
+
+    def __init__(self) -> None:
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self.on_acquire: Callable[[], None] = lambda: None
+
+    @abc.abstractmethod
+    def _take(self, blocking: bool) -> bool:
+        """Take the lock across processes; without ``blocking``, False if it is held."""
+
+    @abc.abstractmethod
+    def _drop(self) -> None:
+        """Let go of the lock across processes."""
+
+    @property
+    def held(self) -> bool:
+        return self._depth > 0
+
+    def __enter__(self) -> ProcessesLock:
+        self.acquire()
+        return self
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock; without ``blocking``, only if no other thread or process
+        holds it (False if one does)."""
+        if not self._thread_lock.acquire(blocking):
+            return False
+        if self._depth == 0:
+            try:
+                taken = self._take(blocking)
+            except BaseException:
+                self._thread_lock.release()
+                raise
+            if not taken:
+                self._thread_lock.release()
+                return False
+            try:
+                self.on_acquire()
+            except BaseException:
+                self._drop()
+                self._thread_lock.release()
+                raise
+        self._depth += 1
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._drop()
+        self._thread_lock.release()
+
+
+class FileLock(ProcessesLock):
     """A lock across the threads of this process and every process sharing the
     file: a re-entrant thread lock, then an ``flock`` on ``path``.  The writer
     lock of a SQLite registry (see :class:`index.registry.WriterLock`) and the
@@ -79,29 +139,19 @@ class FileLock:
     """
 
     def __init__(self, path: Path) -> None:
-        self._thread_lock = threading.RLock()
+        super().__init__()
         self._file = open(private_file(path), "a+b")  # noqa: SIM115 - held for the registry's life
-        self._depth = 0
-        self.on_acquire: Callable[[], None] = lambda: None
 
-    def __enter__(self) -> FileLock:
-        self._thread_lock.acquire()
-        if self._depth == 0:
-            try:
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
-                self.on_acquire()
-            except BaseException:
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-                self._thread_lock.release()
-                raise
-        self._depth += 1
-        return self
+    def _take(self, blocking: bool) -> bool:
+        try:
+            fcntl.flock(self._file.fileno(),
+                        fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
 
-    def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-        self._thread_lock.release()
+    def _drop(self) -> None:
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
 
     def close(self) -> None:
         self._file.close()

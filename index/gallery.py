@@ -181,7 +181,7 @@ class Gallery:
         """Enrol durably, then index; may snapshot."""
         with self.write_lock:
             e = self.registry.add(nik, embedding, flagged, candidates, metadata, photos, note)
-            self._after_change()
+            self.after_write()
             return e
 
     def remove(self, nik: str) -> Enrollment | None:
@@ -194,7 +194,9 @@ class Gallery:
                 self.refresh()  # applies the removal, so rewrites the snapshot
             return e
 
-    def _after_change(self) -> None:
+    def after_write(self) -> None:
+        """After a write under ``write_lock``: the index catches up with it (and
+        is trained, and snapshotted, when due)."""
         self.refresh()
         if self.index.maybe_train(self.registry.iter_embeddings()):
             log.info("gallery reached %d vectors: switched to an IVF index", len(self.index))

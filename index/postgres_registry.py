@@ -23,24 +23,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from index.durable import ProcessesLock
 from index.errors import ConfigurationError, RegistryUnavailable, StartupError
-from index.registry import ChangeListener, WriterLock, redact
+from index.registry import ChangeListener, Enrollment, NewEnrollment, WriterLock, redact
 from index.rules import Executor, SqlRegistry
-from index.sealing import Sealer
+from index.sealing import Sealer, SealError
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "faceverify_changes"
+DECIDED = "faceverify_decided"  # pending enrolments were decided (index.enrolling)
 # The advisory lock key of the writer lock (any 64-bit number, ours alone).
 LOCK_KEY = 0x66766572696679  # "fverify"
+# A decision its requester never collected (it stopped) is deleted after this long.
+UNCOLLECTED_S = 60.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS faceverify_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -83,6 +87,16 @@ CREATE TABLE IF NOT EXISTS faceverify_pseudonyms (
     handle TEXT PRIMARY KEY,
     secret BYTEA NOT NULL
 );
+CREATE TABLE IF NOT EXISTS faceverify_pending (
+    id BIGSERIAL PRIMARY KEY,
+    nik TEXT NOT NULL,
+    request BYTEA NOT NULL,
+    decision BYTEA,
+    submitted_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS faceverify_pending_undecided
+    ON faceverify_pending (id) WHERE decision IS NULL;
+CREATE INDEX IF NOT EXISTS faceverify_pending_nik ON faceverify_pending (nik);
 CREATE TABLE IF NOT EXISTS faceverify_audit_heads (
     origin TEXT PRIMARY KEY,
     seq BIGINT NOT NULL,
@@ -91,6 +105,19 @@ CREATE TABLE IF NOT EXISTS faceverify_audit_heads (
 """
 
 _DOWN = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+
+
+def _returned(cur: psycopg.Cursor[Any], query: str, params: list[tuple[Any, ...]]) -> list[int]:
+    """``query`` run for each of ``params`` (pipelined), the first column it returned
+    for each, in order."""
+    cur.executemany(query, params, returning=True)
+    out = []
+    while True:
+        row = cur.fetchone()
+        if row is not None:
+            out.append(int(row[0]))
+        if not cur.nextset():
+            return out
 
 
 @contextlib.contextmanager
@@ -109,63 +136,42 @@ def _bytes(value: str | bytes) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
-class AdvisoryLock:
+class AdvisoryLock(ProcessesLock):
     """The writer lock: a re-entrant thread lock, then ``pg_advisory_lock`` on the
     registry's writer connection (see the module docstring)."""
 
     def __init__(self, registry: PostgresRegistry) -> None:
+        super().__init__()
         self._registry = registry
-        self._thread_lock = threading.RLock()
-        self._depth = 0
-        self.on_acquire: Callable[[], None] = lambda: None
 
-    @property
-    def held(self) -> bool:
-        return self._depth > 0
+    def _take(self, blocking: bool) -> bool:
+        with _unavailable("writer lock"):
+            conn = self._registry.writer(reconnect=True)
+            if blocking:
+                conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+                return True
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
+            return bool(row and row[0])
 
-    def __enter__(self) -> AdvisoryLock:
-        self._thread_lock.acquire()
-        if self._depth == 0:
-            locked = False
-            try:
-                with _unavailable("writer lock"):
-                    conn = self._registry.writer(reconnect=True)
-                    conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
-                    locked = True
-                self.on_acquire()
-            except BaseException:
-                if locked:
-                    self._unlock()
-                self._thread_lock.release()
-                raise
-        self._depth += 1
-        return self
-
-    def _unlock(self) -> None:
+    def _drop(self) -> None:
         try:
             self._registry.writer().execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
         except (*_DOWN, RegistryUnavailable):
             # The session is gone, and PostgreSQL released its lock with it.
             self._registry.drop_writer()
 
-    def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            self._unlock()
-        self._thread_lock.release()
-
     def close(self) -> None:
         pass
 
 
 class _Listener:
-    """A connection that ``LISTEN``s on :data:`CHANNEL` (see :meth:`PostgresRegistry.listen`)."""
+    """A connection that ``LISTEN``s on a channel (see :meth:`PostgresRegistry.listen`)."""
 
-    def __init__(self, url: str, connect_timeout: float) -> None:
+    def __init__(self, url: str, connect_timeout: float, channel: str) -> None:
         try:
             self._conn: psycopg.Connection[Any] = psycopg.connect(
                 url, autocommit=True, connect_timeout=max(1, round(connect_timeout)))
-            self._conn.execute(f"LISTEN {CHANNEL}")
+            self._conn.execute(f"LISTEN {channel}")
         except psycopg.Error as exc:
             raise RegistryUnavailable(f"cannot listen to the registry's changes "
                                       f"({type(exc).__name__})") from exc
@@ -237,13 +243,14 @@ class PostgresRegistry(SqlRegistry):
                                f"{str(exc).splitlines()[0]}") from exc
         return None if row is None else (int(row[0]), str(row[1]))
 
-    def listen(self) -> ChangeListener:
-        """A connection of its own that ``LISTEN``s for the change notices.
+    def listen(self, decisions: bool = False) -> ChangeListener:
+        """A connection of its own that ``LISTEN``s for the change notices, or with
+        ``decisions`` for the notices that pending enrolments were decided.
 
         Raises:
             RegistryUnavailable: PostgreSQL cannot be reached.
         """
-        return _Listener(self.url, self.connect_timeout)
+        return _Listener(self.url, self.connect_timeout, DECIDED if decisions else CHANNEL)
 
     def __init__(self, url: str, model_version: str, dim: int, sealer: Sealer | None = None,
                  connect_timeout: float = 3.0) -> None:
@@ -328,6 +335,93 @@ class PostgresRegistry(SqlRegistry):
 
     def _blob(self, value: bytes | str) -> bytes:
         return _bytes(value)
+
+    # -- enrolments pending a decision (see index.enrolling) ------------------------------
+
+    def submit(self, requests: list[tuple[str, bytes]]) -> list[int]:
+        """Leave enrolment requests, (NIK, request) each, for whichever server next
+        holds the writer lock to decide (no lock needed); their ids, in order."""
+        with self._read("submit") as conn, conn.cursor() as cur:
+            return _returned(cur, "INSERT INTO faceverify_pending (nik, request, submitted_at) "
+                             "VALUES (%s, %s, %s) RETURNING id",
+                             [(nik, self._seal("pending", nik, request), time.time())
+                              for nik, request in requests])
+
+    def _pending(self, ex: Executor, limit: int) -> list[tuple[int, str, bytes]]:
+        # Locked until the deciding transaction ends: a requester withdrawing its
+        # request (:meth:`withdraw`) waits for it, and then finds it decided.
+        ex.execute("DELETE FROM faceverify_pending WHERE decision IS NOT NULL "
+                   "AND submitted_at < %s", (time.time() - UNCOLLECTED_S,))
+        rows = ex.execute("SELECT id, nik, request FROM faceverify_pending WHERE "
+                          "decision IS NULL ORDER BY id LIMIT %s FOR UPDATE",
+                          (limit,)).fetchall()
+        out = []
+        for pid, nik, sealed in rows:
+            try:
+                out.append((int(pid), nik, self._open("pending", nik, sealed)))
+            except SealError:
+                log.error("pending enrolment %d does not open with the data key: dropped", pid)
+                ex.execute("DELETE FROM faceverify_pending WHERE id = %s", (pid,))
+        return out
+
+    def withdraw(self, ids: list[int]) -> set[int]:
+        """Take back those of this server's requests ``ids`` not decided yet (one being
+        decided now is waited for); the ids taken back."""
+        with self._read("withdraw") as conn:
+            rows = conn.execute("DELETE FROM faceverify_pending WHERE id = ANY(%s) AND "
+                                "decision IS NULL RETURNING id", (ids,)).fetchall()
+        return {int(r[0]) for r in rows}
+
+    def collect(self, ids: list[int]) -> dict[int, bytes]:
+        """The decisions taken on those of this server's requests ``ids`` another
+        server decided, each deleted as it is read."""
+        with self._read("decisions") as conn:
+            rows = conn.execute("DELETE FROM faceverify_pending WHERE id = ANY(%s) AND "
+                                "decision IS NOT NULL RETURNING id, nik, decision",
+                                (ids,)).fetchall()
+        return {int(pid): self._open("decision", nik, sealed) for pid, nik, sealed in rows}
+
+    def _settle(self, ex: Executor, decisions: Sequence[tuple[int, str, bytes]]) -> None:
+        cur = ex.execute("UPDATE faceverify_pending p SET decision = d.decision FROM "
+                         "unnest(%s::bigint[], %s::bytea[]) AS d(id, decision) WHERE p.id = d.id",
+                         ([pid for pid, _, _ in decisions],
+                          [self._seal("decision", nik, d) for _, nik, d in decisions]))
+        if cur.rowcount:  # delivered at the commit
+            ex.execute("SELECT pg_notify(%s, '')", (DECIDED,))
+
+    def _forget(self, ex: Executor, pending_ids: Sequence[int]) -> None:
+        ex.execute("DELETE FROM faceverify_pending WHERE id = ANY(%s)", (list(pending_ids),))
+
+    def _insert_many(self, ex: Executor, rows: Sequence[NewEnrollment]) -> list[Enrollment]:
+        """As :meth:`SqlRegistry._insert_many`, each kind of statement pipelined for all
+        the rows (with a data key, each row is tagged in turn: as there)."""
+        if self.sealer.enabled or len(rows) == 1 or not isinstance(ex, psycopg.Connection):
+            return super()._insert_many(ex, rows)
+        now = time.time()
+        with ex.cursor() as cur:
+            ids = _returned(cur, self._q(self.INSERT), [self._values(r, now) for r in rows])
+            seqs = _returned(cur, "INSERT INTO faceverify_changes (op, id) VALUES ('add', %s) "
+                             "RETURNING seq", [(i,) for i in ids])
+            self._announce(ex, max(seqs))
+            audited = [r for r in rows if r.audit is not None]
+            if audited:
+                outbox = _returned(cur, "INSERT INTO faceverify_audit_outbox (origin, record) "
+                                   "VALUES (%s, %s) RETURNING id",
+                                   [(r.audit.origin, r.audit.record(
+                                       "enrolled_flagged" if r.flagged else "enrolled"))
+                                    for r in audited if r.audit is not None])
+                for r, outbox_id in zip(audited, outbox, strict=True):
+                    if r.audit is not None:
+                        r.audit.outbox_id = outbox_id
+        return [r.enrolled(i, now) for i, r in zip(ids, rows, strict=True)]
+
+    def remove(self, nik: str) -> Enrollment | None:
+        """See :meth:`SqlRegistry.remove`; the NIK's pending requests and decisions
+        go too."""
+        erased = super().remove(nik)
+        with self._read("erase") as conn:
+            conn.execute("DELETE FROM faceverify_pending WHERE nik = %s", (nik,))
+        return erased
 
     def _announce(self, ex: Executor, seq: int) -> None:
         # Delivered to listeners when the transaction commits.

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -94,6 +95,28 @@ class Enrollment:
     reviewed_at: float | None = None
     review_note: str = ""
     photos: int = 1
+
+
+@dataclass(frozen=True)
+class NewEnrollment:
+    """An enrolment to insert (:meth:`index.rules.WriteBatch.add_many`); ``audit``:
+    whose call it is, its record written with it (none where None)."""
+
+    nik: str
+    embedding: np.ndarray
+    flagged: bool = False
+    candidates: list[tuple[str, float]] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    photos: int = 1
+    note: str = ""
+    audit: AuditEntry | None = None
+
+    def enrolled(self, new_id: int, created_at: float) -> Enrollment:
+        """The enrolment as inserted, with id ``new_id``."""
+        return Enrollment(new_id, self.nik, np.array(self.embedding, np.float32), self.flagged,
+                          list(self.candidates), dict(self.metadata), created_at,
+                          "pending" if self.flagged else "none", review_note=self.note,
+                          photos=self.photos)
 
 
 @dataclass
@@ -186,6 +209,12 @@ class WriterLock(Protocol):
 
     def __enter__(self) -> Any: ...
 
+    def acquire(self, blocking: bool = True) -> bool:
+        """``__enter__``; without ``blocking``, only if nobody holds it (False then)."""
+
+    def release(self) -> None:
+        """``__exit__``."""
+
     def __exit__(self, *exc: object) -> None: ...
 
     def close(self) -> None: ...
@@ -204,6 +233,23 @@ class ChangeListener(Protocol):
     def close(self) -> None: ...
 
 
+class Batch(Protocol):
+    """Enrolments written in one transaction (:meth:`Registry.batch`), and the
+    pending requests of a shared registry decided in it (see :mod:`index.enrolling`)."""
+
+    def add_many(self, rows: Sequence[NewEnrollment]) -> list[Enrollment]:
+        """Insert enrolments, each with its change logged and its audit record."""
+
+    def pending(self, limit: int) -> list[tuple[int, str, bytes]]:
+        """Undecided requests of every server, oldest first: (id, NIK, request)."""
+
+    def settle(self, decisions: Sequence[tuple[int, str, bytes]]) -> None:
+        """Write decisions (id, NIK, decision) on other servers' requests."""
+
+    def forget(self, pending_ids: Sequence[int]) -> None:
+        """Delete this server's own requests, decided."""
+
+
 class Registry(Protocol):
     """What the gallery needs of a registry.  Writes that log a change (add,
     remove) must be made under :attr:`lock`."""
@@ -216,10 +262,11 @@ class Registry(Protocol):
     distributed: bool  # shared by servers on other machines (they NOTIFY changes)
     head_fault: str | None  # why the rows do not add up to their sealed head, at the last check
 
-    def listen(self) -> ChangeListener | None:
+    def listen(self, decisions: bool = False) -> ChangeListener | None:
         """A connection of its own that waits for other servers' changes (see
-        :mod:`index.follower`), where the registry is shared; None where every
-        writer shares this machine's files.
+        :mod:`index.follower`), or with ``decisions`` for the notices that pending
+        enrolments were decided (:mod:`index.enrolling`), where the registry is
+        shared; None where every writer shares this machine's files.
 
         Raises:
             RegistryUnavailable: the registry cannot be reached now.
@@ -229,6 +276,21 @@ class Registry(Protocol):
             candidates: list[tuple[str, float]] | None = None,
             metadata: dict[str, str] | None = None, photos: int = 1,
             note: str = "") -> Enrollment: ...
+
+    def batch(self) -> contextlib.AbstractContextManager[Batch]:
+        """Writes in one transaction (:class:`Batch`), under :attr:`lock`."""
+
+    # A shared registry (distributed) holds enrolment requests left by any server
+    # for whichever holds the lock next to decide (see index.enrolling).
+
+    def submit(self, requests: list[tuple[str, bytes]]) -> list[int]:
+        """Leave requests (NIK, request) to be decided; their ids, in order."""
+
+    def withdraw(self, ids: list[int]) -> set[int]:
+        """Take back the requests ``ids`` not decided yet; those taken back."""
+
+    def collect(self, ids: list[int]) -> dict[int, bytes]:
+        """The decisions taken on requests ``ids`` by others, deleted as read."""
 
     def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
                        ) -> Enrollment | None: ...
@@ -243,6 +305,8 @@ class Registry(Protocol):
     def get(self, nik: str) -> Enrollment | None: ...
 
     def get_by_ids(self, ids: list[int]) -> dict[int, Enrollment]: ...
+
+    def get_many(self, niks: list[str]) -> dict[str, Enrollment | Quarantined]: ...
 
     def count(self) -> int: ...
 

@@ -33,8 +33,10 @@ from index.registry import (
     ERASED,
     LATEST,
     ROWS_HEAD,
+    AuditEntry,
     Change,
     Enrollment,
+    NewEnrollment,
     NotPending,
     RowCodec,
     RowsHead,
@@ -161,7 +163,10 @@ class SqlRegistry(RowCodec, abc.ABC):
     def _audit(self, ex: Executor, outcome: str) -> None:
         """The call's audit record, in the transaction under way (see
         :class:`index.registry.AuditEntry`)."""
-        entry = audit_var.get()
+        self._audit_as(ex, audit_var.get(), outcome)
+
+    def _audit_as(self, ex: Executor, entry: AuditEntry | None, outcome: str) -> None:
+        """``entry``'s audit record (none where it is None), in the transaction under way."""
         if entry is not None:
             entry.outbox_id = int(self._run(
                 ex, "INSERT INTO {outbox} (origin, record) VALUES (?, ?) RETURNING id",
@@ -204,34 +209,75 @@ class SqlRegistry(RowCodec, abc.ABC):
             candidates: list[tuple[str, float]] | None = None,
             metadata: dict[str, str] | None = None, photos: int = 1,
             note: str = "") -> Enrollment:
-        """Insert an enrolment, log the change and its audit record; committed when
-        this returns.  ``note`` starts a flagged enrolment's review note (why it was
-        flagged beyond its candidates); the reviewer's note is added to it.
+        """Insert an enrolment, log the change and its audit record (the call's:
+        :data:`~index.registry.audit_var`); committed when this returns.  ``note``
+        starts a flagged enrolment's review note (why it was flagged beyond its
+        candidates); the reviewer's note is added to it.
 
         Raises:
             ValueError: the embedding is not of the registry's dimension.
             the backend's integrity error: the NIK is already enrolled.
         """
-        vec = np.ascontiguousarray(embedding, dtype=np.float32)
-        if vec.shape != (self.dim,):
-            raise ValueError(f"embedding shape {vec.shape} != ({self.dim},)")
-        now = time.time()
-        cands = candidates or []
-        review = "pending" if flagged else "none"
+        with self.batch() as batch:
+            return batch.add_many([NewEnrollment(nik, embedding, flagged, candidates or [],
+                                                 metadata or {}, photos, note,
+                                                 audit_var.get())])[0]
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[WriteBatch]:
+        """Enrolments written in one transaction (:class:`WriteBatch`; the caller
+        holds the writer lock where the backend needs it), committed when the block
+        ends, none of them if it raises."""
         with self._writing("enrol") as ex:
-            new_id = int(self._run(
-                ex, "INSERT INTO {enrollments} (nik, embedding, flagged, candidates, metadata, "
-                "created_at, review, photos, review_note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "RETURNING id",
-                (nik, self._seal("embedding", nik, vec.tobytes()), flagged,
-                 self._blob(self._sealed_json("candidates", nik, cands)),
-                 self._blob(self._sealed_json("metadata", nik, metadata or {})), now, review,
-                 photos, self._seal_text("review_note", nik, note))).fetchone()[0])
-            self._retag(ex, new_id, added=True)
-            self._log_change(ex, "add", new_id)
-            self._audit(ex, "enrolled_flagged" if flagged else "enrolled")
-        return Enrollment(new_id, nik, vec.copy(), flagged, list(cands), dict(metadata or {}),
-                          now, review, review_note=note, photos=photos)
+            yield WriteBatch(self, ex)
+
+    def _insert_many(self, ex: Executor, rows: Sequence[NewEnrollment]) -> list[Enrollment]:
+        """Insert ``rows`` (their shapes checked), each with its change logged and
+        its audit record written, in the transaction under way."""
+        return [self._insert(ex, row, time.time()) for row in rows]
+
+    def _values(self, row: NewEnrollment, now: float) -> tuple[Any, ...]:
+        """The columns an insert of ``row`` writes (see :meth:`_insert`)."""
+        nik = row.nik
+        return (nik, self._seal("embedding", nik, _vector(row, self.dim).tobytes()),
+                row.flagged, self._blob(self._sealed_json("candidates", nik, row.candidates)),
+                self._blob(self._sealed_json("metadata", nik, row.metadata)), now,
+                "pending" if row.flagged else "none", row.photos,
+                self._seal_text("review_note", nik, row.note))
+
+    INSERT = ("INSERT INTO {enrollments} (nik, embedding, flagged, candidates, metadata, "
+              "created_at, review, photos, review_note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+              "RETURNING id")
+
+    def _insert(self, ex: Executor, row: NewEnrollment, now: float) -> Enrollment:
+        new_id = int(self._run(ex, self.INSERT, self._values(row, now)).fetchone()[0])
+        self._retag(ex, new_id, added=True)
+        self._log_change(ex, "add", new_id)
+        self._audit_as(ex, row.audit, "enrolled_flagged" if row.flagged else "enrolled")
+        return row.enrolled(new_id, now)
+
+    def submit(self, requests: list[tuple[str, bytes]]) -> list[int]:
+        """See :class:`index.registry.Registry` (a shared registry only)."""
+        raise TypeError("only a shared registry takes enrolment requests")
+
+    def withdraw(self, ids: list[int]) -> set[int]:
+        raise TypeError("only a shared registry takes enrolment requests")
+
+    def collect(self, ids: list[int]) -> dict[int, bytes]:
+        raise TypeError("only a shared registry takes enrolment requests")
+
+    def _settle(self, ex: Executor, decisions: Sequence[tuple[int, str, bytes]]) -> None:
+        """Write the decisions (pending id, NIK, decision) on other servers' pending
+        enrolments (a shared registry only: :mod:`index.postgres_registry`)."""
+        raise TypeError("only a shared registry holds other servers' pending enrolments")
+
+    def _pending(self, ex: Executor, limit: int) -> list[tuple[int, str, bytes]]:
+        """Undecided requests of every server, oldest first (a shared registry only)."""
+        raise TypeError("only a shared registry holds pending enrolments")
+
+    def _forget(self, ex: Executor, pending_ids: Sequence[int]) -> None:
+        """Delete this server's own pending enrolments, decided (a shared registry only)."""
+        raise TypeError("only a shared registry holds pending enrolments")
 
     def resolve_review(self, nik: str, decision: str, reviewer: str, note: str
                        ) -> Enrollment | None:
@@ -513,14 +559,28 @@ class SqlRegistry(RowCodec, abc.ABC):
             row = self._select_row(ex, "nik = ?", (nik,))
         return self._row(row) if row else None
 
-    def get_by_ids(self, ids: list[int]) -> dict[int, Enrollment]:
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
+    def _rows_where_in(self, column: str, values: Sequence[Any]) -> list[Any]:
+        if not values:
+            return []
+        marks = ",".join("?" * len(values))
         with self._reading("look-up") as ex:
-            rows = self._run(ex, f"SELECT {READ} FROM {{enrollments}} "
-                             f"WHERE id IN ({marks})", ids).fetchall()
-        return {int(r[0]): self._match_row(r) for r in rows}
+            rows: list[Any] = self._run(ex, f"SELECT {READ} FROM {{enrollments}} "
+                                        f"WHERE {column} IN ({marks})", values).fetchall()
+        return rows
+
+    def get_by_ids(self, ids: list[int]) -> dict[int, Enrollment]:
+        return {int(r[0]): self._match_row(r) for r in self._rows_where_in("id", ids)}
+
+    def get_many(self, niks: list[str]) -> dict[str, Enrollment | Quarantined]:
+        """The enrolments of those of ``niks`` enrolled, each NIK's
+        :class:`~index.errors.Quarantined` in place of one that fails authentication."""
+        found: dict[str, Enrollment | Quarantined] = {}
+        for row in self._rows_where_in("nik", niks):
+            try:
+                found[row[1]] = self._row(row)
+            except Quarantined as exc:
+                found[row[1]] = exc
+        return found
 
     def count(self) -> int:
         with self._reading("count") as ex:
@@ -563,3 +623,48 @@ def _sum(rows: Sequence[Any]) -> RowsHead:
         xor ^= int.from_bytes(RowsHead.term(int(rid), int(version or 0)))
         flagged += bool(f)
     return RowsHead(0, len(rows), flagged, xor.to_bytes(32))
+
+
+class WriteBatch:
+    """Writes in one transaction of a :class:`SqlRegistry` (:meth:`SqlRegistry.batch`)."""
+
+    def __init__(self, registry: SqlRegistry, ex: Executor) -> None:
+        self._registry = registry
+        self._ex = ex
+
+    def add_many(self, rows: Sequence[NewEnrollment]) -> list[Enrollment]:
+        """Insert enrolments, each with its change logged and its ``audit`` record
+        written (the entry's ``outbox_id`` set).
+
+        Raises:
+            ValueError: an embedding is not of the registry's dimension.
+            the backend's integrity error: a NIK is already enrolled.
+        """
+        for row in rows:
+            _vector(row, self._registry.dim)
+        return self._registry._insert_many(self._ex, rows) if rows else []
+
+    def pending(self, limit: int) -> list[tuple[int, str, bytes]]:
+        """Requests left by every server (``submit``) not decided yet, oldest first, at
+        most ``limit``: (id, NIK, request), each locked until the transaction ends.  A
+        request that does not open with the data key is dropped, and a decision
+        nobody collected within a minute (its requester stopped) deleted."""
+        return self._registry._pending(self._ex, limit)
+
+    def settle(self, decisions: Sequence[tuple[int, str, bytes]]) -> None:
+        """Write the decisions (pending id, NIK, decision) on other servers' requests."""
+        if decisions:
+            self._registry._settle(self._ex, decisions)
+
+    def forget(self, pending_ids: Sequence[int]) -> None:
+        """Delete this server's own requests, decided."""
+        if pending_ids:
+            self._registry._forget(self._ex, pending_ids)
+
+
+def _vector(row: NewEnrollment, dim: int) -> np.ndarray:
+    vec = np.ascontiguousarray(row.embedding, dtype=np.float32)
+    if vec.shape != (dim,):
+        raise ValueError(f"embedding shape {vec.shape} != ({dim},)")
+    return vec
+

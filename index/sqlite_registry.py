@@ -163,7 +163,7 @@ class SqliteRegistry(SqlRegistry):
         self.registry_id = meta["registry_id"]
         self._check_meta_values(str(self.path), meta, model_version, dim)
 
-    def listen(self) -> None:
+    def listen(self, decisions: bool = False) -> None:
         """None: every writer of a SQLite registry shares this machine's files, so
         the gallery sees their changes when it next takes the writer lock."""
         return None

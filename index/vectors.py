@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
+
+# FAISS's OpenMP threads spin for a while after each parallel region; with several
+# server processes on a few cores (or onnxruntime beside them) the spinning takes
+# the CPU that the registry's lock holder needs: four servers sharing one registry
+# on two cores enrolled 3.2 times slower (docs/figures.md, "Shared registry").
+# Read when libgomp loads, so set before FAISS is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import faiss  # noqa: E402
 
 from index.durable import private_dir, write_bytes_atomically
 from index.errors import ConfigurationError

@@ -52,7 +52,8 @@ class Settings:
             more to fill a batch.
         max_queue: inputs allowed to wait per model; beyond it calls are refused
             with RESOURCE_EXHAUSTED (load shedding).
-        index_threads: threads for FAISS searches and registry writes.
+        index_threads: threads for FAISS searches and registry writes (an enrolment
+            waiting for its round holds one: :mod:`index.enrolling`).
         metrics_port: serve Prometheus metrics over HTTP on this port (None: off).
         processes: server processes sharing the port (SO_REUSEPORT); each gets
             ``metrics_port + i``.
@@ -139,7 +140,7 @@ class Settings:
     embed_max_batch: int = 32
     batch_wait_ms: float = 0.0
     max_queue: int = 128
-    index_threads: int = 2
+    index_threads: int = 8
     metrics_port: int | None = None
     processes: int = 1
     decision_fmr: float = 1e-3

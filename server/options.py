@@ -203,7 +203,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_queue", "inputs allowed to wait per model; one more is refused at once "
            "with `RESOURCE_EXHAUSTED` / `OVERLOADED`", int, check=_at_least(1),
            rule="must be >= 1"),
-    Option("index_threads", "threads for FAISS searches and registry writes", int,
+    Option("index_threads", "threads for FAISS searches and registry writes (an enrolment "
+           "waiting for its round holds one: concurrent enrolments are decided together)", int,
            check=_at_least(1), rule="must be >= 1"),
     Option("metrics_port", "serve Prometheus metrics on this HTTP port (`/metrics`)", int,
            check=_port, rule="is out of range", default="off"),

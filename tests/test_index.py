@@ -9,6 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from index.enrolling import (
+    ALREADY,
+    CONFLICT,
+    ENROLLED,
+    FLAGGED,
+    REFUSED,
+    Decision,
+    Enroller,
+    Request,
+)
 from index.gallery import SNAPSHOT_DIR, Gallery
 from index.registry import RegistryMismatch
 from index.sqlite_registry import SqliteRegistry as Registry
@@ -247,3 +257,33 @@ def test_the_data_directory_is_private_whatever_the_umask(tmp_path: Path) -> Non
     for entry in entries:
         want = 0o700 if entry.is_dir() else 0o600
         assert stat.S_IMODE(entry.stat().st_mode) == want, entry
+
+
+def test_a_round_decides_each_enrolment_against_those_before_it(tmp_path: Path) -> None:
+    g = Gallery(tmp_path, MODEL, DIM, IndexSpec())
+    rng = np.random.default_rng(9)
+    face, other, third = unit(rng, 3)
+    with g.write_lock:
+        g.add(nik(0), third)
+    enroller = Enroller(g)
+
+    def req(i: int, v: np.ndarray, refuse: bool = True) -> Request:
+        return Request(nik(i), v, 1, (0.9, 0.9), 0.9, refuse, 5)
+
+    decided = enroller._round([req(1, face), req(2, face), req(1, face), req(1, other),
+                               req(3, face, refuse=False), req(4, third), req(5, other)])
+    outcomes = [d.outcome if isinstance(d, Decision) else d for d in decided]
+    assert outcomes == [ENROLLED, REFUSED, ALREADY, CONFLICT, FLAGGED, REFUSED, ENROLLED]
+    first, refused, again, _, flagged, known, _ = decided
+    assert isinstance(first, Decision) and first.enrollment is not None
+    assert isinstance(again, Decision) and again.enrollment == first.enrollment
+    for d, who in ((refused, nik(1)), (flagged, nik(1)), (known, nik(0))):
+        assert isinstance(d, Decision) and [m.nik for m in d.candidates] == [who]
+    assert isinstance(flagged, Decision) and flagged.enrollment is not None
+    assert flagged.candidates[0].enrollment_id == first.enrollment.id
+    assert flagged.enrollment.flagged and g.get(nik(3)).candidates[0][0] == nik(1)  # type: ignore[union-attr]
+    assert all(isinstance(d, Decision) and d.round == 7 for d in decided)
+    assert len(g) == 4 and g.registry.count() == 4  # 0, 1, 3, 5
+    with pytest.raises(ValueError):
+        enroller.enrol(Request(nik(6), np.ones(DIM + 1, np.float32), 1, (0.9,), 0.9, True))
+    g.close()

@@ -5,6 +5,7 @@ shutdown catches up, and the change log is followed by notification."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from index.enrolling import ENROLLED, REFUSED, Decision, Enroller, Request
 from index.follower import Follower
 from index.gallery import Gallery
 from index.vectors import IndexSpec
@@ -52,30 +54,77 @@ def test_what_one_replica_enrols_the_others_find(replicas: list[Gallery]) -> Non
         assert g.get(nik(4)) is not None and len(g) == 5
 
 
+def request(i: int, face: np.ndarray) -> Request:
+    return Request(nik(i), face, 1, (0.9, 0.9), 0.9, True, 5)
+
+
 def test_concurrent_enrolments_of_one_face_through_three_replicas_enrol_it_once(
         replicas: list[Gallery]) -> None:
     face = unit(np.random.default_rng(2), 1)[0]
+    enrollers = [Enroller(g) for g in replicas]
     start = threading.Barrier(12)
-    enrolled: list[str] = []
+    outcomes: dict[str, Decision] = {}
 
     def enrol(i: int) -> None:
-        g = replicas[i % 3]
         start.wait()
-        with g.write_lock:  # the enrolment's check-and-insert
-            matches = g.search(face, 1)
-            if not matches or matches[0].score < 0.9:
-                g.add(nik(100 + i), face)
-                enrolled.append(nik(100 + i))
+        outcomes[nik(100 + i)] = enrollers[i % 3].enrol(request(100 + i, face))
 
     threads = [threading.Thread(target=enrol, args=(i,)) for i in range(12)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert len(enrolled) == 1
+    enrolled = [n for n, d in outcomes.items() if d.outcome == ENROLLED]
+    assert len(outcomes) == 12 and len(enrolled) == 1
+    assert all(d.outcome == REFUSED and [m.nik for m in d.candidates] == enrolled
+               for n, d in outcomes.items() if n not in enrolled)
     for g in replicas:
         g.refresh()
         assert len(g) == 1 and g.registry.count() == 1
+    for e in enrollers:
+        e.close()
+
+
+def test_a_request_one_server_leaves_is_decided_by_another_in_its_round(
+        replicas: list[Gallery]) -> None:
+    a, b, _ = replicas
+    rng = np.random.default_rng(3)
+    stranger, face = unit(rng, 2)
+    left = a.registry.submit([(nik(1), request(1, face).to_bytes())])
+    taken_back = a.registry.submit([(nik(2), request(2, stranger).to_bytes())])
+    assert a.registry.withdraw(taken_back) == set(taken_back)
+    enroller = Enroller(b)
+    # b's own request, of the same face, comes second in the round: a's was left first.
+    mine = enroller.enrol(request(3, face))
+    assert (mine.outcome, mine.round, [m.nik for m in mine.candidates]) == (REFUSED, 2, [nik(1)])
+    decided = json.loads(a.registry.collect(left)[left[0]])
+    assert (decided["outcome"], decided["round"]) == (ENROLLED, 2)
+    assert a.registry.collect(left) == {}  # collected once
+    assert a.registry.withdraw(left) == set()  # decided: nothing to take back
+    assert b.get(nik(1)) is not None and b.get(nik(2)) is None  # the withdrawn one: never
+    enroller.close()
+
+
+def test_a_server_whose_requests_another_decided_collects_them(
+        replicas: list[Gallery]) -> None:
+    a, b, _ = replicas
+    face = unit(np.random.default_rng(4), 1)[0]
+    first = Enroller(a)
+    with b.write_lock:  # b holds the lock: a's request waits for it...
+        waiting = threading.Thread(target=lambda: outcome.append(first.enrol(request(5, face))))
+        outcome: list[Decision] = []
+        waiting.start()
+        time.sleep(0.5)
+        assert not outcome
+        second = Enroller(b)  # ...and b's round decides it, with b's own
+        assert second.enrol(request(6, face)).outcome == REFUSED
+    waiting.join(10)
+    assert outcome[0].outcome == ENROLLED and outcome[0].enrollment is not None
+    assert outcome[0].enrollment.id == a.get(nik(5)).id  # type: ignore[union-attr]
+    first.close()
+    second.close()
+
+
 
 
 def test_an_erasure_through_one_is_gone_from_all(replicas: list[Gallery]) -> None:

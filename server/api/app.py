@@ -219,6 +219,7 @@ class RunningServer:
             sessions.store.close()
         self.interceptor.log_refusals()
         self.services.audit.close()  # before the registry: it exports from there
+        self.services.enrolment.enroller.close()
         self.services.gallery.close()
         if self.metrics_server is not None:
             self.metrics_server.close()

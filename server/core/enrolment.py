@@ -2,7 +2,8 @@
 
 The check (search the gallery for the face) and the insert happen under the
 gallery's write lock in one step, so two concurrent enrolments of one face
-under two NIKs cannot both succeed: the second sees the first.  Searches
+under two NIKs cannot both succeed: the second sees the first.  Enrolments
+waiting at once are decided together (:mod:`index.enrolling`).  Searches
 that do not insert run concurrently.
 """
 
@@ -19,8 +20,10 @@ from typing import TypeVar
 
 import numpy as np
 
+from index import enrolling
+from index.errors import Quarantined
 from index.gallery import Gallery, Match
-from index.registry import NIK_LIKE, Enrollment, NotPending
+from index.registry import NIK_LIKE, Enrollment, NotPending, audit_var
 from server.core.duplicates import DuplicatePoint, DuplicateThreshold, kind
 from server.core.inference import InferenceEngine
 from server.core.liveness import Capture
@@ -117,6 +120,7 @@ class EnrolmentService:
         self.dedup = dedup
         self.policy = policy
         self.candidates_k = candidates_k
+        self.enroller = enrolling.Enroller(gallery)
 
     def duplicate_point(self, comparison: str = "single") -> DuplicatePoint:
         """The duplicate threshold an enrolment attempt would meet now, for a
@@ -196,29 +200,25 @@ class EnrolmentService:
                           ) -> tuple[Outcome, Enrollment | None, list[Match], DuplicatePoint]:
         """Enrol unless the NIK is enrolled or the face duplicates another NIK's (under
         the refuse policy); flagged for review where it duplicates one (flag policy)
-        or ``flag_note`` says why it is to be reviewed anyway."""
-        with self.gallery.write_lock:
-            size = len(self.gallery)
-            point = self.dedup.at(size, kind(photos, 1))
-            existing = self.gallery.get(nik)
-            if existing is not None:
-                if float(existing.embedding @ embedding) >= self.verify_threshold:
-                    return Outcome.ALREADY_ENROLLED, existing, [], point
-                raise EnrollmentConflict("this NIK is already enrolled with a different face; "
-                                         "delete the enrolment first if it was wrong")
-            # Each candidate is held to the threshold of what is compared: this
-            # attempt's template with a one- or two-photo enrolment.
-            matches = [m for m in self.gallery.search(embedding, self.candidates_k)
-                       if m.nik != nik
-                       and m.score >= self.dedup.at(size, kind(photos, m.photos)).threshold]
-            if matches and self.policy is DuplicatePolicy.REFUSE:
-                return Outcome.DUPLICATE_REFUSED, None, matches, point
-            flagged = bool(matches) or flag_note is not None
-            enrollment = self.gallery.add(nik, embedding, flagged=flagged,
-                                          candidates=[(m.nik, m.score) for m in matches],
-                                          metadata=meta, photos=photos, note=flag_note or "")
-            outcome = Outcome.ENROLLED_FLAGGED if flagged else Outcome.ENROLLED
-            return outcome, enrollment, matches, point
+        or ``flag_note`` says why it is to be reviewed anyway.  Decided with the
+        other enrolments waiting (:class:`index.enrolling.Enroller`), each candidate
+        held to the threshold of what is compared: this attempt's template with a
+        one- or two-photo enrolment, at the gallery's size."""
+        size = len(self.gallery)
+        point = self.dedup.at(size, kind(photos, 1))
+        decision = self.enroller.enrol(enrolling.Request(
+            nik, embedding, photos,
+            tuple(self.dedup.at(size, kind(photos, p)).threshold for p in (1, 2)),
+            self.verify_threshold, self.policy is DuplicatePolicy.REFUSE, self.candidates_k,
+            meta, flag_note, audit_var.get()))
+        if decision.outcome == enrolling.CONFLICT:
+            raise EnrollmentConflict("this NIK is already enrolled with a different face; "
+                                     "delete the enrolment first if it was wrong")
+        if decision.outcome == enrolling.QUARANTINED:
+            raise Quarantined("this enrolment's stored record fails authentication; the "
+                              "operator has been alerted")
+        self.metrics.enrol_round.observe(decision.round)
+        return Outcome[decision.outcome.upper()], decision.enrollment, decision.candidates, point
 
     async def search(self, image: bytes, top_k: int
                      ) -> tuple[AnalysedFace, list[tuple[Match, bool]]]:

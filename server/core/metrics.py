@@ -32,6 +32,7 @@ from server.pipeline.liveness import BURST_REASONS
 LATENCY_BUCKETS = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
                    1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+ROUND_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 # Pipeline stages (per image) and index operations, the values of ``stage``.
 STAGES = (*PIPELINE_STAGES, "index_search", "index_write")
@@ -65,6 +66,10 @@ class Metrics:
         ProcessCollector(registry=r)
         self.batch_size = Histogram("faceverify_batch_size", "Inputs per model call",
                                     ("model",), buckets=BATCH_BUCKETS, registry=r)
+        self.enrol_round = Histogram(
+            "faceverify_enrol_round_size", "Enrolments decided together under the registry's "
+            "writer lock (one transaction; with a shared registry, every server's waiting "
+            "enrolments), per enrolment", buckets=ROUND_BUCKETS, registry=r)
         self.queue_wait = Histogram("faceverify_queue_wait_seconds",
                                     "Time an input waited for its batch", ("model",),
                                     buckets=LATENCY_BUCKETS, registry=r)
