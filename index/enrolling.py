@@ -11,9 +11,10 @@ holder decides every enrolment waiting at that moment, in one transaction:
 * in one server, concurrent enrolments queue, and the thread whose turn it is
   decides the queue (a *round*);
 * with a shared registry (PostgreSQL), a server first leaves its round's
-  requests in the registry (no lock needed), then takes the lock and decides
-  every request waiting there, its own and other servers'; the decisions on
-  its requests that another server took while it waited, it collects.
+  requests in the registry (no lock needed); then, if the lock is free, it
+  takes it and decides every request waiting there, its own and other
+  servers'; if another server holds it, it waits for that server's notice
+  and collects the decisions taken on its requests.
 
 Each decision reads as one taken alone: the NIK enrolled already (with this
 face, or another), else the candidates (gallery faces and faces enrolled
