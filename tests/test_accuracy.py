@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.fusion import fused
 from benchmarks.lfw import fold_accuracy, image_path, read_pairs
 from server.errors import NoFaceDetected
 from server.pipeline.loader import LoadedModels
@@ -47,3 +48,18 @@ def test_lfw_slice_accuracy(models: LoadedModels, lfw_dir: Path) -> None:
           f"no face in {no_face}/{len(cache)} images")
     assert no_face <= 0.01 * len(cache)
     assert accuracy >= MIN_ACCURACY[models.manifest["model_set"]]
+
+
+def test_a_fused_embeddings_cosine_is_the_z_weighted_sum_of_its_models() -> None:
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(200), 2)
+    parts = []
+    for dim in (8, 12):
+        x = rng.normal(size=(len(labels), dim)).astype(np.float32)
+        parts.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    joined, spreads = fused(parts, labels)
+    assert np.allclose(np.linalg.norm(joined, axis=1), 1.0, atol=1e-5)
+    weights = [1 / s for s in spreads]
+    cosines = [p[:50] @ p[50:100].T for p in parts]
+    expected = sum(w * c for w, c in zip(weights, cosines, strict=True)) / sum(weights)
+    assert np.allclose(joined[:50] @ joined[50:100].T, expected, atol=1e-5)
