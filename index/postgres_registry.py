@@ -407,8 +407,7 @@ class PostgresRegistry(SqlRegistry):
             if audited:
                 outbox = _returned(cur, "INSERT INTO faceverify_audit_outbox (origin, record) "
                                    "VALUES (%s, %s) RETURNING id",
-                                   [(r.audit.origin, r.audit.record(
-                                       "enrolled_flagged" if r.flagged else "enrolled"))
+                                   [(r.audit.origin, r.audit.record(r.outcome))
                                     for r in audited if r.audit is not None])
                 for r, outbox_id in zip(audited, outbox, strict=True):
                     if r.audit is not None:

@@ -111,6 +111,11 @@ class NewEnrollment:
     note: str = ""
     audit: AuditEntry | None = None
 
+    @property
+    def outcome(self) -> str:
+        """What its audit record says became of the call."""
+        return "enrolled_flagged" if self.flagged else "enrolled"
+
     def enrolled(self, new_id: int, created_at: float) -> Enrollment:
         """The enrolment as inserted, with id ``new_id``."""
         return Enrollment(new_id, self.nik, np.array(self.embedding, np.float32), self.flagged,

@@ -232,8 +232,12 @@ class SqlRegistry(RowCodec, abc.ABC):
             yield WriteBatch(self, ex)
 
     def _insert_many(self, ex: Executor, rows: Sequence[NewEnrollment]) -> list[Enrollment]:
-        """Insert ``rows`` (their shapes checked), each with its change logged and
-        its audit record written, in the transaction under way."""
+        """Insert ``rows``, each with its change logged and its audit record written,
+        in the transaction under way.
+
+        Raises:
+            ValueError: an embedding is not of the registry's dimension.
+        """
         return [self._insert(ex, row, time.time()) for row in rows]
 
     def _values(self, row: NewEnrollment, now: float) -> tuple[Any, ...]:
@@ -253,7 +257,7 @@ class SqlRegistry(RowCodec, abc.ABC):
         new_id = int(self._run(ex, self.INSERT, self._values(row, now)).fetchone()[0])
         self._retag(ex, new_id, added=True)
         self._log_change(ex, "add", new_id)
-        self._audit_as(ex, row.audit, "enrolled_flagged" if row.flagged else "enrolled")
+        self._audit_as(ex, row.audit, row.outcome)
         return row.enrolled(new_id, now)
 
     def submit(self, requests: list[tuple[str, bytes]]) -> list[int]:
@@ -640,8 +644,6 @@ class WriteBatch:
             ValueError: an embedding is not of the registry's dimension.
             the backend's integrity error: a NIK is already enrolled.
         """
-        for row in rows:
-            _vector(row, self._registry.dim)
         return self._registry._insert_many(self._ex, rows) if rows else []
 
     def pending(self, limit: int) -> list[tuple[int, str, bytes]]:

@@ -17,6 +17,7 @@ import pytest
 from index.enrolling import ENROLLED, REFUSED, Decision, Enroller, Request
 from index.follower import Follower
 from index.gallery import Gallery
+from index.registry import AuditEntry, NewEnrollment
 from index.vectors import IndexSpec
 from server.errors import RegistryUnavailable
 
@@ -227,3 +228,20 @@ def test_each_servers_audit_head_is_anchored_in_the_shared_registry(
     read = backend(registry_url).read_audit_head
     assert read(registry_url, tmp_path, "origin-a") == (12, "h12")
     assert read(registry_url, tmp_path, "origin-c") is None
+
+
+def test_a_round_writes_each_enrolments_audit_record_with_it(replicas: list[Gallery]) -> None:
+    a = replicas[0]
+    faces = unit(np.random.default_rng(6), 3)
+    entries = [AuditEntry("Enroll", "client", "peer", f"r{i}", f"hash{i}", "origin-a")
+               for i in range(2)]
+    rows = [NewEnrollment(nik(40 + i), faces[i], audit=entries[i]) for i in range(2)]
+    with a.write_lock, a.registry.batch() as tx:
+        added = tx.add_many([*rows, NewEnrollment(nik(42), faces[2], flagged=True)])
+    assert [e.nik for e in added] == [nik(40), nik(41), nik(42)]
+    assert [a.get(nik(40 + i)).id for i in range(3)] == [e.id for e in added]  # type: ignore[union-attr]
+    records = a.registry.audit_pending("origin-a", 10)
+    assert [i for i, _ in records] == [e.outbox_id for e in entries]
+    assert [json.loads(r)["request_id"] for _, r in records] == ["r0", "r1"]
+    a.refresh()
+    assert len(a) == 3 and a.lag() == 0
