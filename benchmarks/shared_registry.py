@@ -63,15 +63,17 @@ def _enrol_worker(url: str, data_dir: str, worker: int, protocol: str, concurren
     rounds: list[int] = []
     deadline = start_at + seconds
 
+    def nik(thread: int) -> str:
+        return f"31{worker:02d}{thread:02d}{counts[thread]:010d}"
+
     def lock_each(thread: int, v: np.ndarray) -> None:
         with gallery.write_lock:  # the rule before 2026-12-08
             matches = gallery.search(v, 1)
             if not matches or matches[0].score < 0.9:
-                gallery.add(f"31{worker:02d}{thread:02d}{counts[thread]:010d}", v)
+                gallery.add(nik(thread), v)
 
     def in_rounds(thread: int, v: np.ndarray) -> None:
-        decision = enroller.enrol(Request(f"31{worker:02d}{thread:02d}{counts[thread]:010d}",
-                                          v, 1, (0.9, 0.9), 0.9, True, 1))
+        decision = enroller.enrol(Request(nik(thread), v, 1, (0.9, 0.9), 0.9, True, 1))
         rounds.append(decision.round)
 
     enrol = lock_each if protocol == "lock_each" else in_rounds
